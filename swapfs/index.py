@@ -1,0 +1,343 @@
+"""The LMDB index: every piece of metadata swapfs keeps, and nothing else.
+
+One LMDB environment (``index.lmdb`` in the state directory) holds these
+named databases. Integers are big-endian so that LMDB's byte order is their
+numeric order and a cursor walks a file's blocks or a chain's slots in order.
+
+==========  ==============================  ==================================
+database    key                             value
+==========  ==============================  ==================================
+meta        ``b"format"``                   schema version (u32)
+            ``b"next_ino"``                 next inode number to hand out (u64)
+            ``b"next_chain"``               next chain id to hand out (u32)
+inodes      ino (u64)                       :class:`Inode` record
+dirents     parent ino (u64) + name         child ino (u64)
+chains      chain id (u32)                  :class:`Chain` record
+hashes      chain id (u32) + digest         slot (u64) + refcount (u32)
+maps        ino (u64) + logical block (u64) digest of the block's data
+free        chain id (u32) + slot (u64)     empty: the slot may be reused
+orphans     ino (u64)                       empty: unlinked, still open
+==========  ==============================  ==================================
+
+Invariants (``fsck`` checks each one):
+
+* A block's refcount is the number of ``maps`` entries, over all files of
+  its chain, whose value is its digest. A block with refcount 0 does not
+  exist: its ``hashes`` entry is deleted and its slot goes to ``free``.
+* Holes (never written, written as zeros, discarded) have no ``maps`` entry.
+* ``Inode.blocks`` is the number of ``maps`` entries of that file, and
+  ``Chain.stored`` the number of ``hashes`` entries of that chain.
+* Every slot below ``Chain.next_slot`` is either referenced by exactly one
+  ``hashes`` entry or listed in ``free``, never both.
+"""
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+FORMAT_VERSION = 1
+ROOT_INO = 1
+
+KIND_DIR = 1
+KIND_FILE = 2
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_CHAIN_SLOT = struct.Struct(">IQ")
+_INO_BLOCK = struct.Struct(">QQ")
+_HASH_VALUE = struct.Struct(">QI")
+
+
+@dataclass(slots=True)
+class Inode:
+    """A directory (the root or a chain) or a swap file."""
+
+    ino: int
+    kind: int  # KIND_DIR or KIND_FILE
+    mode: int  # permission bits and file type, as st_mode
+    uid: int
+    gid: int
+    chain: int  # the chain a file or chain directory belongs to; 0 for the root
+    size: int = 0  # apparent size in bytes (files only)
+    blocks: int = 0  # number of mapped (non-zero) logical blocks (files only)
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    _FORMAT = struct.Struct(">BIIIIQQqqq")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(
+            self.kind, self.mode, self.uid, self.gid, self.chain, self.size,
+            self.blocks, self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> "Inode":
+        return cls(ino, *cls._FORMAT.unpack(raw))
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+
+@dataclass(slots=True)
+class Chain:
+    """A clone chain: the dedup domain whose blocks share one data file."""
+
+    id_: int
+    key: bytes  # the chain's BLAKE3 key (32 bytes)
+    next_slot: int = 0  # slots below this have been handed out at least once
+    stored: int = 0  # number of distinct blocks stored (hashes entries)
+
+    _FORMAT = struct.Struct(">32sQQ")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.key, self.next_slot, self.stored)
+
+    @classmethod
+    def unpack(cls, id_: int, raw: bytes) -> "Chain":
+        return cls(id_, *cls._FORMAT.unpack(raw))
+
+
+@dataclass(slots=True)
+class BlockRef:
+    """Where a chain keeps the data of one digest, and how many maps use it."""
+
+    slot: int
+    refcount: int
+
+
+class Index:
+    """The LMDB environment and its named databases."""
+
+    def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
+        # sync=False: a commit reaches the page cache, which a crash of this
+        # process cannot lose; fsync(2) on a swap file and unmount flush it to
+        # disk (see docs/write-ordering.md).
+        self.env = lmdb.open(
+            str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False,
+            readahead=False,
+        )
+        self.meta = self.env.open_db(b"meta")
+        self.inodes = self.env.open_db(b"inodes")
+        self.dirents = self.env.open_db(b"dirents")
+        self.chains = self.env.open_db(b"chains")
+        self.hashes = self.env.open_db(b"hashes")
+        self.maps = self.env.open_db(b"maps")
+        self.free = self.env.open_db(b"free")
+        self.orphans = self.env.open_db(b"orphans")
+
+    def begin(self, write: bool = False) -> "Txn":
+        return Txn(self, self.env.begin(write=write))
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def file_bytes(self) -> int:
+        """Bytes the index occupies on disk (its pages in use)."""
+        info = self.env.info()
+        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+
+
+class Txn:
+    """One LMDB transaction with typed accessors for every database."""
+
+    __slots__ = ("index", "txn")
+
+    def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
+        self.index = index
+        self.txn = txn
+
+    def __enter__(self) -> "Txn":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.txn.commit()
+        else:
+            self.txn.abort()
+
+    def abort(self) -> None:
+        self.txn.abort()
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, name: bytes) -> int | None:
+        raw = self.txn.get(name, db=self.index.meta)
+        return None if raw is None else _U64.unpack(raw)[0]
+
+    def put_meta(self, name: bytes, value: int) -> None:
+        self.txn.put(name, _U64.pack(value), db=self.index.meta)
+
+    def next_id(self, name: bytes) -> int:
+        value = self.get_meta(name)
+        assert value is not None, f"index has no {name!r} counter"
+        self.put_meta(name, value + 1)
+        return value
+
+    # -- inodes and directory entries ----------------------------------------
+
+    def get_inode(self, ino: int) -> Inode | None:
+        raw = self.txn.get(_U64.pack(ino), db=self.index.inodes)
+        return None if raw is None else Inode.unpack(ino, raw)
+
+    def put_inode(self, inode: Inode) -> None:
+        self.txn.put(_U64.pack(inode.ino), inode.pack(), db=self.index.inodes)
+
+    def delete_inode(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.inodes)
+
+    def iter_inodes(self) -> Iterator[Inode]:
+        with self.txn.cursor(db=self.index.inodes) as cur:
+            for key, raw in cur:
+                yield Inode.unpack(_U64.unpack(key)[0], raw)
+
+    def get_dirent(self, parent: int, name: bytes) -> int | None:
+        raw = self.txn.get(_U64.pack(parent) + name, db=self.index.dirents)
+        return None if raw is None else _U64.unpack(raw)[0]
+
+    def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        self.txn.put(_U64.pack(parent) + name, _U64.pack(ino), db=self.index.dirents)
+
+    def delete_dirent(self, parent: int, name: bytes) -> None:
+        self.txn.delete(_U64.pack(parent) + name, db=self.index.dirents)
+
+    def iter_dirents(self, parent: int, after: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """Entries of *parent* in name order, starting after the name *after*."""
+        prefix = _U64.pack(parent)
+        with self.txn.cursor(db=self.index.dirents) as cur:
+            if not cur.set_range(prefix + after):
+                return
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    return
+                name = key[8:]
+                if after and name == after:
+                    continue
+                yield name, _U64.unpack(raw)[0]
+
+    def iter_all_dirents(self) -> Iterator[tuple[int, bytes, int]]:
+        with self.txn.cursor(db=self.index.dirents) as cur:
+            for key, raw in cur:
+                yield _U64.unpack(key[:8])[0], key[8:], _U64.unpack(raw)[0]
+
+    # -- chains ---------------------------------------------------------------
+
+    def get_chain(self, chain_id: int) -> Chain | None:
+        raw = self.txn.get(_U32.pack(chain_id), db=self.index.chains)
+        return None if raw is None else Chain.unpack(chain_id, raw)
+
+    def put_chain(self, chain: Chain) -> None:
+        self.txn.put(_U32.pack(chain.id_), chain.pack(), db=self.index.chains)
+
+    def delete_chain(self, chain_id: int) -> None:
+        self.txn.delete(_U32.pack(chain_id), db=self.index.chains)
+
+    def iter_chains(self) -> Iterator[Chain]:
+        with self.txn.cursor(db=self.index.chains) as cur:
+            for key, raw in cur:
+                yield Chain.unpack(_U32.unpack(key)[0], raw)
+
+    # -- the chain's hash table -------------------------------------------------
+
+    def get_block(self, chain_id: int, digest: bytes) -> BlockRef | None:
+        raw = self.txn.get(_U32.pack(chain_id) + digest, db=self.index.hashes)
+        return None if raw is None else BlockRef(*_HASH_VALUE.unpack(raw))
+
+    def put_block(self, chain_id: int, digest: bytes, ref: BlockRef) -> None:
+        self.txn.put(
+            _U32.pack(chain_id) + digest, _HASH_VALUE.pack(ref.slot, ref.refcount),
+            db=self.index.hashes,
+        )
+
+    def delete_block(self, chain_id: int, digest: bytes) -> None:
+        self.txn.delete(_U32.pack(chain_id) + digest, db=self.index.hashes)
+
+    def iter_blocks(self, chain_id: int) -> Iterator[tuple[bytes, BlockRef]]:
+        prefix = _U32.pack(chain_id)
+        with self.txn.cursor(db=self.index.hashes) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    return
+                yield key[4:], BlockRef(*_HASH_VALUE.unpack(raw))
+
+    # -- each file's logical map ------------------------------------------------
+
+    def get_map(self, ino: int, block: int) -> bytes | None:
+        return self.txn.get(_INO_BLOCK.pack(ino, block), db=self.index.maps)
+
+    def put_map(self, ino: int, block: int, digest: bytes) -> None:
+        self.txn.put(_INO_BLOCK.pack(ino, block), digest, db=self.index.maps)
+
+    def delete_map(self, ino: int, block: int) -> None:
+        self.txn.delete(_INO_BLOCK.pack(ino, block), db=self.index.maps)
+
+    def iter_map(self, ino: int, first: int = 0) -> Iterator[tuple[int, bytes]]:
+        """The mapped blocks of file *ino* from logical block *first* on."""
+        with self.txn.cursor(db=self.index.maps) as cur:
+            if not cur.set_range(_INO_BLOCK.pack(ino, first)):
+                return
+            for key, digest in cur:
+                key_ino, block = _INO_BLOCK.unpack(key)
+                if key_ino != ino:
+                    return
+                yield block, digest
+
+    def iter_all_maps(self) -> Iterator[tuple[int, int, bytes]]:
+        with self.txn.cursor(db=self.index.maps) as cur:
+            for key, digest in cur:
+                ino, block = _INO_BLOCK.unpack(key)
+                yield ino, block, digest
+
+    # -- free slots ---------------------------------------------------------------
+
+    def pop_free(self, chain_id: int) -> int | None:
+        """Take the lowest free slot of a chain, or None when there is none."""
+        prefix = _U32.pack(chain_id)
+        with self.txn.cursor(db=self.index.free) as cur:
+            if not cur.set_range(prefix):
+                return None
+            key = cur.key()
+            if not key.startswith(prefix):
+                return None
+            cur.delete()
+        return _CHAIN_SLOT.unpack(key)[1]
+
+    def put_free(self, chain_id: int, slot: int) -> None:
+        self.txn.put(_CHAIN_SLOT.pack(chain_id, slot), b"", db=self.index.free)
+
+    def delete_free(self, chain_id: int, slot: int) -> None:
+        self.txn.delete(_CHAIN_SLOT.pack(chain_id, slot), db=self.index.free)
+
+    def iter_free(self, chain_id: int) -> Iterator[int]:
+        prefix = _U32.pack(chain_id)
+        with self.txn.cursor(db=self.index.free) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key in cur.iternext(values=False):
+                if not key.startswith(prefix):
+                    return
+                yield _CHAIN_SLOT.unpack(key)[1]
+
+    # -- orphans -------------------------------------------------------------------
+
+    def put_orphan(self, ino: int) -> None:
+        self.txn.put(_U64.pack(ino), b"", db=self.index.orphans)
+
+    def delete_orphan(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.orphans)
+
+    def iter_orphans(self) -> Iterator[int]:
+        with self.txn.cursor(db=self.index.orphans) as cur:
+            for key in cur.iternext(values=False):
+                yield _U64.unpack(key)[0]
+

@@ -1,0 +1,124 @@
+"""The block store: one data file per chain, cut into 4 KiB slots.
+
+Slot *n* of chain *c* is bytes ``[n * 4096, (n + 1) * 4096)`` of
+``data/<c>.blocks``. The store knows nothing about digests or refcounts; the
+index decides which slots hold what. A freed slot is hole-punched so that
+the disk usage of the state directory follows the blocks really stored.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.errors import SwapfsError
+
+log = logging.getLogger(__name__)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range of a file, keeping its size."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def slot_runs(slots: Iterable[int]) -> list[tuple[int, int]]:
+    """Coalesce slot numbers into ``(first, count)`` runs of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in sorted(slots):
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
+
+
+class BlockStore:
+    """The data files of all chains in one state directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(exist_ok=True)
+        self._fds: dict[int, int] = {}
+
+    def path(self, chain_id: int) -> Path:
+        return self.directory / f"{chain_id}.blocks"
+
+    def _fd(self, chain_id: int) -> int:
+        fd = self._fds.get(chain_id)
+        if fd is None:
+            fd = os.open(self.path(chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[chain_id] = fd
+        return fd
+
+    def read(self, chain_id: int, slot: int) -> bytes:
+        """The slot's bytes; short when the data file ends inside the slot."""
+        try:
+            return os.pread(self._fd(chain_id), BLOCK_SIZE, slot * BLOCK_SIZE)
+        except OSError as exc:
+            raise SwapfsError.of(exc) from exc
+
+    def write(self, chain_id: int, slot: int, data: bytes) -> None:
+        """Write one full block into a slot (ENOSPC when the disk is full)."""
+        fd = self._fd(chain_id)
+        offset = slot * BLOCK_SIZE
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.pwrite(fd, view, offset)
+                if done == 0:
+                    raise SwapfsError(errno.ENOSPC)
+                view = view[done:]
+                offset += done
+        except OSError as exc:
+            raise SwapfsError.of(exc) from exc
+
+    def punch(self, chain_id: int, slots: Iterable[int]) -> None:
+        """Give the disk space of freed slots back to the file system.
+
+        Failure only leaks space (fsck finds and punches it later), so it is
+        logged rather than raised: the transaction that freed them is
+        already committed.
+        """
+        fd = self._fd(chain_id)
+        for first, count in slot_runs(slots):
+            try:
+                punch_hole(fd, first * BLOCK_SIZE, count * BLOCK_SIZE)
+            except OSError as exc:
+                log.warning("cannot punch slots %d+%d of chain %d: %s",
+                            first, count, chain_id, exc)
+
+    def sync(self) -> None:
+        """Flush every data file to stable storage."""
+        for fd in self._fds.values():
+            os.fdatasync(fd)
+
+    def remove(self, chain_id: int) -> None:
+        """Delete a chain's data file (the chain holds no more blocks)."""
+        fd = self._fds.pop(chain_id, None)
+        if fd is not None:
+            os.close(fd)
+        self.path(chain_id).unlink(missing_ok=True)
+
+    def disk_bytes(self, chain_id: int) -> int:
+        """Bytes the chain's data file really occupies on disk."""
+        try:
+            return os.stat(self.path(chain_id)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

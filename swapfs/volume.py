@@ -1,0 +1,625 @@
+"""The storage engine: chains, swap files and their deduplicated blocks.
+
+A :class:`Volume` is one state directory: the LMDB index and the chains'
+data files. Every public method runs as one LMDB write (or read)
+transaction and returns only after it committed, so a method either
+happened completely or not at all, and callers on one thread need no locks.
+
+The write path, for each 4 KiB block a request touches::
+
+    patch the old block (read-modify-write) unless the block is whole
+    all zeros?         -> unmap it; stores nothing
+    digest (keyed)     -> known in the chain? raise its refcount
+                          new? take a free slot, write the data there
+    map the file's logical block to the digest; drop the old digest's ref
+    commit; then punch the slots whose refcount reached zero
+
+Why this order is crash-safe is in ``docs/write-ordering.md``.
+"""
+
+import collections
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from swapfs.blocks import (
+    BLOCK_SIZE,
+    MAX_FILE_SIZE,
+    ZERO_BLOCK,
+    blocks_for,
+    is_zero,
+    pieces,
+)
+from swapfs.digest import block_digest, new_key
+from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.store import BlockStore
+from swapfs.index import (
+    FORMAT_VERSION,
+    KIND_DIR,
+    KIND_FILE,
+    ROOT_INO,
+    BlockRef,
+    Chain,
+    Index,
+    Inode,
+    Txn,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class Volume:
+    """One state directory: the index, the data files and the lock on both."""
+
+    def __init__(self, state: Path) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        self.state = state
+        self._lock_fd = _lock_state(state)
+        try:
+            self.index = Index(state / "index.lmdb")
+            self.store = BlockStore(state / "data")
+            self._format()
+            self._purge_orphans()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def close(self) -> None:
+        """Flush everything to disk and release the state directory."""
+        self.sync()
+        self.store.close()
+        self.index.close()
+        os.close(self._lock_fd)
+
+    def sync(self) -> None:
+        """Make every committed change durable: data files first, then the index."""
+        self.store.sync()
+        self.index.sync()
+
+    # -- set-up ---------------------------------------------------------------
+
+    def _format(self) -> None:
+        with self.index.begin(write=True) as txn:
+            version = txn.get_meta(b"format")
+            if version == FORMAT_VERSION:
+                return
+            if version is not None:
+                raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
+            txn.put_meta(b"format", FORMAT_VERSION)
+            txn.put_meta(b"next_ino", ROOT_INO + 1)
+            txn.put_meta(b"next_chain", 1)
+            now = time.time_ns()
+            txn.put_inode(Inode(ROOT_INO, KIND_DIR, stat.S_IFDIR | 0o755, os.getuid(),
+                                os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
+
+    def _purge_orphans(self) -> None:
+        """Delete files unlinked while open when the last mount ended."""
+        with self.index.begin() as txn:
+            orphans = list(txn.iter_orphans())
+        for ino in orphans:
+            log.info("purging orphaned file %d", ino)
+            self.purge(ino)
+
+    # -- lookups --------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Inode:
+        with self.index.begin() as txn:
+            return _inode(txn, ino)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        with self.index.begin() as txn:
+            _dir(txn, parent)
+            child = txn.get_dirent(parent, name)
+            if child is None:
+                raise SwapfsError(errno.ENOENT)
+            return _inode(txn, child)
+
+    def resolve(self, path: str) -> Inode:
+        """The inode at a mount-relative path such as ``web/vm1.swap``."""
+        inode = self.getattr(ROOT_INO)
+        for part in path.strip("/").split("/"):
+            if part:
+                inode = self.lookup(inode.ino, os.fsencode(part))
+        return inode
+
+    def readdir(self, ino: int, after_ino: int = 0) -> list[tuple[bytes, Inode]]:
+        """Entries of a directory ordered by inode number, past *after_ino*.
+
+        Inode numbers only grow, so they make resumption points that stay
+        valid while entries come and go.
+        """
+        with self.index.begin() as txn:
+            _dir(txn, ino)
+            entries = [(name, child) for name, child in txn.iter_dirents(ino)
+                       if child > after_ino]
+            entries.sort(key=lambda entry: entry[1])
+            return [(name, _inode(txn, child)) for name, child in entries]
+
+    def nlink(self, inode: Inode) -> int:
+        if inode.ino == ROOT_INO:
+            with self.index.begin() as txn:
+                return 2 + sum(1 for _ in txn.iter_dirents(ROOT_INO))
+        return 2 if inode.is_dir else 1
+
+    # -- namespace --------------------------------------------------------------
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        """Create a chain: a directory at the root, with a fresh key."""
+        _check_name(name)
+        with self.index.begin(write=True) as txn:
+            _dir(txn, parent)
+            if parent != ROOT_INO:
+                raise SwapfsError(errno.EPERM, "chains cannot be nested")
+            _check_absent(txn, parent, name)
+            chain = Chain(txn.next_id(b"next_chain"), new_key())
+            txn.put_chain(chain)
+            inode = _new_inode(txn, KIND_DIR, stat.S_IFDIR | (mode & 0o7777), uid, gid,
+                               chain.id_)
+            txn.put_dirent(parent, name, inode.ino)
+            _touch_dir(txn, parent)
+        return inode
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        """Create an empty swap file in a chain."""
+        _check_name(name)
+        if not stat.S_ISREG(mode) and stat.S_IFMT(mode) != 0:
+            raise SwapfsError(errno.EPERM, "a chain holds regular files only")
+        with self.index.begin(write=True) as txn:
+            chain_dir = _chain_dir(txn, parent)
+            _check_absent(txn, parent, name)
+            inode = _new_inode(txn, KIND_FILE, stat.S_IFREG | (mode & 0o7777), uid, gid,
+                               chain_dir.chain)
+            txn.put_dirent(parent, name, inode.ino)
+            _touch_dir(txn, parent)
+        return inode
+
+    def clone(self, src: int, parent: int, name: bytes, empty: bool = False) -> Inode:
+        """A new file in *src*'s chain: an instant copy of it, or empty of its size.
+
+        The copy shares every block: its map is the source's map and each
+        block's refcount rises by the number of places it is mapped. No data
+        is read or written.
+        """
+        _check_name(name)
+        with self.index.begin(write=True) as txn:
+            source = _file(txn, src)
+            chain_dir = _chain_dir(txn, parent)
+            if chain_dir.chain != source.chain:
+                raise SwapfsError(errno.EXDEV, "a clone stays in its source's chain")
+            _check_absent(txn, parent, name)
+            inode = _new_inode(txn, KIND_FILE, source.mode, source.uid, source.gid,
+                               source.chain)
+            inode.size = source.size
+            if not empty:
+                uses: collections.Counter[bytes] = collections.Counter()
+                for block, digest in txn.iter_map(src):
+                    txn.put_map(inode.ino, block, digest)
+                    uses[digest] += 1
+                for digest, count in uses.items():
+                    ref = _block(txn, source.chain, digest)
+                    ref.refcount += count
+                    txn.put_block(source.chain, digest, ref)
+                inode.blocks = source.blocks
+            txn.put_inode(inode)
+            txn.put_dirent(parent, name, inode.ino)
+            _touch_dir(txn, parent)
+        return inode
+
+    def unlink(self, parent: int, name: bytes, still_open: bool) -> int:
+        """Remove a file's name; its data goes now, or at :meth:`purge` if open.
+
+        Returns the inode number so that the caller can purge it later.
+        """
+        with self.index.begin(write=True) as txn:
+            _chain_dir(txn, parent)
+            ino = _existing(txn, parent, name)
+            _file(txn, ino)
+            txn.delete_dirent(parent, name)
+            txn.put_orphan(ino)
+            _touch_dir(txn, parent)
+        if not still_open:
+            self.purge(ino)
+        return ino
+
+    def is_orphan(self, ino: int) -> bool:
+        with self.index.begin() as txn:
+            return any(orphan == ino for orphan in txn.iter_orphans())
+
+    def purge(self, ino: int) -> None:
+        """Drop an unlinked file: unmap all its blocks, then forget it."""
+        with self.index.begin(write=True) as txn:
+            inode = _file(txn, ino)
+            change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+            change.unmap_from(inode, 0)
+            txn.delete_inode(ino)
+            txn.delete_orphan(ino)
+            change.finish()
+        change.punch()
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """Remove an empty chain, its key and its data file."""
+        with self.index.begin(write=True) as txn:
+            _dir(txn, parent)
+            ino = _existing(txn, parent, name)
+            inode = _dir(txn, ino)
+            if next(txn.iter_dirents(ino), None) is not None:
+                raise SwapfsError(errno.ENOTEMPTY)
+            if any(_inode(txn, orphan).chain == inode.chain for orphan in txn.iter_orphans()):
+                raise SwapfsError(errno.EBUSY, "a file of this chain is still open")
+            for slot in list(txn.iter_free(inode.chain)):
+                txn.delete_free(inode.chain, slot)
+            txn.delete_chain(inode.chain)
+            txn.delete_inode(ino)
+            txn.delete_dirent(parent, name)
+            _touch_dir(txn, parent)
+        self.store.remove(inode.chain)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int, target_open: bool) -> int | None:
+        """Rename a file within its chain, or a chain at the root.
+
+        Returns the inode number of a replaced file that is still open (the
+        caller purges it on its last close), else None.
+        """
+        _check_name(new_name)
+        if flags & RENAME_EXCHANGE:
+            raise SwapfsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        replaced_open = None
+        with self.index.begin(write=True) as txn:
+            ino = _existing(txn, old_parent, old_name)
+            inode = _inode(txn, ino)
+            destination = _dir(txn, new_parent)
+            if inode.is_dir:
+                if new_parent != ROOT_INO:
+                    raise SwapfsError(errno.EPERM, "chains live at the root")
+            elif new_parent == ROOT_INO:
+                raise SwapfsError(errno.EPERM, "swap files live inside a chain")
+            elif destination.chain != inode.chain:
+                raise SwapfsError(errno.EXDEV, "files cannot move between chains")
+            target = txn.get_dirent(new_parent, new_name)
+            if target == ino:
+                return None
+            if target is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise SwapfsError(errno.EEXIST)
+                victim = _inode(txn, target)
+                if victim.is_dir != inode.is_dir:
+                    raise SwapfsError(errno.EISDIR if victim.is_dir else errno.ENOTDIR)
+                if victim.is_dir:
+                    raise SwapfsError(errno.ENOTEMPTY if next(
+                        txn.iter_dirents(target), None) else errno.EBUSY,
+                        "replacing a chain is not supported")
+                txn.delete_dirent(new_parent, new_name)
+                txn.put_orphan(target)
+                replaced_open = target
+            txn.delete_dirent(old_parent, old_name)
+            txn.put_dirent(new_parent, new_name, ino)
+            inode.ctime_ns = time.time_ns()
+            txn.put_inode(inode)
+            _touch_dir(txn, old_parent)
+            _touch_dir(txn, new_parent)
+        if replaced_open is not None and not target_open:
+            self.purge(replaced_open)
+            return None
+        return replaced_open
+
+    def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        """Change a file's or directory's attributes; a new size truncates or extends."""
+        with self.index.begin(write=True) as txn:
+            inode = _inode(txn, ino)
+            change: _ChainWrite | None = None
+            if size is not None:
+                if inode.is_dir:
+                    raise SwapfsError(errno.EISDIR)
+                _check_size(size)
+                change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+                change.resize(inode, size)
+                inode.mtime_ns = time.time_ns()
+            if mode is not None:
+                inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+            if uid is not None:
+                inode.uid = uid
+            if gid is not None:
+                inode.gid = gid
+            if atime_ns is not None:
+                inode.atime_ns = atime_ns
+            if mtime_ns is not None:
+                inode.mtime_ns = mtime_ns
+            inode.ctime_ns = time.time_ns()
+            txn.put_inode(inode)
+            if change is not None:
+                change.finish()
+        if change is not None:
+            change.punch()
+        return inode
+
+    # -- data -----------------------------------------------------------------
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Up to *size* bytes at *offset*; short at the end of the file."""
+        if offset < 0 or size < 0:
+            raise SwapfsError(errno.EINVAL)
+        with self.index.begin() as txn:
+            inode = _file(txn, ino)
+            end = min(offset + size, inode.size)
+            if offset >= end:
+                return b""
+            chain = _chain(txn, inode.chain)
+            out = bytearray(end - offset)
+            for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
+                block_start = block * BLOCK_SIZE
+                if block_start >= end:
+                    break
+                data = _load(self.store, txn, chain, digest)
+                lo = max(offset, block_start)
+                hi = min(end, block_start + BLOCK_SIZE)
+                out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
+            return bytes(out)
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        """Write *data* at *offset*, extending the file past its end."""
+        if offset < 0:
+            raise SwapfsError(errno.EINVAL)
+        end = offset + len(data)
+        _check_size(end)
+        with self.index.begin(write=True) as txn:
+            inode = _file(txn, ino)
+            change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+            for piece in pieces(offset, len(data)):
+                chunk = data[piece.buf_start:piece.buf_start + piece.end - piece.start]
+                if not piece.whole:
+                    old = change.mapped_block(ino, piece.block)
+                    chunk = old[:piece.start] + chunk + old[piece.end:]
+                change.set_block(inode, piece.block, chunk)
+            inode.size = max(inode.size, end)
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            txn.put_inode(inode)
+            change.finish()
+        change.punch()
+        return len(data)
+
+    # -- reporting ----------------------------------------------------------------
+
+    def statfs(self) -> os.statvfs_result:
+        """The backing file system's figures: its free space is ours."""
+        return os.statvfs(self.state)
+
+    def stats(self) -> dict[str, Any]:
+        """Per chain and per file: logical, stored and zero blocks, dedup ratio."""
+        chains: dict[str, Any] = {}
+        with self.index.begin() as txn:
+            for chain_name, chain_ino in txn.iter_dirents(ROOT_INO):
+                chain_dir = _inode(txn, chain_ino)
+                chain = _chain(txn, chain_dir.chain)
+                files = {}
+                for file_name, file_ino in txn.iter_dirents(chain_ino):
+                    inode = _inode(txn, file_ino)
+                    files[os.fsdecode(file_name)] = {
+                        "size": inode.size,
+                        "logical_bytes": inode.blocks * BLOCK_SIZE,
+                        "mapped_blocks": inode.blocks,
+                        "zero_blocks": blocks_for(inode.size) - inode.blocks,
+                    }
+                logical = sum(f["logical_bytes"] for f in files.values())
+                stored = chain.stored * BLOCK_SIZE
+                chains[os.fsdecode(chain_name)] = {
+                    "id": chain.id_,
+                    "logical_bytes": logical,
+                    "stored_bytes": stored,
+                    "unique_blocks": chain.stored,
+                    "zero_blocks": sum(f["zero_blocks"] for f in files.values()),
+                    "dedup_ratio": logical / stored if stored else 1.0,
+                    "disk_bytes": self.store.disk_bytes(chain.id_),
+                    "files": files,
+                }
+        return {"chains": chains, "index_bytes": self.index.file_bytes()}
+
+
+# -- helpers that run inside one transaction ------------------------------------
+
+
+def _lock_state(state: Path) -> int:
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SwapfsError(errno.EBUSY, f"state directory {state} is in use") from None
+    return fd
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise SwapfsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise SwapfsError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def _check_size(size: int) -> None:
+    if size < 0:
+        raise SwapfsError(errno.EINVAL)
+    if size > MAX_FILE_SIZE:
+        raise SwapfsError(errno.EFBIG)
+
+
+def _check_absent(txn: Txn, parent: int, name: bytes) -> None:
+    if txn.get_dirent(parent, name) is not None:
+        raise SwapfsError(errno.EEXIST)
+
+
+def _existing(txn: Txn, parent: int, name: bytes) -> int:
+    ino = txn.get_dirent(parent, name)
+    if ino is None:
+        raise SwapfsError(errno.ENOENT)
+    return ino
+
+
+def _inode(txn: Txn, ino: int) -> Inode:
+    inode = txn.get_inode(ino)
+    if inode is None:
+        raise SwapfsError(errno.ENOENT)
+    return inode
+
+
+def _dir(txn: Txn, ino: int) -> Inode:
+    inode = _inode(txn, ino)
+    if not inode.is_dir:
+        raise SwapfsError(errno.ENOTDIR)
+    return inode
+
+
+def _chain_dir(txn: Txn, ino: int) -> Inode:
+    inode = _dir(txn, ino)
+    if ino == ROOT_INO:
+        raise SwapfsError(errno.EPERM, "swap files live inside a chain")
+    return inode
+
+
+def _file(txn: Txn, ino: int) -> Inode:
+    inode = _inode(txn, ino)
+    if inode.is_dir:
+        raise SwapfsError(errno.EISDIR)
+    return inode
+
+
+def _chain(txn: Txn, chain_id: int) -> Chain:
+    chain = txn.get_chain(chain_id)
+    if chain is None:
+        raise CorruptBlock(f"chain {chain_id} is missing from the index")
+    return chain
+
+
+def _block(txn: Txn, chain_id: int, digest: bytes) -> BlockRef:
+    ref = txn.get_block(chain_id, digest)
+    if ref is None:
+        raise CorruptBlock(f"chain {chain_id} has no block {digest.hex()}")
+    return ref
+
+
+def _new_inode(txn: Txn, kind: int, mode: int, uid: int, gid: int, chain: int) -> Inode:
+    now = time.time_ns()
+    inode = Inode(txn.next_id(b"next_ino"), kind, mode, uid, gid, chain,
+                  atime_ns=now, mtime_ns=now, ctime_ns=now)
+    txn.put_inode(inode)
+    return inode
+
+
+def _touch_dir(txn: Txn, ino: int) -> None:
+    inode = _inode(txn, ino)
+    inode.mtime_ns = inode.ctime_ns = time.time_ns()
+    txn.put_inode(inode)
+
+
+def _load(store: BlockStore, txn: Txn, chain: Chain, digest: bytes) -> bytes:
+    """A stored block's data, verified against its digest (EIO if it differs)."""
+    ref = _block(txn, chain.id_, digest)
+    data = store.read(chain.id_, ref.slot)
+    if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
+        log.error("chain %d slot %d does not match digest %s",
+                  chain.id_, ref.slot, digest.hex())
+        raise CorruptBlock(f"chain {chain.id_} slot {ref.slot} is corrupt")
+    return data
+
+
+class _ChainWrite:
+    """One write transaction's changes to one chain's maps and blocks.
+
+    Slots whose refcount reaches zero are collected in ``freed``; they join
+    the free list in :meth:`finish`, after every allocation of this
+    transaction, so none of them is overwritten before this commit.
+    """
+
+    __slots__ = ("store", "txn", "chain", "freed")
+
+    def __init__(self, store: BlockStore, txn: Txn, chain: Chain) -> None:
+        self.store = store
+        self.txn = txn
+        self.chain = chain
+        self.freed: list[int] = []
+
+    def mapped_block(self, ino: int, block: int) -> bytes:
+        digest = self.txn.get_map(ino, block)
+        return ZERO_BLOCK if digest is None else _load(self.store, self.txn, self.chain, digest)
+
+    def set_block(self, inode: Inode, block: int, data: bytes) -> None:
+        """Point logical *block* of *inode* at *data*, deduplicated within the chain."""
+        txn, chain = self.txn, self.chain
+        old = txn.get_map(inode.ino, block)
+        if is_zero(data):
+            if old is not None:
+                txn.delete_map(inode.ino, block)
+                inode.blocks -= 1
+                self.unref(old)
+            return
+        digest = block_digest(chain.key, data)
+        if digest == old:
+            return
+        ref = txn.get_block(chain.id_, digest)
+        if ref is None:
+            slot = txn.pop_free(chain.id_)
+            if slot is None:
+                slot = chain.next_slot
+                chain.next_slot += 1
+            # The data reaches its slot before the transaction naming it commits.
+            self.store.write(chain.id_, slot, data)
+            ref = BlockRef(slot, 1)
+            chain.stored += 1
+        else:
+            ref.refcount += 1
+        txn.put_block(chain.id_, digest, ref)
+        txn.put_map(inode.ino, block, digest)
+        if old is None:
+            inode.blocks += 1
+        else:
+            self.unref(old)
+
+    def unref(self, digest: bytes) -> None:
+        ref = _block(self.txn, self.chain.id_, digest)
+        ref.refcount -= 1
+        if ref.refcount:
+            self.txn.put_block(self.chain.id_, digest, ref)
+        else:
+            self.txn.delete_block(self.chain.id_, digest)
+            self.chain.stored -= 1
+            self.freed.append(ref.slot)
+
+    def unmap_from(self, inode: Inode, first: int) -> None:
+        """Unmap every block of *inode* from logical block *first* on."""
+        for block, digest in list(self.txn.iter_map(inode.ino, first)):
+            self.txn.delete_map(inode.ino, block)
+            inode.blocks -= 1
+            self.unref(digest)
+
+    def resize(self, inode: Inode, size: int) -> None:
+        if size < inode.size:
+            self.unmap_from(inode, blocks_for(size))
+            tail = size % BLOCK_SIZE
+            if tail:
+                # Bytes past the new end must read as zeros if the file grows again.
+                last = size // BLOCK_SIZE
+                data = self.mapped_block(inode.ino, last)
+                self.set_block(inode, last, data[:tail] + bytes(BLOCK_SIZE - tail))
+        inode.size = size
+
+    def finish(self) -> None:
+        """Last step before commit: save the chain, list the freed slots as free."""
+        self.txn.put_chain(self.chain)
+        for slot in self.freed:
+            self.txn.put_free(self.chain.id_, slot)
+
+    def punch(self) -> None:
+        """After commit: give the disk space of the freed slots back."""
+        if self.freed:
+            self.store.punch(self.chain.id_, self.freed)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything swapfs needs on a fresh Debian machine: the Debian
+# packages (FUSE 3 and its headers for building pyfuse3, fio, util-linux)
+# and a virtual environment in .venv with swapfs and its Python
+# dependencies. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+modprobe fuse 2>/dev/null || true
+modprobe loop 2>/dev/null || true
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+stamp=.venv/.swapfs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
