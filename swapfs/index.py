@@ -167,6 +167,9 @@ class Txn:
     def abort(self) -> None:
         self.txn.abort()
 
+    def commit(self) -> None:
+        self.txn.commit()
+
     # -- meta ---------------------------------------------------------------
 
     def get_meta(self, name: bytes) -> int | None:

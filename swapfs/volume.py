@@ -61,7 +61,12 @@ RENAME_EXCHANGE = 2
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, recover: bool = True) -> None:
+        """Open (or create) the volume in *state*, locking it for this process.
+
+        *recover* purges files left unlinked-while-open by the last mount;
+        fsck opens without it so that it sees the state exactly as left.
+        """
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
         self._lock_fd = _lock_state(state)
@@ -69,7 +74,8 @@ class Volume:
             self.index = Index(state / "index.lmdb")
             self.store = BlockStore(state / "data")
             self._format()
-            self._purge_orphans()
+            if recover:
+                self._purge_orphans()
         except BaseException:
             os.close(self._lock_fd)
             raise
