@@ -68,7 +68,7 @@ class _Checker:
         """Record a problem; True when the caller should repair it now."""
         fix = self.repair and repairable
         self.report.problems.append(Problem(kind, detail, repaired=fix))
-        log.warning("%s: %s%s", kind, detail, " (repaired)" if fix else "")
+        log.info("%s: %s%s", kind, detail, " (repaired)" if fix else "")
         return fix
 
     def run(self) -> None:

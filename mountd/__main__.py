@@ -1,0 +1,5 @@
+import sys
+
+from mountd.main import main
+
+sys.exit(main())

@@ -1,0 +1,136 @@
+"""The daemon's control socket: clones, statistics and status for clients.
+
+Requests are handled on the same trio thread as FUSE requests, and the
+Volume calls they make have no checkpoint, so a clone is atomic with
+respect to the I/O around it. Protocol: :mod:`swapfs.control`.
+"""
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from swapfs.control import MAX_LINE
+from swapfs.errors import SwapfsError
+from swapfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class BadRequest(Exception):
+    """A request that is not valid JSON or lacks what its operation needs."""
+
+
+def _string(message: dict[str, Any], key: str) -> str:
+    value = message.get(key)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{key!r} must be a non-empty string")
+    return value
+
+
+class ControlServer:
+    """Answers control requests against one mounted Volume."""
+
+    def __init__(self, volume: Volume, mountpoint: str) -> None:
+        self.volume = volume
+        self.mountpoint = mountpoint
+        self.handlers: dict[str, Handler] = {
+            "status": self.status,
+            "stats": self.stats,
+            "clone": self.clone,
+        }
+
+    def status(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "state": str(self.volume.state),
+                "mountpoint": self.mountpoint}
+
+    def stats(self, message: dict[str, Any]) -> dict[str, Any]:
+        return self.volume.stats()
+
+    def clone(self, message: dict[str, Any]) -> dict[str, Any]:
+        source = self.volume.resolve(_string(message, "source"))
+        parent_path, _, name = _string(message, "target").strip("/").rpartition("/")
+        parent = self.volume.resolve(parent_path)
+        empty = message.get("empty", False)
+        if not isinstance(empty, bool):
+            raise BadRequest("'empty' must be true or false")
+        inode = self.volume.clone(source.ino, parent.ino, os.fsencode(name), empty=empty)
+        log.info("cloned %s to %s%s", message["source"], message["target"],
+                 " (empty)" if empty else "")
+        return {"ino": inode.ino, "size": inode.size}
+
+    def answer(self, line: bytes) -> dict[str, Any]:
+        """The reply to one request line (raises BadRequest for malformed ones)."""
+        try:
+            message = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"not JSON: {exc}") from exc
+        if not isinstance(message, dict):
+            raise BadRequest("a request is a JSON object")
+        handler = self.handlers.get(message.get("op"))  # type: ignore[arg-type]
+        if handler is None:
+            raise BadRequest(f"unknown op {message.get('op')!r}")
+        try:
+            return {"ok": True, **handler(message)}
+        except SwapfsError as exc:
+            return {"ok": False, "errno": exc.errno, "error": str(exc)}
+        except (BadRequest, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug must not take the mount down with it
+            log.exception("control request %r failed", message.get("op"))
+            return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc}"}
+
+    async def serve_client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    try:
+                        reply = self.answer(line)
+                    except BadRequest as exc:
+                        log.warning("bad control request: %s", exc)
+                        await _send(stream, {"ok": False, "errno": errno.EINVAL,
+                                             "error": str(exc)})
+                        return
+                    await _send(stream, reply)
+                if len(buffer) > MAX_LINE:
+                    await _send(stream, {"ok": False, "errno": errno.E2BIG,
+                                         "error": "request too long"})
+                    return
+
+    async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on the Unix socket *path* until cancelled; remove it afterwards."""
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self.serve_client, [listener])
+        finally:
+            os.unlink(path)
+
+
+async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
+    try:
+        await stream.send_all(json.dumps(reply).encode() + b"\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

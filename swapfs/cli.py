@@ -1,0 +1,218 @@
+"""``swapfs``: the operator's command line.
+
+Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad
+usage; ``fsck`` uses 0 clean, 1 repaired, 4 problems left.
+"""
+
+import argparse
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swapfs import control, fsck
+from swapfs.errors import SwapfsError
+
+EXAMPLES = """\
+examples:
+  swapfs mount --state /var/lib/swapfs/a /mnt/swapfs
+  mkdir /mnt/swapfs/web
+  truncate -s 4G /mnt/swapfs/web/base.swap
+  swapfs clone /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm1.swap
+  swapfs clone --empty /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm2.swap
+  swapfs stats /mnt/swapfs --json
+  swapfs umount /mnt/swapfs
+  swapfs fsck --state /var/lib/swapfs/a --repair
+"""
+
+#: How long ``mount`` waits for the daemon to serve, and ``umount`` for it to exit.
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 60.0
+
+
+class CommandError(Exception):
+    """A failure to report to the user as one line, exit code 1."""
+
+
+def _mount(args: argparse.Namespace) -> int:
+    state: Path = args.state.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mountd", "--state", str(state), args.mountpoint]
+    if args.allow_other:
+        command.append("--allow-other")
+    if args.debug:
+        command.append("--debug")
+    if args.foreground:
+        os.execv(sys.executable, command)
+    read_end, write_end = os.pipe()
+    log_path = state / "daemon.log"
+    with open(log_path, "ab") as log_file:
+        daemon = subprocess.Popen(
+            [*command, "--ready-fd", str(write_end)], pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    try:
+        readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+        ready = bool(readable) and os.read(read_end, 1) == b"1"
+    finally:
+        os.close(read_end)
+    if not ready:
+        if daemon.poll() is None:
+            daemon.terminate()
+        tail = log_path.read_text(errors="replace").splitlines()[-5:]
+        raise CommandError("the daemon did not start:\n  " + "\n  ".join(tail))
+    print(f"swapfs: {state} mounted on {os.path.realpath(args.mountpoint)} (pid {daemon.pid})")
+    return 0
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.realpath(args.mountpoint)
+    pid = None
+    try:
+        pid = control.request(control.socket_of(mountpoint), {"op": "status"})["pid"]
+    except control.ControlError as exc:
+        logging.getLogger(__name__).debug("no daemon answers: %s", exc)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CommandError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+    if pid is not None and not _wait_exit(pid, EXIT_TIMEOUT):
+        raise CommandError(f"unmounted, but daemon {pid} has not exited")
+    return 0
+
+
+def _clone(args: argparse.Namespace) -> int:
+    source = os.path.realpath(args.source)
+    target = os.path.join(os.path.realpath(os.path.dirname(args.target) or "."),
+                          os.path.basename(args.target))
+    root = control.mount_root(source)
+    if control.mount_root(os.path.dirname(target)) != root:
+        raise CommandError("source and target must be on the same swapfs mount")
+    control.request(control.socket_of(root), {
+        "op": "clone", "source": os.path.relpath(source, root),
+        "target": os.path.relpath(target, root), "empty": args.empty,
+    })
+    return 0
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    print(f"{'chain / file':<32} {'logical':>11} {'stored':>11} {'zero blocks':>12} "
+          f"{'dedup':>7}")
+    for name, chain in sorted(stats["chains"].items()):
+        print(f"{name:<32} {_size(chain['logical_bytes']):>11} "
+              f"{_size(chain['stored_bytes']):>11} {chain['zero_blocks']:>12} "
+              f"{chain['dedup_ratio']:>6.2f}x")
+        for file_name, entry in sorted(chain["files"].items()):
+            print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
+                  f"{entry['zero_blocks']:>12}")
+    print(f"index: {_size(stats['index_bytes'])}")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    reply = control.request(control.socket_of(args.path), {"op": "stats"})
+    reply.pop("ok")
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    else:
+        _print_stats(reply)
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    if not (args.state / "index.lmdb").exists():
+        raise CommandError(f"{args.state} holds no swapfs state")
+    report = fsck.check(args.state, repair=args.repair)
+    if args.json:
+        print(json.dumps({
+            "clean": report.clean, "exit_code": report.exit_code,
+            "blocks_checked": report.blocks_checked,
+            "problems": [vars(problem) for problem in report.problems],
+        }, indent=2))
+    else:
+        for problem in report.problems:
+            print(f"{problem.kind}: {problem.detail}"
+                  + (" [repaired]" if problem.repaired else ""))
+        print(f"{report.blocks_checked} blocks checked, {len(report.problems)} problems")
+    return report.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swapfs", description="Swap files deduplicated per clone chain.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mount = commands.add_parser("mount", help="mount a state directory")
+    mount.add_argument("--state", required=True, type=Path, help="state directory")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--foreground", action="store_true", help="stay attached")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users access the mount")
+    mount.set_defaults(run=_mount)
+
+    umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(run=_umount)
+
+    clone = commands.add_parser("clone", help="a new swap file sharing a sibling's blocks")
+    clone.add_argument("--empty", action="store_true",
+                       help="same size as the source, no content")
+    clone.add_argument("source")
+    clone.add_argument("target")
+    clone.set_defaults(run=_clone)
+
+    stats = commands.add_parser("stats", help="dedup figures per chain and file")
+    stats.add_argument("path", help="the mount point or any path on it")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(run=_stats)
+
+    check = commands.add_parser("fsck", help="check an unmounted state directory")
+    check.add_argument("--state", required=True, type=Path, help="state directory")
+    check.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(run=_fsck)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="swapfs: %(message)s")
+    try:
+        return int(args.run(args))
+    except (CommandError, control.ControlError, SwapfsError) as exc:
+        print(f"swapfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"swapfs {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The FUSE front: pyfuse3 Operations that translate requests to the Volume.
+
+Every handler calls the Volume synchronously, without an await in between,
+so on trio's single thread each request is a critical section and the
+engine needs no locks. The only error this layer raises is
+``pyfuse3.FUSEError``: a :class:`SwapfsError` becomes its errno.
+
+Lifetime of an unlinked file: the kernel holds a lookup count per inode and
+tells us with ``forget`` when it drops it. A file unlinked while the kernel
+still knows it (an open swap file, typically) becomes an orphan and is
+purged on its last forget, or at the next mount after a crash.
+"""
+
+import errno
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pyfuse3
+
+from swapfs.control import CONTROL_XATTR
+from swapfs.errors import SwapfsError
+from swapfs.index import Inode
+from swapfs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may cache names and attributes. Short, because a clone
+#: made through the control socket changes a directory behind its back.
+CACHE_TIMEOUT = 1.0
+
+_CONTROL_XATTR = os.fsencode(CONTROL_XATTR)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except SwapfsError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from exc
+    except OSError as exc:
+        log.exception("backing store failed")
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers for one mounted Volume."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume, control_socket: str = "") -> None:
+        super().__init__()
+        self.volume = volume
+        self.control_socket = control_socket
+        self._lookups: dict[int, int] = {}
+        self._open: dict[int, int] = {}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.ino
+        attrs.generation = 0
+        attrs.entry_timeout = CACHE_TIMEOUT
+        attrs.attr_timeout = CACHE_TIMEOUT
+        attrs.st_mode = inode.mode
+        attrs.st_nlink = self.volume.nlink(inode)
+        attrs.st_uid = inode.uid
+        attrs.st_gid = inode.gid
+        attrs.st_rdev = 0
+        attrs.st_size = inode.size
+        attrs.st_blksize = 4096
+        attrs.st_blocks = inode.blocks * 8
+        attrs.st_atime_ns = inode.atime_ns
+        attrs.st_mtime_ns = inode.mtime_ns
+        attrs.st_ctime_ns = inode.ctime_ns
+        return attrs
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a new reference."""
+        self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
+        return self._attrs(inode)
+
+    def _known(self, ino: int) -> bool:
+        """Does the kernel still reference *ino* (so its data must stay)?"""
+        return self._lookups.get(ino, 0) > 0 or self._open.get(ino, 0) > 0
+
+    # -- names ------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self._entry(self.volume.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups.pop(ino, None)
+            if not self._known(ino) and self.volume.is_orphan(ino):
+                self._purge(ino)
+
+    def _purge(self, ino: int) -> None:
+        try:
+            self.volume.purge(ino)
+        except SwapfsError:
+            log.exception("cannot purge unlinked file %d", ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self._attrs(self.volume.getattr(inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        changes: dict[str, Any] = {}
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        with _errors():
+            return self._attrs(self.volume.setattr(inode, **changes))
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self._entry(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            self.volume.rmdir(parent_inode, name)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        with _errors():
+            inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        self._open[inode.ino] = self._open.get(inode.ino, 0) + 1
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._entry(inode)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors():
+            return self._entry(self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            child = self.volume.lookup(parent_inode, name)
+            self.volume.unlink(parent_inode, name, still_open=self._known(child.ino))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        with _errors():
+            try:
+                target = self.volume.lookup(parent_inode_new, name_new).ino
+            except SwapfsError:
+                target = 0
+            self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                               flags, target_open=self._known(target))
+
+    # -- directories --------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _errors():
+            if not self.volume.getattr(inode).is_dir:
+                raise SwapfsError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _errors():
+            entries = self.volume.readdir(fh, after_ino=start_id)
+        for name, inode in entries:
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), inode.ino):
+                return
+            self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = self.volume.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = backing.f_bsize
+        data.f_frsize = backing.f_frsize
+        data.f_blocks = backing.f_blocks
+        data.f_bfree = backing.f_bfree
+        data.f_bavail = backing.f_bavail
+        data.f_files = backing.f_files
+        data.f_ffree = backing.f_ffree
+        data.f_favail = backing.f_favail
+        data.f_namemax = 255
+        return data
+
+    # -- files ------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        with _errors():
+            if self.volume.getattr(inode).is_dir:
+                raise SwapfsError(errno.EISDIR)
+        self._open[inode] = self._open.get(inode, 0) + 1
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _errors():
+            return self.volume.read(fh, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _errors():
+            return self.volume.write(fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _errors():
+            self.volume.sync()
+
+    async def release(self, fh: int) -> None:
+        left = self._open.get(fh, 0) - 1
+        if left > 0:
+            self._open[fh] = left
+            return
+        self._open.pop(fh, None)
+        if not self._known(fh) and self.volume.is_orphan(fh):
+            self._purge(fh)
+
+    # -- extended attributes -------------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == _CONTROL_XATTR and self.control_socket:
+            return os.fsencode(self.control_socket)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if inode == pyfuse3.ROOT_INODE and self.control_socket:
+            return [_CONTROL_XATTR]
+        return []
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
