@@ -5,6 +5,7 @@ Volume calls they make have no checkpoint, so a clone is atomic with
 respect to the I/O around it. Protocol: :mod:`swapfs.control`.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -130,7 +131,5 @@ class ControlServer:
 
 
 async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.send_all(json.dumps(reply).encode() + b"\n")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

@@ -97,10 +97,9 @@ class _Checker:
             if inode.chain and inode.chain not in chains:
                 self.problem("missing-chain", f"inode {ino} belongs to missing chain "
                              f"{inode.chain}", False)
-            if ino not in named:
-                if self.problem("unnamed-inode", f"inode {ino} has no directory entry",
-                                not inode.is_dir):
-                    self.forget_file(ino)
+            if ino not in named and self.problem(
+                    "unnamed-inode", f"inode {ino} has no directory entry", not inode.is_dir):
+                self.forget_file(ino)
 
     def forget_file(self, ino: int) -> None:
         """Drop a file that nothing names; the refcount pass frees its blocks."""
@@ -129,11 +128,11 @@ class _Checker:
             uses[inode.chain][digest] += 1
             mapped[ino] += 1
         for ino, inode in inodes.items():
-            if not inode.is_dir and inode.blocks != mapped[ino]:
-                if self.problem("block-count", f"file {ino} counts {inode.blocks} blocks, "
-                                f"maps {mapped[ino]}", True):
-                    inode.blocks = mapped[ino]
-                    txn.put_inode(inode)
+            if not inode.is_dir and inode.blocks != mapped[ino] and self.problem(
+                    "block-count", f"file {ino} counts {inode.blocks} blocks, "
+                    f"maps {mapped[ino]}", True):
+                inode.blocks = mapped[ino]
+                txn.put_inode(inode)
         for chain in list(txn.iter_chains()):
             self.check_chain(chain.id_, uses[chain.id_])
 
@@ -152,20 +151,20 @@ class _Checker:
                                 True):
                     txn.delete_block(chain_id, digest)
                     continue
-            elif ref.refcount != want:
-                if self.problem("refcount", f"chain {chain_id} block {digest.hex()} "
-                                f"counts {ref.refcount}, is mapped {want} times", True):
-                    txn.put_block(chain_id, digest, BlockRef(ref.slot, want))
+            elif ref.refcount != want and self.problem(
+                    "refcount", f"chain {chain_id} block {digest.hex()} "
+                    f"counts {ref.refcount}, is mapped {want} times", True):
+                txn.put_block(chain_id, digest, BlockRef(ref.slot, want))
             stored += 1
             self.report.blocks_checked += 1
             if ref.slot in owner:
                 self.problem("shared-slot", f"chain {chain_id} slot {ref.slot} holds two "
                              "digests", False)
             owner[ref.slot] = digest
-            if ref.slot >= chain.next_slot:
-                if self.problem("slot-past-end", f"chain {chain_id} slot {ref.slot} is past "
-                                f"next_slot {chain.next_slot}", True):
-                    chain.next_slot = ref.slot + 1
+            if ref.slot >= chain.next_slot and self.problem(
+                    "slot-past-end", f"chain {chain_id} slot {ref.slot} is past "
+                    f"next_slot {chain.next_slot}", True):
+                chain.next_slot = ref.slot + 1
             data = store.read(chain_id, ref.slot)
             if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
                 self.problem("corrupt-block", f"chain {chain_id} slot {ref.slot} does not "
@@ -173,10 +172,10 @@ class _Checker:
         for digest, count in uses.items():
             self.problem("missing-block", f"chain {chain_id} has no block {digest.hex()} "
                          f"mapped {count} times", False)
-        if chain.stored != stored:
-            if self.problem("stored-count", f"chain {chain_id} counts {chain.stored} stored "
-                            f"blocks, holds {stored}", True):
-                chain.stored = stored
+        if chain.stored != stored and self.problem(
+                "stored-count", f"chain {chain_id} counts {chain.stored} stored "
+                f"blocks, holds {stored}", True):
+            chain.stored = stored
         free = set(txn.iter_free(chain_id))
         for slot in sorted(free & owner.keys()):
             if self.problem("free-in-use", f"chain {chain_id} slot {slot} is free and used",

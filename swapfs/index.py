@@ -35,6 +35,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
@@ -153,7 +154,9 @@ class Txn:
 
     def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
         self.index = index
-        self.txn = txn
+        # lmdb's stubs type values as bytes | memoryview; without buffers=True
+        # they are always bytes, which is what every accessor below relies on.
+        self.txn: Any = txn
 
     def __enter__(self) -> "Txn":
         return self

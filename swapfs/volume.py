@@ -24,7 +24,6 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from swapfs.blocks import (
 )
 from swapfs.digest import block_digest, new_key
 from swapfs.errors import CorruptBlock, SwapfsError
-from swapfs.store import BlockStore
 from swapfs.index import (
     FORMAT_VERSION,
     KIND_DIR,
@@ -50,6 +48,7 @@ from swapfs.index import (
     Inode,
     Txn,
 )
+from swapfs.store import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +381,8 @@ class Volume:
         _check_size(end)
         with self.index.begin(write=True) as txn:
             inode = _file(txn, ino)
+            if not data:
+                return 0  # POSIX: writing nothing changes nothing, not even the size
             change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
             for piece in pieces(offset, len(data)):
                 chunk = data[piece.buf_start:piece.buf_start + piece.end - piece.start]
