@@ -17,6 +17,7 @@ import trio
 
 from swapfs.control import MAX_LINE
 from swapfs.errors import SwapfsError
+from swapfs.fs import Operations
 from swapfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,12 @@ def _string(message: dict[str, Any], key: str) -> str:
 class ControlServer:
     """Answers control requests against one mounted Volume."""
 
-    def __init__(self, volume: Volume, mountpoint: str) -> None:
+    def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
+                 protections: dict[str, bool]) -> None:
         self.volume = volume
         self.mountpoint = mountpoint
+        self.ops = ops
+        self.protections = protections
         self.handlers: dict[str, Handler] = {
             "status": self.status,
             "stats": self.stats,
@@ -49,7 +53,8 @@ class ControlServer:
 
     def status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "state": str(self.volume.state),
-                "mountpoint": self.mountpoint}
+                "mountpoint": self.mountpoint, "open_files": self.ops.open_files(),
+                **self.protections}
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         return self.volume.stats()

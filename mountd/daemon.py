@@ -1,10 +1,12 @@
-"""The mount's lifetime: mount, serve FUSE and the control socket, unmount.
+"""The mount's lifetime: harden, mount, serve FUSE and the control socket, unmount.
 
 One trio run holds everything: pyfuse3's request loop, the control server
 and a signal watcher, in one nursery. When the kernel unmounts the file
-system (``swapfs umount``, ``fusermount3 -u``) or a SIGTERM/SIGINT
-arrives, the loop ends, the nursery is cancelled, and the Volume is synced
-and closed before the process exits.
+system (``swapfs umount``, ``fusermount3 -u``) the loop ends, the nursery is
+cancelled, and the Volume is synced and closed before the process exits.
+SIGTERM and SIGINT unmount too, but only while no file is open: a daemon
+that went away under an active swap area would take the swapped-out pages
+of every process using it with it.
 """
 
 import hashlib
@@ -12,12 +14,13 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from mountd import lifecycle
+from mountd.config import Config
 from mountd.control import ControlServer
 from swapfs.fs import Operations
 from swapfs.volume import Volume
@@ -26,14 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Unix socket paths longer than this do not fit in sockaddr_un.
 _SUN_PATH_MAX = 107
-
-
-@dataclass
-class MountOptions:
-    state: Path
-    mountpoint: str
-    allow_other: bool = False
-    debug_fuse: bool = False
 
 
 def control_socket_path(state: Path) -> str:
@@ -46,51 +41,69 @@ def control_socket_path(state: Path) -> str:
     return f"/run/swapfs/{digest}.sock"
 
 
-def fuse_options(options: MountOptions) -> set[str]:
-    fuse = set(pyfuse3.default_options)
-    fuse.add("fsname=swapfs")
-    fuse.add("subtype=swapfs")
-    if options.allow_other:
-        fuse.add("allow_other")
-    if options.debug_fuse:
-        fuse.add("debug")
-    return fuse
+def fuse_options(config: Config) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.add("fsname=swapfs")
+    options.add("subtype=swapfs")
+    if config.allow_other:
+        options.add("allow_other")
+    return options
 
 
-async def _watch_signals() -> None:
+def harden(config: Config) -> dict[str, bool]:
+    """Apply the memory-pressure protections the configuration asks for."""
+    return {
+        "memory_locked": config.lock_memory and lifecycle.lock_memory(),
+        "io_flusher": config.io_flusher and lifecycle.set_io_flusher(),
+        "oom_protected": lifecycle.protect_from_oom(config.oom_score_adj),
+    }
+
+
+async def _watch_signals(ops: Operations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            busy = ops.open_files()
+            if busy:
+                log.error("%s: refusing to unmount while %d file(s) are open "
+                          "(swapoff and detach their loop devices first)", name, busy)
+                continue
+            log.info("%s: unmounting", name)
+            lifecycle.sd_notify("STOPPING=1")
             pyfuse3.terminate()
             return
 
 
-async def _serve(volume: Volume, options: MountOptions, socket_path: str,
+async def _serve(control: ControlServer, ops: Operations, socket_path: str,
                  on_ready: Callable[[], None]) -> None:
-    control = ControlServer(volume, options.mountpoint)
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, socket_path)
-        nursery.start_soon(_watch_signals)
-        log.info("serving %s on %s", options.state, options.mountpoint)
+        nursery.start_soon(_watch_signals, ops)
+        log.info("serving %s on %s", control.volume.state, control.mountpoint)
         on_ready()
+        lifecycle.sd_notify("READY=1")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-def run(options: MountOptions, on_ready: Callable[[], None]) -> None:
+def run(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, then close everything."""
-    volume = Volume(options.state)
+    assert config.state is not None and config.mountpoint is not None
+    protections = harden(config)
+    volume = Volume(config.state)
     try:
-        socket_path = control_socket_path(options.state)
+        socket_path = config.control_socket or control_socket_path(config.state)
         ops = Operations(volume, control_socket=socket_path)
-        pyfuse3.init(ops, options.mountpoint, fuse_options(options))
+        control = ControlServer(volume, config.mountpoint, ops, protections)
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
         try:
-            trio.run(_serve, volume, options, socket_path, on_ready)
+            trio.run(_serve, control, ops, socket_path, on_ready)
         except BaseException:
             log.exception("daemon failed")
             raise
         finally:
+            lifecycle.sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
     finally:
         volume.close()
-        log.info("closed %s", options.state)
+        log.info("closed %s", config.state)

@@ -1,8 +1,9 @@
 """Entry point of the mount daemon, ``swapfs-mountd``.
 
-Usually started by ``swapfs mount``, which waits for its readiness signal:
-the daemon writes one byte to the file descriptor given with
-``--ready-fd`` once the mount serves requests.
+Started by ``swapfs mount`` (which waits for the byte it writes to
+``--ready-fd`` once the mount serves) or by systemd (``swapfs@.service``,
+Type=notify). Settings come from ``--config`` and are overridden by flags;
+see ``docs/configuration.md``.
 """
 
 import argparse
@@ -11,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from mountd.daemon import MountOptions, run
+from mountd.config import ConfigError, load
+from mountd.daemon import run
+from mountd.logs import setup_logging
 
 log = logging.getLogger("mountd")
 
@@ -19,38 +22,45 @@ log = logging.getLogger("mountd")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="swapfs-mountd",
-        description="Serve a swapfs state directory on a mount point (foreground).",
+        description="Serve a swapfs state directory on a mount point (stays in the "
+                    "foreground).",
+        epilog="example: swapfs-mountd --config /etc/swapfs/main.toml",
     )
-    parser.add_argument("--state", required=True, type=Path, help="state directory")
-    parser.add_argument("mountpoint")
-    parser.add_argument("--allow-other", action="store_true",
+    parser.add_argument("mountpoint", nargs="?", help="overrides the configuration's")
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
+    parser.add_argument("--state", help="state directory (overrides the configuration's)")
+    parser.add_argument("--allow-other", action="store_true", default=None,
                         help="let users other than the mounting one use the mount")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--ready-fd", type=int, default=-1,
                         help="write one byte to this fd once the mount serves")
-    parser.add_argument("--debug", action="store_true", help="log debug messages")
-    parser.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        config = load(args.config, {
+            "state": args.state, "mountpoint": args.mountpoint,
+            "allow_other": args.allow_other, "log_level": args.log_level,
+        })
+    except ConfigError as exc:
+        print(f"swapfs-mountd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    assert config.state is not None and config.mountpoint is not None
+    config.state = config.state.resolve()
+    config.mountpoint = os.path.realpath(config.mountpoint)
 
     def ready() -> None:
         if args.ready_fd >= 0:
             os.write(args.ready_fd, b"1")
             os.close(args.ready_fd)
 
-    options = MountOptions(state=args.state.resolve(), mountpoint=os.path.realpath(args.mountpoint),
-                           allow_other=args.allow_other, debug_fuse=args.debug_fuse)
     try:
-        run(options, ready)
+        run(config, ready)
     except Exception as exc:
-        log.error("swapfs-mountd: %s", exc)
+        log.error("%s", exc)
         return 1
     return 0
 

@@ -43,10 +43,12 @@ def _mount(args: argparse.Namespace) -> int:
     state: Path = args.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mountd", "--state", str(state), args.mountpoint]
+    if args.config:
+        command += ["--config", str(args.config)]
     if args.allow_other:
         command.append("--allow-other")
     if args.debug:
-        command.append("--debug")
+        command += ["--log-level", "debug"]
     if args.foreground:
         os.execv(sys.executable, command)
     read_end, write_end = os.pipe()
@@ -171,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount = commands.add_parser("mount", help="mount a state directory")
     mount.add_argument("--state", required=True, type=Path, help="state directory")
     mount.add_argument("mountpoint")
+    mount.add_argument("--config", type=Path, help="daemon configuration (TOML)")
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users access the mount")

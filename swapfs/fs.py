@@ -84,6 +84,10 @@ class Operations(pyfuse3.Operations):
         self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
         return self._attrs(inode)
 
+    def open_files(self) -> int:
+        """How many files the kernel holds open (a loop device holds its file)."""
+        return len(self._open)
+
     def _known(self, ino: int) -> bool:
         """Does the kernel still reference *ino* (so its data must stay)?"""
         return self._lookups.get(ino, 0) > 0 or self._open.get(ino, 0) > 0

@@ -1,0 +1,70 @@
+"""The daemon's configuration: a TOML file, overridden by command-line flags.
+
+Every setting, its type and its default is in :data:`SETTINGS`; the same
+table is documented in ``docs/configuration.md``. An unknown key or a value
+of the wrong type is an error that names the key, never silently ignored.
+"""
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file or flags are invalid; the message says how."""
+
+
+@dataclass
+class Config:
+    #: Directory holding the index and the chains' data files.
+    state: Path | None = None
+    #: Where the file system is mounted.
+    mountpoint: str | None = None
+    #: Let users other than the one mounting use the mount (FUSE allow_other).
+    allow_other: bool = False
+    #: mlockall the daemon so that serving swap never needs swap.
+    lock_memory: bool = True
+    #: PR_SET_IO_FLUSHER on the serving threads.
+    io_flusher: bool = True
+    #: The daemon's OOM score adjustment; -1000 exempts it from the OOM killer.
+    oom_score_adj: int = -1000
+    #: Log level: debug, info, warning or error.
+    log_level: str = "info"
+    #: Control socket path; empty means ``<state>/control.sock``.
+    control_socket: str = ""
+
+
+_TYPES: dict[str, type] = {
+    "state": str, "mountpoint": str, "allow_other": bool, "lock_memory": bool,
+    "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
+}
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> Config:
+    """Read *path* (if given), then apply *overrides* (flags; None = not given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as source:
+                values = tomllib.load(source)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    known = {field.name for field in fields(Config)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        want = _TYPES[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{key} must be a {want.__name__}, not {value!r}")
+    config = Config(**values)
+    if config.state is None or config.mountpoint is None:
+        raise ConfigError("both 'state' and 'mountpoint' are needed")
+    config.state = Path(config.state)
+    if config.log_level not in _LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(_LEVELS)}")
+    if not -1000 <= config.oom_score_adj <= 1000:
+        raise ConfigError("oom_score_adj must be within -1000..1000")
+    return config

@@ -1,0 +1,89 @@
+"""Keeping a swap daemon alive under memory pressure, and telling systemd.
+
+A daemon that serves swap must never need swap, nor wait on I/O to
+reclaim memory, to make progress: otherwise the kernel, short of memory,
+swaps to swapfs, swapfs needs memory to answer, and the two wait for each
+other. So the daemon
+
+* locks its memory (``mlockall``; ``MCL_ONFAULT`` so that the LMDB map,
+  reserved at 1 TiB, is locked page by page as it is used, not up front);
+* marks its threads as I/O flushers (``PR_SET_IO_FLUSHER``): their
+  allocations never recurse into I/O and reclaim does not throttle them;
+* asks the OOM killer to spare it (``oom_score_adj`` -1000).
+
+Each step needs privileges (CAP_IPC_LOCK, CAP_SYS_RESOURCE); a step that
+fails is logged and the daemon goes on, so that an unprivileged mount for
+testing still works.
+"""
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+_MCL_CURRENT = 1
+_MCL_FUTURE = 2
+_MCL_ONFAULT = 4
+_PR_SET_IO_FLUSHER = 57
+_PR_GET_IO_FLUSHER = 58
+
+
+def _errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+def lock_memory() -> bool:
+    """Lock every page of the daemon, present and future, once touched."""
+    if _libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
+        log.warning("cannot lock memory (mlockall): %s", _errno_text())
+        return False
+    return True
+
+
+def set_io_flusher() -> bool:
+    """Mark the calling thread as an I/O flusher (PR_SET_IO_FLUSHER).
+
+    The flag belongs to a thread. Threads created afterwards inherit it;
+    a thread created elsewhere that serves requests must call this itself.
+    """
+    if _libc.prctl(_PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning("cannot set PR_SET_IO_FLUSHER: %s", _errno_text())
+        return False
+    return True
+
+
+def is_io_flusher() -> bool:
+    return bool(_libc.prctl(_PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1)
+
+
+def protect_from_oom(score: int) -> bool:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write(str(score))
+    except OSError as exc:
+        log.warning("cannot set oom_score_adj %d: %s", score, exc)
+        return False
+    return True
+
+
+def sd_notify(state: str) -> None:
+    """Send a state line (``READY=1``, ``STOPPING=1``) to systemd, if it listens.
+
+    The protocol is one datagram on the socket named by $NOTIFY_SOCKET; it
+    is small enough that a dependency on libsystemd is not worth it.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", state, exc)
