@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import control, fsck
+from swapfs import control, fsck, swaparea
 from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
@@ -26,6 +26,9 @@ examples:
   swapfs clone /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm1.swap
   swapfs clone --empty /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm2.swap
   swapfs stats /mnt/swapfs --json
+  swapfs swapon /mnt/swapfs/web/vm1.swap --priority 10
+  swapfs status
+  swapfs swapoff /mnt/swapfs/web/vm1.swap
   swapfs umount /mnt/swapfs
   swapfs fsck --state /var/lib/swapfs/a --repair
 """
@@ -87,6 +90,13 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 
 def _umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
+    for area in swaparea.active_areas([mountpoint]):
+        raise CommandError(f"swap is active on {area.file} ({area.device}): "
+                           f"run 'swapfs swapoff {area.file}' first")
+    attached = swaparea.status()["mounts"].get(mountpoint, {}).get("loop_devices", [])
+    if attached:
+        raise CommandError(f"{attached[0]['file']} is attached to {attached[0]['device']}: "
+                           "detach it first")
     pid = None
     try:
         pid = control.request(control.socket_of(mountpoint), {"op": "status"})["pid"]
@@ -111,6 +121,49 @@ def _clone(args: argparse.Namespace) -> int:
         "op": "clone", "source": os.path.relpath(source, root),
         "target": os.path.relpath(target, root), "empty": args.empty,
     })
+    return 0
+
+
+def _swapon(args: argparse.Namespace) -> int:
+    print(swaparea.swap_on(args.file, args.priority))
+    return 0
+
+
+def _swapoff(args: argparse.Namespace) -> int:
+    swaparea.swap_off(args.file)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    report = swaparea.status()
+    for mount, entry in report["mounts"].items():
+        try:
+            daemon = control.request(control.socket_of(mount), {"op": "status"})
+            daemon.pop("ok")
+            stats = control.request(control.socket_of(mount), {"op": "stats"})
+            entry["daemon"] = daemon
+            entry["stored_bytes"] = sum(c["stored_bytes"] for c in stats["chains"].values())
+            entry["logical_bytes"] = sum(c["logical_bytes"] for c in stats["chains"].values())
+        except control.ControlError as exc:
+            entry["daemon"] = {"error": str(exc)}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    if not report["mounts"]:
+        print("no swapfs mounts")
+    for mount, entry in sorted(report["mounts"].items()):
+        daemon = entry["daemon"]
+        if "error" in daemon:
+            print(f"{mount}: daemon not answering ({daemon['error']})")
+        else:
+            print(f"{mount}: pid {daemon['pid']}, state {daemon['state']}, "
+                  f"{_size(entry['logical_bytes'])} logical in "
+                  f"{_size(entry['stored_bytes'])} stored")
+        for loop in entry["loop_devices"]:
+            swap = loop["swap"]
+            use = (f"swap, {_size(swap['used_bytes'])} of {_size(swap['size_bytes'])} used, "
+                   f"priority {swap['priority']}" if swap else "not swap")
+            print(f"  {loop['device']} {loop['file']}: {use}")
     return 0
 
 
@@ -189,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     clone.add_argument("source")
     clone.add_argument("target")
     clone.set_defaults(run=_clone)
+
+    swapon = commands.add_parser("swapon", help="put a swap file into service")
+    swapon.add_argument("file")
+    swapon.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    swapon.set_defaults(run=_swapon)
+
+    swapoff = commands.add_parser("swapoff", help="take a swap file out of service")
+    swapoff.add_argument("file")
+    swapoff.set_defaults(run=_swapoff)
+
+    status = commands.add_parser("status", help="mounts, swap areas, loop devices, usage")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
 
     stats = commands.add_parser("stats", help="dedup figures per chain and file")
     stats.add_argument("path", help="the mount point or any path on it")
