@@ -17,7 +17,6 @@ it allocates anything, so no memory of it is ever charged elsewhere.
 """
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +70,8 @@ class MemoryCgroup:
         deadline = time.monotonic() + 30
         while self.pids() and time.monotonic() < deadline:
             for pid in self.pids():
-                try:
+                with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.05)
         while True:
             try:
