@@ -1,45 +1,49 @@
 #!/usr/bin/env python3
-"""The swapfs demo: a clone chain on a real mount, and what dedup saves.
+"""The swapfs demo: a clone chain, then real kernel swap under memory pressure.
 
-It mounts swapfs on a temporary state directory, writes a parent's swap
-file, clones it into four VMs, lets each VM diverge a little (pages of its
-own, pages all VMs share), checks every byte, and prints the figures. A
-second chain with the same parent shows that dedup stops at the chain.
-Everything it sets up is undone on the way out, Ctrl-C included.
+1. It mounts swapfs on a temporary state directory, writes a parent's swap
+   file, clones it into VMs (instantly: no data is copied), lets each VM
+   diverge a little, and shows what the chain stores.
+2. It puts a swap file of the chain into service (loop device, mkswap,
+   swapon) and runs four workers that each build the same 128 MiB table,
+   as clones booted from one image do, in a memory cgroup limited to
+   192 MiB: the kernel swaps most of it to swapfs. Every byte is verified
+   after it is swapped back in.
+3. It runs the same workload against a plain swap file on the root disk,
+   and prints both side by side.
 
-Run it with ``make demo`` (which installs what it needs first).
+Everything it sets up (swap areas, loop devices, the mount, the cgroup) is
+undone on the way out, on failure and Ctrl-C too. Run it with ``make demo``.
 """
 
+import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.swapload import (  # noqa: E402
+    MIB,
+    MemoryCgroup,
+    WorkloadResult,
+    plain_swap_file,
+    run_workload,
+)
+
 PAGE = 4096
-MIB = 1 << 20
-IMAGE_MIB = 64  # the parent's swapped-out pages
-OWN_MIB = 4  # pages each VM writes that nobody else has
-SHARED_MIB = 8  # pages every VM writes alike after boot (a common library, say)
-VMS = 4
-
 SWAPFS = [sys.executable, "-m", "swapfs.cli"]
-
-
-def page(seed: str, number: int) -> bytes:
-    """A reproducible 4 KiB page; every eighth page of an image is zeros."""
-    if number % 8 == 7:
-        return bytes(PAGE)
-    return hashlib.shake_256(f"{seed}:{number}".encode()).digest(PAGE)
-
-
-def pages(seed: str, first: int, count: int) -> bytes:
-    return b"".join(page(seed, number) for number in range(first, first + count))
 
 
 def step(message: str) -> None:
@@ -47,116 +51,165 @@ def step(message: str) -> None:
 
 
 def swapfs(*args: str) -> str:
-    return subprocess.run([*SWAPFS, *args], check=True, capture_output=True,
-                          text=True).stdout
+    result = subprocess.run([*SWAPFS, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"swapfs {args[0]}: {result.stderr.strip()}")
+    return result.stdout
 
 
-def write_file(path: Path, offset: int, data: bytes) -> float:
-    """Write *data* at *offset* in 1 MiB requests; returns MB/s."""
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for pos in range(0, len(data), MIB):
-            os.pwrite(fd, data[pos:pos + MIB], offset + pos)
-    finally:
-        os.close(fd)
-    return len(data) / MIB / (time.perf_counter() - start)
-
-
-def expected_vm(number: int) -> bytes:
-    """A VM's swap file: the parent's image, then its own and the shared pages."""
-    image = bytearray(pages("parent", 0, IMAGE_MIB * MIB // PAGE))
-    own = pages(f"vm{number}", 0, OWN_MIB * MIB // PAGE)
-    shared = pages("libshared", 0, SHARED_MIB * MIB // PAGE)
-    image[:len(own)] = own
-    image[len(own):len(own) + len(shared)] = shared
-    return bytes(image)
-
-
-def run(workdir: Path) -> dict[str, Any]:
-    state, mnt = workdir / "state", workdir / "mnt"
-    mnt.mkdir()
-    step(f"mounting swapfs: state {state}, mount point {mnt}")
+@contextlib.contextmanager
+def mounted(state: Path, mnt: Path) -> Iterator[Path]:
     swapfs("mount", "--state", str(state), str(mnt))
     try:
-        chain = mnt / "web"
-        chain.mkdir()
-        parent = chain / "base.swap"
-        parent.touch()
-        os.truncate(parent, 256 * MIB)
-        image = pages("parent", 0, IMAGE_MIB * MIB // PAGE)
-        speed = write_file(parent, 0, image)
-        step(f"wrote the parent's {IMAGE_MIB} MiB of swapped-out pages ({speed:.0f} MB/s)")
-
-        start = time.perf_counter()
-        for number in range(1, VMS + 1):
-            swapfs("clone", str(parent), str(chain / f"vm{number}.swap"))
-        step(f"cloned {VMS} VMs from it in {1000 * (time.perf_counter() - start):.0f} ms "
-             "(no data copied)")
-
-        shared = pages("libshared", 0, SHARED_MIB * MIB // PAGE)
-        for number in range(1, VMS + 1):
-            vm = chain / f"vm{number}.swap"
-            write_file(vm, 0, pages(f"vm{number}", 0, OWN_MIB * MIB // PAGE))
-            write_file(vm, OWN_MIB * MIB, shared)
-        step(f"each VM swapped out {OWN_MIB} MiB of its own pages and {SHARED_MIB} MiB "
-             "that all VMs share")
-
-        other = mnt / "db"
-        other.mkdir()
-        (other / "base.swap").touch()
-        write_file(other / "base.swap", 0, image)
-        step("a second chain, 'db', got the same parent image (chains never share blocks)")
-
-        step("verifying every byte")
-        start = time.perf_counter()
-        checked = 0
-        for number in range(1, VMS + 1):
-            data = (chain / f"vm{number}.swap").read_bytes()[:IMAGE_MIB * MIB]
-            if data != expected_vm(number):
-                raise SystemExit(f"vm{number}.swap does not read back as written")
-            checked += len(data)
-        for path in (parent, other / "base.swap"):
-            if path.read_bytes()[:IMAGE_MIB * MIB] != image:
-                raise SystemExit(f"{path} does not read back as written")
-            checked += len(image)
-        read_speed = checked / MIB / (time.perf_counter() - start)
-        step(f"all {checked // MIB} MiB read back equal ({read_speed:.0f} MB/s)")
-
-        print(swapfs("stats", str(mnt)))
-        stats = json.loads(swapfs("stats", "--json", str(mnt)))
+        yield mnt
     finally:
         step("unmounting")
         swapfs("umount", str(mnt))
+
+
+@contextlib.contextmanager
+def swap_in_service(path: Path) -> Iterator[str]:
+    device = swapfs("swapon", str(path), "--priority", "32767").strip()
+    try:
+        yield device
+    finally:
+        swapfs("swapoff", str(path))
+
+
+def page(seed: str, number: int) -> bytes:
+    """A reproducible page; every eighth page of an image is zeros."""
+    if number % 8 == 7:
+        return bytes(PAGE)
+    return hashlib.shake_256(f"{seed}:{number}".encode()).digest(PAGE)
+
+
+def pages(seed: str, mib: int) -> bytes:
+    return b"".join(page(seed, number) for number in range(mib * MIB // PAGE))
+
+
+def clone_chain(mnt: Path, vms: int) -> None:
+    """Part 1: a parent's swap file, instant clones, a little divergence."""
+    chain = mnt / "web"
+    chain.mkdir()
+    parent = chain / "base.swap"
+    image = pages("parent", 32)
+    with open(parent, "wb") as out:
+        out.write(image)
+        out.truncate(256 * MIB)
+    start = time.perf_counter()
+    for number in range(1, vms + 1):
+        swapfs("clone", str(parent), str(chain / f"vm{number}.swap"))
+    step(f"cloned {vms} VMs from a 32 MiB parent in "
+         f"{1000 * (time.perf_counter() - start):.0f} ms (no data copied)")
+    shared = pages("libshared", 4)
+    for number in range(1, vms + 1):
+        with open(chain / f"vm{number}.swap", "r+b") as vm:
+            vm.write(pages(f"vm{number}", 2))
+            vm.write(shared)
+    step(f"each VM swapped out 2 MiB of its own and 4 MiB that all {vms} share")
+    for number in range(1, vms + 1):
+        expected = bytearray(image)
+        expected[:6 * MIB] = pages(f"vm{number}", 2) + shared
+        with open(chain / f"vm{number}.swap", "rb") as vm:
+            if vm.read(len(image)) != expected:
+                raise RuntimeError(f"vm{number}.swap does not read back as written")
+    step("every byte of every VM reads back as written")
+
+
+def swap_run(swap_name: str, workers: int, table_mib: int, limit_mib: int
+             ) -> WorkloadResult:
+    with MemoryCgroup("demo", limit_mib * MIB) as cgroup:
+        return run_workload(cgroup, workers, table_mib, swap_name,
+                            progress=lambda message: print(f"    {message}", flush=True))
+
+
+def report(name: str, result: WorkloadResult, stored: int | None) -> str:
+    stored_text = f"{stored / MIB:9.0f}" if stored is not None else f"{'-':>9}"
+    return (f"{name:<24} {result.peak_swap_used_bytes / MIB:10.0f} {stored_text} "
+            f"{result.swap_out_mbps:12.0f} {result.swap_in_mbps:11.0f}")
+
+
+def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    state, mnt = workdir / "state", workdir / "mnt"
+    mnt.mkdir()
+    figures: dict[str, Any] = {}
+    step(f"mounting swapfs: state {state}, mount point {mnt}")
+    with mounted(state, mnt):
+        clone_chain(mnt, vms=4)
+        print(swapfs("stats", str(mnt)))
+
+        swap_file = mnt / "web" / "swap0.swap"
+        swap_file.touch()
+        os.truncate(swap_file, args.swap_mib * MIB)
+        with swap_in_service(swap_file) as device:
+            step(f"{swap_file.name} is swap on {device}; {args.workers} workers build the "
+                 f"same {args.table_mib} MiB table under a {args.limit_mib} MiB cgroup limit")
+            before = json.loads(swapfs("stats", "--json", str(mnt)))["chains"]["web"]
+            result = swap_run(device, args.workers, args.table_mib, args.limit_mib)
+            after = json.loads(swapfs("stats", "--json", str(mnt)))
+            web = after["chains"]["web"]
+            swap_stats = web["files"][swap_file.name]
+            step(f"every byte verified after swap-in; the swap file maps "
+                 f"{swap_stats['logical_bytes'] / MIB:.0f} MiB, the chain stores "
+                 f"{(web['stored_bytes'] - before['stored_bytes']) / MIB:.0f} MiB more")
+            figures["swapfs"] = (result, web["stored_bytes"] - before["stored_bytes"],
+                                 swap_stats["logical_bytes"])
+    if not args.no_baseline:
+        step("the same workload on a plain swap file on the root disk")
+        with plain_swap_file(Path("/var/tmp") / f"swapfs-demo-{os.getpid()}.swap",
+                             args.swap_mib * MIB) as swap_name:
+            baseline = swap_run(swap_name, args.workers, args.table_mib, args.limit_mib)
+        figures["root disk"] = (baseline, baseline.peak_swap_used_bytes, None)
     fsck = subprocess.run([*SWAPFS, "fsck", "--state", str(state)], capture_output=True,
                           text=True)
     step(f"fsck: {fsck.stdout.strip()} (exit {fsck.returncode})")
     if fsck.returncode != 0:
-        raise SystemExit("fsck found problems")
-    return stats
+        raise RuntimeError("fsck found problems")
+    return figures
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--table-mib", type=int, default=128)
+    parser.add_argument("--limit-mib", type=int, default=192)
+    parser.add_argument("--swap-mib", type=int, default=1024)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the plain swap file on the root disk")
+    args = parser.parse_args()
     if os.geteuid() != 0:
-        print("the demo mounts file systems: run it as root", file=sys.stderr)
+        print("the demo mounts file systems and turns on swap: run it as root",
+              file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="swapfs-demo-", dir="/tmp"))
     try:
-        stats = run(workdir)
+        figures = run(workdir, args)
     except KeyboardInterrupt:
-        print("interrupted; cleaned up", file=sys.stderr)
+        print("interrupted; everything set up was undone", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     finally:
-        mnt = workdir / "mnt"
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-        shutil.rmtree(workdir, ignore_errors=True)
-    web, db = stats["chains"]["web"], stats["chains"]["db"]
-    print(f"\nchain 'web': {web['logical_bytes'] / MIB:.0f} MiB logical in "
-          f"{len(web['files'])} files, {web['stored_bytes'] / MIB:.0f} MiB stored: "
-          f"dedup ratio {web['dedup_ratio']:.2f}x")
-    print(f"chain 'db':  {db['logical_bytes'] / MIB:.0f} MiB logical, "
-          f"{db['stored_bytes'] / MIB:.0f} MiB stored (the same image, stored again)")
+        if os.path.ismount(workdir / "mnt"):
+            print(f"{workdir / 'mnt'} is still mounted; left in place", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{'swap target':<24} {'swap used':>10} {'stored':>9} {'swap-out':>12} "
+          f"{'swap-in':>11}")
+    print(f"{'':<24} {'MiB':>10} {'MiB':>9} {'MB/s':>12} {'MB/s':>11}")
+    for name, (result, stored, _logical) in figures.items():
+        print(report(name, result, stored))
+    result, stored, logical = figures["swapfs"]
+    print(f"\nswapfs: {result.peak_swap_used_bytes / MIB:.0f} MiB of kernel swap held in "
+          f"{stored / MIB:.0f} MiB stored: dedup ratio "
+          f"{logical / stored if stored else 1:.2f}x for this swap file")
     return 0
 
 
