@@ -1,0 +1,52 @@
+"""The daemon's configuration file and logging set-up."""
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from mountd.config import Config, ConfigError, load
+from mountd.logs import SyslogPrefixFormatter
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "example.toml"
+
+
+def test_example_file_lists_every_setting_with_its_default() -> None:
+    config = load(EXAMPLE, {})
+    defaults = Config(state=config.state, mountpoint=config.mountpoint)
+    assert config == defaults
+    assert set(EXAMPLE.read_text().split()) >= {f"{name}" for name in vars(defaults)}
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\nlog_level = "warning"\n')
+    config = load(path, {"mountpoint": "/other", "log_level": None, "allow_other": True})
+    assert config.state == Path("/s")
+    assert config.mountpoint == "/other"
+    assert config.log_level == "warning"  # None means the flag was not given
+    assert config.allow_other is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ('state = "/s"\nmountpoint = "/m"\nbogus = 1\n', "unknown setting 'bogus'"),
+    ('state = "/s"\nmountpoint = "/m"\nlock_memory = "yes"\n', "lock_memory must be a bool"),
+    ('state = "/s"\nmountpoint = "/m"\noom_score_adj = true\n', "oom_score_adj must be a int"),
+    ('state = "/s"\nmountpoint = "/m"\noom_score_adj = -2000\n', "within -1000..1000"),
+    ('state = "/s"\nmountpoint = "/m"\nlog_level = "loud"\n', "log_level must be one of"),
+    ('state = "/s"\n', "both 'state' and 'mountpoint'"),
+    ('state = \n', "a.toml"),
+])
+def test_bad_configuration_is_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(path, {})
+
+
+def test_journal_lines_carry_syslog_priorities() -> None:
+    formatter = SyslogPrefixFormatter()
+    record = logging.LogRecord("mountd", logging.ERROR, __file__, 1, "two\nlines", None, None)
+    assert formatter.format(record) == "<3>mountd: two\n<3>lines"
+    record.levelno = logging.INFO
+    assert formatter.format(record).startswith("<6>")
