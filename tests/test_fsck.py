@@ -1,0 +1,294 @@
+"""fsck: a clean volume checks clean; each injected fault is found and, if it can
+be, repaired so that a second check is clean again.
+
+Faults are injected by writing the index directly through ``Txn`` accessors
+(or by flipping a byte of a data file) on a closed volume, the way a crash or
+a bug would leave it.
+"""
+
+import errno
+import stat
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from swapfs import fsck
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.errors import SwapfsError
+from swapfs.index import ROOT_INO, BlockRef, Inode, Txn
+from swapfs.volume import Volume
+
+BS = BLOCK_SIZE
+
+
+def block(n: int, size: int = BS) -> bytes:
+    return (b"%08d" % n * (size // 8 + 1))[:size]
+
+
+@dataclass
+class Workload:
+    """What :func:`workload` left behind, and the contents each file should have."""
+
+    chain: Inode  # the chain directory "vms"
+    contents: dict[str, bytes]  # "chain/file" -> expected bytes
+    inos: dict[str, int]  # "chain/file" -> inode number
+
+
+def workload(state: Path) -> Workload:
+    """A varied history: two chains, dedup, holes, clones, truncation, unlink, orphan."""
+    contents: dict[str, bytes] = {}
+    with closing(Volume(state)) as vol:
+        vms = vol.mkdir(ROOT_INO, b"vms", 0o755, 0, 0)
+        other = vol.mkdir(ROOT_INO, b"other", 0o755, 0, 0)
+        mode = stat.S_IFREG | 0o600
+        base = vol.create(vms.ino, b"base", mode, 0, 0)
+        vol.write(base.ino, 0, block(1) + block(2) + bytes(BS) + block(1) + block(3, 99))
+        vol.write(base.ino, BS + 7, b"patched")
+        vol.clone(base.ino, vms.ino, b"clone")
+        vol.clone(base.ino, vms.ino, b"empty", empty=True)
+        clone = vol.lookup(vms.ino, b"clone")
+        vol.write(clone.ino, 6 * BS, block(4))
+        vol.setattr(clone.ino, size=2 * BS + 10)
+        gone = vol.create(vms.ino, b"gone", mode, 0, 0)
+        vol.write(gone.ino, 0, block(5) + block(6))
+        vol.unlink(vms.ino, b"gone", still_open=False)  # frees two slots
+        open_ = vol.create(vms.ino, b"open", mode, 0, 0)
+        vol.write(open_.ino, 0, block(7))
+        vol.unlink(vms.ino, b"open", still_open=True)  # an orphan fsck must accept
+        solo = vol.create(other.ino, b"solo", mode, 0, 0)
+        vol.write(solo.ino, 0, block(1) + bytes(3 * BS) + block(8))
+        vol.rename(other.ino, b"solo", other.ino, b"solo2", 0, False)
+        inos = {}
+        for path in ("vms/base", "vms/clone", "vms/empty", "other/solo2"):
+            ino = vol.resolve(path).ino
+            inos[path] = ino
+            contents[path] = vol.read(ino, 0, 1 << 20)
+    return Workload(vms, contents, inos)
+
+
+def inject(state: Path, fault: Callable[[Txn], None]) -> None:
+    """Apply *fault* to the index in one transaction of a fresh Volume, then close it."""
+    with closing(Volume(state)) as vol, vol.index.begin(write=True) as txn:
+        fault(txn)
+
+
+def assert_contents(state: Path, wl: Workload) -> None:
+    with closing(Volume(state)) as vol:
+        for path, data in wl.contents.items():
+            assert vol.read(wl.inos[path], 0, 1 << 20) == data, path
+
+
+def kinds(report: fsck.Report) -> set[str]:
+    return {problem.kind for problem in report.problems}
+
+
+@pytest.fixture
+def wl(state_dir: Path) -> Workload:
+    return workload(state_dir)
+
+
+def test_a_clean_volume_checks_clean(state_dir: Path, wl: Workload) -> None:
+    report = fsck.check(state_dir)
+    assert report.clean, report.problems
+    assert report.exit_code == fsck.EXIT_CLEAN
+    with closing(Volume(state_dir, recover=False)) as vol:
+        stats = vol.stats()["chains"]
+    assert report.blocks_checked == sum(c["unique_blocks"] for c in stats.values())
+    assert report.blocks_checked > 0
+
+
+def test_repair_of_a_clean_volume_changes_nothing(state_dir: Path, wl: Workload) -> None:
+    assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_CLEAN
+    assert_contents(state_dir, wl)
+
+
+def test_check_needs_the_volume_closed(state_dir: Path, wl: Workload) -> None:
+    with closing(Volume(state_dir)), pytest.raises(SwapfsError) as info:
+        fsck.check(state_dir)
+    assert info.value.errno == errno.EBUSY
+
+
+# -- repairable faults -----------------------------------------------------------------
+
+
+def first_block(txn: Txn, chain_id: int) -> tuple[bytes, BlockRef]:
+    return next(txn.iter_blocks(chain_id))
+
+
+def wrong_refcount(wl: Workload) -> Callable[[Txn], None]:
+    def fault(txn: Txn) -> None:
+        digest, ref = first_block(txn, wl.chain.chain)
+        txn.put_block(wl.chain.chain, digest, BlockRef(ref.slot, ref.refcount + 5))
+    return fault
+
+
+def refcount_too_low(wl: Workload) -> Callable[[Txn], None]:
+    """Dangerous direction: a later unref would free a block still mapped."""
+    def fault(txn: Txn) -> None:
+        for digest, ref in txn.iter_blocks(wl.chain.chain):
+            if ref.refcount > 1:
+                txn.put_block(wl.chain.chain, digest, BlockRef(ref.slot, 1))
+                return
+        raise AssertionError("the workload shares no block")
+    return fault
+
+
+def wrong_inode_blocks(wl: Workload) -> Callable[[Txn], None]:
+    def fault(txn: Txn) -> None:
+        inode = txn.get_inode(wl.inos["vms/base"])
+        assert inode is not None
+        inode.blocks += 3
+        txn.put_inode(inode)
+    return fault
+
+
+def wrong_chain_stored(wl: Workload) -> Callable[[Txn], None]:
+    def fault(txn: Txn) -> None:
+        chain = txn.get_chain(wl.chain.chain)
+        assert chain is not None
+        chain.stored -= 1
+        txn.put_chain(chain)
+    return fault
+
+
+def leaked_slot(wl: Workload) -> Callable[[Txn], None]:
+    """A freed slot dropped from the free list: neither used nor free."""
+    def fault(txn: Txn) -> None:
+        free = list(txn.iter_free(wl.chain.chain))
+        assert free, "the workload frees slots"
+        txn.delete_free(wl.chain.chain, free[0])
+    return fault
+
+
+def free_slot_in_use(wl: Workload) -> Callable[[Txn], None]:
+    """The worst fault: the next write would overwrite live data."""
+    def fault(txn: Txn) -> None:
+        _, ref = first_block(txn, wl.chain.chain)
+        txn.put_free(wl.chain.chain, ref.slot)
+    return fault
+
+
+def dangling_entry(wl: Workload) -> Callable[[Txn], None]:
+    def fault(txn: Txn) -> None:
+        txn.put_dirent(wl.chain.ino, b"ghost", 999_999)
+    return fault
+
+
+REPAIRABLE = {
+    "refcount": wrong_refcount,
+    "refcount-low": refcount_too_low,
+    "block-count": wrong_inode_blocks,
+    "stored-count": wrong_chain_stored,
+    "leaked-slot": leaked_slot,
+    "free-in-use": free_slot_in_use,
+    "dangling-entry": dangling_entry,
+}
+
+
+@pytest.mark.parametrize("name", REPAIRABLE)
+def test_a_repairable_fault_is_found_and_repaired(
+        state_dir: Path, wl: Workload, name: str) -> None:
+    kind = name.removesuffix("-low")
+    inject(state_dir, REPAIRABLE[name](wl))
+
+    found = fsck.check(state_dir)
+    assert kinds(found) == {kind}, found.problems
+    assert found.exit_code == fsck.EXIT_UNREPAIRED, "found but not asked to repair"
+    assert not any(problem.repaired for problem in found.problems)
+    assert kinds(fsck.check(state_dir)) == {kind}, "a check without repair changes nothing"
+
+    repaired = fsck.check(state_dir, repair=True)
+    assert kinds(repaired) == {kind}
+    assert repaired.exit_code == fsck.EXIT_REPAIRED
+    assert all(problem.repaired for problem in repaired.problems)
+
+    again = fsck.check(state_dir)
+    assert again.clean and again.exit_code == fsck.EXIT_CLEAN, again.problems
+    assert_contents(state_dir, wl)
+
+
+def test_a_repaired_volume_keeps_working(state_dir: Path, wl: Workload) -> None:
+    """After repairing a free-listed live slot, new writes must not overwrite it."""
+    inject(state_dir, free_slot_in_use(wl))
+    fsck.check(state_dir, repair=True)
+    with closing(Volume(state_dir)) as vol:
+        scratch = vol.create(wl.chain.ino, b"scratch", stat.S_IFREG | 0o600, 0, 0)
+        for n in range(10):
+            vol.write(scratch.ino, n * BS, block(100 + n))
+        assert vol.read(scratch.ino, 0, 10 * BS) == b"".join(
+            block(100 + n) for n in range(10))
+    assert_contents(state_dir, wl)
+    assert fsck.check(state_dir).clean
+
+
+def test_a_leaked_slot_is_freed_for_reuse(state_dir: Path, wl: Workload) -> None:
+    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
+        free_before = set(txn.iter_free(wl.chain.chain))
+    inject(state_dir, leaked_slot(wl))
+    fsck.check(state_dir, repair=True)
+    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
+        assert set(txn.iter_free(wl.chain.chain)) == free_before
+
+
+# -- unrepairable faults -----------------------------------------------------------------
+
+
+def test_a_corrupt_block_is_reported_not_repaired(state_dir: Path, wl: Workload) -> None:
+    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
+        digest = txn.get_map(wl.inos["other/solo2"], 0)
+        assert digest is not None
+        ref = txn.get_block(vol.resolve("other").chain, digest)
+        assert ref is not None
+        path = state_dir / "data" / f"{vol.resolve('other').chain}.blocks"
+    with open(path, "r+b") as f:
+        f.seek(ref.slot * BS + 4000)
+        f.write(b"\xff\x00")
+
+    for repair in (False, True):
+        report = fsck.check(state_dir, repair=repair)
+        assert kinds(report) == {"corrupt-block"}
+        assert report.exit_code == fsck.EXIT_UNREPAIRED
+        assert not report.problems[0].repaired
+    with closing(Volume(state_dir)) as vol, pytest.raises(SwapfsError) as info:
+        vol.read(wl.inos["other/solo2"], 0, BS)
+    assert info.value.errno == errno.EIO
+
+
+def test_a_map_entry_without_a_block_is_reported_not_repaired(
+        state_dir: Path, wl: Workload) -> None:
+    ino = wl.inos["vms/base"]
+
+    def fault(txn: Txn) -> None:
+        # Block 2 of base is a hole; map it to a digest the chain never stored,
+        # and count it so that only the missing block is wrong.
+        assert txn.get_map(ino, 2) is None
+        txn.put_map(ino, 2, b"\x42" * 16)
+        inode = txn.get_inode(ino)
+        assert inode is not None
+        inode.blocks += 1
+        txn.put_inode(inode)
+
+    inject(state_dir, fault)
+    for repair in (False, True):
+        report = fsck.check(state_dir, repair=repair)
+        assert kinds(report) == {"missing-block"}
+        assert report.exit_code == fsck.EXIT_UNREPAIRED
+    with closing(Volume(state_dir)) as vol:
+        assert vol.read(ino, 0, 2 * BS) == wl.contents["vms/base"][:2 * BS]
+        with pytest.raises(SwapfsError) as info:
+            vol.read(ino, 2 * BS, BS)
+    assert info.value.errno == errno.EIO
+
+
+def test_repairable_and_unrepairable_faults_together_exit_4(
+        state_dir: Path, wl: Workload) -> None:
+    inject(state_dir, wrong_chain_stored(wl))
+    inject(state_dir, lambda txn: txn.put_map(wl.inos["vms/empty"], 0, b"\x13" * 16))
+    report = fsck.check(state_dir, repair=True)
+    assert {"stored-count", "missing-block", "block-count"} <= kinds(report)
+    assert report.exit_code == fsck.EXIT_UNREPAIRED
+    assert {p.kind for p in report.problems if p.repaired} == {"stored-count", "block-count"}
+    assert kinds(fsck.check(state_dir)) == {"missing-block"}
