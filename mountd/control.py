@@ -75,13 +75,16 @@ class ControlServer:
         """The reply to one request line (raises BadRequest for malformed ones)."""
         try:
             message = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers bad UTF-8, bad JSON and over-long integers;
+            # RecursionError deeply nested arrays or objects.
             raise BadRequest(f"not JSON: {exc}") from exc
         if not isinstance(message, dict):
             raise BadRequest("a request is a JSON object")
-        handler = self.handlers.get(message.get("op"))  # type: ignore[arg-type]
+        op = message.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            raise BadRequest(f"unknown op {message.get('op')!r}")
+            raise BadRequest(f"unknown op {op!r}"[:200])
         try:
             return {"ok": True, **handler(message)}
         except SwapfsError as exc:
