@@ -31,6 +31,8 @@ Invariants (``fsck`` checks each one):
   ``hashes`` entry or listed in ``free``, never both.
 """
 
+import errno
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+
+from swapfs.errors import SwapfsError
 
 FORMAT_VERSION = 1
 ROOT_INO = 1
@@ -116,6 +120,7 @@ class Index:
     """The LMDB environment and its named databases."""
 
     def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
+        self.path = path
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
@@ -163,7 +168,7 @@ class Txn:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.txn.commit()
+            self.commit()
         else:
             self.txn.abort()
 
@@ -171,7 +176,22 @@ class Txn:
         self.txn.abort()
 
     def commit(self) -> None:
-        self.txn.commit()
+        """Commit, or raise SwapfsError with nothing changed (LMDB aborts the txn)."""
+        try:
+            self.txn.commit()
+        except lmdb.Error as exc:
+            raise SwapfsError(self._commit_errno(exc), f"index commit failed: {exc}") from exc
+
+    def _commit_errno(self, exc: lmdb.Error) -> int:
+        if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):
+            return errno.ENOSPC
+        # LMDB turns a short write of its pages into EIO ("short write,
+        # filesystem full?"): on a full file system that is ENOSPC.
+        try:
+            full = os.statvfs(self.index.path).f_bavail == 0
+        except OSError:
+            full = False
+        return errno.ENOSPC if full else errno.EIO
 
     # -- meta ---------------------------------------------------------------
 
