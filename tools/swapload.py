@@ -18,7 +18,6 @@ it allocates anything, so no memory of it is ever charged elsewhere.
 
 import argparse
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+import blake3
 
 PAGE = 4096
 MIB = 1 << 20
@@ -169,26 +170,32 @@ def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str
                           written, read, peak)
 
 
-def table_page(number: int) -> bytes:
-    """Page *number* of the table every worker builds alike."""
-    return random.Random(number).randbytes(PAGE)
+_TABLE = blake3.blake3(b"swapfs workload table")
+
+
+def table_chunk(offset: int, length: int) -> bytes:
+    """Bytes of the table every worker builds alike: a BLAKE3 output stream.
+
+    Every page differs from every other (no dedup within one table) and
+    generating it costs little next to swapping it (gigabytes per second).
+    """
+    return _TABLE.digest(length, seek=offset)
 
 
 def _worker(cgroup: Path, table_mib: int) -> int:
     """Join the cgroup, then build and verify the table on the parent's word."""
     (cgroup / "cgroup.procs").write_text(str(os.getpid()))
     print("joined", flush=True)
-    pages = table_mib * MIB // PAGE
     table = bytearray(table_mib * MIB)
     for command in sys.stdin:
         command = command.strip()
         if command == "build":
-            for number in range(pages):
-                table[number * PAGE:(number + 1) * PAGE] = table_page(number)
+            for offset in range(0, len(table), MIB):
+                table[offset:offset + MIB] = table_chunk(offset, MIB)
         elif command == "verify":
-            for number in range(pages):
-                if table[number * PAGE:(number + 1) * PAGE] != table_page(number):
-                    print(f"verify: page {number} differs", flush=True)
+            for offset in range(0, len(table), MIB):
+                if table[offset:offset + MIB] != table_chunk(offset, MIB):
+                    print(f"verify: the MiB at {offset} differs", flush=True)
                     return 1
         else:
             print(f"unknown command {command!r}", flush=True)
