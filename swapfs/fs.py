@@ -5,10 +5,12 @@ so on trio's single thread each request is a critical section and the
 engine needs no locks. The only error this layer raises is
 ``pyfuse3.FUSEError``: a :class:`SwapfsError` becomes its errno.
 
-Lifetime of an unlinked file: the kernel holds a lookup count per inode and
-tells us with ``forget`` when it drops it. A file unlinked while the kernel
-still knows it (an open swap file, typically) becomes an orphan and is
-purged on its last forget, or at the next mount after a crash.
+Lifetime of an unlinked file: only an open file (a file descriptor, a
+mapping, a loop device) can still reach the data of a file that has lost
+its name. A file unlinked while open (an open swap file, typically) becomes
+an orphan and is purged on its last release, or at the next mount after a
+crash; one that is not open is purged at once, even though the kernel may
+still hold a lookup count on it (its ``forget`` can come much later).
 """
 
 import errno
@@ -43,6 +45,12 @@ def _errors() -> Iterator[None]:
     except OSError as exc:
         log.exception("backing store failed")
         raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+    except Exception as exc:
+        # pyfuse3 ends its main loop on any other exception, which would
+        # unmount the file system under the swap areas on it: a bug must cost
+        # one request, not every process whose pages live here.
+        log.exception("internal error")
+        raise pyfuse3.FUSEError(errno.EIO) from exc
 
 
 class Operations(pyfuse3.Operations):
@@ -89,8 +97,12 @@ class Operations(pyfuse3.Operations):
         return len(self._open)
 
     def _known(self, ino: int) -> bool:
-        """Does the kernel still reference *ino* (so its data must stay)?"""
+        """Does the kernel still reference *ino*?"""
         return self._lookups.get(ino, 0) > 0 or self._open.get(ino, 0) > 0
+
+    def _is_open(self, ino: int) -> bool:
+        """Is *ino* open, so that its data must outlive its name?"""
+        return self._open.get(ino, 0) > 0
 
     # -- names ------------------------------------------------------------------
 
@@ -172,7 +184,7 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _errors():
             child = self.volume.lookup(parent_inode, name)
-            self.volume.unlink(parent_inode, name, still_open=self._known(child.ino))
+            self.volume.unlink(parent_inode, name, still_open=self._is_open(child.ino))
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -182,7 +194,7 @@ class Operations(pyfuse3.Operations):
             except SwapfsError:
                 target = 0
             self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new,
-                               flags, target_open=self._known(target))
+                               flags, target_open=self._is_open(target))
 
     # -- directories --------------------------------------------------------------
 
@@ -248,7 +260,7 @@ class Operations(pyfuse3.Operations):
             self._open[fh] = left
             return
         self._open.pop(fh, None)
-        if not self._known(fh) and self.volume.is_orphan(fh):
+        if self.volume.is_orphan(fh):
             self._purge(fh)
 
     # -- extended attributes -------------------------------------------------------------
