@@ -77,12 +77,19 @@ def _mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exited(pid: int) -> bool:
+    """Has *pid* exited? A zombie has: only its parent's reaping is left."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def _wait_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _exited(pid):
             return True
         time.sleep(0.05)
     return False
