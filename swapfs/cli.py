@@ -174,6 +174,14 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run tools/bench.py of the source tree swapfs was installed from."""
+    script = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+    if not script.exists():
+        raise CommandError("swapfs bench runs from a source checkout (tools/bench.py)")
+    return subprocess.run([sys.executable, str(script), *rest]).returncode
+
+
 def _size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(count) < 1024 or unit == "TiB":
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(run=_stats)
 
+    bench = commands.add_parser(
+        "bench", add_help=False,
+        help="fio and end-to-end swap against the baselines (--quick, --out DIR; "
+             "'swapfs bench --help' for more)")
+
     check = commands.add_parser("fsck", help="check an unmounted state directory")
     check.add_argument("--state", required=True, type=Path, help="state directory")
     check.add_argument("--repair", action="store_true", help="fix what can be fixed")
@@ -277,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "bench":
+        return _bench(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="swapfs: %(message)s")
     try:

@@ -26,6 +26,6 @@ fi
 stamp=.venv/.swapfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -q -e '.[dev,bench]'
     touch "$stamp"
 fi

@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""swapfs bench: fio and end-to-end swap against the baselines, in one run.
+
+Every figure is measured in the same run on the same machine and reported
+as a ratio to two ceilings measured alongside it: the thinnest possible
+Python FUSE file system (tools/memfs.py: what any pyfuse3 file system can
+reach here) and the kernel (a loop device over a tmpfs file).
+
+    swapfs bench --quick            # a few minutes: the core rows
+    swapfs bench --out results/     # the full matrix
+
+fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
+1 MiB sequential write and read; queue depth 16, libaio, direct I/O, on a
+loop device with direct I/O over each target's file; data with fio's
+dedupe_percentage 0, 50 and 90, and all-zero buffers. End to end: the
+demo's workload (workers building the same table in a memory cgroup) with
+real kernel swap on swapfs, zram and a swap file on the root disk.
+
+Writes results.json, results.md and results.png to --out.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import blake3  # noqa: E402
+
+from tools.benchtargets import (  # noqa: E402
+    FIO_TARGETS,
+    MIB,
+    SWAP_TARGETS,
+    Device,
+    Unavailable,
+)
+from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
+
+FIO_DIR = Path(__file__).resolve().parent / "fio"
+JOBS = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
+DATA = {"dedupe-0": (0, 0), "dedupe-50": (50, 0), "dedupe-90": (90, 0), "zeros": (0, 1)}
+PYTHON_CEILING = "python-fuse"
+KERNEL_CEILING = "kernel"
+PAGE = 4096
+
+
+@dataclass
+class Plan:
+    targets: list[str]
+    data: list[str]
+    runtime: int  # seconds per fio run
+    repeats: int  # runs per job; the median is reported
+    region: int  # bytes each target's file spans
+    e2e_workers: int
+    e2e_table_mib: int
+    e2e_limit_mib: int
+    e2e_targets: list[str] = field(default_factory=lambda: list(SWAP_TARGETS))
+
+
+QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], runtime=5, repeats=1, region=256 * MIB,
+             e2e_workers=4, e2e_table_mib=64, e2e_limit_mib=96)
+FULL = Plan(list(FIO_TARGETS), list(DATA), runtime=5, repeats=3, region=256 * MIB,
+            e2e_workers=6, e2e_table_mib=128, e2e_limit_mib=256)
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- fio -------------------------------------------------------------------------
+
+
+def run_fio(job: str, device: str, plan: Plan, data: str) -> dict[str, float]:
+    """One fio run; IOPS, MB/s and completion latency percentiles in µs."""
+    dedupe, zero = DATA[data]
+    env = dict(os.environ, TARGET=device, SIZE=str(plan.region), RUNTIME=str(plan.runtime),
+               DEDUPE=str(dedupe), ZERO=str(zero))
+    result = subprocess.run(["fio", "--output-format=json", str(FIO_DIR / f"{job}.fio")],
+                            env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"fio {job} on {device}: {result.stderr.strip()}")
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    side = "read" if "read" in job else "write"
+    figures = report["jobs"][0][side]
+    percentiles = figures["clat_ns"].get("percentile", {})
+    return {
+        "iops": figures["iops"],
+        "mbps": figures["bw_bytes"] / 1e6,
+        "p50_us": percentiles.get("50.000000", 0) / 1000,
+        "p99_us": percentiles.get("99.000000", 0) / 1000,
+    }
+
+
+def ideal_blocks(device: str, size: int) -> int:
+    """Distinct non-zero 4 KiB blocks on *device*: what perfect dedup stores."""
+    seen: set[bytes] = set()
+    zero = bytes(PAGE)
+    with open(device, "rb") as disk:
+        for _ in range(0, size, MIB):
+            chunk = disk.read(MIB)
+            for offset in range(0, len(chunk), PAGE):
+                block = chunk[offset:offset + PAGE]
+                if block != zero:
+                    seen.add(blake3.blake3(block).digest(16))
+    return len(seen)
+
+
+def space_row(device: Device, plan: Plan, data: str) -> dict[str, Any]:
+    assert device.stats is not None
+    stats = device.stats()
+    ideal = ideal_blocks(device.path, plan.region)
+    stored = stats["stored_bytes"]
+    return {
+        "data": data,
+        "logical_bytes": stats["logical_bytes"],
+        "stored_bytes": stored,
+        "ideal_bytes": ideal * PAGE,
+        "stored_vs_ideal": stored / (ideal * PAGE) if ideal else (1.0 if not stored else 0),
+        "metadata_bytes": stats["index_bytes"],
+        "metadata_per_stored_block": stats["index_bytes"] / stats["unique_blocks"]
+        if stats["unique_blocks"] else None,
+    }
+
+
+def fio_matrix(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    space: list[dict[str, Any]] = []
+    total = len(plan.data) * len(plan.targets) * len(JOBS)
+    done = 0
+    for data in plan.data:
+        for target in plan.targets:
+            try:
+                with FIO_TARGETS[target](plan.region) as device:
+                    run_fio("fill-1m", device.path, plan, data)
+                    if target == "swapfs":
+                        space.append(space_row(device, plan, data))
+                    for job in JOBS:
+                        runs = [run_fio(job, device.path, plan, data)
+                                for _ in range(plan.repeats)]
+                        median = sorted(runs, key=lambda run: run["iops"])[len(runs) // 2]
+                        rows.append({"target": target, "job": job, "data": data, **median})
+                        done += 1
+                        progress(f"[{done}/{total}] {target:<12} {job:<13} {data:<10} "
+                                 f"{median['iops']:>9.0f} IOPS {median['mbps']:>8.1f} MB/s")
+            except Unavailable as exc:
+                for job in JOBS:
+                    rows.append({"target": target, "job": job, "data": data,
+                                 "unavailable": str(exc)})
+                done += len(JOBS)
+                progress(f"[{done}/{total}] {target}: unavailable ({exc})")
+    add_ratios(rows)
+    return rows, space
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's IOPS as a ratio of the two ceilings' for the same job and data."""
+    by_key = {(row["target"], row["job"], row["data"]): row for row in rows}
+    for row in rows:
+        for ceiling, key in ((PYTHON_CEILING, "vs_python_fuse"), (KERNEL_CEILING, "vs_kernel")):
+            base = by_key.get((ceiling, row["job"], row["data"]), {})
+            if "iops" in row and base.get("iops"):
+                row[key] = row["iops"] / base["iops"]
+
+
+# -- end to end --------------------------------------------------------------------
+
+
+def e2e_rows(plan: Plan) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    swap_size = (plan.e2e_workers * plan.e2e_table_mib + 256) * MIB
+    for target in plan.e2e_targets:
+        progress(f"end to end: {target}, {plan.e2e_workers} workers x {plan.e2e_table_mib} MiB "
+                 f"under {plan.e2e_limit_mib} MiB")
+        try:
+            with SWAP_TARGETS[target](swap_size) as swap:
+                stored = 0
+
+                def sample(message: str) -> None:
+                    nonlocal stored
+                    stored = max(stored, swap.stored_bytes())
+
+                with MemoryCgroup("bench", plan.e2e_limit_mib * MIB) as cgroup:
+                    result = run_workload(cgroup, plan.e2e_workers, plan.e2e_table_mib,
+                                          swap.name, progress=sample)
+                rows.append({
+                    "target": target, "swap_out_mbps": result.swap_out_mbps,
+                    "swap_in_mbps": result.swap_in_mbps,
+                    "swapped_out_bytes": result.swapped_out_bytes,
+                    "peak_swap_used_bytes": result.peak_swap_used_bytes,
+                    "stored_bytes": stored,
+                })
+                progress(f"  swap-out {result.swap_out_mbps:.0f} MB/s, swap-in "
+                         f"{result.swap_in_mbps:.0f} MB/s, stored {stored / MIB:.0f} MiB")
+        except Unavailable as exc:
+            rows.append({"target": target, "unavailable": str(exc)})
+            progress(f"  unavailable ({exc})")
+    base = next((row for row in rows if row["target"] == "root-disk" and
+                 "swap_out_mbps" in row), None)
+    for row in rows:
+        if base and "swap_out_mbps" in row:
+            row["out_vs_root_disk"] = row["swap_out_mbps"] / base["swap_out_mbps"]
+            row["in_vs_root_disk"] = row["swap_in_mbps"] / base["swap_in_mbps"]
+    return rows
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Machine: {results['machine']}", f"Run: {results['started']}, "
+             f"{results['plan']['runtime']} s per fio run, median of "
+             f"{results['plan']['repeats']}", "",
+             "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs Python FUSE "
+             "| vs kernel |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results["fio"]:
+        if "unavailable" in row:
+            lines.append(f"| {row['target']} | {row['job']} | {row['data']} | "
+                         f"unavailable: {row['unavailable']} | | | | | |")
+            continue
+        lines.append(
+            f"| {row['target']} | {row['job']} | {row['data']} | {row['iops']:.0f} | "
+            f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
+            f"{_ratio(row.get('vs_python_fuse'))} | {_ratio(row.get('vs_kernel'))} |")
+    if results["space"]:
+        lines += ["", "Space (swapfs, after one full write of the region):", "",
+                  "| data | logical MiB | stored MiB | ideal MiB | stored / ideal "
+                  "| index MiB | index bytes per stored block |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in results["space"]:
+            per_block = row["metadata_per_stored_block"]
+            lines.append(
+                f"| {row['data']} | {row['logical_bytes'] / MIB:.1f} | "
+                f"{row['stored_bytes'] / MIB:.1f} | {row['ideal_bytes'] / MIB:.1f} | "
+                f"{row['stored_vs_ideal']:.3f} | {row['metadata_bytes'] / MIB:.2f} | "
+                f"{per_block:.1f} |" if per_block is not None else
+                f"| {row['data']} | {row['logical_bytes'] / MIB:.1f} | 0 | 0 | - | "
+                f"{row['metadata_bytes'] / MIB:.2f} | - |")
+    if results["e2e"]:
+        plan = results["plan"]
+        lines += ["", f"End to end: {plan['e2e_workers']} workers each build the same "
+                  f"{plan['e2e_table_mib']} MiB table under a {plan['e2e_limit_mib']} MiB "
+                  "memory cgroup, then verify it:", "",
+                  "| swap target | swap-out MB/s | swap-in MB/s | vs root disk (out / in) "
+                  "| peak swap used MiB | stored MiB |", "|---|---:|---:|---:|---:|---:|"]
+        for row in results["e2e"]:
+            if "unavailable" in row:
+                lines.append(f"| {row['target']} | unavailable: {row['unavailable']} "
+                             "| | | | |")
+                continue
+            lines.append(
+                f"| {row['target']} | {row['swap_out_mbps']:.0f} | {row['swap_in_mbps']:.0f} "
+                f"| {_ratio(row.get('out_vs_root_disk'))} / "
+                f"{_ratio(row.get('in_vs_root_disk'))} | "
+                f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fio = [row for row in results["fio"] if "mbps" in row]
+    targets = list(dict.fromkeys(row["target"] for row in fio))
+    data_kinds = list(dict.fromkeys(row["data"] for row in fio))
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9))
+    width = 0.8 / max(1, len(targets))
+    for axis, job in zip(axes.flat, JOBS, strict=False):
+        for number, target in enumerate(targets):
+            values = [next((row["mbps"] for row in fio if row["target"] == target
+                            and row["job"] == job and row["data"] == data), 0)
+                      for data in data_kinds]
+            axis.bar([x + number * width for x in range(len(data_kinds))], values, width,
+                     label=target)
+        axis.set_title(job)
+        axis.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(data_kinds))])
+        axis.set_xticklabels(data_kinds)
+        axis.set_ylabel("MB/s")
+        axis.set_yscale("log")
+    axes.flat[0].legend(fontsize="small")
+    e2e = [row for row in results["e2e"] if "swap_out_mbps" in row]
+    for axis, key, title in ((axes.flat[4], "swap_out_mbps", "end to end: swap-out"),
+                             (axes.flat[5], "swap_in_mbps", "end to end: swap-in")):
+        axis.bar([row["target"] for row in e2e], [row[key] for row in e2e])
+        axis.set_title(title)
+        axis.set_ylabel("MB/s")
+    figure.suptitle(f"swapfs bench, {results['machine']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) // (1 << 20)
+    return f"{os.cpu_count()} cores ({cpu}), {memory} GiB, Linux {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="swapfs bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the core rows, a few minutes")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="output directory")
+    parser.add_argument("--runtime", type=int, help="seconds per fio run")
+    parser.add_argument("--targets", help="comma-separated fio targets "
+                        f"({', '.join(FIO_TARGETS)})")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end swap runs")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.runtime:
+        plan.runtime = args.runtime
+    if args.targets:
+        plan.targets = [name for name in args.targets.split(",") if name]
+        unknown = set(plan.targets) - set(FIO_TARGETS)
+        if unknown:
+            parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.no_e2e:
+        plan.e2e_targets = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    if Path("/proc/swaps").read_text().splitlines()[1:]:
+        progress("note: other swap areas are active; the targets run at the highest priority")
+    fio_rows, space = fio_matrix(plan)
+    e2e = e2e_rows(plan)
+    results = {"machine": machine(), "started": started, "plan": asdict(plan),
+               "fio": fio_rows, "space": space, "e2e": e2e}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "results.md").write_text(table)
+    chart(results, args.out / "results.png")
+    print(table)
+    progress(f"wrote {args.out}/results.json, results.md and results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

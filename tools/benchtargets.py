@@ -1,0 +1,262 @@
+"""What the benchmark measures against: each target set up and torn down.
+
+Every target is a context manager that yields a :class:`Device` and undoes
+all it set up on the way out (loop devices, mounts, zram, temporary files),
+failures and Ctrl-C included. A target this machine cannot offer raises
+:class:`Unavailable` with the reason; the benchmark reports it in its row.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+TOOLS = Path(__file__).resolve().parent
+SWAPFS = [sys.executable, "-m", "swapfs.cli"]
+
+
+class Unavailable(Exception):
+    """This machine cannot provide the target (the message says why)."""
+
+
+@dataclass
+class Device:
+    """A block device to run fio on, and for swapfs how to read its figures."""
+
+    path: str
+    stats: Callable[[], dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _run(*command: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise Unavailable("needs root")
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="swapfs-bench-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                   if line.split()[1].startswith(str(path) + "/")]
+        if not mounted:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    _require_root()
+    device = _run("losetup", "--find", "--show", "--direct-io=on", str(path)).strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], capture_output=True)
+
+
+@contextlib.contextmanager
+def swapfs_mount(workdir: Path) -> Iterator[Path]:
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    _run(*SWAPFS, "mount", "--state", str(workdir / "state"), str(mnt))
+    try:
+        yield mnt
+    finally:
+        result = subprocess.run([*SWAPFS, "umount", str(mnt)], capture_output=True)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
+    stats = json.loads(_run(*SWAPFS, "stats", "--json", str(mnt)))
+    figures: dict[str, Any] = stats["chains"][chain]
+    figures["index_bytes"] = stats["index_bytes"]
+    return figures
+
+
+@contextlib.contextmanager
+def swapfs_file(size: int) -> Iterator[Device]:
+    """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
+    _require_root()
+    with _workdir() as workdir, swapfs_mount(workdir) as mnt:
+        (mnt / "bench").mkdir()
+        path = mnt / "bench" / "disk.swap"
+        path.touch()
+        os.truncate(path, size)
+        with loop_device(path) as device:
+            yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"))
+
+
+@contextlib.contextmanager
+def python_fuse_file(size: int) -> Iterator[Device]:
+    """The Python FUSE ceiling: tools/memfs.py, behind a loop device."""
+    _require_root()
+    with _workdir() as workdir:
+        mnt = workdir / "mnt"
+        mnt.mkdir()
+        read_end, write_end = os.pipe()
+        daemon = subprocess.Popen(
+            [sys.executable, str(TOOLS / "memfs.py"), str(mnt), "--size-mib",
+             str(size // MIB), "--ready-fd", str(write_end)],
+            pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(write_end)
+        try:
+            with os.fdopen(read_end, "rb") as ready:
+                if ready.read(1) != b"1":
+                    raise RuntimeError("memfs did not start")
+            with loop_device(mnt / "disk") as device:
+                yield Device(device)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+            daemon.terminate()
+            daemon.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def tmpfs_file(size: int) -> Iterator[Device]:
+    """The kernel ceiling: a loop device over a file on tmpfs."""
+    _require_root()
+    with _workdir() as workdir:
+        mnt = workdir / "tmpfs"
+        mnt.mkdir()
+        _run("mount", "-t", "tmpfs", "-o", f"size={size + 64 * MIB}", "tmpfs", str(mnt))
+        try:
+            path = mnt / "disk"
+            with open(path, "wb") as disk:
+                disk.truncate(size)
+            with loop_device(path) as device:
+                yield Device(device)
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@contextlib.contextmanager
+def root_disk_file(size: int) -> Iterator[Device]:
+    """A plain file on the root disk, behind a loop device."""
+    _require_root()
+    path = Path("/var/tmp") / f"swapfs-bench-{os.getpid()}.img"
+    with open(path, "wb") as disk:
+        os.posix_fallocate(disk.fileno(), 0, size)
+    try:
+        with loop_device(path) as device:
+            yield Device(device)
+    finally:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def zram_device(size: int) -> Iterator[Device]:
+    """/dev/zram0 sized for the run, reset afterwards; refused if already in use."""
+    _require_root()
+    sysfs = Path("/sys/block/zram0")
+    if not sysfs.exists():
+        subprocess.run(["modprobe", "zram"], capture_output=True)
+    if not sysfs.exists():
+        raise Unavailable("no zram device (zram module not available)")
+    if int((sysfs / "disksize").read_text()) != 0:
+        raise Unavailable("/dev/zram0 is already in use")
+    (sysfs / "disksize").write_text(str(size))
+    try:
+        yield Device("/dev/zram0", stats=lambda: {"mem_used_total": int(
+            (sysfs / "mm_stat").read_text().split()[2])})
+    finally:
+        for _ in range(50):  # a just-closed device can be busy for a moment
+            try:
+                (sysfs / "reset").write_text("1")
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+FIO_TARGETS = {
+    "swapfs": swapfs_file,
+    "python-fuse": python_fuse_file,
+    "kernel": tmpfs_file,
+    "zram": zram_device,
+    "root-disk": root_disk_file,
+}
+
+
+@dataclass
+class SwapTarget:
+    """A swap area in service: its name in /proc/swaps and what it stores."""
+
+    name: str
+    stored_bytes: Callable[[], int]
+
+
+def _swap_used(name: str) -> int:
+    for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == name:
+            return int(fields[3]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def swapfs_swap(size: int) -> Iterator[SwapTarget]:
+    _require_root()
+    with _workdir() as workdir, swapfs_mount(workdir) as mnt:
+        (mnt / "bench").mkdir()
+        path = mnt / "bench" / "vm.swap"
+        path.touch()
+        os.truncate(path, size)
+        device = _run(*SWAPFS, "swapon", str(path), "--priority", "32767").strip()
+        try:
+            yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]))
+        finally:
+            subprocess.run([*SWAPFS, "swapoff", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def zram_swap(size: int) -> Iterator[SwapTarget]:
+    with zram_device(size) as device:
+        _run("mkswap", device.path)
+        _run("swapon", "--priority", "32767", device.path)
+        try:
+            assert device.stats is not None
+            stats = device.stats
+            yield SwapTarget(device.path, lambda: int(stats()["mem_used_total"]))
+        finally:
+            subprocess.run(["swapoff", device.path], capture_output=True)
+
+
+@contextlib.contextmanager
+def root_disk_swap(size: int) -> Iterator[SwapTarget]:
+    _require_root()
+    path = Path("/var/tmp") / f"swapfs-bench-{os.getpid()}.swap"
+    with open(path, "wb") as swap_file:
+        os.posix_fallocate(swap_file.fileno(), 0, size)
+    try:
+        _run("mkswap", str(path))
+        _run("swapon", "--priority", "32767", str(path))
+        try:
+            yield SwapTarget(str(path), lambda: _swap_used(str(path)))
+        finally:
+            subprocess.run(["swapoff", str(path)], capture_output=True)
+    finally:
+        path.unlink()
+
+
+SWAP_TARGETS = {
+    "swapfs": swapfs_swap,
+    "zram": zram_swap,
+    "root-disk": root_disk_swap,
+}
