@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from swapfs.volume import Volume
+from tests.mounting import Mount, mounted
 
 
 @pytest.fixture
@@ -24,3 +25,14 @@ def volume(state_dir: Path) -> Iterator[Volume]:
     vol = Volume(state_dir)
     yield vol
     vol.close()
+
+
+@pytest.fixture
+def mount() -> Iterator[Mount]:
+    """A real swapfs mount on short temporary paths (root and /dev/fuse needed).
+
+    Always unmounted (or killed) and removed afterwards; after a passing test
+    the daemon must still be alive and the offline fsck of its state clean.
+    """
+    with mounted() as mnt:
+        yield mnt

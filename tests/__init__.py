@@ -1,0 +1,1 @@
+"""The swapfs test suite (a package so that tests can share helper modules)."""

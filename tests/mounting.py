@@ -1,0 +1,267 @@
+"""Helpers for tests that go through a real swapfs mount.
+
+A :class:`Mount` drives the daemon the way an operator does: ``swapfs mount``
+and ``swapfs umount`` as subprocesses, ``swapfs stats --json`` for figures,
+and the control socket for the daemon's pid. It can also kill the daemon
+with SIGKILL (by that pid only) and lazily detach the dead mount, then mount
+the same state again.
+
+Everything a test sets up here is undone by :meth:`Mount.close`, which never
+raises for a cleanup step that fails half-way and refuses to delete a
+directory that still has something mounted under it.
+"""
+
+import contextlib
+import json
+import mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swapfs import control, fsck
+
+BLOCK = 4096
+
+#: How the tests run the ``swapfs`` command: the venv's script when present.
+_SCRIPT = Path(sys.executable).parent / "swapfs"
+SWAPFS: list[str] = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "swapfs.cli"]
+
+#: Skips mount tests where they cannot run (not root, no FUSE).
+requires_mount = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse")
+    or shutil.which("fusermount3") is None,
+    reason="needs root, /dev/fuse and fusermount3",
+)
+
+
+def swapfs(*args: str, check: bool = True, timeout: float = 90.0
+           ) -> subprocess.CompletedProcess[str]:
+    """Run the ``swapfs`` command line; with *check*, fail on a non-zero exit."""
+    result = subprocess.run([*SWAPFS, *args], capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"swapfs {' '.join(args)} exited {result.returncode}: "
+                             f"{result.stderr.strip()}")
+    return result
+
+
+def mounted_paths() -> list[str]:
+    """Mount points listed in /proc/mounts (octal escapes decoded)."""
+    with open("/proc/mounts") as mounts:
+        return [line.split()[1].encode().decode("unicode_escape") for line in mounts]
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in mounted_paths()
+
+
+def alive(pid: int) -> bool:
+    """Is *pid* a running (not zombie) process?"""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z"
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll *predicate* until it is true or *timeout* seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def lazy_unmount(path: Path) -> None:
+    """Detach whatever is mounted on *path*, even a dead FUSE mount."""
+    if not is_mounted(path):
+        return
+    result = subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    if result.returncode != 0 or is_mounted(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def short_tempdir() -> Path:
+    """A fresh directory with a short path (Unix socket paths are short)."""
+    return Path(tempfile.mkdtemp(prefix="swapfs-", dir="/tmp"))
+
+
+def remove_tree(root: Path) -> None:
+    """Delete *root*, but never through a mount that is still attached under it."""
+    prefix = os.path.realpath(root) + "/"
+    inside = [path for path in mounted_paths() if path.startswith(prefix)]
+    if inside:
+        raise AssertionError(f"still mounted under {root}: {inside}")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned anonymous buffer, as O_DIRECT I/O needs."""
+    return mmap.mmap(-1, size)
+
+
+class Mount:
+    """One state directory and one mount point, driven through the CLI."""
+
+    def __init__(self, root: Path, state: Path | None = None) -> None:
+        self.root = root
+        self.state = state if state is not None else root / "s"
+        self.mnt = root / "m"
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self.pid: int | None = None
+        #: Set by a test that corrupts the state on purpose.
+        self.expect_clean_fsck = True
+        #: Daemons that died without being killed or unmounted by the test.
+        self.unexpected_deaths: list[int] = []
+
+    # -- life cycle -------------------------------------------------------------
+
+    def mount(self) -> None:
+        """``swapfs mount``; then learn the daemon's pid from its control socket."""
+        result = swapfs("mount", "--state", str(self.state), str(self.mnt))
+        self.pid = int(self.status()["pid"])
+        assert f"(pid {self.pid})" in result.stdout, result.stdout
+
+    def status(self) -> dict[str, Any]:
+        return control.request(control.socket_of(str(self.mnt)), {"op": "status"})
+
+    def umount(self) -> None:
+        """``swapfs umount``, which returns once the daemon has exited."""
+        self._check_alive()
+        swapfs("umount", str(self.mnt))
+        assert self.pid is None or not alive(self.pid)
+        assert not is_mounted(self.mnt)
+        self.pid = None
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (by its pid) and detach the dead mount."""
+        assert self.pid is not None, "not mounted"
+        pid, self.pid = self.pid, None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not alive(pid)), f"daemon {pid} survived SIGKILL"
+        lazy_unmount(self.mnt)
+        assert not is_mounted(self.mnt)
+
+    def _check_alive(self) -> None:
+        if self.pid is not None and not alive(self.pid):
+            self.unexpected_deaths.append(self.pid)
+            self.pid = None
+
+    def close(self) -> None:
+        """Unmount (or kill) and detach; never raises for one failed step."""
+        self._check_alive()
+        if self.pid is not None:
+            try:
+                swapfs("umount", str(self.mnt), timeout=30)
+            except (AssertionError, subprocess.TimeoutExpired):
+                # Something still holds a file open: fall back to the hard way.
+                pid = self.pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                wait_until(lambda: not alive(pid))
+            self.pid = None
+        lazy_unmount(self.mnt)
+
+    def fsck(self, repair: bool = False) -> fsck.Report:
+        """The offline check of the state (the daemon must have exited)."""
+        return fsck.check(self.state, repair=repair)
+
+    # -- queries ------------------------------------------------------------------
+
+    def path(self, *parts: str) -> Path:
+        return self.mnt.joinpath(*parts)
+
+    def stats(self) -> dict[str, Any]:
+        """``swapfs stats --json`` of the mount."""
+        result: dict[str, Any] = json.loads(swapfs("stats", "--json", str(self.mnt)).stdout)
+        return result
+
+    def chain(self, name: str) -> dict[str, Any]:
+        """The stats of one chain."""
+        chain: dict[str, Any] = self.stats()["chains"][name]
+        return chain
+
+
+@contextlib.contextmanager
+def mounted(root: Path | None = None, state: Path | None = None,
+            check_fsck: bool = True) -> Iterator[Mount]:
+    """A mounted :class:`Mount`, closed and removed afterwards, failures included.
+
+    After a test that passed, the daemon must not have died on its own and
+    the offline check of the state must be clean (unless the test said it
+    corrupted the state on purpose).
+    """
+    own_root = root is None
+    root = root if root is not None else short_tempdir()
+    mount = Mount(root, state)
+    try:
+        mount.mount()
+        yield mount
+        mount._check_alive()
+        assert not mount.unexpected_deaths, (
+            f"daemon {mount.unexpected_deaths} died; log:\n" + daemon_log_tail(mount))
+        mount.close()
+        if check_fsck and mount.expect_clean_fsck:
+            report = mount.fsck()
+            assert report.clean, [vars(problem) for problem in report.problems]
+    finally:
+        mount.close()
+        if own_root:
+            remove_tree(root)
+
+
+def daemon_log_tail(mount: Mount, lines: int = 30) -> str:
+    try:
+        return "\n".join((mount.state / "daemon.log").read_text(
+            errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted on *directory*, always unmounted afterwards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                   check=True)
+    try:
+        yield directory
+    finally:
+        result = subprocess.run(["umount", str(directory)], capture_output=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def os_error(call: Any, *args: Any) -> int:
+    """The errno that ``call(*args)`` fails with (AssertionError if it succeeds)."""
+    try:
+        call(*args)
+    except OSError as exc:
+        return exc.errno or 0
+    shown = ", ".join(repr(arg)[:40] for arg in args)
+    raise AssertionError(f"{getattr(call, '__name__', call)}({shown}) did not fail")
+
+
+__all__ = [
+    "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail",
+    "is_mounted", "lazy_unmount", "mounted", "os_error", "remove_tree", "requires_mount",
+    "short_tempdir", "swapfs", "tmpfs", "wait_until",
+]

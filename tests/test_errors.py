@@ -1,0 +1,337 @@
+"""Failures through a real mount: each must be reported with the right errno,
+must never return wrong data, and must leave the mount serving."""
+
+import contextlib
+import errno
+import json
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swapfs import control, fsck
+from swapfs.blocks import MAX_FILE_SIZE
+from swapfs.errors import SwapfsError
+from tests.mounting import (
+    BLOCK,
+    Mount,
+    aligned_buffer,
+    mounted,
+    os_error,
+    remove_tree,
+    requires_mount,
+    short_tempdir,
+    swapfs,
+    tmpfs,
+)
+
+pytestmark = [pytest.mark.mount, requires_mount]
+
+
+def read_direct(path: Path, offset: int, size: int) -> bytes:
+    """Read with O_DIRECT (aligned), so the daemon answers, not the page cache."""
+    buffer = aligned_buffer(size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = os.preadv(fd, [buffer], offset)
+    finally:
+        os.close(fd)
+    return bytes(buffer[:done])
+
+
+# -- corrupt data ---------------------------------------------------------------------
+
+
+def test_corrupt_block_reads_eio_and_other_blocks_still_read(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    path = mount.path("c", "f")
+    data = random.Random(1).randbytes(8 * BLOCK)
+    path.write_bytes(data)
+    chain_id = mount.chain("c")["id"]
+    mount.umount()
+    # One write of 8 distinct blocks into an empty chain fills slots 0..7 in order.
+    blocks_file = mount.state / "data" / f"{chain_id}.blocks"
+    raw = bytearray(blocks_file.read_bytes())
+    assert raw[3 * BLOCK:4 * BLOCK] == data[3 * BLOCK:4 * BLOCK]
+    raw[3 * BLOCK + 100] ^= 0x01
+    blocks_file.write_bytes(bytes(raw))
+    mount.mount()
+
+    assert os_error(read_direct, path, 3 * BLOCK, BLOCK) == errno.EIO
+    assert os_error(read_direct, path, 0, 8 * BLOCK) == errno.EIO
+    with open(path, "rb") as file:
+        file.seek(3 * BLOCK + 5)
+        with pytest.raises(OSError) as caught:
+            file.read(10)
+        assert caught.value.errno == errno.EIO
+    for block in (0, 1, 2, 4, 5, 6, 7):
+        want = data[block * BLOCK:(block + 1) * BLOCK]
+        assert read_direct(path, block * BLOCK, BLOCK) == want
+    # Buffered reads of the good blocks work too (readahead may touch the bad one).
+    with open(path, "rb") as file:
+        file.seek(6 * BLOCK)
+        assert file.read(2 * BLOCK) == data[6 * BLOCK:]
+    # A partial write needs the old block: EIO. A whole-block write replaces it.
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os_error(os.pwrite, fd, b"x", 3 * BLOCK + 7) == errno.EIO
+    finally:
+        os.close(fd)
+    mount.umount()
+    report = mount.fsck()
+    assert [problem.kind for problem in report.problems] == ["corrupt-block"]
+    assert report.exit_code == fsck.EXIT_UNREPAIRED
+    mount.mount()
+    fresh = random.Random(2).randbytes(BLOCK)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buffer = aligned_buffer(BLOCK)
+        buffer[:] = fresh
+        assert os.pwrite(fd, buffer, 3 * BLOCK) == BLOCK
+    finally:
+        os.close(fd)
+    healed = data[:3 * BLOCK] + fresh + data[4 * BLOCK:]
+    assert read_direct(path, 0, 8 * BLOCK) == healed
+    mount.remount()
+    assert path.read_bytes() == healed
+    # The fixture's fsck must now be clean: the corrupt slot was freed.
+
+
+# -- a full backing disk -----------------------------------------------------------------
+
+
+def test_full_backing_disk_gives_enospc_and_keeps_every_acknowledged_write() -> None:
+    """State on a 4 MiB tmpfs: fill it with random data, then with metadata only.
+
+    Random data runs the data file out of space first (ENOSPC from the block
+    store). Writes of blocks the chain already holds need no data, only index
+    pages, so they run the LMDB index out of space: those must fail cleanly
+    too, with the mount still serving.
+    """
+    chunk = 16 * BLOCK
+    root = short_tempdir()
+    try:
+        with tmpfs(root / "s", "4m") as state, mounted(root, state) as mount:
+            os.mkdir(mount.path("c"))
+            rng = random.Random(3)
+            written: list[bytes] = []
+            fd = os.open(mount.path("c", "f"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    data = rng.randbytes(chunk)
+                    try:
+                        os.pwrite(fd, data, len(written) * chunk)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC
+                        break
+                    written.append(data)
+                    assert len(written) < 1000, "the 4 MiB tmpfs never filled up"
+                assert len(written) > 10
+                assert os.fstat(fd).st_size == len(written) * chunk
+                # The failed write may have left room (slots it wrote but never
+                # committed), so a few more may succeed; each is all or nothing.
+                for _ in range(5):
+                    data = rng.randbytes(chunk)
+                    try:
+                        os.pwrite(fd, data, len(written) * chunk)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC
+                        continue
+                    written.append(data)
+                assert os.fstat(fd).st_size == len(written) * chunk
+            finally:
+                os.close(fd)
+            expected = b"".join(written)
+            assert read_direct(mount.path("c", "f"), 0, len(expected)) == expected
+
+            # Metadata only: blocks the chain already stores, at new places.
+            copies: dict[int, bytes] = {}
+            fd = os.open(mount.path("c", "g"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                for block in range(100_000):
+                    data = expected[(block % 64) * BLOCK:(block % 64 + 1) * BLOCK]
+                    try:
+                        os.pwrite(fd, data, block * BLOCK)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC, exc
+                        break
+                    copies[block] = data
+                else:
+                    raise AssertionError("the index never ran out of space")
+            finally:
+                os.close(fd)
+            assert sorted(os.listdir(mount.path("c"))) == ["f", "g"]
+            assert read_direct(mount.path("c", "f"), 0, len(expected)) == expected
+            got = read_direct(mount.path("c", "g"), 0, len(copies) * BLOCK)
+            assert got == b"".join(copies[block] for block in range(len(copies)))
+
+            mount.remount()
+            assert mount.path("c", "f").read_bytes() == expected
+            assert mount.path("c", "g").read_bytes()[:len(copies) * BLOCK] == got
+            assert mount.chain("c")["unique_blocks"] == len(written) * chunk // BLOCK
+    finally:
+        remove_tree(root)
+
+
+# -- limits ---------------------------------------------------------------------------
+
+
+def test_writes_beyond_the_largest_file_size_are_efbig(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    path = mount.path("c", "huge")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert os.pwrite(fd, b"z", MAX_FILE_SIZE - 1) == 1
+        assert os.fstat(fd).st_size == MAX_FILE_SIZE
+        # Across the limit: the kernel sends the part in the last page on its
+        # own, so the write is short (what fits) or refused, never longer.
+        try:
+            assert os.pwrite(fd, b"yy", MAX_FILE_SIZE - 1) <= 1
+        except OSError as exc:
+            assert exc.errno == errno.EFBIG
+        assert os_error(os.pwrite, fd, b"z", MAX_FILE_SIZE) == errno.EFBIG
+        assert os_error(os.pwrite, fd, b"z" * 2 * BLOCK, MAX_FILE_SIZE - BLOCK) == errno.EFBIG
+        assert os_error(os.ftruncate, fd, MAX_FILE_SIZE + 1) == errno.EFBIG
+        assert os.fstat(fd).st_size == MAX_FILE_SIZE
+        assert os.pread(fd, 10, MAX_FILE_SIZE - 1) in (b"y", b"z")
+        assert os.pread(fd, 10, 12345 * BLOCK) == bytes(10)
+        assert os.fstat(fd).st_blocks == BLOCK // 512
+    finally:
+        os.close(fd)
+    entry = mount.chain("c")["files"]["huge"]
+    assert (entry["size"], entry["mapped_blocks"]) == (MAX_FILE_SIZE, 1)
+    os.unlink(path)
+
+
+# -- the control socket -------------------------------------------------------------------
+
+
+def raw_request(mount: Mount, payload: bytes) -> dict[str, Any]:
+    """Send raw bytes to the control socket; the first reply line, decoded."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(control.socket_of(str(mount.mnt)))
+        # The daemon may answer and hang up before it has read everything.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(payload)
+        line = sock.makefile("rb").readline()
+    assert line, "the daemon closed the connection without an answer"
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+BAD_REQUESTS = {
+    "not json": b"this is not json\n",
+    "not utf-8": b"\xff\xfe{}\n",
+    "json list": b"[1, 2, 3]\n",
+    "json string": b'"status"\n',
+    "no op": b"{}\n",
+    "unknown op": b'{"op": "format-everything"}\n',
+    "op not a string": b'{"op": ["status"]}\n',
+    "op an object": b'{"op": {"a": 1}}\n',
+    "deeply nested": b"[" * 100_000 + b"\n",
+    "huge integer": b'{"op": "status", "n": ' + b"1" * 5000 + b"}\n",
+    "clone without fields": b'{"op": "clone"}\n',
+    "clone without target": b'{"op": "clone", "source": "c/f"}\n',
+    "clone target not a string": b'{"op": "clone", "source": "c/f", "target": 7}\n',
+    "clone empty not a bool": b'{"op": "clone", "source": "c/f", "target": "c/h", '
+                              b'"empty": "yes"}\n',
+}
+
+
+@pytest.fixture
+def control_mount(mount: Mount) -> Mount:
+    os.mkdir(mount.path("c"))
+    os.mkdir(mount.path("d"))
+    mount.path("c", "f").write_bytes(b"data" * 3000)
+    mount.path("c", "g").write_bytes(b"other")
+    return mount
+
+
+@pytest.mark.parametrize("payload", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_malformed_control_requests_get_einval_and_the_daemon_serves_on(
+        control_mount: Mount, payload: bytes) -> None:
+    mount = control_mount
+    pid = mount.status()["pid"]
+    reply = raw_request(mount, payload)
+    assert reply["ok"] is False
+    assert reply["errno"] == errno.EINVAL
+    assert isinstance(reply["error"], str) and reply["error"]
+    assert mount.status()["pid"] == pid
+    assert mount.path("c", "f").read_bytes() == b"data" * 3000
+    assert sorted(mount.chain("c")["files"]) == ["f", "g"]
+
+
+@pytest.mark.parametrize(("source", "target", "code"), [
+    ("c/f", "c/g", errno.EEXIST),
+    ("c/f", "d/f", errno.EXDEV),
+    ("c/missing", "c/h", errno.ENOENT),
+    ("c", "c/h", errno.EISDIR),
+    ("c/f", "top", errno.EPERM),
+    ("c/f", "c/" + "n" * 300, errno.ENAMETOOLONG),
+])
+def test_refused_clones_get_their_errno(control_mount: Mount, source: str, target: str,
+                                        code: int) -> None:
+    mount = control_mount
+    request = json.dumps({"op": "clone", "source": source, "target": target}).encode()
+    reply = raw_request(mount, request + b"\n")
+    assert (reply["ok"], reply["errno"]) == (False, code)
+    with pytest.raises(control.ControlError) as caught:
+        control.request(control.socket_of(str(mount.mnt)),
+                        {"op": "clone", "source": source, "target": target})
+    assert caught.value.errno == code
+    assert sorted(mount.chain("c")["files"]) == ["f", "g"]
+    assert mount.path("c", "g").read_bytes() == b"other"
+    assert mount.chain("d")["files"] == {}
+
+
+def test_one_connection_serves_many_requests_and_refuses_huge_lines(mount: Mount) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(control.socket_of(str(mount.mnt)))
+        sock.sendall(b'{"op": "status"}\n{"op": "stats"}\n')
+        lines = sock.makefile("rb")
+        first, second = json.loads(lines.readline()), json.loads(lines.readline())
+    assert first["ok"] and first["pid"] == mount.pid
+    assert second["ok"] and second["chains"] == {}
+    reply = raw_request(mount, b"x" * (control.MAX_LINE + 70_000))
+    assert (reply["ok"], reply["errno"]) == (False, errno.E2BIG)
+    assert mount.status()["pid"] == mount.pid
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def test_fsck_of_a_mounted_state_is_refused(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    mount.path("c", "f").write_bytes(b"x" * 5000)
+    result = swapfs("fsck", "--state", str(mount.state), check=False)
+    assert result.returncode != 0
+    assert "in use" in result.stderr
+    with pytest.raises(SwapfsError) as caught:
+        fsck.check(mount.state)
+    assert caught.value.errno == errno.EBUSY
+    assert mount.path("c", "f").read_bytes() == b"x" * 5000
+
+
+def test_stats_of_a_path_not_on_swapfs_fails(tmp_path: Path) -> None:
+    result = swapfs("stats", str(tmp_path), check=False)
+    assert result.returncode == 1
+    assert "not a swapfs mount" in result.stderr
+    assert result.stdout == ""
+
+
+def test_second_mount_of_a_state_in_use_is_refused(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    other = mount.root / "m2"
+    other.mkdir()
+    result = swapfs("mount", "--state", str(mount.state), str(other), check=False)
+    assert result.returncode == 1
+    assert "in use" in result.stderr
+    assert not os.path.ismount(other)
+    # The first mount, and its control socket, are untouched.
+    assert mount.status()["pid"] == mount.pid
+    assert os.listdir(mount.mnt) == ["c"]
