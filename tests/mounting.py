@@ -15,6 +15,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -132,8 +133,11 @@ class Mount:
     def mount(self) -> None:
         """``swapfs mount``; then learn the daemon's pid from its control socket."""
         result = swapfs("mount", "--state", str(self.state), str(self.mnt))
+        printed = re.search(r"\(pid (\d+)\)", result.stdout)
+        # The printed pid only serves cleanup if the control socket does not answer.
+        self.pid = int(printed.group(1)) if printed else None
         self.pid = int(self.status()["pid"])
-        assert f"(pid {self.pid})" in result.stdout, result.stdout
+        assert printed is not None and int(printed.group(1)) == self.pid, result.stdout
 
     def status(self) -> dict[str, Any]:
         return control.request(control.socket_of(str(self.mnt)), {"op": "status"})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from swapfs.store import punch_hole
 from tests.mounting import (
     BLOCK,
     Mount,
@@ -302,6 +303,43 @@ def test_clone_shares_blocks_and_clone_empty_has_none(mount: Mount) -> None:
     assert mount.path("web", "base.swap").read_bytes() == base
     assert mount.path("web", "vm1.swap").read_bytes() == changed
     assert mount.path("web", "vm2.swap").read_bytes() == bytes(len(base))
+
+
+def test_clone_outlives_changes_to_its_source(mount: Mount) -> None:
+    """Truncating, rewriting and deleting the source never changes a clone."""
+    os.mkdir(mount.path("c"))
+    source, clone = mount.path("c", "src"), mount.path("c", "copy")
+    data = randbytes(12 * BLOCK + 300, 21)
+    write_file(source, data)
+    swapfs("clone", str(source), str(clone))
+    os.truncate(source, 5 * BLOCK + 17)
+    os.truncate(source, 8 * BLOCK)
+    assert source.read_bytes() == data[:5 * BLOCK + 17] + bytes(3 * BLOCK - 17)
+    assert clone.read_bytes() == data
+    write_file(source, randbytes(2 * BLOCK, 22))
+    assert clone.read_bytes() == data
+    os.unlink(source)
+    assert wait_until(lambda: mount.chain("c")["unique_blocks"] == unique_blocks(data))
+    mount.remount()
+    assert clone.read_bytes() == data
+
+
+@pytest.mark.xfail(strict=True, raises=OSError, reason=(
+    "no fallocate handler (pyfuse3 3.5 has none): FUSE answers EOPNOTSUPP, so "
+    "punching a hole, and a loop device's discard, free nothing"))
+def test_punching_a_hole_frees_the_blocks(mount: Mount) -> None:
+    """What a loop device does with the discards of the swap area on it."""
+    os.mkdir(mount.path("c"))
+    path = mount.path("c", "f")
+    data = randbytes(16 * BLOCK, 23)
+    write_file(path, data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punch_hole(fd, 4 * BLOCK, 8 * BLOCK)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data[:4 * BLOCK] + bytes(8 * BLOCK) + data[12 * BLOCK:]
+    assert mount.chain("c")["stored_bytes"] == 8 * BLOCK
 
 
 def test_every_byte_survives_a_remount(mount: Mount) -> None:
