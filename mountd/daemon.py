@@ -22,6 +22,7 @@ import trio
 from mountd import lifecycle
 from mountd.config import Config
 from mountd.control import ControlServer
+from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
 from swapfs.volume import Volume
 
@@ -32,18 +33,22 @@ _SUN_PATH_MAX = 107
 
 
 def control_socket_path(state: Path) -> str:
-    """Where the control socket of *state* lives: inside it if the path fits."""
+    """Where the control socket of *state* lives: inside it if the path fits.
+
+    The path also goes into the mount's source (a FUSE mount option), where
+    commas and white space would need escaping; such paths move to /run too.
+    """
     path = str(state / "control.sock")
-    if len(path) <= _SUN_PATH_MAX:
+    if len(path) <= _SUN_PATH_MAX and not any(c in path for c in ", \t\n\\"):
         return path
     digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
     os.makedirs("/run/swapfs", exist_ok=True)
     return f"/run/swapfs/{digest}.sock"
 
 
-def fuse_options(config: Config) -> set[str]:
+def fuse_options(config: Config, socket_path: str) -> set[str]:
     options = set(pyfuse3.default_options)
-    options.add("fsname=swapfs")
+    options.add(f"fsname={SOURCE_PREFIX}{socket_path}")
     options.add("subtype=swapfs")
     if config.allow_other:
         options.add("allow_other")
@@ -93,9 +98,9 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
     volume = Volume(config.state)
     try:
         socket_path = config.control_socket or control_socket_path(config.state)
-        ops = Operations(volume, control_socket=socket_path)
+        ops = Operations(volume)
         control = ControlServer(volume, config.mountpoint, ops, protections)
-        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config, socket_path))
         try:
             trio.run(_serve, control, ops, socket_path, on_ready)
         except BaseException:

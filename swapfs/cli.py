@@ -132,7 +132,7 @@ def _clone(args: argparse.Namespace) -> int:
 
 
 def _swapon(args: argparse.Namespace) -> int:
-    print(swaparea.swap_on(args.file, args.priority))
+    print(swaparea.swap_on(args.file, args.priority, discard=args.discard))
     return 0
 
 
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     swapon = commands.add_parser("swapon", help="put a swap file into service")
     swapon.add_argument("file")
     swapon.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    swapon.add_argument("--no-discard", dest="discard", action="store_false",
+                        help="keep the blocks of freed swap slots stored "
+                             "(default: discard them, which frees them)")
     swapon.set_defaults(run=_swapon)
 
     swapoff = commands.add_parser("swapoff", help="take a swap file out of service")
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(run=_stats)
 
-    bench = commands.add_parser(
+    commands.add_parser(
         "bench", add_help=False,
         help="fio and end-to-end swap against the baselines (--quick, --out DIR; "
              "'swapfs bench --help' for more)")

@@ -5,20 +5,23 @@ line; the daemon answers each with one JSON object per line:
 ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "error": "..."}``.
 A malformed request gets an error reply and the connection is closed.
 
-The mount's root directory names the socket in the extended attribute
-``user.swapfs.control``, so a client needs only a path on the mount.
+The mount names its socket in its source (``swapfs:/path/to/control.sock``,
+the first column of /proc/mounts), so a client needs only a path on the
+mount.
 """
 
 import errno
 import json
 import os
+import re
 import socket
 from typing import Any
 
 #: Longest request or reply line, in bytes.
 MAX_LINE = 1 << 20
 
-CONTROL_XATTR = "user.swapfs.control"
+#: Prefix of a swapfs mount's source; the control socket's path follows it.
+SOURCE_PREFIX = "swapfs:"
 
 
 class ControlError(Exception):
@@ -37,13 +40,25 @@ def mount_root(path: str) -> str:
     return path
 
 
+def _unescape(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
 def socket_of(path: str) -> str:
     """The control socket of the swapfs mount holding *path*."""
     root = mount_root(path)
-    try:
-        return os.fsdecode(os.getxattr(root, CONTROL_XATTR))
-    except OSError as exc:
-        raise ControlError(errno.ENOTSUP, f"{root} is not a swapfs mount") from exc
+    socket_path = None
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            tail = fields[fields.index("-") + 1:]
+            if (_unescape(fields[4]) == root and tail[0] == "fuse.swapfs"
+                    and tail[1].startswith(SOURCE_PREFIX)):
+                socket_path = _unescape(tail[1])[len(SOURCE_PREFIX):]
+    if socket_path is None:
+        raise ControlError(errno.ENOTSUP, f"{root} is not a swapfs mount")
+    return socket_path
 
 
 def request(socket_path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:

@@ -15,14 +15,12 @@ still hold a lookup count on it (its ``forget`` can come much later).
 
 import errno
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import pyfuse3
 
-from swapfs.control import CONTROL_XATTR
 from swapfs.errors import SwapfsError
 from swapfs.index import Inode
 from swapfs.volume import Volume
@@ -32,8 +30,6 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may cache names and attributes. Short, because a clone
 #: made through the control socket changes a directory behind its back.
 CACHE_TIMEOUT = 1.0
-
-_CONTROL_XATTR = os.fsencode(CONTROL_XATTR)
 
 
 @contextmanager
@@ -59,10 +55,9 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, volume: Volume, control_socket: str = "") -> None:
+    def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
-        self.control_socket = control_socket
         self._lookups: dict[int, int] = {}
         self._open: dict[int, int] = {}
 
@@ -262,22 +257,3 @@ class Operations(pyfuse3.Operations):
         self._open.pop(fh, None)
         if self.volume.is_orphan(fh):
             self._purge(fh)
-
-    # -- extended attributes -------------------------------------------------------------
-
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == pyfuse3.ROOT_INODE and name == _CONTROL_XATTR and self.control_socket:
-            return os.fsencode(self.control_socket)
-        raise pyfuse3.FUSEError(errno.ENODATA)
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        if inode == pyfuse3.ROOT_INODE and self.control_socket:
-            return [_CONTROL_XATTR]
-        return []
-
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
-
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
