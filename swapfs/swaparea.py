@@ -105,11 +105,13 @@ def _has_signature(path: str) -> bool:
         return swap_file.read(10) in _SIGNATURES
 
 
-def swap_on(path: str, priority: int | None = None) -> str:
+def swap_on(path: str, priority: int | None = None, discard: bool = True) -> str:
     """Put a swapfs file into service as swap; returns its loop device.
 
     The file gets a swap signature (mkswap) only if it has none, so that a
-    file that was in service before keeps its label and UUID.
+    file that was in service before keeps its label and UUID. With
+    *discard* (``swapon --discard``) the kernel discards freed swap slots,
+    and swapfs frees the blocks that held them.
     """
     path = os.path.realpath(path)
     if not _on_mounts(path, swapfs_mounts()):
@@ -124,7 +126,7 @@ def swap_on(path: str, priority: int | None = None) -> str:
     try:
         if not _has_signature(path):
             _run("mkswap", device)
-        command = ["swapon", "--discard"]
+        command = ["swapon", "--discard"] if discard else ["swapon"]
         if priority is not None:
             command += ["--priority", str(priority)]
         _run(*command, device)
