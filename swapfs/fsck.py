@@ -63,6 +63,7 @@ class _Checker:
         self.repair = repair
         self.report = report
         self.punch: dict[int, list[int]] = collections.defaultdict(list)
+        self.remove: list[int] = []  # chains whose stray data files go
 
     def problem(self, kind: str, detail: str, repairable: bool) -> bool:
         """Record a problem; True when the caller should repair it now."""
@@ -74,6 +75,15 @@ class _Checker:
     def run(self) -> None:
         self.check_namespace()
         self.check_maps_and_blocks()
+        self.check_data_files()
+
+    def check_data_files(self) -> None:
+        """Every data file belongs to a chain (rmdir may die before deleting it)."""
+        chains = {chain.id_ for chain in self.txn.iter_chains()}
+        for chain_id, path in sorted(self.volume.store.chain_files().items()):
+            if chain_id not in chains and self.problem(
+                    "stray-data-file", f"{path} belongs to no chain", True):
+                self.remove.append(chain_id)
 
     def check_namespace(self) -> None:
         """Every entry names a live inode; every file has a name or is an orphan."""
@@ -187,6 +197,11 @@ class _Checker:
                     True):
                 txn.delete_free(chain_id, slot)
         leaked = set(range(chain.next_slot)) - free - owner.keys()
+        for slot in sorted(free - owner.keys()):
+            if slot < chain.next_slot and store.holds_data(chain_id, slot) and self.problem(
+                    "unpunched-free-slot", f"chain {chain_id} free slot {slot} still occupies "
+                    "disk space", True):
+                self.punch[chain_id].append(slot)
         for slot in sorted(leaked):
             if self.problem("leaked-slot", f"chain {chain_id} slot {slot} is neither used "
                             "nor free", True):
@@ -213,6 +228,8 @@ def check(state: Path, repair: bool = False) -> Report:
         txn.commit()
         for chain_id, slots in checker.punch.items():
             volume.store.punch(chain_id, slots)
+        for chain_id in checker.remove:
+            volume.store.remove(chain_id)
     finally:
         volume.close()
     return report

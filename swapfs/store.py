@@ -99,6 +99,24 @@ class BlockStore:
                 log.warning("cannot punch slots %d+%d of chain %d: %s",
                             first, count, chain_id, exc)
 
+    def holds_data(self, chain_id: int, slot: int) -> bool:
+        """Does the slot occupy disk space (is it not a hole)?"""
+        offset = slot * BLOCK_SIZE
+        try:
+            return os.lseek(self._fd(chain_id), offset, os.SEEK_DATA) < offset + BLOCK_SIZE
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data at or after offset
+                return False
+            raise SwapfsError.of(exc) from exc
+
+    def chain_files(self) -> dict[int, Path]:
+        """The data files present in the directory, by chain id."""
+        files = {}
+        for path in self.directory.glob("*.blocks"):
+            if path.stem.isdigit():
+                files[int(path.stem)] = path
+        return files
+
     def sync(self) -> None:
         """Flush every data file to stable storage."""
         for fd in self._fds.values():

@@ -292,3 +292,34 @@ def test_repairable_and_unrepairable_faults_together_exit_4(
     assert report.exit_code == fsck.EXIT_UNREPAIRED
     assert {p.kind for p in report.problems if p.repaired} == {"stored-count", "block-count"}
     assert kinds(fsck.check(state_dir)) == {"missing-block"}
+
+
+def test_a_data_file_of_no_chain_is_removed(state_dir: Path) -> None:
+    """rmdir commits before it deletes the chain's data file; a crash between leaves it."""
+    workload(state_dir)
+    stray = state_dir / "data" / "99.blocks"
+    stray.write_bytes(block(9))
+    report = fsck.check(state_dir)
+    assert [problem.kind for problem in report.problems] == ["stray-data-file"]
+    assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_REPAIRED
+    assert not stray.exists()
+    assert fsck.check(state_dir).clean
+
+
+def test_a_free_slot_that_still_holds_data_is_punched(state_dir: Path) -> None:
+    """A write that failed after filling a free slot, or a crash before the punch."""
+    with closing(Volume(state_dir)) as vol:
+        chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
+        vol.write(file.ino, 0, block(1) + block(2))
+        vol.write(file.ino, 0, block(3))  # slot 0 is freed and punched
+        with vol.index.begin() as txn:
+            assert list(txn.iter_free(chain.chain)) == [0]
+        data_file = vol.store.path(chain.chain)
+    with open(data_file, "r+b") as data:
+        data.write(block(1))  # slot 0 occupies disk space again
+    report = fsck.check(state_dir)
+    assert [problem.kind for problem in report.problems] == ["unpunched-free-slot"]
+    assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_REPAIRED
+    assert fsck.check(state_dir).clean
+    assert data_file.stat().st_blocks * 512 == 2 * BS
