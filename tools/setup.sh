@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything swapfs needs on a fresh Debian machine: the Debian
-# packages (FUSE 3 and its headers for building pyfuse3, fio, util-linux)
-# and a virtual environment in .venv with swapfs and its Python
-# dependencies. Safe to run again: it only installs what is missing.
+# packages (FUSE 3 and its headers, a compiler and patch for building
+# pyfuse3, fio, util-linux) and a virtual environment in .venv with pyfuse3
+# built with our fallocate patch (tools/build-pyfuse3.sh), swapfs and its
+# other Python dependencies. Safe to run again: it only installs what is
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc)
+packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc python3-dev patch)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
@@ -23,6 +25,8 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
+# Before swapfs, so that pip finds pyfuse3==3.5.0 satisfied by the patched build.
+bash tools/build-pyfuse3.sh
 stamp=.venv/.swapfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
