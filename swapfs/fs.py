@@ -242,6 +242,16 @@ class Operations(pyfuse3.Operations):
         with _errors():
             return self.volume.write(fh, off, buf)
 
+    async def fallocate(self, inode: int, mode: int, offset: int, length: int,
+                        fh: int) -> None:
+        """Discards from a loop device arrive here as PUNCH_HOLE | KEEP_SIZE.
+
+        Needs pyfuse3 with the fallocate operation (docs/pyfuse3-patch.md);
+        without it the kernel answers EOPNOTSUPP and never asks.
+        """
+        with _errors():
+            self.volume.fallocate(fh, mode, offset, length)
+
     async def flush(self, fh: int) -> None:
         pass
 

@@ -56,6 +56,11 @@ NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
+# fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
 
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
@@ -397,6 +402,64 @@ class Volume:
         change.punch()
         return len(data)
 
+    def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on a file: punch a hole, zero a range, or "allocate".
+
+        ``PUNCH_HOLE | KEEP_SIZE`` (what a loop device sends for a discard)
+        and ``ZERO_RANGE`` (with or without ``KEEP_SIZE``) unmap the blocks
+        the range covers whole and drop their refcounts, so a block no file
+        maps any more is freed and, after the commit, hole-punched; partial
+        blocks at either edge are rewritten with zeros over the range.
+        Without ``KEEP_SIZE``, zeroing past the end extends the file. Plain
+        allocation (mode 0, or ``KEEP_SIZE`` alone) reserves nothing, since
+        every block is stored on demand; mode 0 extends a file that ends
+        before the range. Any other mode is EOPNOTSUPP, as is ``PUNCH_HOLE``
+        without ``KEEP_SIZE`` (Linux refuses it too).
+        """
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) or (
+                mode & FALLOC_FL_PUNCH_HOLE
+                and mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+            raise SwapfsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if offset < 0 or length <= 0:
+            raise SwapfsError(errno.EINVAL)
+        end = offset + length
+        keep_size = bool(mode & FALLOC_FL_KEEP_SIZE)
+        if not keep_size:
+            _check_size(end)
+        with self.index.begin(write=True) as txn:
+            inode = _file(txn, ino)
+            change: _ChainWrite | None = None
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                # Nothing is mapped past the end, and the bytes of the last
+                # block past the end are zeros: a range that reaches the end
+                # covers that block whole.
+                stop = min(end, inode.size)
+                if end >= inode.size:
+                    stop = blocks_for(inode.size) * BLOCK_SIZE
+                if offset < stop:
+                    change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+                    first, head = divmod(offset, BLOCK_SIZE)
+                    last, tail = divmod(stop, BLOCK_SIZE)
+                    if head:  # the range starts inside block *first*
+                        old = change.mapped_block(ino, first)
+                        cut = min(BLOCK_SIZE, head + stop - offset)
+                        change.set_block(inode, first,
+                                         old[:head] + bytes(cut - head) + old[cut:])
+                        first += 1
+                    if tail and last >= first:  # the range ends inside block *last*
+                        old = change.mapped_block(ino, last)
+                        change.set_block(inode, last, bytes(tail) + old[tail:])
+                    change.unmap_range(inode, first, last)
+                inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            if not keep_size and end > inode.size:
+                inode.size = end
+                inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            txn.put_inode(inode)
+            if change is not None:
+                change.finish()
+        if change is not None:
+            change.punch()
+
     # -- reporting ----------------------------------------------------------------
 
     def statfs(self) -> os.statvfs_result:
@@ -605,6 +668,18 @@ class _ChainWrite:
     def unmap_from(self, inode: Inode, first: int) -> None:
         """Unmap every block of *inode* from logical block *first* on."""
         for block, digest in list(self.txn.iter_map(inode.ino, first)):
+            self.txn.delete_map(inode.ino, block)
+            inode.blocks -= 1
+            self.unref(digest)
+
+    def unmap_range(self, inode: Inode, first: int, stop: int) -> None:
+        """Unmap the blocks of *inode* in ``[first, stop)``."""
+        doomed = []
+        for block, digest in self.txn.iter_map(inode.ino, first):
+            if block >= stop:
+                break
+            doomed.append((block, digest))
+        for block, digest in doomed:
             self.txn.delete_map(inode.ino, block)
             inode.blocks -= 1
             self.unref(digest)

@@ -324,9 +324,6 @@ def test_clone_outlives_changes_to_its_source(mount: Mount) -> None:
     assert clone.read_bytes() == data
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "no fallocate handler (pyfuse3 3.5 has none): FUSE answers EOPNOTSUPP, so "
-    "punching a hole, and a loop device's discard, free nothing"))
 def test_punching_a_hole_frees_the_blocks(mount: Mount) -> None:
     """What a loop device does with the discards of the swap area on it."""
     os.mkdir(mount.path("c"))
