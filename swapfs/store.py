@@ -19,6 +19,7 @@ from swapfs.errors import SwapfsError
 
 log = logging.getLogger(__name__)
 
+_IOV_MAX = 1024
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -64,23 +65,55 @@ class BlockStore:
 
     def read(self, chain_id: int, slot: int) -> bytes:
         """The slot's bytes; short when the data file ends inside the slot."""
+        return self.read_many(chain_id, [slot])[0]
+
+    def read_many(self, chain_id: int, slots: list[int]) -> list[bytes]:
+        """The bytes of each slot, reading runs of consecutive slots at once."""
+        fd = self._fd(chain_id)
+        out: list[bytes] = []
+        start = 0
         try:
-            return os.pread(self._fd(chain_id), BLOCK_SIZE, slot * BLOCK_SIZE)
+            if len(slots) == 1:  # the common case of a 4 KiB read
+                return [os.pread(fd, BLOCK_SIZE, slots[0] * BLOCK_SIZE)]
+            while start < len(slots):
+                end = start + 1
+                while end < len(slots) and slots[end] == slots[end - 1] + 1:
+                    end += 1
+                run = os.pread(fd, (end - start) * BLOCK_SIZE, slots[start] * BLOCK_SIZE)
+                out.extend(run[offset:offset + BLOCK_SIZE]
+                           for offset in range(0, (end - start) * BLOCK_SIZE, BLOCK_SIZE))
+                start = end
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
+        return out
 
-    def write(self, chain_id: int, slot: int, data: bytes) -> None:
-        """Write one full block into a slot (ENOSPC when the disk is full)."""
+    def write_many(self, chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
+        """Write full blocks into their slots, one system call per run of slots."""
+        blocks = sorted(blocks)
+        start = 0
+        while start < len(blocks):
+            end = start + 1
+            while (end < len(blocks) and end - start < _IOV_MAX
+                   and blocks[end][0] == blocks[end - 1][0] + 1):
+                end += 1
+            self._write_run(chain_id, blocks[start][0],
+                            [data for _slot, data in blocks[start:end]])
+            start = end
+
+    def _write_run(self, chain_id: int, slot: int, buffers: list[bytes]) -> None:
         fd = self._fd(chain_id)
         offset = slot * BLOCK_SIZE
-        view = memoryview(data)
+        want = len(buffers) * BLOCK_SIZE
         try:
-            while view:
-                done = os.pwrite(fd, view, offset)
-                if done == 0:
-                    raise SwapfsError(errno.ENOSPC)
-                view = view[done:]
-                offset += done
+            done = os.pwritev(fd, buffers, offset)
+            if done < want:  # a short write: finish it the plain way
+                rest = memoryview(b"".join(buffers))[done:]
+                while rest:
+                    written = os.pwrite(fd, rest, offset + done)
+                    if written == 0:
+                        raise SwapfsError(errno.ENOSPC)
+                    rest = rest[written:]
+                    done += written
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
 

@@ -368,11 +368,15 @@ class Volume:
                 return b""
             chain = _chain(txn, inode.chain)
             out = bytearray(end - offset)
+            mapped = []  # (logical block, digest, slot), in file order
             for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
-                block_start = block * BLOCK_SIZE
-                if block_start >= end:
+                if block * BLOCK_SIZE >= end:
                     break
-                data = _load(self.store, txn, chain, digest)
+                mapped.append((block, digest, _block(txn, chain.id_, digest).slot))
+            datas = self.store.read_many(chain.id_, [slot for _, _, slot in mapped])
+            for (block, digest, slot), data in zip(mapped, datas, strict=True):
+                _verify(chain, slot, digest, data)
+                block_start = block * BLOCK_SIZE
                 lo = max(offset, block_start)
                 hi = min(end, block_start + BLOCK_SIZE)
                 out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
@@ -389,12 +393,14 @@ class Volume:
             if not data:
                 return 0  # POSIX: writing nothing changes nothing, not even the size
             change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+            blocks = []
             for piece in pieces(offset, len(data)):
                 chunk = data[piece.buf_start:piece.buf_start + piece.end - piece.start]
                 if not piece.whole:
                     old = change.mapped_block(ino, piece.block)
                     chunk = old[:piece.start] + chunk + old[piece.end:]
-                change.set_block(inode, piece.block, chunk)
+                blocks.append((piece.block, chunk))
+            change.set_blocks(inode, blocks)
             inode.size = max(inode.size, end)
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
             txn.put_inode(inode)
@@ -592,14 +598,18 @@ def _touch_dir(txn: Txn, ino: int) -> None:
     txn.put_inode(inode)
 
 
+def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:
+    """Raise EIO unless *data*, read from *slot*, is the block named *digest*."""
+    if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
+        log.error("chain %d slot %d does not match digest %s", chain.id_, slot, digest.hex())
+        raise CorruptBlock(f"chain {chain.id_} slot {slot} is corrupt")
+
+
 def _load(store: BlockStore, txn: Txn, chain: Chain, digest: bytes) -> bytes:
     """A stored block's data, verified against its digest (EIO if it differs)."""
-    ref = _block(txn, chain.id_, digest)
-    data = store.read(chain.id_, ref.slot)
-    if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
-        log.error("chain %d slot %d does not match digest %s",
-                  chain.id_, ref.slot, digest.hex())
-        raise CorruptBlock(f"chain {chain.id_} slot {ref.slot} is corrupt")
+    slot = _block(txn, chain.id_, digest).slot
+    data = store.read(chain.id_, slot)
+    _verify(chain, slot, digest, data)
     return data
 
 
@@ -624,36 +634,55 @@ class _ChainWrite:
         return ZERO_BLOCK if digest is None else _load(self.store, self.txn, self.chain, digest)
 
     def set_block(self, inode: Inode, block: int, data: bytes) -> None:
-        """Point logical *block* of *inode* at *data*, deduplicated within the chain."""
+        self.set_blocks(inode, [(block, data)])
+
+    def set_blocks(self, inode: Inode, blocks: list[tuple[int, bytes]]) -> None:
+        """Point logical blocks of *inode* at new data, deduplicated within the chain.
+
+        New blocks take free slots (or grow the data file), and their data is
+        written, in runs of consecutive slots, before the index names them.
+        Old blocks lose their references last, so a block that this very
+        call both drops and writes again keeps its slot.
+        """
         txn, chain = self.txn, self.chain
-        old = txn.get_map(inode.ino, block)
-        if is_zero(data):
-            if old is not None:
-                txn.delete_map(inode.ino, block)
-                inode.blocks -= 1
-                self.unref(old)
-            return
-        digest = block_digest(chain.key, data)
-        if digest == old:
-            return
-        ref = txn.get_block(chain.id_, digest)
-        if ref is None:
-            slot = txn.pop_free(chain.id_)
-            if slot is None:
-                slot = chain.next_slot
-                chain.next_slot += 1
-            # The data reaches its slot before the transaction naming it commits.
-            self.store.write(chain.id_, slot, data)
-            ref = BlockRef(slot, 1)
-            chain.stored += 1
-        else:
+        new_data: list[tuple[int, bytes]] = []  # (slot, data) to write
+        refs: dict[bytes, BlockRef] = {}  # blocks gaining references
+        dropped: list[bytes] = []  # old digests losing one reference each
+        for block, data in blocks:
+            old = txn.get_map(inode.ino, block)
+            if is_zero(data):
+                if old is not None:
+                    txn.delete_map(inode.ino, block)
+                    inode.blocks -= 1
+                    dropped.append(old)
+                continue
+            digest = block_digest(chain.key, data)
+            if digest == old:
+                continue
+            ref = refs.get(digest)
+            if ref is None:
+                ref = txn.get_block(chain.id_, digest)
+            if ref is None:
+                slot = txn.pop_free(chain.id_)
+                if slot is None:
+                    slot = chain.next_slot
+                    chain.next_slot += 1
+                new_data.append((slot, data))
+                ref = BlockRef(slot, 0)
+                chain.stored += 1
             ref.refcount += 1
-        txn.put_block(chain.id_, digest, ref)
-        txn.put_map(inode.ino, block, digest)
-        if old is None:
-            inode.blocks += 1
-        else:
-            self.unref(old)
+            refs[digest] = ref
+            txn.put_map(inode.ino, block, digest)
+            if old is None:
+                inode.blocks += 1
+            else:
+                dropped.append(old)
+        # The data reaches its slots before the transaction naming them commits.
+        self.store.write_many(chain.id_, new_data)
+        for digest, ref in refs.items():
+            txn.put_block(chain.id_, digest, ref)
+        for digest in dropped:
+            self.unref(digest)
 
     def unref(self, digest: bytes) -> None:
         ref = _block(self.txn, self.chain.id_, digest)
