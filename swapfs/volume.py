@@ -80,6 +80,7 @@ class Volume:
             self._format()
             if recover:
                 self._purge_orphans()
+                self._punch_free()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -119,6 +120,14 @@ class Volume:
         for ino in orphans:
             log.info("purging orphaned file %d", ino)
             self.purge(ino)
+
+    def _punch_free(self) -> None:
+        """Punch every free slot: a crash between a commit and its punch, or a
+        write that failed after filling a free slot, leaves them on disk."""
+        with self.index.begin() as txn:
+            free = {chain.id_: list(txn.iter_free(chain.id_)) for chain in txn.iter_chains()}
+        for chain_id, slots in free.items():
+            self.store.punch(chain_id, slots)
 
     # -- lookups --------------------------------------------------------------
 

@@ -716,3 +716,19 @@ def test_disk_usage_tracks_stored_bytes(volume: Volume, state_dir: Path) -> None
     assert chain_stats(volume, "a")["stored_bytes"] == 2 * BS
     volume.write(b.ino, 0, block(2))
     check()
+
+
+def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
+    """A crash between a commit and its hole punch leaves a free slot on disk."""
+    vol = Volume(state_dir)
+    chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+    file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
+    vol.write(file.ino, 0, b"\1" * BLOCK_SIZE + b"\2" * BLOCK_SIZE)
+    vol.write(file.ino, 0, b"\3" * BLOCK_SIZE)  # into slot 2; slot 0 is freed, punched
+    data_file = vol.store.path(chain.chain)
+    vol.close()
+    with open(data_file, "r+b") as data:
+        data.write(b"\1" * BLOCK_SIZE)  # as if the punch had never happened
+    assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
+    Volume(state_dir).close()
+    assert data_file.stat().st_blocks * 512 == 2 * BLOCK_SIZE
