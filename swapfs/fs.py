@@ -32,21 +32,28 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 1.0
 
 
+def _fuse_error(exc: Exception) -> pyfuse3.FUSEError:
+    """The FUSEError to answer for an exception a handler caught."""
+    if isinstance(exc, SwapfsError):
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, OSError):
+        log.exception("backing store failed")
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    # pyfuse3 ends its main loop on any other exception, which would unmount
+    # the file system under the swap areas on it: a bug must cost one
+    # request, not every process whose pages live here.
+    log.exception("internal error")
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
         yield
-    except SwapfsError as exc:
-        raise pyfuse3.FUSEError(exc.errno) from exc
-    except OSError as exc:
-        log.exception("backing store failed")
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+    except pyfuse3.FUSEError:
+        raise
     except Exception as exc:
-        # pyfuse3 ends its main loop on any other exception, which would
-        # unmount the file system under the swap areas on it: a bug must cost
-        # one request, not every process whose pages live here.
-        log.exception("internal error")
-        raise pyfuse3.FUSEError(errno.EIO) from exc
+        raise _fuse_error(exc) from exc
 
 
 class Operations(pyfuse3.Operations):
@@ -234,13 +241,20 @@ class Operations(pyfuse3.Operations):
         self._open[inode] = self._open.get(inode, 0) + 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    # read and write run for every page the kernel swaps: a plain try costs
+    # nothing until it catches, unlike entering a context manager.
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        with _errors():
+        try:
             return self.volume.read(fh, off, size)
+        except Exception as exc:
+            raise _fuse_error(exc) from exc
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        with _errors():
+        try:
             return self.volume.write(fh, off, buf)
+        except Exception as exc:
+            raise _fuse_error(exc) from exc
 
     async def fallocate(self, inode: int, mode: int, offset: int, length: int,
                         fh: int) -> None:

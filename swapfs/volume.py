@@ -630,13 +630,14 @@ class _ChainWrite:
     transaction, so none of them is overwritten before this commit.
     """
 
-    __slots__ = ("store", "txn", "chain", "freed")
+    __slots__ = ("store", "txn", "chain", "freed", "_saved")
 
     def __init__(self, store: BlockStore, txn: Txn, chain: Chain) -> None:
         self.store = store
         self.txn = txn
         self.chain = chain
         self.freed: list[int] = []
+        self._saved = (chain.next_slot, chain.stored)
 
     def mapped_block(self, ino: int, block: int) -> bytes:
         digest = self.txn.get_map(ino, block)
@@ -734,8 +735,13 @@ class _ChainWrite:
         inode.size = size
 
     def finish(self) -> None:
-        """Last step before commit: save the chain, list the freed slots as free."""
-        self.txn.put_chain(self.chain)
+        """Last step before commit: save the chain, list the freed slots as free.
+
+        The chain's record is written only if it changed: an overwrite that
+        reuses a free slot leaves it as it was, and its page stays clean.
+        """
+        if (self.chain.next_slot, self.chain.stored) != self._saved:
+            self.txn.put_chain(self.chain)
         for slot in self.freed:
             self.txn.put_free(self.chain.id_, slot)
 
