@@ -94,6 +94,9 @@ async def _serve(control: ControlServer, ops: Operations, socket_path: str,
 def run(config: Config, on_ready: Callable[[], None]) -> None:
     """Mount, serve until unmounted or signalled, then close everything."""
     assert config.state is not None and config.mountpoint is not None
+    if not hasattr(pyfuse3.Operations, "fallocate"):
+        log.warning("this pyfuse3 has no fallocate operation: discards free nothing "
+                    "(install swapfs with tools/setup.sh; see docs/pyfuse3-patch.md)")
     protections = harden(config)
     volume = Volume(config.state)
     try:
