@@ -241,6 +241,17 @@ def daemon_log_tail(mount: Mount, lines: int = 30) -> str:
 
 
 @contextlib.contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    """A loop device with direct I/O over *path*, always detached afterwards."""
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(path)],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+@contextlib.contextmanager
 def tmpfs(directory: Path, size: str) -> Iterator[Path]:
     """A tmpfs of *size* mounted on *directory*, always unmounted afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -266,6 +277,6 @@ def os_error(call: Any, *args: Any) -> int:
 
 __all__ = [
     "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail",
-    "is_mounted", "lazy_unmount", "mounted", "os_error", "remove_tree", "requires_mount",
-    "short_tempdir", "swapfs", "tmpfs", "wait_until",
+    "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "remove_tree",
+    "requires_mount", "short_tempdir", "swapfs", "tmpfs", "wait_until",
 ]

@@ -37,7 +37,7 @@ from swapfs.volume import (
     FALLOC_FL_ZERO_RANGE,
     Volume,
 )
-from tests.mounting import Mount, requires_mount, swapfs, wait_until
+from tests.mounting import Mount, loop_device, requires_mount, swapfs, wait_until
 from tools.swapload import MIB, MemoryCgroup, run_workload
 
 BS = BLOCK_SIZE
@@ -456,16 +456,6 @@ def test_unsupported_modes_through_the_mount(mount: Mount) -> None:
     with opened(path) as fd:
         fallocate(fd, PUNCH, 0, BS)
     assert stored_bytes(mount) == 3 * BS
-
-
-@contextlib.contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(path)],
-                            check=True, capture_output=True, text=True).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
 
 
 @pytest.mark.mount

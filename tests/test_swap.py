@@ -10,7 +10,6 @@ import json
 import mmap
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,16 @@ from pathlib import Path
 import pytest
 
 from swapfs import swaparea
-from tests.mounting import Mount, alive, is_mounted, requires_mount, swapfs, wait_until
-from tools.swapload import MIB, MemoryCgroup, run_workload
+from tests.mounting import (
+    Mount,
+    alive,
+    is_mounted,
+    loop_device,
+    requires_mount,
+    swapfs,
+    wait_until,
+)
+from tools.swapload import MIB, MemoryCgroup, peak_figures, run_workload
 
 pytestmark = [requires_mount, pytest.mark.mount]
 
@@ -33,39 +40,6 @@ def swap_on(path: Path) -> Iterator[str]:
     finally:
         if swaparea.devices_of(str(path)):
             swapfs("swapoff", str(path))
-
-
-@contextlib.contextmanager
-def loop_device(path: Path) -> Iterator[str]:
-    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(path)],
-                            check=True, capture_output=True, text=True).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=True)
-
-
-@contextlib.contextmanager
-def peak_figures(mount: Mount, chain: str) -> Iterator[dict[str, int]]:
-    """The highest stored and logical bytes of *chain* while the block runs (polled)."""
-    peak = {"stored_bytes": 0, "logical_bytes": 0}
-    done = threading.Event()
-
-    def poll() -> None:
-        while True:
-            figures = mount.chain(chain)
-            for key in peak:
-                peak[key] = max(peak[key], figures[key])
-            if done.wait(0.1):
-                return
-
-    poller = threading.Thread(target=poll)
-    poller.start()
-    try:
-        yield peak
-    finally:
-        done.set()
-        poller.join()
 
 
 def swap_file(mount: Mount, name: str, mib: int) -> Path:
@@ -85,7 +59,8 @@ def test_clones_swapping_the_same_table_store_one_copy(mount: Mount) -> None:
         before = mount.chain("web")["stored_bytes"]
         # While the workers run: swap is on with discard, so the blocks of
         # their slots are freed once they exit.
-        with MemoryCgroup("test", 192 * MIB) as cgroup, peak_figures(mount, "web") as peak:
+        with MemoryCgroup("test", 192 * MIB) as cgroup, \
+                peak_figures(lambda: mount.chain("web")) as peak:
             # run_workload raises if any worker finds a byte that differs.
             result = run_workload(cgroup, workers=4, table_mib=128, device=device)
     table = 128 * MIB

@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from tools.swapload import (  # noqa: E402
     MIB,
     MemoryCgroup,
     WorkloadResult,
+    peak_figures,
     plain_swap_file,
     run_workload,
 )
@@ -71,29 +71,6 @@ def mounted(state: Path, mnt: Path) -> Iterator[Path]:
 def chain_stats(mnt: Path, chain: str) -> dict[str, Any]:
     stats: dict[str, Any] = json.loads(swapfs("stats", "--json", str(mnt)))["chains"][chain]
     return stats
-
-
-@contextlib.contextmanager
-def peak_figures(mnt: Path, chain: str) -> Iterator[dict[str, int]]:
-    """The highest stored and logical bytes of *chain* while the block runs (polled)."""
-    peak = {"stored_bytes": 0, "logical_bytes": 0}
-    done = threading.Event()
-
-    def poll() -> None:
-        while True:
-            figures = chain_stats(mnt, chain)
-            for key in peak:
-                peak[key] = max(peak[key], figures[key])
-            if done.wait(0.1):
-                return
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        yield peak
-    finally:
-        done.set()
-        poller.join()
 
 
 def settled_stats(mnt: Path, chain: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -191,7 +168,7 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             # The figures peak while the workers run: swap is on with discard,
             # so the kernel frees their slots, and swapfs their blocks, when
             # they exit.
-            with peak_figures(mnt, "web") as peak:
+            with peak_figures(lambda: chain_stats(mnt, "web")) as peak:
                 result = swap_run(device, args.workers, args.table_mib, args.limit_mib)
             logical = peak["logical_bytes"] - before["logical_bytes"]
             stored = peak["stored_bytes"] - before["stored_bytes"]

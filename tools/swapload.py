@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -202,6 +203,35 @@ def _worker(cgroup: Path, table_mib: int) -> int:
             return 2
         print(f"{command} ok", flush=True)
     return 0
+
+
+@contextmanager
+def peak_figures(figures: Callable[[], dict[str, int]], keys: tuple[str, ...] = (
+        "stored_bytes", "logical_bytes")) -> Iterator[dict[str, int]]:
+    """The highest value of each of *keys* in ``figures()`` while the block runs.
+
+    Polled every 0.1 s from a thread: discards lower the figures again as
+    soon as the workers free their memory, so reading them afterwards
+    would miss the peak.
+    """
+    peak = dict.fromkeys(keys, 0)
+    done = threading.Event()
+
+    def poll() -> None:
+        while True:
+            latest = figures()
+            for key in keys:
+                peak[key] = max(peak[key], latest[key])
+            if done.wait(0.1):
+                return
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        poller.join()
 
 
 @contextmanager

@@ -1,0 +1,65 @@
+"""``swapfs bench --quick`` runs end to end and writes its table, JSON and chart.
+
+No speed is asserted here: figures are the benchmark's to report, as ratios
+measured in the same run. What is checked is that every row is there, that
+the ratios are computed against the ceilings of the same run, and that the
+benchmark leaves nothing behind.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import mounted_paths, requires_mount
+
+pytestmark = [requires_mount, pytest.mark.mount, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _leftovers() -> tuple[str, str, list[str]]:
+    swaps = Path("/proc/swaps").read_text()
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return swaps, loops, [path for path in mounted_paths() if "swapfs-bench" in path]
+
+
+def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
+    before = _leftovers()
+    result = subprocess.run(
+        [sys.executable, "-m", "swapfs.cli", "bench", "--quick", "--runtime", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.stdout.strip() == table.strip()
+
+    rows = {(row["target"], row["job"]): row for row in results["fio"]}
+    jobs = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
+    for target in ["swapfs", "python-fuse", "kernel", "zram", "root-disk"]:
+        for job in jobs:
+            row = rows[target, job]
+            assert f"| {target} | {job} |" in table
+            if "unavailable" in row:
+                continue
+            assert row["iops"] > 0 and row["mbps"] > 0 and row["p99_us"] >= row["p50_us"]
+            ceiling = rows["python-fuse", job]
+            assert row["vs_python_fuse"] == pytest.approx(row["iops"] / ceiling["iops"])
+    for job in jobs:  # the ceilings themselves must have run
+        assert "unavailable" not in rows["python-fuse", job]
+        assert rows["kernel", job]["vs_kernel"] == pytest.approx(1.0)
+
+    (space,) = results["space"]
+    assert space["stored_bytes"] == space["ideal_bytes"]  # dedup is exact in a chain
+    assert 0 < space["stored_bytes"] < space["logical_bytes"]
+    e2e = {row["target"]: row for row in results["e2e"]}
+    assert set(e2e) == {"swapfs", "zram", "root-disk"}
+    assert e2e["swapfs"]["swapped_out_bytes"] > 0
+    assert e2e["swapfs"]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
+    assert _leftovers() == before
