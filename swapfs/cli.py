@@ -97,9 +97,10 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 
 def _umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
-    for area in swaparea.active_areas([mountpoint]):
-        raise CommandError(f"swap is active on {area.file} ({area.device}): "
-                           f"run 'swapfs swapoff {area.file}' first")
+    active = swaparea.active_areas([mountpoint])
+    if active:
+        raise CommandError(f"swap is active on {active[0].file} ({active[0].device}): "
+                           f"run 'swapfs swapoff {active[0].file}' first")
     attached = swaparea.status()["mounts"].get(mountpoint, {}).get("loop_devices", [])
     if attached:
         raise CommandError(f"{attached[0]['file']} is attached to {attached[0]['device']}: "
@@ -302,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="swapfs: %(message)s")
     try:
         return int(args.run(args))
-    except (CommandError, control.ControlError, SwapfsError) as exc:
-        print(f"swapfs {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+    except (CommandError, control.ControlError, SwapfsError, OSError) as exc:
         print(f"swapfs {args.command}: {exc}", file=sys.stderr)
         return 1
 
