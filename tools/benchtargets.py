@@ -92,16 +92,22 @@ def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def swapfs_file(size: int) -> Iterator[Device]:
-    """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
+def _swapfs_file(size: int) -> Iterator[tuple[Path, Path]]:
+    """(mount point, file): a file of *size* in chain "bench" on a fresh mount."""
     _require_root()
     with _workdir() as workdir, swapfs_mount(workdir) as mnt:
         (mnt / "bench").mkdir()
         path = mnt / "bench" / "disk.swap"
         path.touch()
         os.truncate(path, size)
-        with loop_device(path) as device:
-            yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"))
+        yield mnt, path
+
+
+@contextlib.contextmanager
+def swapfs_file(size: int) -> Iterator[Device]:
+    """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
+    with _swapfs_file(size) as (mnt, path), loop_device(path) as device:
+        yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"))
 
 
 @contextlib.contextmanager
@@ -212,12 +218,7 @@ def _swap_used(name: str) -> int:
 
 @contextlib.contextmanager
 def swapfs_swap(size: int) -> Iterator[SwapTarget]:
-    _require_root()
-    with _workdir() as workdir, swapfs_mount(workdir) as mnt:
-        (mnt / "bench").mkdir()
-        path = mnt / "bench" / "vm.swap"
-        path.touch()
-        os.truncate(path, size)
+    with _swapfs_file(size) as (mnt, path):
         device = _run(*SWAPFS, "swapon", str(path), "--priority", "32767").strip()
         try:
             yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]))
