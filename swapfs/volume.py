@@ -376,15 +376,23 @@ class Volume:
             if offset >= end:
                 return b""
             chain = _chain(txn, inode.chain)
-            out = bytearray(end - offset)
+            if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
+                # One whole block, the kernel's most frequent swap-in.
+                digest = txn.get_map(ino, offset // BLOCK_SIZE)
+                return ZERO_BLOCK if digest is None else _load(self.store, txn, chain, digest)
             mapped = []  # (logical block, digest, slot), in file order
             for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
                 if block * BLOCK_SIZE >= end:
                     break
                 mapped.append((block, digest, _block(txn, chain.id_, digest).slot))
             datas = self.store.read_many(chain.id_, [slot for _, _, slot in mapped])
-            for (block, digest, slot), data in zip(mapped, datas, strict=True):
+            for (_, digest, slot), data in zip(mapped, datas, strict=True):
                 _verify(chain, slot, digest, data)
+            if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
+                # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
+                return b"".join(datas)
+            out = bytearray(end - offset)
+            for (block, _, _), data in zip(mapped, datas, strict=True):
                 block_start = block * BLOCK_SIZE
                 lo = max(offset, block_start)
                 hi = min(end, block_start + BLOCK_SIZE)
