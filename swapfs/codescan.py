@@ -87,7 +87,11 @@ class Extent:
 
 @dataclass
 class Scan:
-    """The result of one scan."""
+    """The result of one scan.
+
+    ``skipped`` counts processes whose maps could not be read and executable
+    mappings whose file could not be read or parsed, by reason.
+    """
 
     extents: list[Extent] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)

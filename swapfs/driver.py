@@ -8,6 +8,7 @@ from this host.
 import argparse
 import json
 import logging
+import os
 import sys
 
 from swapfs.codescan import SKIP_REASONS, Scan, scan
@@ -67,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="swapfs-driver: %(message)s")
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 0
 
 
 if __name__ == "__main__":
