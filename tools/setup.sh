@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc python3-dev patch python3-venv)
+packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc python3-dev patch python3-venv binutils)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
