@@ -49,6 +49,7 @@ from swapfs.index import (
     Txn,
 )
 from swapfs.store import BlockStore
+from swapfs.transient import TransientCache
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Volume:
         try:
             self.index = Index(state / "index.lmdb")
             self.store = BlockStore(state / "data")
+            #: Hot blocks in memory, set by the daemon when drivers report space.
+            self.cache: TransientCache | None = None
             self._format()
             if recover:
                 self._purge_orphans()
@@ -379,25 +382,55 @@ class Volume:
             if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
                 # One whole block, the kernel's most frequent swap-in.
                 digest = txn.get_map(ino, offset // BLOCK_SIZE)
-                return ZERO_BLOCK if digest is None else _load(self.store, txn, chain, digest)
-            mapped = []  # (logical block, digest, slot), in file order
+                return ZERO_BLOCK if digest is None else self._load(txn, chain, digest)
+            mapped = []  # (logical block, digest), in file order
             for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
                 if block * BLOCK_SIZE >= end:
                     break
-                mapped.append((block, digest, _block(txn, chain.id_, digest).slot))
-            datas = self.store.read_many(chain.id_, [slot for _, _, slot in mapped])
-            for (_, digest, slot), data in zip(mapped, datas, strict=True):
-                _verify(chain, slot, digest, data)
+                mapped.append((block, digest))
+            datas = self._load_many(txn, chain, [digest for _, digest in mapped])
             if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
                 # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
                 return b"".join(datas)
             out = bytearray(end - offset)
-            for (block, _, _), data in zip(mapped, datas, strict=True):
+            for (block, _), data in zip(mapped, datas, strict=True):
                 block_start = block * BLOCK_SIZE
                 lo = max(offset, block_start)
                 hi = min(end, block_start + BLOCK_SIZE)
                 out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
             return bytes(out)
+
+    def _load(self, txn: Txn, chain: Chain, digest: bytes) -> bytes:
+        """A block's verified data: from the transient cache if it is hot there."""
+        cache = self.cache
+        if cache is None:
+            return _load(self.store, txn, chain, digest)
+        key = _cache_key(chain, digest)
+        data = cache.get(key)
+        if data is None:
+            data = _load(self.store, txn, chain, digest)
+            cache.offer(key, data)
+        return data
+
+    def _load_many(self, txn: Txn, chain: Chain, digests: list[bytes]) -> list[bytes]:
+        """Verified data of each digest: hot blocks from the transient cache, the
+        others from the store, reading runs of consecutive slots at once."""
+        cache = self.cache
+        datas: list[bytes] = [b""] * len(digests)
+        misses = []  # (position, digest, slot)
+        for position, digest in enumerate(digests):
+            hit = None if cache is None else cache.get(_cache_key(chain, digest))
+            if hit is None:
+                misses.append((position, digest, _block(txn, chain.id_, digest).slot))
+            else:
+                datas[position] = hit
+        read = self.store.read_many(chain.id_, [slot for _, _, slot in misses])
+        for (position, digest, slot), data in zip(misses, read, strict=True):
+            _verify(chain, slot, digest, data)
+            datas[position] = data
+            if cache is not None:
+                cache.offer(_cache_key(chain, digest), data)
+        return datas
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, extending the file past its end."""
@@ -517,7 +550,10 @@ class Volume:
                     "disk_bytes": self.store.disk_bytes(chain.id_),
                     "files": files,
                 }
-        return {"chains": chains, "index_bytes": self.index.file_bytes()}
+        report: dict[str, Any] = {"chains": chains, "index_bytes": self.index.file_bytes()}
+        if self.cache is not None:
+            report["transient_cache"] = self.cache.stats()
+        return report
 
 
 # -- helpers that run inside one transaction ------------------------------------
@@ -613,6 +649,11 @@ def _touch_dir(txn: Txn, ino: int) -> None:
     inode = _inode(txn, ino)
     inode.mtime_ns = inode.ctime_ns = time.time_ns()
     txn.put_inode(inode)
+
+
+def _cache_key(chain: Chain, digest: bytes) -> bytes:
+    """A block's name in the transient cache: digests are per chain."""
+    return chain.id_.to_bytes(4, "big") + digest
 
 
 def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:
