@@ -33,11 +33,18 @@ class Config:
     log_level: str = "info"
     #: Control socket path; empty means ``<state>/control.sock``.
     control_socket: str = ""
+    #: The transient cache's largest capacity in bytes; 0 disables it.
+    transient_cache_max_bytes: int = 268435456
+    #: Seconds a registered driver may stay silent before it is revoked.
+    driver_timeout: float = 30
+    #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
+    vsock_port: int = 0
 
 
-_TYPES: dict[str, type] = {
+_TYPES: dict[str, type | tuple[type, ...]] = {
     "state": str, "mountpoint": str, "allow_other": bool, "lock_memory": bool,
     "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
+    "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -57,8 +64,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         if key not in known:
             raise ConfigError(f"unknown setting {key!r}")
         want = _TYPES[key]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"{key} must be a {want.__name__}, not {value!r}")
+        if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):
+            name = "number" if isinstance(want, tuple) else want.__name__
+            raise ConfigError(f"{key} must be a {name}, not {value!r}")
     config = Config(**values)
     if config.state is None or config.mountpoint is None:
         raise ConfigError("both 'state' and 'mountpoint' are needed")
@@ -67,4 +75,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError(f"log_level must be one of {', '.join(_LEVELS)}")
     if not -1000 <= config.oom_score_adj <= 1000:
         raise ConfigError("oom_score_adj must be within -1000..1000")
+    if config.transient_cache_max_bytes < 0:
+        raise ConfigError("transient_cache_max_bytes must not be negative")
+    if not 0 < config.driver_timeout < 1e9:
+        raise ConfigError("driver_timeout must be a positive number of seconds")
+    if not 0 <= config.vsock_port <= 0xFFFFFFFE:
+        raise ConfigError("vsock_port must be within 0..4294967294")
     return config

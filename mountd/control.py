@@ -2,19 +2,25 @@
 
 Requests are handled on the same trio thread as FUSE requests, and the
 Volume calls they make have no checkpoint, so a clone is atomic with
-respect to the I/O around it. Protocol: :mod:`swapfs.control`.
+respect to the I/O around it. Protocol: :mod:`swapfs.control`; drivers'
+messages (``driver.*``): :mod:`mountd.drivers`.
 """
 
 import contextlib
 import errno
 import json
 import logging
+import math
 import os
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
+from mountd.drivers import OPS as DRIVER_OPS
+from mountd.drivers import DriverError, DriverManager, Session
 from swapfs.control import MAX_LINE
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
@@ -40,8 +46,9 @@ class ControlServer:
     """Answers control requests against one mounted Volume."""
 
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
-                 protections: dict[str, bool]) -> None:
+                 protections: dict[str, bool], drivers: DriverManager | None = None) -> None:
         self.volume = volume
+        self.drivers = drivers
         self.mountpoint = mountpoint
         self.ops = ops
         self.protections = protections
@@ -57,7 +64,10 @@ class ControlServer:
                 **self.protections}
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
-        return self.volume.stats()
+        report = self.volume.stats()
+        if self.drivers is not None:
+            report["transient_cache"] = self.drivers.stats()
+        return report
 
     def clone(self, message: dict[str, Any]) -> dict[str, Any]:
         source = self.volume.resolve(_string(message, "source"))
@@ -71,8 +81,9 @@ class ControlServer:
                  " (empty)" if empty else "")
         return {"ino": inode.ino, "size": inode.size}
 
-    def answer(self, line: bytes) -> dict[str, Any]:
-        """The reply to one request line (raises BadRequest for malformed ones)."""
+    def answer(self, line: bytes, session: Session | None = None) -> dict[str, Any]:
+        """The reply to one request line (raises BadRequest for malformed ones,
+        DriverError for refused driver messages)."""
         try:
             message = json.loads(line)
         except (ValueError, RecursionError) as exc:
@@ -82,6 +93,16 @@ class ControlServer:
         if not isinstance(message, dict):
             raise BadRequest("a request is a JSON object")
         op = message.get("op")
+        if isinstance(op, str) and op in DRIVER_OPS:
+            if self.drivers is None or session is None:
+                raise DriverError(errno.ENOTSUP, "this daemon takes no drivers")
+            try:
+                return {"ok": True, **self.drivers.handle(session, message)}
+            except (DriverError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # a bug must not take the mount down with it
+                log.exception("driver message %r failed", op)
+                raise DriverError(errno.EIO, f"internal error: {exc}") from exc
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             raise BadRequest(f"unknown op {op!r}"[:200])
@@ -96,12 +117,29 @@ class ControlServer:
             return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc}"}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
+        session = Session()
+        try:
+            await self._serve_client(stream, session)
+        finally:
+            if self.drivers is not None:
+                self.drivers.close(session, "disconnected")
+
+    async def _serve_client(self, stream: trio.SocketStream, session: Session) -> None:
         async with stream:
             buffer = b""
             while True:
+                # A registered driver that stays silent past the timeout is revoked.
+                deadline = (session.last_message + self.drivers.timeout
+                            if self.drivers is not None and session.name is not None
+                            else math.inf)
                 try:
-                    data = await stream.receive_some(65536)
+                    with trio.move_on_at(_trio_deadline(deadline)) as scope:
+                        data = await stream.receive_some(65536)
                 except trio.BrokenResourceError:
+                    return
+                if scope.cancelled_caught:
+                    if self.drivers is not None:
+                        self.drivers.close(session, "silent past the timeout")
                     return
                 if not data:
                     return
@@ -109,10 +147,15 @@ class ControlServer:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     try:
-                        reply = self.answer(line)
+                        reply = self.answer(line, session)
                     except BadRequest as exc:
                         log.warning("bad control request: %s", exc)
                         await _send(stream, {"ok": False, "errno": errno.EINVAL,
+                                             "error": str(exc)})
+                        return
+                    except DriverError as exc:
+                        log.warning("driver message refused: %s", exc)
+                        await _send(stream, {"ok": False, "errno": exc.errno,
                                              "error": str(exc)})
                         return
                     await _send(stream, reply)
@@ -136,6 +179,29 @@ class ControlServer:
             await trio.serve_listeners(self.serve_client, [listener])
         finally:
             os.unlink(path)
+
+    async def serve_vsock(self, port: int, *, task_status: trio.TaskStatus[None]
+                          = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on AF_VSOCK *port* (any CID) until cancelled: how a driver
+        inside a virtual machine reaches the daemon on its host."""
+        sock = trio.socket.socket(socket.AF_VSOCK, trio.socket.SOCK_STREAM)
+        await sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self.serve_client, [listener])
+
+
+def vsock_available() -> bool:
+    """Does this kernel offer AF_VSOCK?"""
+    return hasattr(socket, "AF_VSOCK") and os.path.exists("/dev/vsock")
+
+
+def _trio_deadline(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on trio's clock."""
+    if monotonic_deadline == math.inf:
+        return math.inf
+    return trio.current_time() + (monotonic_deadline - time.monotonic())
 
 
 async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:

@@ -21,9 +21,11 @@ import trio
 
 from mountd import lifecycle
 from mountd.config import Config
-from mountd.control import ControlServer
+from mountd.control import ControlServer, vsock_available
+from mountd.drivers import DriverManager
 from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
+from swapfs.transient import TransientCache
 from swapfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,17 @@ async def _watch_signals(ops: Operations) -> None:
 
 
 async def _serve(control: ControlServer, ops: Operations, socket_path: str,
-                 on_ready: Callable[[], None]) -> None:
+                 vsock_port: int, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, socket_path)
+        if vsock_port and not vsock_available():
+            log.warning("vsock_port %d: this kernel offers no AF_VSOCK", vsock_port)
+        elif vsock_port:
+            try:
+                await nursery.start(control.serve_vsock, vsock_port)
+                log.info("drivers may connect on vsock port %d", vsock_port)
+            except OSError as exc:
+                log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
         log.info("serving %s on %s", control.volume.state, control.mountpoint)
         on_ready()
@@ -101,11 +111,16 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
     volume = Volume(config.state)
     try:
         socket_path = config.control_socket or control_socket_path(config.state)
+        # The pool lives in this process's memory, locked with the rest by harden().
+        cache = TransientCache(config.transient_cache_max_bytes)
+        if cache.max_slots:  # 0 (or under one block) disables the pool
+            volume.cache = cache
+        drivers = DriverManager(cache, config.driver_timeout)
         ops = Operations(volume)
-        control = ControlServer(volume, config.mountpoint, ops, protections)
+        control = ControlServer(volume, config.mountpoint, ops, protections, drivers)
         pyfuse3.init(ops, config.mountpoint, fuse_options(config, socket_path))
         try:
-            trio.run(_serve, control, ops, socket_path, on_ready)
+            trio.run(_serve, control, ops, socket_path, config.vsock_port, on_ready)
         except BaseException:
             log.exception("daemon failed")
             raise
