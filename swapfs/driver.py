@@ -3,20 +3,39 @@
 ``swapfs-driver scan`` prints one scan (:mod:`swapfs.codescan`) and needs no
 daemon: the figures it prints are the capacity a transient cache could get
 from this host.
+
+``swapfs-driver run`` registers with a daemon on its control socket and keeps
+its report current: it rescans every interval and sends the new extents when
+they changed (a process started or exited), a heartbeat otherwise. Its
+connection is its registration: when it exits, however it exits, the daemon
+revokes its share at once. Protocol: :mod:`mountd.drivers`.
 """
 
 import argparse
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+from dataclasses import asdict
+from types import FrameType
+from typing import Any
 
-from swapfs.codescan import SKIP_REASONS, Scan, scan
+from swapfs import control
+from swapfs.codescan import SKIP_REASONS, Extent, Scan, scan
+
+log = logging.getLogger("swapfs-driver")
+
+#: Most extents one report carries (the daemon refuses more).
+MAX_EXTENTS = 8192
 
 _EXAMPLES = """\
 examples:
   swapfs-driver scan                      # every process on this host
   swapfs-driver scan --json --pid 1 812   # only these processes, as JSON
+  swapfs-driver run --mount /mnt/swapfs   # register with that mount's daemon
 """
 
 
@@ -43,6 +62,98 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+class DriverFailed(Exception):
+    """The daemon refused the driver or went away."""
+
+
+class _Connection:
+    """One control connection, kept open: requests and their replies, in turn."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as exc:
+            self.sock.close()
+            raise DriverFailed(f"cannot connect to {path}: {exc}") from exc
+        self.reader = self.sock.makefile("rb")
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self.sock.sendall(json.dumps(message).encode() + b"\n")
+            line = self.reader.readline(control.MAX_LINE)
+        except OSError as exc:
+            raise DriverFailed(f"lost the daemon: {exc}") from exc
+        if not line:
+            raise DriverFailed("the daemon closed the connection")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise DriverFailed(f"the daemon refused {message['op']}: "
+                               f"{reply.get('error', 'failed')} (errno {reply.get('errno')})")
+        return dict(reply)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def report_extents(result: Scan) -> list[Extent]:
+    """What to report: every extent, or one per physical extent if they are too many."""
+    if len(result.extents) <= MAX_EXTENTS:
+        return result.extents
+    unique = list({extent.physical_key: extent for extent in result.extents}.values())
+    if len(unique) > MAX_EXTENTS:
+        log.warning("%d physical extents: reporting the first %d", len(unique), MAX_EXTENTS)
+    return unique[:MAX_EXTENTS]
+
+
+def _log_grant(what: str, name: str, reply: dict[str, Any], extents: list[Extent]) -> None:
+    log.info("%s %s: %d extents, share %d bytes, pool %d bytes (cache %s)", what, name,
+             len(extents), reply["capacity_bytes"], reply["pool_capacity_bytes"],
+             reply["cache_id"])
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = args.socket or control.socket_of(args.mount)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    connection = _Connection(path, timeout=max(30.0, 2 * args.interval))
+    try:
+        extents = report_extents(scan(args.pid))
+        reply = connection.request({"op": "driver.register", "driver": args.name,
+                                    "extents": [asdict(extent) for extent in extents]})
+        token = reply["token"]
+        _log_grant("registered", args.name, reply, extents)
+        while not stop.wait(args.interval):
+            fresh = report_extents(scan(args.pid))
+            if fresh != extents:
+                extents = fresh
+                reply = connection.request({
+                    "op": "driver.update", "driver": args.name, "token": token,
+                    "extents": [asdict(extent) for extent in extents]})
+                _log_grant("updated", args.name, reply, extents)
+            else:
+                connection.request({"op": "driver.heartbeat", "driver": args.name,
+                                    "token": token})
+    finally:
+        connection.close()
+    return 0
+
+
+def _interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("the interval must be within (0, 3600] seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swapfs-driver",
@@ -61,15 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     scan_parser.add_argument("--pid", type=int, nargs="+", metavar="PID",
                              help="scan only these processes (default: all)")
     scan_parser.set_defaults(run=_scan)
+    run_parser = commands.add_parser(
+        "run", help="register with a daemon and keep the report current",
+        description="Register this host's unused code-page space with a swapfs daemon and "
+                    "keep the report current as processes start and exit; the daemon "
+                    "revokes it as soon as this command exits.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = run_parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="the daemon's control socket")
+    where.add_argument("--mount", help="a path on the daemon's mount")
+    run_parser.add_argument("--name", default=socket.gethostname()[:64] or "driver",
+                            help="this driver's name (default: the host name)")
+    run_parser.add_argument("--interval", type=_interval, default=5.0,
+                            help="seconds between rescans (default: 5)")
+    run_parser.add_argument("--pid", type=int, nargs="+", metavar="PID",
+                            help="scan only these processes (default: all)")
+    run_parser.set_defaults(run=_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+    quiet = logging.WARNING if args.command == "scan" else logging.INFO
+    logging.basicConfig(level=logging.DEBUG if args.debug else quiet,
                         format="swapfs-driver: %(message)s")
     try:
         return int(args.run(args))
+    except (DriverFailed, control.ControlError) as exc:
+        log.error("%s", exc)
+        return 1
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
