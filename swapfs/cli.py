@@ -202,6 +202,30 @@ def _print_stats(stats: dict[str, Any]) -> None:
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
                   f"{entry['zero_blocks']:>12}")
     print(f"index: {_size(stats['index_bytes'])}")
+    pool = stats.get("transient_cache")
+    if pool is not None:
+        _print_pool(pool)
+
+
+def _print_pool(pool: dict[str, Any]) -> None:
+    """The transient cache: its capacity, its traffic and each driver's share."""
+    looked_up = pool["hits"] + pool["misses"]
+    rate = f" ({100 * pool['hits'] / looked_up:.1f}% hits)" if looked_up else ""
+    print(f"transient cache: capacity {_size(pool['capacity_bytes'])} "
+          f"(max {_size(pool['max_bytes'])}), used {_size(pool['used_bytes'])}")
+    print(f"  hits {pool['hits']}  misses {pool['misses']}{rate}  "
+          f"admissions {pool['admissions']}  evictions {pool['evictions']}  "
+          f"revocations {pool['revocations']}")
+    drivers = pool["drivers"]
+    if not drivers:
+        print("  no drivers")
+    for name, driver in sorted(drivers.items()):
+        extra = ""
+        if "processes" in driver:
+            extra = (f", {driver['processes']} processes, {driver['extents']} extents, "
+                     f"idle {driver['idle_seconds']:.1f} s")
+        print(f"  driver {name}: {_size(driver['bytes'])} in {driver['segments']} "
+              f"segments{extra}")
 
 
 def _stats(args: argparse.Namespace) -> int:
