@@ -117,9 +117,12 @@ def aligned_buffer(size: int) -> mmap.mmap:
 class Mount:
     """One state directory and one mount point, driven through the CLI."""
 
-    def __init__(self, root: Path, state: Path | None = None) -> None:
+    def __init__(self, root: Path, state: Path | None = None,
+                 config: Path | None = None) -> None:
         self.root = root
         self.state = state if state is not None else root / "s"
+        #: The daemon's configuration file (``swapfs mount --config``), if any.
+        self.config = config
         self.mnt = root / "m"
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.pid: int | None = None
@@ -132,7 +135,8 @@ class Mount:
 
     def mount(self) -> None:
         """``swapfs mount``; then learn the daemon's pid from its control socket."""
-        result = swapfs("mount", "--state", str(self.state), str(self.mnt))
+        config = ["--config", str(self.config)] if self.config is not None else []
+        result = swapfs("mount", *config, "--state", str(self.state), str(self.mnt))
         printed = re.search(r"\(pid (\d+)\)", result.stdout)
         # The printed pid only serves cleanup if the control socket does not answer.
         self.pid = int(printed.group(1)) if printed else None
@@ -206,7 +210,7 @@ class Mount:
 
 @contextlib.contextmanager
 def mounted(root: Path | None = None, state: Path | None = None,
-            check_fsck: bool = True) -> Iterator[Mount]:
+            check_fsck: bool = True, config: Path | None = None) -> Iterator[Mount]:
     """A mounted :class:`Mount`, closed and removed afterwards, failures included.
 
     After a test that passed, the daemon must not have died on its own and
@@ -215,7 +219,7 @@ def mounted(root: Path | None = None, state: Path | None = None,
     """
     own_root = root is None
     root = root if root is not None else short_tempdir()
-    mount = Mount(root, state)
+    mount = Mount(root, state, config)
     try:
         mount.mount()
         yield mount
