@@ -62,4 +62,9 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     assert set(e2e) == {"swapfs", "zram", "root-disk"}
     assert e2e["swapfs"]["swapped_out_bytes"] > 0
     assert e2e["swapfs"]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
+    off, on = results["pool"]  # the transient cache: off, then on
+    assert (off["pool_bytes"], off["hit_rate"], off["speedup"]) == (0, 0.0, 1.0)
+    assert on["pool_bytes"] > 0 and on["hit_rate"] > 0
+    assert on["speedup"] == pytest.approx(on["iops"] / off["iops"])
+    assert "Transient cache: zipf 1.2" in table
     assert _leftovers() == before

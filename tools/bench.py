@@ -15,17 +15,24 @@ loop device with direct I/O over each target's file; data with fio's
 dedupe_percentage 0, 50 and 90, and all-zero buffers. End to end: the
 demo's workload (workers building the same table in a memory cgroup) with
 real kernel swap on swapfs, zram and a swap file on the root disk.
+Transient cache: a skewed (zipf 1.2) 4 KiB random read on swapfs with the
+pool off and on; the pool's size comes from a synthetic driver report (a
+real host's code pages rarely give more than a few hundred KiB).
 
 Writes results.json, results.md and results.png to --out.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blake3  # noqa: E402
 
+from swapfs import control  # noqa: E402
+from swapfs.codescan import scan  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
     FIO_TARGETS,
     MIB,
     SWAP_TARGETS,
     Device,
     Unavailable,
+    loop_device,
+    swapfs_plain_file,
 )
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
 
@@ -62,6 +73,7 @@ class Plan:
     e2e_table_mib: int
     e2e_limit_mib: int
     e2e_targets: list[str] = field(default_factory=lambda: list(SWAP_TARGETS))
+    pool: bool = True  # the transient cache rows
 
 
 QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], runtime=5, repeats=1, region=256 * MIB,
@@ -210,6 +222,66 @@ def e2e_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+# -- the transient cache -------------------------------------------------------------
+
+POOL_REGION = 64 * MIB  # the file the skewed reads go to
+POOL_BYTES = 16 * MIB  # the pool the synthetic driver report gives
+
+
+@contextlib.contextmanager
+def synthetic_driver(mnt: Path, pool_bytes: int) -> Iterator[None]:
+    """A driver reporting *pool_bytes* of made-up 4 KiB extents, registered while
+    the block runs (its connection is its registration)."""
+    extents = [{"pid": 1, "path": f"/synthetic/{n}", "device": "00:00", "inode": n,
+                "address": 0, "length": PAGE, "segment": 0, "part": "tail"}
+               for n in range(pool_bytes // PAGE)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(control.socket_of(str(mnt)))
+        sock.sendall(json.dumps({"op": "driver.register", "driver": "bench",
+                                 "extents": extents}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline())
+        if not reply.get("ok"):
+            raise RuntimeError(f"the synthetic driver was refused: {reply}")
+        yield
+
+
+def _pool_stats(mnt: Path) -> dict[str, Any]:
+    stats: dict[str, Any] = control.request(control.socket_of(str(mnt)),
+                                            {"op": "stats"})["transient_cache"]
+    return stats
+
+
+def pool_rows(plan: Plan) -> list[dict[str, Any]]:
+    """zipf 4 KiB random reads with the pool off (no driver) and on."""
+    if not plan.pool:
+        return []
+    region_plan = dataclasses.replace(plan, region=POOL_REGION)
+    rows: list[dict[str, Any]] = []
+    host = scan().physical_bytes
+    try:
+        with swapfs_plain_file(POOL_REGION) as (mnt, path), loop_device(path) as device:
+            run_fio("fill-1m", device, region_plan, "dedupe-0")
+            for pool_bytes in (0, POOL_BYTES):
+                driver = synthetic_driver(mnt, pool_bytes) if pool_bytes \
+                    else contextlib.nullcontext()
+                with driver:
+                    before = _pool_stats(mnt)
+                    figures = run_fio("randread-4k-zipf", device, region_plan, "dedupe-0")
+                    after = _pool_stats(mnt)
+                hits = after["hits"] - before["hits"]
+                looked_up = hits + after["misses"] - before["misses"]
+                rows.append({"pool_bytes": after["capacity_bytes"], **figures,
+                             "hit_rate": hits / looked_up if looked_up else 0.0,
+                             "host_code_page_bytes": host})
+                progress(f"transient cache {after['capacity_bytes'] // MIB} MiB: "
+                         f"{figures['iops']:.0f} IOPS, hit rate {rows[-1]['hit_rate']:.1%}")
+    except Unavailable as exc:
+        return [{"unavailable": str(exc)}]
+    for row in rows:
+        row["speedup"] = row["iops"] / rows[0]["iops"]
+    return rows
+
+
 # -- output --------------------------------------------------------------------------
 
 
@@ -263,6 +335,21 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_ratio(row.get('out_vs_root_disk'))} / "
                 f"{_ratio(row.get('in_vs_root_disk'))} | "
                 f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} |")
+    if results.get("pool"):
+        lines += ["", f"Transient cache: zipf 1.2 4 KiB random read of a "
+                  f"{POOL_REGION // MIB} MiB swapfs file, the pool off and on. The pool's "
+                  "size comes from a synthetic driver report; this host's code pages give "
+                  f"{results['pool'][0].get('host_code_page_bytes', 0) / 1024:.0f} KiB:", "",
+                  "| pool MiB | IOPS | MB/s | p50 µs | p99 µs | hit rate | speed-up |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in results["pool"]:
+            if "unavailable" in row:
+                lines.append(f"| unavailable: {row['unavailable']} | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['pool_bytes'] / MIB:.0f} | {row['iops']:.0f} | {row['mbps']:.1f} | "
+                f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
+                f"{_ratio(row['speedup'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", help="comma-separated fio targets "
                         f"({', '.join(FIO_TARGETS)})")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end swap runs")
+    parser.add_argument("--no-pool", action="store_true",
+                        help="skip the transient cache rows")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.runtime:
@@ -329,14 +418,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if args.no_e2e:
         plan.e2e_targets = []
+    if args.no_pool:
+        plan.pool = False
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if Path("/proc/swaps").read_text().splitlines()[1:]:
         progress("note: other swap areas are active; the targets run at the highest priority")
     fio_rows, space = fio_matrix(plan)
     e2e = e2e_rows(plan)
+    pool = pool_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
-               "fio": fio_rows, "space": space, "e2e": e2e}
+               "fio": fio_rows, "space": space, "e2e": e2e, "pool": pool}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

@@ -104,6 +104,13 @@ def _swapfs_file(size: int) -> Iterator[tuple[Path, Path]]:
 
 
 @contextlib.contextmanager
+def swapfs_plain_file(size: int) -> Iterator[tuple[Path, Path]]:
+    """(mount point, file): a file of *size* on a fresh mount, no loop device."""
+    with _swapfs_file(size) as (mnt, path):
+        yield mnt, path
+
+
+@contextlib.contextmanager
 def swapfs_file(size: int) -> Iterator[Device]:
     """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
     with _swapfs_file(size) as (mnt, path), loop_device(path) as device:
