@@ -146,6 +146,7 @@ class ControlServer:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
+                    session.last_message = time.monotonic()  # any message counts
                     try:
                         reply = self.answer(line, session)
                     except BadRequest as exc:

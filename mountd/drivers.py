@@ -156,7 +156,6 @@ class DriverManager:
             if (session.name != name or token is None
                     or not hmac.compare_digest(token, message["token"])):
                 raise DriverError(errno.EACCES, f"bad token for driver {name!r}")
-        session.last_message = time.monotonic()
         if extents is None:
             return {}
         first = session.name is None

@@ -34,6 +34,10 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\noom_score_adj = true\n', "oom_score_adj must be a int"),
     ('state = "/s"\nmountpoint = "/m"\noom_score_adj = -2000\n', "within -1000..1000"),
     ('state = "/s"\nmountpoint = "/m"\nlog_level = "loud"\n', "log_level must be one of"),
+    ('state = "/s"\nmountpoint = "/m"\ntransient_cache_max_bytes = -1\n', "not be negative"),
+    ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = "1"\n', "driver_timeout must be a number"),
+    ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0\n', "positive number of seconds"),
+    ('state = "/s"\nmountpoint = "/m"\nvsock_port = -1\n', "vsock_port must be within"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
@@ -42,6 +46,12 @@ def test_bad_configuration_is_named(tmp_path: Path, text: str, message: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(path, {})
+
+
+def test_driver_timeout_may_be_a_fraction(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0.5\n')
+    assert load(path, {}).driver_timeout == 0.5
 
 
 def test_journal_lines_carry_syslog_priorities() -> None:

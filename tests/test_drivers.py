@@ -282,22 +282,24 @@ def short_timeout_mount() -> Iterator[Mount]:
 
 def test_a_silent_driver_is_revoked_after_the_timeout(short_timeout_mount: Mount) -> None:
     mount = short_timeout_mount
-    with client(mount) as silent, client(mount) as chatty:
+    with client(mount) as silent, client(mount) as chatty, client(mount) as asking:
         silent.request({"op": "driver.register", "driver": "silent", "extents": [extent(1)]})
         token = chatty.request({"op": "driver.register", "driver": "chatty",
                                 "extents": [extent(2)]})["token"]
-        assert quick_pool(mount)["capacity_bytes"] == 2 * BLOCK_SIZE
+        asking.request({"op": "driver.register", "driver": "asking", "extents": [extent(3)]})
+        assert quick_pool(mount)["capacity_bytes"] == 3 * BLOCK_SIZE
         started = time.monotonic()
-        for _ in range(8):  # 1.6 s of heartbeats, three timeouts' worth
+        for _ in range(8):  # 1.6 s of messages, three timeouts' worth
             time.sleep(0.2)
             assert chatty.request({"op": "driver.heartbeat", "driver": "chatty",
                                    "token": token})["ok"]
+            assert asking.request({"op": "status"})["ok"]  # any message keeps it alive
         assert silent.closed_by_daemon()
         assert time.monotonic() - started < 5
         stats = quick_pool(mount)
-        assert list(stats["drivers"]) == ["chatty"]
+        assert list(stats["drivers"]) == ["asking", "chatty"]
         assert stats["driver_timeout"] == 0.5
-        assert stats["physical_bytes"] == BLOCK_SIZE
+        assert stats["physical_bytes"] == 2 * BLOCK_SIZE
 
 
 # --- malformed messages -----------------------------------------------------------------------
