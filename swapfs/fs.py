@@ -10,12 +10,14 @@ mapping, a loop device) can still reach the data of a file that has lost
 its name. A file unlinked while open (an open swap file, typically) becomes
 an orphan and is purged on its last release, or at the next mount after a
 crash; one that is not open is purged at once, even though the kernel may
-still hold a lookup count on it (its ``forget`` can come much later).
+still hold a lookup count on it (its ``forget`` can come much later). Lookup
+counts are therefore not kept: inode numbers are never reused, so a late
+reference to a purged file meets ENOENT, never another file.
 """
 
 import errno
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -65,7 +67,6 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
-        self._lookups: dict[int, int] = {}
         self._open: dict[int, int] = {}
 
     # -- helpers ----------------------------------------------------------------
@@ -89,18 +90,9 @@ class Operations(pyfuse3.Operations):
         attrs.st_ctime_ns = inode.ctime_ns
         return attrs
 
-    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """Attributes for a reply that hands the kernel a new reference."""
-        self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
-        return self._attrs(inode)
-
     def open_files(self) -> int:
         """How many files the kernel holds open (a loop device holds its file)."""
         return len(self._open)
-
-    def _known(self, ino: int) -> bool:
-        """Does the kernel still reference *ino*?"""
-        return self._lookups.get(ino, 0) > 0 or self._open.get(ino, 0) > 0
 
     def _is_open(self, ino: int) -> bool:
         """Is *ino* open, so that its data must outlive its name?"""
@@ -111,17 +103,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
-            return self._entry(self.volume.lookup(parent_inode, name))
-
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            left = self._lookups.get(ino, 0) - count
-            if left > 0:
-                self._lookups[ino] = left
-                continue
-            self._lookups.pop(ino, None)
-            if not self._known(ino) and self.volume.is_orphan(ino):
-                self._purge(ino)
+            return self._attrs(self.volume.lookup(parent_inode, name))
 
     def _purge(self, ino: int) -> None:
         try:
@@ -156,7 +138,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
-            return self._entry(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+            return self._attrs(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _errors():
@@ -168,12 +150,12 @@ class Operations(pyfuse3.Operations):
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         self._open[inode.ino] = self._open.get(inode.ino, 0) + 1
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._entry(inode)
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._attrs(inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _errors():
-            return self._entry(self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid))
+            return self._attrs(self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -212,7 +194,6 @@ class Operations(pyfuse3.Operations):
         for name, inode in entries:
             if not pyfuse3.readdir_reply(token, name, self._attrs(inode), inode.ino):
                 return
-            self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
 
     async def releasedir(self, fh: int) -> None:
         pass

@@ -362,6 +362,9 @@ class Txn:
     def delete_orphan(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.orphans)
 
+    def is_orphan(self, ino: int) -> bool:
+        return self.txn.get(_U64.pack(ino), db=self.index.orphans) is not None
+
     def iter_orphans(self) -> Iterator[int]:
         with self.txn.cursor(db=self.index.orphans) as cur:
             for key in cur.iternext(values=False):

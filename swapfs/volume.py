@@ -255,7 +255,7 @@ class Volume:
 
     def is_orphan(self, ino: int) -> bool:
         with self.index.begin() as txn:
-            return any(orphan == ino for orphan in txn.iter_orphans())
+            return txn.is_orphan(ino)
 
     def purge(self, ino: int) -> None:
         """Drop an unlinked file: unmap all its blocks, then forget it."""
