@@ -161,17 +161,23 @@ def tmpfs_file(size: int) -> Iterator[Device]:
 
 
 @contextlib.contextmanager
-def root_disk_file(size: int) -> Iterator[Device]:
-    """A plain file on the root disk, behind a loop device."""
+def _root_disk_path(size: int, suffix: str) -> Iterator[Path]:
+    """A fully allocated file of *size* on the root disk, removed afterwards."""
     _require_root()
-    path = Path("/var/tmp") / f"swapfs-bench-{os.getpid()}.img"
+    path = Path("/var/tmp") / f"swapfs-bench-{os.getpid()}{suffix}"
     with open(path, "wb") as disk:
         os.posix_fallocate(disk.fileno(), 0, size)
     try:
-        with loop_device(path) as device:
-            yield Device(device)
+        yield path
     finally:
         path.unlink()
+
+
+@contextlib.contextmanager
+def root_disk_file(size: int) -> Iterator[Device]:
+    """A plain file on the root disk, behind a loop device."""
+    with _root_disk_path(size, ".img") as path, loop_device(path) as device:
+        yield Device(device)
 
 
 @contextlib.contextmanager
@@ -248,19 +254,13 @@ def zram_swap(size: int) -> Iterator[SwapTarget]:
 
 @contextlib.contextmanager
 def root_disk_swap(size: int) -> Iterator[SwapTarget]:
-    _require_root()
-    path = Path("/var/tmp") / f"swapfs-bench-{os.getpid()}.swap"
-    with open(path, "wb") as swap_file:
-        os.posix_fallocate(swap_file.fileno(), 0, size)
-    try:
+    with _root_disk_path(size, ".swap") as path:
         _run("mkswap", str(path))
         _run("swapon", "--priority", "32767", str(path))
         try:
             yield SwapTarget(str(path), lambda: _swap_used(str(path)))
         finally:
             subprocess.run(["swapoff", str(path)], capture_output=True)
-    finally:
-        path.unlink()
 
 
 SWAP_TARGETS = {
