@@ -6,6 +6,7 @@ respect to the I/O around it. Protocol: :mod:`swapfs.control`; drivers'
 messages (``driver.*``): :mod:`mountd.drivers`.
 """
 
+import array
 import contextlib
 import errno
 import json
@@ -13,9 +14,10 @@ import logging
 import math
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,7 +28,15 @@ from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
 from swapfs.volume import Volume
 
+if TYPE_CHECKING:
+    from mountd.daemon import Link
+
 log = logging.getLogger(__name__)
+
+#: A standby asks for the connection's descriptors with this op; the reply
+#: (the status, as JSON) carries them as SCM_RIGHTS. See mountd.keeper.
+KEEPER_ATTACH = "keeper.attach"
+_UCRED = struct.Struct("iII")  # pid, uid, gid
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -46,12 +56,14 @@ class ControlServer:
     """Answers control requests against one mounted Volume."""
 
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
-                 protections: dict[str, bool], drivers: DriverManager | None = None) -> None:
+                 protections: dict[str, bool], drivers: DriverManager | None = None,
+                 link: "Link | None" = None) -> None:
         self.volume = volume
         self.drivers = drivers
         self.mountpoint = mountpoint
         self.ops = ops
         self.protections = protections
+        self.link = link
         self.handlers: dict[str, Handler] = {
             "status": self.status,
             "stats": self.stats,
@@ -61,7 +73,31 @@ class ControlServer:
     def status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "state": str(self.volume.state),
                 "mountpoint": self.mountpoint, "open_files": self.ops.open_files(),
-                **self.protections}
+                **self.protections,
+                **(self.link.status() if self.link is not None else {})}
+
+    def attach_keeper(self, peer_pid: int) -> list[int]:
+        """Make the standby *peer_pid* this connection's keeper; return the
+        descriptors it must hold (``/dev/fuse`` and the connection memo)."""
+        link = self.link
+        if link is None or link.fuse_fd is None or link.memo is None:
+            raise SwapfsError(errno.ENOTSUP, "this mount was made by libfuse "
+                                             "and cannot be taken over")
+        if link.keeper == "systemd":
+            raise SwapfsError(errno.EBUSY, "systemd's file descriptor store keeps "
+                                           "this mount already")
+        if link.keeper == "standby" and link.keeper_pid not in (None, peer_pid):
+            raise SwapfsError(errno.EBUSY, f"standby {link.keeper_pid} keeps this "
+                                           "mount already")
+        link.keeper, link.keeper_pid = "standby", peer_pid
+        log.info("standby %d keeps the connection", peer_pid)
+        return [link.fuse_fd, link.memo.fd]
+
+    def detach_keeper(self, peer_pid: int) -> None:
+        link = self.link
+        if link is not None and link.keeper == "standby" and link.keeper_pid == peer_pid:
+            log.warning("standby %d went away: a daemon failure now ends the mount", peer_pid)
+            link.keeper, link.keeper_pid = None, None
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()
@@ -123,6 +159,8 @@ class ControlServer:
         finally:
             if self.drivers is not None:
                 self.drivers.close(session, "disconnected")
+            if session.keeper_pid is not None:
+                self.detach_keeper(session.keeper_pid)
 
     async def _serve_client(self, stream: trio.SocketStream, session: Session) -> None:
         async with stream:
@@ -147,6 +185,9 @@ class ControlServer:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     session.last_message = time.monotonic()  # any message counts
+                    if _op_of(line) == KEEPER_ATTACH:
+                        await self._attach(stream, session)
+                        continue
                     try:
                         reply = self.answer(line, session)
                     except BadRequest as exc:
@@ -164,6 +205,21 @@ class ControlServer:
                     await _send(stream, {"ok": False, "errno": errno.E2BIG,
                                          "error": "request too long"})
                     return
+
+    async def _attach(self, stream: trio.SocketStream, session: Session) -> None:
+        """Answer ``keeper.attach``: the reply carries the descriptors."""
+        sock = stream.socket
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        peer_pid = _UCRED.unpack(creds)[0]
+        try:
+            fds = self.attach_keeper(peer_pid)
+        except SwapfsError as exc:
+            await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})
+            return
+        session.keeper_pid = peer_pid
+        reply = json.dumps({"ok": True, **self.status({})}).encode() + b"\n"
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        await sock.sendmsg([reply], ancillary)
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -191,6 +247,15 @@ class ControlServer:
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(self.serve_client, [listener])
+
+
+def _op_of(line: bytes) -> object:
+    """The op of a request line, or None if it is not a JSON object."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return message.get("op") if isinstance(message, dict) else None
 
 
 def vsock_available() -> bool:

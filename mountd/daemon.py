@@ -9,20 +9,24 @@ that went away under an active swap area would take the swapped-out pages
 of every process using it with it.
 """
 
+import errno
 import hashlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
-from mountd import lifecycle
+from mountd import fusedev, keeper, lifecycle
 from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
+from mountd.memo import ConnectionMemo
 from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
 from swapfs.transient import TransientCache
@@ -48,7 +52,8 @@ def control_socket_path(state: Path) -> str:
     return f"/run/swapfs/{digest}.sock"
 
 
-def fuse_options(config: Config, socket_path: str) -> set[str]:
+def libfuse_options(config: Config, socket_path: str) -> set[str]:
+    """Options for libfuse's own mount, used only where the daemon cannot mount."""
     options = set(pyfuse3.default_options)
     options.add(f"fsname={SOURCE_PREFIX}{socket_path}")
     options.add("subtype=swapfs")
@@ -81,7 +86,112 @@ async def _watch_signals(ops: Operations) -> None:
             return
 
 
-async def _serve(control: ControlServer, ops: Operations, socket_path: str,
+class Link:
+    """The daemon's connection to the kernel and who keeps it alive.
+
+    ``fuse_fd`` is None where the daemon could not mount itself (no
+    CAP_SYS_ADMIN) and libfuse mounted instead: such a mount cannot be taken
+    over. ``keeper`` is "systemd", "standby" or None.
+    """
+
+    def __init__(self, mountpoint: str, fuse_fd: int | None, memo: ConnectionMemo | None,
+                 takeover: dict[str, Any] | None) -> None:
+        self.mountpoint = mountpoint
+        self.fuse_fd = fuse_fd
+        self.memo = memo
+        self.takeover = takeover  # the last takeover of this connection, if this daemon made it
+        self.keeper: str | None = None
+        self.keeper_pid: int | None = None
+        self.restart_argv: list[str] = []
+
+    @property
+    def kept(self) -> bool:
+        return self.keeper is not None
+
+    def status(self) -> dict[str, Any]:
+        return {"keeper": self.keeper, "keeper_pid": self.keeper_pid,
+                "restart_argv": self.restart_argv,
+                "takeover_capable": self.fuse_fd is not None,
+                "takeovers": self.memo.takeovers if self.memo else 0,
+                "last_takeover": self.takeover}
+
+
+def _connect(config: Config, socket_path: str, adopt: tuple[int, int] | None,
+             death_noticed: float | None) -> Link:
+    """Mount, or take over the connection a dead daemon left to a keeper."""
+    assert config.mountpoint is not None
+    inherited = adopt or keeper.from_systemd()
+    if inherited is not None:
+        fuse_fd, memo_fd = inherited
+        memo = ConnectionMemo.load(memo_fd)
+        memo.takeovers += 1
+        memo.save()
+        link = Link(config.mountpoint, fuse_fd, memo, {
+            "at": time.time(), "noticed": death_noticed, "number": memo.takeovers})
+        if adopt:
+            link.keeper, link.keeper_pid = "standby", os.getppid()
+        else:
+            link.keeper = "systemd"
+        log.info("taking over the connection of %s (takeover %d)",
+                 config.mountpoint, memo.takeovers)
+        return link
+    try:
+        fuse_fd = fusedev.mount(config.mountpoint, f"{SOURCE_PREFIX}{socket_path}", "swapfs",
+                                config.allow_other)
+    except fusedev.FuseDeviceError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        log.warning("%s; libfuse mounts instead, and this mount cannot be taken over "
+                    "if the daemon dies", exc)
+        return Link(config.mountpoint, None, None, None)
+    try:
+        memo = ConnectionMemo.create(fusedev.read_init(fuse_fd))
+    except BaseException:
+        fusedev.unmount(config.mountpoint)
+        os.close(fuse_fd)
+        raise
+    return Link(config.mountpoint, fuse_fd, memo, None)
+
+
+def _mount_table_id(mountpoint: str) -> str | None:
+    """The mount's device number minor, which names it in /sys/fs/fuse/connections."""
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                return fields[2].split(":")[1]
+    return None
+
+
+def _resend(link: Link) -> None:
+    """Have the kernel queue again what the dead daemon read and never answered."""
+    assert link.fuse_fd is not None and link.memo is not None and link.takeover is not None
+    minor = _mount_table_id(link.mountpoint)
+    try:
+        with open(f"/sys/fs/fuse/connections/{minor}/waiting") as waiting:
+            link.takeover["waiting"] = int(waiting.read())
+    except (OSError, ValueError):
+        link.takeover["waiting"] = None
+    try:
+        fusedev.request_resend(link.fuse_fd)
+        link.takeover["resent"] = True
+    except fusedev.FuseDeviceError as exc:
+        link.takeover["resent"] = False
+        log.error("%s: requests the dead daemon had read stay unanswered "
+                  "(their callers hang; this kernel predates Linux 6.9)", exc)
+    if link.takeover["noticed"] is not None:
+        link.takeover["seconds"] = round(time.monotonic() - link.takeover["noticed"], 4)
+    log.info("took over %s: %s requests waited, resent: %s, %.3f s after the death was "
+             "noticed", link.mountpoint, link.takeover["waiting"], link.takeover["resent"],
+             link.takeover.get("seconds") or 0.0)
+
+
+async def _fuse_loop(done: trio.CancelScope) -> None:
+    await pyfuse3.main()
+    done.cancel()
+
+
+async def _serve(control: ControlServer, ops: Operations, link: Link, socket_path: str,
                  vsock_port: int, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(control.serve, socket_path)
@@ -94,39 +204,70 @@ async def _serve(control: ControlServer, ops: Operations, socket_path: str,
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
+        nursery.start_soon(_fuse_loop, nursery.cancel_scope)
+        if link.takeover is not None:
+            await trio.sleep(0)  # the loop is reading: let the resent requests come
+            _resend(link)
         log.info("serving %s on %s", control.volume.state, control.mountpoint)
         on_ready()
         lifecycle.sd_notify("READY=1")
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
 
 
-def run(config: Config, on_ready: Callable[[], None]) -> None:
-    """Mount, serve until unmounted or signalled, then close everything."""
+def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
+        adopt: tuple[int, int] | None = None, death_noticed: float | None = None) -> None:
+    """Mount (or take over a kept connection), serve until unmounted or
+    signalled, then close everything.
+
+    *restart_argv* starts a daemon like this one (a standby adds what it
+    adopts); *adopt* is the (fuse, memo) descriptors a standby passes;
+    *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die.
+    """
     assert config.state is not None and config.mountpoint is not None
     if not hasattr(pyfuse3.Operations, "fallocate"):
         log.warning("this pyfuse3 has no fallocate operation: discards free nothing "
                     "(install swapfs with tools/setup.sh; see docs/pyfuse3-patch.md)")
     protections = harden(config)
-    volume = Volume(config.state)
+    socket_path = config.control_socket or control_socket_path(config.state)
+    link = _connect(config, socket_path, adopt, death_noticed)
+    link.restart_argv = restart_argv
+    clean_exit = False
     try:
-        socket_path = config.control_socket or control_socket_path(config.state)
-        # The pool lives in this process's memory, locked with the rest by harden().
-        cache = TransientCache(config.transient_cache_max_bytes)
-        if cache.max_slots:  # 0 (or under one block) disables the pool
-            volume.cache = cache
-        drivers = DriverManager(cache, config.driver_timeout)
-        ops = Operations(volume)
-        control = ControlServer(volume, config.mountpoint, ops, protections, drivers)
-        pyfuse3.init(ops, config.mountpoint, fuse_options(config, socket_path))
+        volume = Volume(config.state, still_open=link.memo.open_files if link.memo else ())
         try:
-            trio.run(_serve, control, ops, socket_path, config.vsock_port, on_ready)
-        except BaseException:
-            log.exception("daemon failed")
-            raise
+            # The pool lives in this process's memory, locked with the rest by harden().
+            cache = TransientCache(config.transient_cache_max_bytes)
+            if cache.max_slots:  # 0 (or under one block) disables the pool
+                volume.cache = cache
+            drivers = DriverManager(cache, config.driver_timeout)
+            memo = link.memo
+            ops = Operations(volume, memo.open_files if memo else None,
+                             memo.set_open if memo else None)
+            control = ControlServer(volume, config.mountpoint, ops, protections, drivers,
+                                    link)
+            if link.fuse_fd is None:
+                pyfuse3.init(ops, config.mountpoint, libfuse_options(config, socket_path))
+            else:
+                assert memo is not None
+                pyfuse3.init(ops, f"/dev/fd/{link.fuse_fd}", set(pyfuse3.default_options),
+                             init_request=memo.init)
+                if link.keeper is None and keeper.store_in_systemd(link.fuse_fd, memo.fd):
+                    link.keeper = "systemd"
+            try:
+                trio.run(_serve, control, ops, link, socket_path, config.vsock_port,
+                         on_ready)
+                clean_exit = True
+            except BaseException:
+                log.exception("daemon failed")
+                raise
+            finally:
+                lifecycle.sd_notify("STOPPING=1")
+                # Closes the fuse descriptor; libfuse unmounts only what it mounted.
+                pyfuse3.close(unmount=clean_exit or not link.kept)
         finally:
-            lifecycle.sd_notify("STOPPING=1")
-            pyfuse3.close(unmount=True)
+            volume.close()
+            log.info("closed %s", config.state)
     finally:
-        volume.close()
-        log.info("closed %s", config.state)
+        if link.fuse_fd is not None and (clean_exit or not link.kept):
+            fusedev.unmount(config.mountpoint)
+        if link.memo is not None:
+            os.close(link.memo.fd)

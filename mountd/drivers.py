@@ -132,6 +132,7 @@ class Session:
         self.extents = 0
         self.processes = 0
         self.per_process_bytes = 0
+        self.keeper_pid: int | None = None  # a standby holding the connection
 
 
 class DriverManager:

@@ -34,7 +34,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--ready-fd", type=int, default=-1,
                         help="write one byte to this fd once the mount serves")
+    parser.add_argument("--adopt-fds", help=argparse.SUPPRESS)  # FUSE,MEMO: from a standby
+    parser.add_argument("--death-noticed", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _adopted(value: str | None) -> tuple[int, int] | None:
+    """The descriptors ``--adopt-fds FUSE,MEMO`` names."""
+    if value is None:
+        return None
+    fuse_fd, memo_fd = (int(fd) for fd in value.split(","))
+    return fuse_fd, memo_fd
+
+
+def restart_args(args: argparse.Namespace, state: Path, mountpoint: str) -> list[str]:
+    """The arguments that start a daemon like this one, paths resolved."""
+    argv = ["--state", str(state), mountpoint]
+    if args.config:
+        argv += ["--config", str(args.config.resolve())]
+    if args.allow_other:
+        argv.append("--allow-other")
+    if args.log_level:
+        argv += ["--log-level", args.log_level]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     assert config.state is not None and config.mountpoint is not None
     config.state = config.state.resolve()
-    config.mountpoint = os.path.realpath(config.mountpoint)
+    adopt = _adopted(args.adopt_fds)
+    if adopt is None:
+        # Not when taking over: resolving a path through a mount whose
+        # daemon is gone would wait for that daemon. A standby passes it resolved.
+        config.mountpoint = os.path.realpath(config.mountpoint)
 
     def ready() -> None:
         if args.ready_fd >= 0:
@@ -58,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
-        run(config, ready)
+        run(config, ready, restart_args(args, config.state, config.mountpoint), adopt,
+            args.death_noticed)
     except Exception as exc:
         log.error("%s", exc)
         return 1

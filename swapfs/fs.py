@@ -17,7 +17,7 @@ reference to a purged file meets ENOENT, never another file.
 
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,10 +64,15 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, open_files: dict[int, int] | None = None,
+                 on_open_change: Callable[[dict[int, int]], None] | None = None) -> None:
+        """*open_files* (ino -> open count) is what a daemon that took over the
+        connection inherits from the dead one; *on_open_change* is told each
+        change, so that the next one can inherit it in turn."""
         super().__init__()
         self.volume = volume
-        self._open: dict[int, int] = {}
+        self._open: dict[int, int] = dict(open_files or {})
+        self._on_open_change = on_open_change
 
     # -- helpers ----------------------------------------------------------------
 
@@ -97,6 +102,17 @@ class Operations(pyfuse3.Operations):
     def _is_open(self, ino: int) -> bool:
         """Is *ino* open, so that its data must outlive its name?"""
         return self._open.get(ino, 0) > 0
+
+    def _count_open(self, ino: int, change: int) -> int:
+        """Add *change* to *ino*'s open count; return what is left."""
+        left = self._open.get(ino, 0) + change
+        if left > 0:
+            self._open[ino] = left
+        else:
+            self._open.pop(ino, None)
+        if self._on_open_change is not None:
+            self._on_open_change(self._open)
+        return left
 
     # -- names ------------------------------------------------------------------
 
@@ -149,7 +165,7 @@ class Operations(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self._open[inode.ino] = self._open.get(inode.ino, 0) + 1
+        self._count_open(inode.ino, 1)
         return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._attrs(inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -219,7 +235,7 @@ class Operations(pyfuse3.Operations):
         with _errors():
             if self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.EISDIR)
-        self._open[inode] = self._open.get(inode, 0) + 1
+        self._count_open(inode, 1)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     # read and write run for every page the kernel swaps: a plain try costs
@@ -255,10 +271,7 @@ class Operations(pyfuse3.Operations):
             self.volume.sync()
 
     async def release(self, fh: int) -> None:
-        left = self._open.get(fh, 0) - 1
-        if left > 0:
-            self._open[fh] = left
+        if self._count_open(fh, -1) > 0:
             return
-        self._open.pop(fh, None)
         if self.volume.is_orphan(fh):
             self._purge(fh)

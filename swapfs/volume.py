@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,14 @@ FALLOC_FL_ZERO_RANGE = 0x10
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
-    def __init__(self, state: Path, recover: bool = True) -> None:
+    def __init__(self, state: Path, recover: bool = True,
+                 still_open: Collection[int] = ()) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
-        *recover* purges files left unlinked-while-open by the last mount;
-        fsck opens without it so that it sees the state exactly as left.
+        *recover* purges files left unlinked-while-open by the last mount,
+        except those in *still_open*: a daemon taking over a live connection
+        names the files the kernel still holds open. fsck opens without
+        *recover* so that it sees the state exactly as left.
         """
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
@@ -82,7 +86,7 @@ class Volume:
             self.cache: TransientCache | None = None
             self._format()
             if recover:
-                self._purge_orphans()
+                self._purge_orphans(still_open)
                 self._punch_free()
         except BaseException:
             os.close(self._lock_fd)
@@ -116,10 +120,10 @@ class Volume:
             txn.put_inode(Inode(ROOT_INO, KIND_DIR, stat.S_IFDIR | 0o755, os.getuid(),
                                 os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
 
-    def _purge_orphans(self) -> None:
-        """Delete files unlinked while open when the last mount ended."""
+    def _purge_orphans(self, still_open: Collection[int]) -> None:
+        """Delete files unlinked while open that nothing holds open any more."""
         with self.index.begin() as txn:
-            orphans = list(txn.iter_orphans())
+            orphans = [ino for ino in txn.iter_orphans() if ino not in still_open]
         for ino in orphans:
             log.info("purging orphaned file %d", ino)
             self.purge(ino)

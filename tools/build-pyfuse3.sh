@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds pyfuse3 from its PyPI sdist with our fallocate patch applied and
-# installs it into the virtual environment (.venv, or $VENV).
+# Builds pyfuse3 from its PyPI sdist with our patches applied (patches/,
+# in name order) and installs it into the virtual environment (.venv, or
+# $VENV).
 #
-# Why the patch exists and how to drop it: docs/pyfuse3-patch.md.
+# Why each patch exists and how to drop it: docs/pyfuse3-patch.md.
 #
 # The sdist is pinned by version and sha256, and so are the build tools
 # (Cython re-generates the C code from the patched .pyx/.pxi; the C file
@@ -11,7 +12,7 @@
 # exactly (no fuzz) or the script stops.
 #
 # Idempotent: does nothing if the venv already holds a build of this very
-# patch; reuses a wheel built earlier from the same version and patch.
+# patch set; reuses a wheel built earlier from the same version and patches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,19 +22,21 @@ PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 BUILD_TOOLS=(cython==3.2.4 setuptools==84.2.1 setuptools-scm==10.3.4)
 # A local version label says in `pip list` that this is not PyPI's build;
 # `pyfuse3==3.5.0` in pyproject.toml still matches it.
-LOCAL_VERSION="$PYFUSE3_VERSION+swapfs.fallocate"
+LOCAL_VERSION="$PYFUSE3_VERSION+swapfs"
 
 venv=${VENV:-.venv}
-patch_file=$PWD/patches/pyfuse3-$PYFUSE3_VERSION-fallocate.patch
-patch_sha=$(sha256sum "$patch_file" | cut -c1-16)
+patch_files=("$PWD"/patches/pyfuse3-"$PYFUSE3_VERSION"-*.patch)
+[ -f "${patch_files[0]}" ] || { echo "build-pyfuse3: no patches for $PYFUSE3_VERSION" >&2; exit 1; }
+patch_sha=$(cat "${patch_files[@]}" | sha256sum | cut -c1-16)
 stamp=$venv/.pyfuse3-patched
 work=$PWD/build/pyfuse3
 dist=$work/dist-$PYFUSE3_VERSION-$patch_sha
 
 die() { echo "build-pyfuse3: $*" >&2; exit 1; }
 
-# The handler must be in the compiled module, not only in Operations.
-check='import pyfuse3, sys; sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")))'
+# Each patch must be in the compiled module: the fallocate handler (not only
+# Operations.fallocate) and init()'s init_request argument.
+check='import pyfuse3, sys; sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async") and "init_request" in (pyfuse3.init.__doc__ or "")))'
 
 [ -x "$venv/bin/python" ] || die "no virtual environment at $venv"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$LOCAL_VERSION $patch_sha" ] \
@@ -43,7 +46,7 @@ fi
 
 wheel=$(ls "$dist"/pyfuse3-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$wheel" ]; then
-    echo "building pyfuse3 $PYFUSE3_VERSION with patches/$(basename "$patch_file")"
+    echo "building pyfuse3 $PYFUSE3_VERSION with ${#patch_files[@]} patches from patches/"
     mkdir -p "$work"
     tools=$work/tools-venv
     if [ ! -x "$tools/bin/pip" ]; then
@@ -64,8 +67,10 @@ if [ -z "$wheel" ]; then
     src=$work/pyfuse3-$PYFUSE3_VERSION
     rm -rf "$src"
     tar -xzf "$sdist" -C "$work"
-    patch -d "$src" -p1 --forward --batch --fuzz=0 < "$patch_file" \
-        || die "patches/$(basename "$patch_file") does not apply to pyfuse3 $PYFUSE3_VERSION"
+    for patch_file in "${patch_files[@]}"; do
+        patch -d "$src" -p1 --forward --batch --fuzz=0 < "$patch_file" \
+            || die "patches/$(basename "$patch_file") does not apply to pyfuse3 $PYFUSE3_VERSION"
+    done
     rm "$src/src/pyfuse3/__init__.c"  # stale: generated from the unpatched sources
 
     rm -rf "$dist.tmp"
@@ -80,6 +85,6 @@ fi
 # Replace whatever pyfuse3 is there in one step, then add missing dependencies (trio).
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheel"
 "$venv/bin/pip" install -q "$wheel"
-"$venv/bin/python" -c "$check" || die "the installed pyfuse3 has no fallocate handler"
+"$venv/bin/python" -c "$check" || die "the installed pyfuse3 lacks a patch"
 echo "$LOCAL_VERSION $patch_sha" > "$stamp"
 echo "installed $(basename "$wheel")"

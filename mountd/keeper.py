@@ -1,0 +1,74 @@
+"""Handing the connection to a keeper that outlives the daemon, and back.
+
+Two descriptors make a connection recoverable: ``/dev/fuse`` itself and the
+session memo (:mod:`mountd.session`). A keeper holds both and never reads
+from either. There are two kinds:
+
+* systemd's file descriptor store: the daemon sends both with
+  ``FDSTORE=1`` (names ``fuse`` and ``fuse-session``); when the unit
+  restarts after a crash, systemd passes them to the new daemon in
+  ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` (``FileDescriptorStoreMax=`` in
+  ``swapfs@.service``);
+* ``swapfs standby MNT`` (:mod:`mountd.standby`): it asks the daemon for
+  both over the control socket (``keeper.attach``, the descriptors ride
+  along the reply as SCM_RIGHTS), and starts the new daemon with them.
+"""
+
+import array
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+FUSE_NAME = "fuse"
+SESSION_NAME = "fuse-session"
+_SD_LISTEN_FDS_START = 3
+
+
+def from_systemd() -> tuple[int, int] | None:
+    """The (fuse, session) descriptors systemd passed from its store, if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    fds = {name: _SD_LISTEN_FDS_START + i for i, name in enumerate(names[:count])}
+    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(variable, None)
+    if FUSE_NAME in fds and SESSION_NAME in fds:
+        for fd in fds.values():
+            os.set_inheritable(fd, False)
+        return fds[FUSE_NAME], fds[SESSION_NAME]
+    return None
+
+
+def store_in_systemd(fuse_fd: int, session_fd: int) -> bool:
+    """Put both descriptors in systemd's store; False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            for name, fd in ((FUSE_NAME, fuse_fd), (SESSION_NAME, session_fd)):
+                # Replace, not add: a restarted daemon stores the same descriptors again.
+                sock.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), address)
+                send_fds(sock, f"FDSTORE=1\nFDNAME={name}".encode(), [fd], address)
+    except OSError as exc:
+        log.warning("cannot store the connection in systemd: %s", exc)
+        return False
+    return True
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int],
+             address: str | None = None) -> None:
+    """Send *data* with *fds* attached (SCM_RIGHTS)."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    if address is None:
+        sock.sendmsg([data], ancillary)
+    else:
+        sock.sendmsg([data], ancillary, 0, address)

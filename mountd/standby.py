@@ -1,0 +1,232 @@
+"""``swapfs standby MNT``: keep a mount's connection and replace its daemon.
+
+The standby asks the daemon for its ``/dev/fuse`` descriptor and connection
+memo (``keeper.attach``), then only waits: on the daemon's pidfd, and on the
+control connection, whose end the daemon never causes while it lives. It
+never reads the FUSE descriptor, so it takes no request away from the
+daemon. When the daemon dies, by whatever cause, the kernel keeps the
+connection alive because the standby holds it, and queues the requests of
+every process using the mount; the standby starts a new daemon with both
+descriptors (``--adopt-fds``), which replays the INIT, asks the kernel to
+resend what the dead daemon had read, and serves on. Then it attaches to the
+new daemon and waits again.
+
+A daemon that exits because the file system was unmounted leaves an aborted
+connection (the descriptor polls POLLERR): the standby exits too.
+
+Exit codes: 0 the mount ended; 1 a failure (message on stderr and in the
+log); 2 bad usage.
+"""
+
+import argparse
+import array
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mountd.logs import setup_logging
+from swapfs import control
+
+log = logging.getLogger("mountd.standby")
+
+#: How long a new daemon may take to serve before the standby tries again.
+START_TIMEOUT = 60.0
+#: Failed starts in a row after which the standby gives up.
+MAX_FAILED_STARTS = 5
+
+
+class StandbyError(Exception):
+    """A failure to report as one line, exit code 1."""
+
+
+def attach(socket_path: str) -> tuple[dict[str, Any], int, int, socket.socket]:
+    """Become the keeper of the daemon behind *socket_path*.
+
+    Returns the daemon's status, the (fuse, memo) descriptors, which the
+    caller now owns, and the connection, to keep open while the daemon
+    lives: its end tells the daemon its keeper is gone. Raises StandbyError
+    when refused.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(30)
+        sock.connect(socket_path)
+        sock.sendall(json.dumps({"op": "keeper.attach"}).encode() + b"\n")
+        data, fds = _receive(sock)
+    except OSError as exc:
+        sock.close()
+        raise StandbyError(f"cannot reach the daemon at {socket_path}: {exc}") from exc
+    reply = json.loads(data) if data else {"ok": False, "error": "the daemon hung up"}
+    if not reply.get("ok") or len(fds) != 2:
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        raise StandbyError(reply.get("error", "the daemon sent no descriptors"))
+    sock.settimeout(None)
+    return reply, fds[0], fds[1], sock
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One reply line and the descriptors that came with it."""
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, ancillary, _flags, _addr = sock.recvmsg(control.MAX_LINE,
+                                                       socket.CMSG_SPACE(2 * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[:len(payload) - len(payload) % 4])
+                fds += list(received)
+        if not chunk:
+            break
+        data += chunk
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return data, fds
+
+
+def connection_alive(fuse_fd: int) -> bool:
+    """Is the FUSE connection still up? After an unmount it polls POLLERR."""
+    poller = select.poll()
+    poller.register(fuse_fd, select.POLLIN)
+    return not any(events & (select.POLLERR | select.POLLHUP)
+                   for _fd, events in poller.poll(0))
+
+
+def wait_for_exit(pid: int) -> float:
+    """Block until process *pid* exits; return CLOCK_MONOTONIC at that moment."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return time.monotonic()
+    try:
+        select.select([pidfd], [], [])
+        noticed = time.monotonic()
+    finally:
+        os.close(pidfd)
+    try:  # reap it if it was a daemon this standby started
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return noticed
+
+
+def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: float) -> None:
+    """Start a daemon that adopts the connection; return once it serves."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "mountd", *status["restart_argv"],
+               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--death-noticed", repr(noticed),
+               "--ready-fd", str(write_end)]
+    log_path = Path(status["state"]) / "daemon.log"
+    with open(log_path, "ab") as log_file:
+        daemon = subprocess.Popen(command, pass_fds=(fuse_fd, memo_fd, write_end),
+                                  stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                  start_new_session=True)
+    os.close(write_end)
+    try:
+        readable, _, _ = select.select([read_end], [], [], START_TIMEOUT)
+        ready = bool(readable) and os.read(read_end, 1) == b"1"
+    finally:
+        os.close(read_end)
+    if not ready:
+        if daemon.poll() is None:
+            daemon.kill()
+        daemon.wait()
+        raise StandbyError(f"the new daemon did not serve (exit {daemon.returncode}); "
+                           f"see {log_path}")
+
+
+def keep(mountpoint: str, on_attached: Any = None) -> int:
+    """Keep *mountpoint*'s connection until the mount ends."""
+    socket_path = control.socket_of(mountpoint)
+    lock = _lock(Path(control.request(socket_path, {"op": "status"})["state"]))
+    status, fuse_fd, memo_fd, link = attach(socket_path)
+    log.info("keeping %s (daemon %d)", mountpoint, status["pid"])
+    if on_attached is not None:
+        on_attached()
+    while True:
+        noticed = wait_for_exit(status["pid"])
+        link.close()
+        if not connection_alive(fuse_fd):
+            log.info("%s was unmounted; the standby exits", mountpoint)
+            os.close(lock)
+            return 0
+        log.warning("daemon %d died; starting a new one", status["pid"])
+        status, link = replace(status, socket_path, fuse_fd, memo_fd, noticed)
+        log.info("daemon %d serves %s (takeover %s)", status["pid"], mountpoint,
+                 status.get("last_takeover"))
+
+
+def replace(status: dict[str, Any], socket_path: str, fuse_fd: int, memo_fd: int,
+            noticed: float) -> tuple[dict[str, Any], socket.socket]:
+    """Start a daemon on the kept connection and attach to it, trying again
+    a few times; return its status and the connection to it."""
+    for attempt in range(1, MAX_FAILED_STARTS + 1):
+        try:
+            start_daemon(status, fuse_fd, memo_fd, noticed)
+            new_status, new_fuse, new_memo, link = attach(socket_path)
+        except StandbyError as exc:
+            log.error("%s (attempt %d of %d)", exc, attempt, MAX_FAILED_STARTS)
+            time.sleep(min(2.0 ** attempt / 4, 5.0))
+            continue
+        os.close(new_fuse)  # the same connection as the descriptors held already
+        os.close(new_memo)
+        return new_status, link
+    raise StandbyError(f"no daemon could take over {status['mountpoint']}; releasing the "
+                       "connection, which ends the mount")
+
+
+def _lock(state: Path) -> int:
+    """One standby per state directory."""
+    fd = os.open(state / "standby.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise StandbyError(f"another standby keeps {state} already") from exc
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="swapfs standby",
+        description="Hold a mount's FUSE connection and start a new daemon when its "
+                    "daemon dies (stays in the foreground).",
+        epilog="example: python -m mountd.standby /mnt/swapfs")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--ready-fd", type=int, default=-1,
+                        help="write one byte to this fd once attached")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default="info")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+
+    def ready() -> None:
+        if args.ready_fd >= 0:
+            os.write(args.ready_fd, b"1")
+            os.close(args.ready_fd)
+
+    try:
+        return keep(os.path.realpath(args.mountpoint), ready)
+    except control.ControlError as exc:
+        log.error("%s", exc)
+        return 1
+    except StandbyError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("%s", exc if exc.errno != errno.ENOENT else f"{args.mountpoint}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
