@@ -20,7 +20,7 @@ from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
 examples:
-  swapfs mount --state /var/lib/swapfs/a /mnt/swapfs
+  swapfs mount --state /var/lib/swapfs/a /mnt/swapfs --standby
   mkdir /mnt/swapfs/web
   truncate -s 4G /mnt/swapfs/web/base.swap
   swapfs clone /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm1.swap
@@ -54,10 +54,19 @@ def _mount(args: argparse.Namespace) -> int:
         command += ["--log-level", "debug"]
     if args.foreground:
         os.execv(sys.executable, command)
+    pid = _start_background(command, state / "daemon.log", "the daemon did not start")
+    print(f"swapfs: {state} mounted on {os.path.realpath(args.mountpoint)} (pid {pid})")
+    if args.standby:
+        _standby(argparse.Namespace(mountpoint=args.mountpoint, foreground=False))
+    return 0
+
+
+def _start_background(command: list[str], log_path: Path, failure: str) -> int:
+    """Start *command* with ``--ready-fd``, logging to *log_path*; return its
+    pid once it says it is ready, or raise with the log's last lines."""
     read_end, write_end = os.pipe()
-    log_path = state / "daemon.log"
     with open(log_path, "ab") as log_file:
-        daemon = subprocess.Popen(
+        process = subprocess.Popen(
             [*command, "--ready-fd", str(write_end)], pass_fds=(write_end,),
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True,
@@ -69,11 +78,21 @@ def _mount(args: argparse.Namespace) -> int:
     finally:
         os.close(read_end)
     if not ready:
-        if daemon.poll() is None:
-            daemon.terminate()
+        if process.poll() is None:
+            process.terminate()
         tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        raise CommandError("the daemon did not start:\n  " + "\n  ".join(tail))
-    print(f"swapfs: {state} mounted on {os.path.realpath(args.mountpoint)} (pid {daemon.pid})")
+        raise CommandError(f"{failure}:\n  " + "\n  ".join(tail))
+    return process.pid
+
+
+def _standby(args: argparse.Namespace) -> int:
+    mountpoint = os.path.realpath(args.mountpoint)
+    command = [sys.executable, "-m", "mountd.standby", mountpoint]
+    if args.foreground:
+        os.execv(sys.executable, command)
+    state = Path(control.request(control.socket_of(mountpoint), {"op": "status"})["state"])
+    pid = _start_background(command, state / "standby.log", "the standby did not attach")
+    print(f"swapfs: standby {pid} keeps {mountpoint}")
     return 0
 
 
@@ -167,12 +186,30 @@ def _status(args: argparse.Namespace) -> int:
             print(f"{mount}: pid {daemon['pid']}, state {daemon['state']}, "
                   f"{_size(entry['logical_bytes'])} logical in "
                   f"{_size(entry['stored_bytes'])} stored")
+            print(f"  {_keeper_line(daemon)}")
         for loop in entry["loop_devices"]:
             swap = loop["swap"]
             use = (f"swap, {_size(swap['used_bytes'])} of {_size(swap['size_bytes'])} used, "
                    f"priority {swap['priority']}" if swap else "not swap")
             print(f"  {loop['device']} {loop['file']}: {use}")
     return 0
+
+
+def _keeper_line(daemon: dict[str, Any]) -> str:
+    """Who keeps the mount's connection alive, and its last takeover."""
+    if not daemon.get("takeover_capable"):
+        return "no takeover: libfuse mounted it (the daemon lacked CAP_SYS_ADMIN)"
+    keeper = daemon.get("keeper")
+    line = ("kept by " + (f"standby {daemon['keeper_pid']}" if keeper == "standby"
+                          else "systemd's file descriptor store")
+            if keeper else "no keeper: the mount ends if the daemon dies")
+    last = daemon.get("last_takeover")
+    if last:
+        seconds = last.get("seconds")
+        line += (f"; takeover {last['number']} "
+                 + (f"took {seconds:.3f} s" if seconds is not None else "")
+                 + f", resent: {'yes' if last.get('resent') else 'no'}")
+    return line
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -270,7 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="stay attached")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users access the mount")
+    mount.add_argument("--standby", action="store_true",
+                       help="also start 'swapfs standby' for the mount")
     mount.set_defaults(run=_mount)
+
+    standby = commands.add_parser(
+        "standby", help="keep a mount alive across daemon failures: hold its connection "
+                        "and start a new daemon when the daemon dies")
+    standby.add_argument("mountpoint")
+    standby.add_argument("--foreground", action="store_true", help="stay attached")
+    standby.set_defaults(run=_standby)
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
     umount.add_argument("mountpoint")

@@ -1,10 +1,13 @@
-"""The daemon speaks systemd's protocols: sd_notify readiness and journal priorities.
+"""The daemon speaks systemd's protocols: sd_notify readiness, the file
+descriptor store and journal priorities.
 
 The daemon runs in the foreground as systemd would start it, with
 NOTIFY_SOCKET pointing at a datagram socket the test listens on, and its
 stderr made the journal stream (JOURNAL_STREAM names its device and inode).
+The test plays systemd's part (no systemd runs here as the service manager).
 """
 
+import array
 import contextlib
 import os
 import signal
@@ -40,6 +43,16 @@ def notify_socket(path: Path) -> Iterator[socket.socket]:
         sock.close()
 
 
+def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One notification and the descriptors it carries."""
+    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
+    return data, fds
+
+
 def test_ready_then_stopping_and_journal_priorities() -> None:
     root = short_tempdir()
     mnt, state, log_path = root / "m", root / "s", root / "stderr"
@@ -53,11 +66,25 @@ def test_ready_then_stopping_and_journal_priorities() -> None:
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "mountd", "--state", str(state), str(mnt)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            assert sock.recv(256) == b"READY=1"
+            stored = {}
+            while (message := receive(sock))[0] != b"READY=1":
+                text, fds = message
+                if text.startswith(b"FDSTORE=1"):
+                    assert len(fds) == 1, text
+                    stored[text.split(b"FDNAME=")[1]] = fds[0]
+                else:
+                    assert text.startswith(b"FDSTOREREMOVE=1"), text
+            # The connection, for a restarted daemon: /dev/fuse and the memo.
+            assert sorted(stored) == [b"fuse", b"fuse-session"]
+            assert os.readlink(f"/proc/self/fd/{stored[b'fuse']}") == "/dev/fuse"
+            assert os.readlink(f"/proc/self/fd/{stored[b'fuse-session']}").startswith(
+                "/memfd:swapfs-session")
+            for fd in stored.values():
+                os.close(fd)
             assert is_mounted(mnt)
             (mnt / "chain").mkdir()  # the mount serves once READY=1 is sent
             daemon.send_signal(signal.SIGTERM)
-            assert sock.recv(256) == b"STOPPING=1"
+            assert receive(sock)[0] == b"STOPPING=1"
             assert daemon.wait(timeout=30) == 0
         assert not is_mounted(mnt)
         lines = log_path.read_text().splitlines()
