@@ -86,6 +86,10 @@ async def _watch_signals(ops: Operations) -> None:
             return
 
 
+#: ((fuse descriptor, memo descriptor), "standby" or "systemd")
+Adoption = tuple[tuple[int, int], str]
+
+
 class Link:
     """The daemon's connection to the kernel and who keeps it alive.
 
@@ -116,22 +120,20 @@ class Link:
                 "last_takeover": self.takeover}
 
 
-def _connect(config: Config, socket_path: str, adopt: tuple[int, int] | None,
+def _connect(config: Config, socket_path: str, adopt: Adoption | None,
              death_noticed: float | None) -> Link:
     """Mount, or take over the connection a dead daemon left to a keeper."""
     assert config.mountpoint is not None
-    inherited = adopt or keeper.from_systemd()
-    if inherited is not None:
-        fuse_fd, memo_fd = inherited
+    if adopt is not None:
+        (fuse_fd, memo_fd), kept_by = adopt
         memo = ConnectionMemo.load(memo_fd)
         memo.takeovers += 1
         memo.save()
         link = Link(config.mountpoint, fuse_fd, memo, {
             "at": time.time(), "noticed": death_noticed, "number": memo.takeovers})
-        if adopt:
-            link.keeper, link.keeper_pid = "standby", os.getppid()
-        else:
-            link.keeper = "systemd"
+        link.keeper = kept_by
+        if kept_by == "standby":
+            link.keeper_pid = os.getppid()
         log.info("taking over the connection of %s (takeover %d)",
                  config.mountpoint, memo.takeovers)
         return link
@@ -214,12 +216,13 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
 
 
 def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
-        adopt: tuple[int, int] | None = None, death_noticed: float | None = None) -> None:
+        adopt: Adoption | None = None, death_noticed: float | None = None) -> None:
     """Mount (or take over a kept connection), serve until unmounted or
     signalled, then close everything.
 
     *restart_argv* starts a daemon like this one (a standby adds what it
-    adopts); *adopt* is the (fuse, memo) descriptors a standby passes;
+    adopts); *adopt* is the (fuse, memo) descriptors a standby or systemd
+    passed, and which of the two;
     *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die.
     """
     assert config.state is not None and config.mountpoint is not None

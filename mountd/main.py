@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from mountd import keeper
 from mountd.config import ConfigError, load
 from mountd.daemon import run
 from mountd.logs import setup_logging
@@ -72,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level)
     assert config.state is not None and config.mountpoint is not None
     config.state = config.state.resolve()
-    adopt = _adopted(args.adopt_fds)
+    adopt, kept_by = _adopted(args.adopt_fds), "standby"
     if adopt is None:
-        # Not when taking over: resolving a path through a mount whose
-        # daemon is gone would wait for that daemon. A standby passes it resolved.
+        adopt, kept_by = keeper.from_systemd(), "systemd"
+    if adopt is None:
         config.mountpoint = os.path.realpath(config.mountpoint)
+    else:
+        # Resolving the mount point itself would stat the mount, which waits
+        # for a daemon: this one. Its parent is on another file system.
+        config.mountpoint = os.path.join(os.path.realpath(os.path.dirname(config.mountpoint)),
+                                         os.path.basename(config.mountpoint))
 
     def ready() -> None:
         if args.ready_fd >= 0:
@@ -84,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
-        run(config, ready, restart_args(args, config.state, config.mountpoint), adopt,
-            args.death_noticed)
+        run(config, ready, restart_args(args, config.state, config.mountpoint),
+            (adopt, kept_by) if adopt else None, args.death_noticed)
     except Exception as exc:
         log.error("%s", exc)
         return 1

@@ -20,6 +20,7 @@ log); 2 bad usage.
 
 import argparse
 import array
+import contextlib
 import errno
 import fcntl
 import json
@@ -113,10 +114,8 @@ def wait_for_exit(pid: int) -> float:
         noticed = time.monotonic()
     finally:
         os.close(pidfd)
-    try:  # reap it if it was a daemon this standby started
+    with contextlib.suppress(ChildProcessError):  # reap it if this standby started it
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
     return noticed
 
 

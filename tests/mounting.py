@@ -130,6 +130,8 @@ class Mount:
         self.expect_clean_fsck = True
         #: Daemons that died without being killed or unmounted by the test.
         self.unexpected_deaths: list[int] = []
+        #: The ``swapfs standby`` process keeping the mount, if the test started one.
+        self.standby_pid: int | None = None
 
     # -- life cycle -------------------------------------------------------------
 
@@ -145,6 +147,36 @@ class Mount:
 
     def status(self) -> dict[str, Any]:
         return control.request(control.socket_of(str(self.mnt)), {"op": "status"})
+
+    def start_standby(self) -> int:
+        """``swapfs standby``; its pid, which :meth:`close` kills if it outlives the mount."""
+        result = swapfs("standby", str(self.mnt))
+        printed = re.search(r"standby (\d+) keeps", result.stdout)
+        assert printed is not None, result.stdout
+        self.standby_pid = int(printed.group(1))
+        return self.standby_pid
+
+    def kill_for_takeover(self, timeout: float = 60.0) -> dict[str, Any]:
+        """SIGKILL the daemon (by its pid); wait for the standby's new daemon
+        to answer; return its status. The mount is never detached."""
+        assert self.pid is not None, "not mounted"
+        old = self.pid
+        os.kill(old, signal.SIGKILL)
+        assert wait_until(lambda: not alive(old)), f"daemon {old} survived SIGKILL"
+        socket_path = str(self.state / "control.sock")
+        status: dict[str, Any] = {}
+
+        def answered() -> bool:
+            nonlocal status
+            try:
+                status = control.request(socket_path, {"op": "status"}, timeout=5)
+            except control.ControlError:
+                return False
+            return bool(status["pid"] != old)
+
+        assert wait_until(answered, timeout), "no daemon took over:\n" + daemon_log_tail(self)
+        self.pid = int(status["pid"])
+        return status
 
     def umount(self) -> None:
         """``swapfs umount``, which returns once the daemon has exited."""
@@ -187,6 +219,12 @@ class Mount:
                 wait_until(lambda: not alive(pid))
             self.pid = None
         lazy_unmount(self.mnt)
+        if self.standby_pid is not None:
+            # It exits by itself once the mount is gone (tests check that); never linger.
+            standby, self.standby_pid = self.standby_pid, None
+            if not wait_until(lambda: not alive(standby), 10):
+                os.kill(standby, signal.SIGKILL)
+                wait_until(lambda: not alive(standby))
 
     def fsck(self, repair: bool = False) -> fsck.Report:
         """The offline check of the state (the daemon must have exited)."""

@@ -1,0 +1,232 @@
+"""Live takeover: a daemon killed with SIGKILL is replaced on the same connection.
+
+Real mounts, real standbys (``swapfs standby``), real SIGKILL. What must
+hold: bytes written before a kill read back after it, through descriptors
+opened before it; files unlinked while open survive until closed; inode
+numbers stay valid; and each wrong use gets a clear error and loses nothing.
+The swap workload with five kills is in test_swap_takeover.py.
+"""
+
+import array
+import contextlib
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mountd import fusedev
+from swapfs import control
+from tests.mounting import (
+    BLOCK,
+    Mount,
+    alive,
+    is_mounted,
+    lazy_unmount,
+    remove_tree,
+    requires_mount,
+    short_tempdir,
+    swapfs,
+    wait_until,
+)
+
+pytestmark = [requires_mount, pytest.mark.mount]
+
+
+def test_sigkill_with_standby_loses_nothing(mount: Mount) -> None:
+    mount.path("c").mkdir()
+    data = os.urandom(64 * BLOCK)
+    path = mount.path("c", "vm.swap")
+    path.write_bytes(data)
+    ino = path.stat().st_ino
+    mount.start_standby()
+    assert mount.status()["keeper"] == "standby"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for number in range(1, 4):
+            status = mount.kill_for_takeover()
+            assert status["keeper"] == "standby"
+            assert status["last_takeover"]["number"] == number
+            assert status["last_takeover"]["resent"] is True
+            assert status["open_files"] == 1  # the dead daemon's open file, inherited
+            # The descriptor opened before the kills still reads and writes.
+            assert os.pread(fd, len(data), 0) == data
+            block = os.urandom(BLOCK)
+            os.pwrite(fd, block, number * BLOCK)
+            data = data[:number * BLOCK] + block + data[(number + 1) * BLOCK:]
+        assert path.stat().st_ino == ino
+        assert path.read_bytes() == data
+    finally:
+        os.close(fd)
+    standby = mount.standby_pid
+    assert standby is not None
+    mount.umount()
+    assert wait_until(lambda: not alive(standby)), "the standby outlived the mount"
+
+
+def test_file_unlinked_while_open_survives_takeover(mount: Mount) -> None:
+    mount.path("c").mkdir()
+    data = os.urandom(8 * BLOCK)
+    path = mount.path("c", "gone.swap")
+    path.write_bytes(data)
+    mount.start_standby()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        path.unlink()
+        mount.kill_for_takeover()
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    # Its last release purges it: nothing of it stays stored.
+    assert wait_until(lambda: mount.chain("c")["stored_bytes"] == 0)
+
+
+def test_without_keeper_the_mount_dies(mount: Mount) -> None:
+    """What a daemon failure does without a keeper: the connection aborts."""
+    mount.path("c").mkdir()
+    mount.path("c", "f").write_bytes(b"x" * BLOCK)
+    assert mount.status()["keeper"] is None
+    fd = os.open(mount.path("c", "f"), os.O_RDONLY)
+    try:
+        pid = mount.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not alive(pid))
+        mount.pid = None
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, BLOCK, 0)
+        assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    finally:
+        with contextlib.suppress(OSError):  # its flush fails too: ENOTCONN
+            os.close(fd)
+    lazy_unmount(mount.mnt)
+
+
+def test_standby_refuses_what_is_not_a_swapfs_mount(tmp_path: Path) -> None:
+    result = swapfs("standby", str(tmp_path), check=False)
+    assert result.returncode == 1
+    assert "is not a swapfs mount" in result.stderr
+
+
+def test_second_standby_is_refused(mount: Mount) -> None:
+    first = mount.start_standby()
+    result = swapfs("standby", str(mount.mnt), check=False)
+    assert result.returncode == 1
+    assert "keeps" in result.stderr and "already" in result.stderr, result.stderr
+    assert alive(first) and mount.status()["keeper_pid"] == first
+
+
+def test_keeper_that_dies_first_costs_nothing(mount: Mount) -> None:
+    mount.path("c").mkdir()
+    mount.path("c", "f").write_bytes(b"y" * BLOCK)
+    standby = mount.start_standby()
+    os.kill(standby, signal.SIGKILL)
+    assert wait_until(lambda: not alive(standby))
+    mount.standby_pid = None
+    assert wait_until(lambda: mount.status()["keeper"] is None)
+    assert mount.path("c", "f").read_bytes() == b"y" * BLOCK
+    # A new standby may attach and keep it again.
+    mount.start_standby()
+    mount.kill_for_takeover()
+    assert mount.path("c", "f").read_bytes() == b"y" * BLOCK
+
+
+def _receive_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
+    return data, fds
+
+
+def run_with_timeout(*command: str) -> None:
+    subprocess.run(command, check=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_systemd_fd_store_restart() -> None:
+    """The systemd path, with the test as the service manager: it keeps what
+    the daemon stores (FDSTORE=1), SIGKILLs it, and starts a new daemon with
+    $LISTEN_FDS/$LISTEN_FDNAMES, as systemd does on Restart=on-failure.
+    (No systemd runs here as the service manager.)"""
+    root = short_tempdir()
+    mnt, state = root / "m", root / "s"
+    mnt.mkdir()
+    daemons: list[subprocess.Popen[bytes]] = []
+    stored: dict[bytes, int] = {}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(root / "notify"))
+            notify.settimeout(30)
+            env = dict(os.environ, NOTIFY_SOCKET=str(root / "notify"))
+            log = open(root / "log", "ab")  # noqa: SIM115 - closed in finally
+            command = [sys.executable, "-m", "mountd", "--state", str(state), str(mnt)]
+            daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL))
+            while (message := _receive_fds(notify))[0] != b"READY=1":
+                text, fds = message
+                if text.startswith(b"FDSTORE=1"):
+                    stored[text.split(b"FDNAME=")[1]] = fds[0]
+            # File I/O in child processes with a timeout: this process holds the
+            # connection (as systemd would), so a hung request must not be its own.
+            data = os.urandom(16 * BLOCK)
+            (root / "data").write_bytes(data)
+            run_with_timeout("mkdir", str(mnt / "c"))
+            run_with_timeout("cp", str(root / "data"), str(mnt / "c" / "f"))
+            daemons[0].kill()
+            daemons[0].wait()
+            # systemd passes stored descriptors from 3 on, and LISTEN_PID is the
+            # new process's own pid: a shell sets it and execs the daemon.
+            fuse_fd, memo_fd = stored[b"fuse"], stored[b"fuse-session"]
+
+            def as_listen_fds() -> None:
+                os.dup2(fuse_fd, 3)
+                os.dup2(memo_fd, 4)
+
+            env2 = dict(env, LISTEN_FDS="2", LISTEN_FDNAMES="fuse:fuse-session")
+            daemons.append(subprocess.Popen(
+                ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *command], env=env2,
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=(3, 4),
+                preexec_fn=as_listen_fds))
+            while _receive_fds(notify)[0] != b"READY=1":
+                pass
+            run_with_timeout("cmp", str(root / "data"), str(mnt / "c" / "f"))
+            status = control.request(str(state / "control.sock"), {"op": "status"})
+            assert status["keeper"] == "systemd"
+            assert status["last_takeover"]["number"] == 1
+            daemons[1].send_signal(signal.SIGTERM)
+            assert daemons[1].wait(timeout=30) == 0
+            assert not is_mounted(mnt)
+            log.close()
+    finally:
+        for fd in stored.values():  # first: without a holder, the connection aborts
+            os.close(fd)
+        for daemon in daemons:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+        lazy_unmount(mnt)
+        remove_tree(root)
+
+
+def test_resend_notification_on_this_kernel() -> None:
+    """Kernels before 6.9 refuse FUSE_NOTIFY_RESEND; this one must take it
+    (the takeover tests above depend on it), and the INIT says so."""
+    root = short_tempdir()
+    mnt = root / "m"
+    mnt.mkdir()
+    fd = fusedev.mount(str(mnt), "swapfs:test", "swapfs", allow_other=False)
+    try:
+        init = fusedev.read_init(fd)
+        assert fusedev.init_version(init)[0] == 7
+        if not fusedev.supports_resend(init):
+            pytest.skip("this kernel predates FUSE_NOTIFY_RESEND (Linux 6.9)")
+        fusedev.request_resend(fd)
+    finally:
+        fusedev.unmount(str(mnt))
+        os.close(fd)
+        remove_tree(root)
