@@ -6,9 +6,11 @@ of the wrong type is an error that names the key, never silently ignored.
 """
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from swapfs.failover import STRATEGIES
 
 
 class ConfigError(Exception):
@@ -39,12 +41,15 @@ class Config:
     driver_timeout: float = 30
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
     vsock_port: int = 0
+    #: The fail-over planner's strategies, tried in this order (docs/failover.md).
+    failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "state": str, "mountpoint": str, "allow_other": bool, "lock_memory": bool,
     "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
     "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
+    "failover_strategies": list,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -81,4 +86,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("driver_timeout must be a positive number of seconds")
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:
         raise ConfigError("vsock_port must be within 0..4294967294")
+    for name in config.failover_strategies:
+        if name not in STRATEGIES:
+            raise ConfigError(f"failover_strategies: unknown strategy {name!r}; "
+                              f"valid: {', '.join(STRATEGIES)}")
+    if len(set(config.failover_strategies)) != len(config.failover_strategies):
+        raise ConfigError("failover_strategies names a strategy twice")
     return config

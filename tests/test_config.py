@@ -38,6 +38,12 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = "1"\n', "driver_timeout must be a number"),
     ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0\n', "positive number of seconds"),
     ('state = "/s"\nmountpoint = "/m"\nvsock_port = -1\n', "vsock_port must be within"),
+    ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = "union"\n',
+     "failover_strategies must be a list"),
+    ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["union", "lru"]\n',
+     "unknown strategy 'lru'; valid: union, priority, common, share"),
+    ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["share", "share"]\n',
+     "names a strategy twice"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
@@ -52,6 +58,15 @@ def test_driver_timeout_may_be_a_fraction(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0.5\n')
     assert load(path, {}).driver_timeout == 0.5
+
+
+def test_failover_strategies_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["share", "union"]\n')
+    assert load(path, {}).failover_strategies == ["share", "union"]
+    path.write_text('state = "/s"\nmountpoint = "/m"\nfailover_strategies = []\n')
+    assert load(path, {}).failover_strategies == []
+    assert Config().failover_strategies == ["union", "priority", "common", "share"]
 
 
 def test_journal_lines_carry_syslog_priorities() -> None:
