@@ -39,12 +39,15 @@ class Config:
     driver_timeout: float = 30
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
     vsock_port: int = 0
+    #: Seconds the state directory's lease lasts unless renewed (swapfs.lease).
+    lease_seconds: float = 10
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "state": str, "mountpoint": str, "allow_other": bool, "lock_memory": bool,
     "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
     "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
+    "lease_seconds": (int, float),
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -81,4 +84,6 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("driver_timeout must be a positive number of seconds")
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:
         raise ConfigError("vsock_port must be within 0..4294967294")
+    if not 1 <= config.lease_seconds <= 86400:
+        raise ConfigError("lease_seconds must be within 1..86400 seconds")
     return config

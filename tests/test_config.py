@@ -38,6 +38,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = "1"\n', "driver_timeout must be a number"),
     ('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0\n', "positive number of seconds"),
     ('state = "/s"\nmountpoint = "/m"\nvsock_port = -1\n', "vsock_port must be within"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = "10"\n', "lease_seconds must be a number"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 0.5\n', "lease_seconds must be within"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 1e6\n', "lease_seconds must be within"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
@@ -52,6 +55,14 @@ def test_driver_timeout_may_be_a_fraction(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text('state = "/s"\nmountpoint = "/m"\ndriver_timeout = 0.5\n')
     assert load(path, {}).driver_timeout == 0.5
+
+
+def test_lease_seconds_defaults_to_ten_and_takes_a_fraction(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\n')
+    assert load(path, {}).lease_seconds == 10
+    path.write_text('state = "/s"\nmountpoint = "/m"\nlease_seconds = 2.5\n')
+    assert load(path, {}).lease_seconds == 2.5
 
 
 def test_journal_lines_carry_syslog_priorities() -> None:
