@@ -306,8 +306,12 @@ class Lease:
             raise LeaseLost(self._lost)
         start = time.monotonic()
         if start >= self._deadline:
-            with contextlib.suppress(LeaseError):
+            try:
                 self._check_ours()  # says who took it, when someone did
+            except LeaseLost:
+                raise
+            except LeaseError:
+                pass
             self._lose(f"lease on {self.state} lapsed before it was renewed")
         self._check_ours()
         _write_lease(self.state, LeaseInfo(
