@@ -260,8 +260,6 @@ def _fsck(args: argparse.Namespace) -> int:
 def _lease(args: argparse.Namespace) -> int:
     if not args.state.is_dir():
         raise CommandError(f"{args.state} is not a directory")
-    if args.force and not args.break_:
-        raise CommandError("--force only goes with --break")
     if args.break_:
         try:
             broken = lease.break_lease(args.state, force=args.force)
@@ -381,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "lease" and args.force and not args.break_:
+        build_parser().error("lease: --force only goes with --break")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="swapfs: %(message)s")
     try:
