@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,9 +182,12 @@ def test_keep_renewed_fences_before_the_lapse_when_renewals_fail(state: Path) ->
 
 def _contender(state: str, rounds: int, barrier: Any, results: Any, name: str) -> None:
     for _ in range(rounds):
-        barrier.wait()
         try:
-            won = acquire(Path(state), 30.0, settle=0.2, skew_margin=MARGIN)
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        try:
+            won = acquire(Path(state), 30.0, settle=0.6, skew_margin=MARGIN)
             results.put((name, "won", won.generation))
         except LeaseHeld as held:
             results.put((name, "held", held.info.generation))
@@ -220,6 +224,7 @@ def test_two_processes_racing_for_an_expired_lease_never_both_win(state: Path) -
             info = read_lease(state)
             assert info is not None and info.generation == generation + 1
     finally:
+        barrier.abort()  # frees workers still waiting when a round failed
         for worker in workers:
             worker.join(timeout=60)
             if worker.is_alive():
