@@ -43,6 +43,8 @@ class Config:
     vsock_port: int = 0
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
     failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    #: Seconds the state directory's lease lasts unless renewed (swapfs.lease).
+    lease_seconds: float = 10
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -50,6 +52,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
     "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
     "failover_strategies": list,
+    "lease_seconds": (int, float),
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -92,4 +95,6 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
                               f"valid: {', '.join(STRATEGIES)}")
     if len(set(config.failover_strategies)) != len(config.failover_strategies):
         raise ConfigError("failover_strategies names a strategy twice")
+    if not 1 <= config.lease_seconds <= 86400:
+        raise ConfigError("lease_seconds must be within 1..86400 seconds")
     return config

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import control, fsck, swaparea
+from swapfs import control, fsck, lease, swaparea
 from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
@@ -31,6 +31,7 @@ examples:
   swapfs swapoff /mnt/swapfs/web/vm1.swap
   swapfs umount /mnt/swapfs
   swapfs fsck --state /var/lib/swapfs/a --repair
+  swapfs lease --state /var/lib/swapfs/a --json
 """
 
 #: How long ``mount`` waits for the daemon to serve, and ``umount`` for it to exit.
@@ -293,6 +294,47 @@ def _fsck(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _lease(args: argparse.Namespace) -> int:
+    if not args.state.is_dir():
+        raise CommandError(f"{args.state} is not a directory")
+    if args.break_:
+        try:
+            broken = lease.break_lease(args.state, force=args.force)
+        except lease.LeaseHeld as held:
+            raise CommandError(f"{held}; --break --force breaks it anyway, which is safe "
+                               "only once its holder is known to be dead") from None
+        if args.json:
+            print(json.dumps({"broken": broken is not None and not broken.free,
+                              "was": None if broken is None
+                              else broken.to_json(time.time())}, indent=2))
+        elif broken is None:
+            print(f"no valid lease left on {args.state}: acquire may take it")
+        elif broken.free:
+            print(f"lease on {args.state} is already free")
+        else:
+            print(f"lease of {broken.holder_hex} on host {broken.host!r} "
+                  f"(generation {broken.generation}) broken")
+        return 0
+    info = lease.read_lease(args.state)
+    now = time.time()
+    if args.json:
+        print(json.dumps(None if info is None else info.to_json(now), indent=2))
+    elif info is None:
+        print(f"no lease on {args.state}")
+    elif info.free:
+        print(f"lease on {args.state} is free (generation {info.generation})")
+    else:
+        fields = info.to_json(now)
+        print(f"holder      {info.holder_hex}\n"
+              f"host        {info.host}\n"
+              f"pid         {info.pid}\n"
+              f"generation  {info.generation}\n"
+              f"age         {fields['age_seconds']:.1f} s (duration {info.duration:g} s)\n"
+              f"expires in  {fields['expires_in_seconds']:.1f} s"
+              + ("" if fields["state"] == "held" else " (expired: a standby may take it)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swapfs", description="Swap files deduplicated per clone chain.",
@@ -360,6 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--repair", action="store_true", help="fix what can be fixed")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=_fsck)
+
+    held = commands.add_parser(
+        "lease", help="show (or break) the lease that fences a state directory across hosts",
+        epilog="examples:\n  swapfs lease --state /var/lib/swapfs/a --json\n"
+               "  swapfs lease --state /var/lib/swapfs/a --break",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    held.add_argument("--state", required=True, type=Path, help="state directory")
+    held.add_argument("--json", action="store_true", help="machine-readable output")
+    held.add_argument("--break", dest="break_", action="store_true",
+                      help="clear a corrupt or expired lease so that a daemon may take it")
+    held.add_argument("--force", action="store_true",
+                      help="with --break: break a live lease too (only when its holder "
+                           "is known to be dead)")
+    held.set_defaults(run=_lease)
     return parser
 
 
@@ -369,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args, rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "lease" and args.force and not args.break_:
+        build_parser().error("lease: --force only goes with --break")
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="swapfs: %(message)s")
     try:

@@ -44,6 +44,9 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
      "unknown strategy 'lru'; valid: union, priority, common, share"),
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["share", "share"]\n',
      "names a strategy twice"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = "10"\n', "lease_seconds must be a number"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 0.5\n', "lease_seconds must be within"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 1e6\n', "lease_seconds must be within"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
@@ -67,6 +70,14 @@ def test_failover_strategies_keep_their_order(tmp_path: Path) -> None:
     path.write_text('state = "/s"\nmountpoint = "/m"\nfailover_strategies = []\n')
     assert load(path, {}).failover_strategies == []
     assert Config().failover_strategies == ["union", "priority", "common", "share"]
+
+
+def test_lease_seconds_defaults_to_ten_and_takes_a_fraction(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\n')
+    assert load(path, {}).lease_seconds == 10
+    path.write_text('state = "/s"\nmountpoint = "/m"\nlease_seconds = 2.5\n')
+    assert load(path, {}).lease_seconds == 2.5
 
 
 def test_journal_lines_carry_syslog_priorities() -> None:

@@ -1,0 +1,511 @@
+"""A lease that fences a state directory across hosts.
+
+``Volume`` takes an flock on its state directory, which keeps a second
+daemon on the same host away. When the state directory sits on storage that
+two hosts reach, flock fences nothing across them; this lease does. A live
+daemon holds it and renews it every third of its duration; a standby takes
+the directory over only after the lease has lapsed by its full duration plus
+a clock-skew margin; and a holder that cannot renew stops writing, on its
+own, before a standby may take over (:meth:`Lease.valid_for`).
+
+The lease is one small file, ``<state>/lease``, always replaced whole (write
+a temporary file, fsync, rename, fsync the directory), so a reader sees the
+old record or the new one, never a mix. Taking it is a delta lease: write a
+claim, wait a settle delay long enough for any other contender's claim to
+land, read it back, and own it only if it still names us. The protocol, the
+byte layout and what is and is not guaranteed are in ``docs/lease.md``.
+
+Example::
+
+    lease = acquire(state, duration=10.0)          # LeaseHeld if a live holder has it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_renewed, lease, stop_writing)
+        ...                                        # serve while lease.valid_for() > 0
+    lease.release()
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import blake3
+import trio
+
+from swapfs.errors import SwapfsError
+
+log = logging.getLogger(__name__)
+
+#: The lease file's name inside the state directory.
+LEASE_NAME = "lease"
+#: Seconds by which the hosts' wall clocks may disagree. A contender treats a
+#: lease as lapsed only once its renewal stamp is older than its duration plus
+#: this margin, so a holder whose clock is up to this much behind is still safe.
+SKEW_MARGIN = 2.0
+#: Seconds a contender waits between writing its claim and reading it back.
+#: A claim whose read-to-landed time exceeds half of this is abandoned, which
+#: is what makes the wait long enough for every other contender's claim.
+SETTLE = 2.0
+
+MAGIC = b"SWAPLEAS"
+VERSION = 1
+HOLDER_SIZE = 16
+HOST_SIZE = 64
+CHECKSUM_SIZE = 32
+#: magic, version, pid, generation, renewed (ns), duration (ns), holder, host.
+_BODY = struct.Struct(f"<8sIIQQQ{HOLDER_SIZE}s{HOST_SIZE}s")
+RECORD_SIZE = _BODY.size + CHECKSUM_SIZE
+#: The holder id of a lease given up: a free lease that keeps its generation.
+FREE = bytes(HOLDER_SIZE)
+#: Largest read of the lease file: enough to tell "too long" from the record.
+_READ_LIMIT = RECORD_SIZE + 1
+
+
+class LeaseError(SwapfsError):
+    """A lease operation failed; the message says why."""
+
+
+class LeaseCorrupt(LeaseError):
+    """The lease file is not a valid lease record; it is never overwritten silently."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(errno.EUCLEAN, f"lease file {path} is corrupt: {reason}; if no daemon "
+                                        f"serves {path.parent}, break it "
+                                        f"('swapfs lease --state {path.parent} --break')")
+        self.path = path
+        self.reason = reason
+
+
+class LeaseHeld(LeaseError):
+    """Another holder has the lease and it has not lapsed."""
+
+    def __init__(self, info: "LeaseInfo", expires_in: float, note: str = "") -> None:
+        super().__init__(errno.EBUSY, f"{note}lease held by {info.holder_hex} on host "
+                                      f"{info.host!r} (pid {info.pid}, generation "
+                                      f"{info.generation}); free in {expires_in:.1f} s "
+                                      f"unless renewed")
+        self.info = info
+        self.holder = info.holder_hex
+        self.host = info.host
+        self.expires_in = expires_in
+
+
+class LeaseLost(LeaseError):
+    """This holder no longer has the lease: it lapsed, or someone broke or took it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOLCK, message)
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """One lease record, as read from or written to the lease file."""
+
+    holder: bytes
+    host: str
+    pid: int
+    generation: int
+    #: Wall-clock time of the last renewal, in seconds since the epoch.
+    renewed: float
+    #: Seconds the holder may go without renewing.
+    duration: float
+
+    @property
+    def holder_hex(self) -> str:
+        return self.holder.hex()
+
+    @property
+    def free(self) -> bool:
+        """Given up by its last holder (released or broken)."""
+        return self.holder == FREE
+
+    def expires_in(self, now: float, skew_margin: float = SKEW_MARGIN) -> float:
+        """Seconds from wall-clock *now* until a contender may take the lease."""
+        if self.free:
+            return 0.0
+        return self.renewed + self.duration + skew_margin - now
+
+    def to_json(self, now: float, skew_margin: float = SKEW_MARGIN) -> dict[str, object]:
+        expires_in = self.expires_in(now, skew_margin)
+        return {
+            "state": "free" if self.free else "held" if expires_in > 0 else "expired",
+            "holder": self.holder_hex, "host": self.host, "pid": self.pid,
+            "generation": self.generation, "renewed": self.renewed,
+            "age_seconds": now - self.renewed, "duration_seconds": self.duration,
+            "expires_in_seconds": max(expires_in, 0.0),
+        }
+
+
+def encode(info: LeaseInfo) -> bytes:
+    """The record's bytes: a fixed body and the BLAKE3 digest of it."""
+    host = info.host.encode()[:HOST_SIZE]
+    host = host.decode(errors="ignore").encode()  # never cut a character in half
+    body = _BODY.pack(MAGIC, VERSION, info.pid, info.generation,
+                      round(info.renewed * 1e9), round(info.duration * 1e9), info.holder, host)
+    return body + blake3.blake3(body).digest(CHECKSUM_SIZE)
+
+
+def decode(data: bytes, path: Path) -> LeaseInfo:
+    """Parse a record; anything that is not exactly a valid one raises LeaseCorrupt."""
+    if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
+        what = "empty" if not data else "no lease magic at its start"
+        raise LeaseCorrupt(path, what)
+    if len(data) != RECORD_SIZE:
+        raise LeaseCorrupt(path, f"{len(data)}{'+' if len(data) >= _READ_LIMIT else ''} "
+                                 f"bytes, a lease record has {RECORD_SIZE}")
+    body, checksum = data[:_BODY.size], data[_BODY.size:]
+    if blake3.blake3(body).digest(CHECKSUM_SIZE) != checksum:
+        raise LeaseCorrupt(path, "checksum mismatch")
+    _, version, pid, generation, renewed_ns, duration_ns, holder, host = _BODY.unpack(body)
+    if version != VERSION:
+        raise LeaseCorrupt(path, f"format version {version}, this swapfs reads {VERSION}")
+    try:
+        host_name = host.rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        raise LeaseCorrupt(path, "host name is not UTF-8") from None
+    if duration_ns == 0 and holder != FREE:
+        raise LeaseCorrupt(path, "a held lease with no duration")
+    return LeaseInfo(holder=holder, host=host_name, pid=pid, generation=generation,
+                     renewed=renewed_ns / 1e9, duration=duration_ns / 1e9)
+
+
+def lease_path(state: Path) -> Path:
+    return Path(state) / LEASE_NAME
+
+
+def read_lease(state: Path) -> LeaseInfo | None:
+    """The lease record of *state*, or None when there is no lease file.
+
+    Raises LeaseCorrupt for anything that is not a valid record (including a
+    directory or other non-file in its place) and LeaseError for a file that
+    cannot be read (permissions, I/O error).
+    """
+    path = lease_path(state)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LeaseCorrupt(path, "a symbolic link, not a lease file") from None
+        raise LeaseError(exc.errno or errno.EIO, f"cannot read lease file {path}: "
+                                                 f"{exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise LeaseCorrupt(path, f"{kind}, not a lease file")
+        data = os.read(fd, _READ_LIMIT)
+    except OSError as exc:
+        raise LeaseError(exc.errno or errno.EIO, f"cannot read lease file {path}: "
+                                                 f"{exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return decode(data, path)
+
+
+def _write_lease(state: Path, info: LeaseInfo) -> None:
+    """Replace the lease file with *info*: temp file, fsync, rename, fsync the directory.
+
+    Each writer has its own temporary name (its holder id), so two contenders
+    never write into one temporary file.
+    """
+    state = Path(state)
+    temp = state / f".{LEASE_NAME}.{info.holder_hex}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, encode(info))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, state / LEASE_NAME)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise LeaseError(exc.errno or errno.EIO, f"cannot write the lease in {state}: "
+                                                 f"{exc.strerror}") from None
+    _sync_dir(state)
+
+
+def _sync_dir(state: Path) -> None:
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise LeaseError(exc.errno or errno.EIO, f"cannot sync {state}: {exc.strerror}") from None
+
+
+def new_holder() -> bytes:
+    """A random holder id: one per daemon instance."""
+    return secrets.token_bytes(HOLDER_SIZE)
+
+
+class Lease:
+    """A lease this process holds on a state directory.
+
+    The holder keeps it by calling :meth:`renew` every ``duration / 3`` (or
+    running :func:`keep_renewed`), and must stop writing to the state
+    directory when :meth:`valid_for` reaches zero: it cannot know whether a
+    standby has taken over since.
+    """
+
+    __slots__ = ("state", "holder", "host", "generation", "duration", "_deadline", "_lost")
+
+    def __init__(self, state: Path, info: LeaseInfo, deadline: float) -> None:
+        self.state = Path(state)
+        self.holder = info.holder
+        self.host = info.host
+        self.generation = info.generation
+        self.duration = info.duration
+        #: time.monotonic() at which this holder's own view of the lease lapses.
+        self._deadline = deadline
+        self._lost: str | None = None
+
+    @property
+    def holder_hex(self) -> str:
+        return self.holder.hex()
+
+    @property
+    def renew_interval(self) -> float:
+        """How often to renew: a third of the duration (see docs/lease.md)."""
+        return self.duration / 3
+
+    def valid_for(self) -> float:
+        """Seconds this holder may still write, by its own monotonic clock.
+
+        Counted from the moment the last successful renewal started, so it
+        never outlasts what any contender grants the lease. Zero once lost.
+        """
+        if self._lost is not None:
+            return 0.0
+        return max(self._deadline - time.monotonic(), 0.0)
+
+    def renew(self) -> None:
+        """Stamp the lease afresh.
+
+        Raises LeaseLost when the file no longer names this holder and
+        generation (broken, taken over, corrupt, removed) or when the lease
+        had already lapsed in this holder's view; after that the lease is
+        lost for good. Raises LeaseError for an I/O failure that a later
+        renewal may get past.
+        """
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        start = time.monotonic()
+        if start >= self._deadline:
+            try:
+                self._check_ours()  # says who took it, when someone did
+            except LeaseLost:
+                raise
+            except LeaseError:
+                pass
+            self._lose(f"lease on {self.state} lapsed before it was renewed")
+        self._check_ours()
+        _write_lease(self.state, LeaseInfo(
+            holder=self.holder, host=self.host, pid=os.getpid(), generation=self.generation,
+            renewed=time.time(), duration=self.duration))
+        if time.monotonic() >= self._deadline:
+            # The new stamp landed after our lease had lapsed, so it may have
+            # overwritten a contender's claim: this holder must not go on.
+            self._lose(f"renewal of the lease on {self.state} landed after it had lapsed")
+        self._deadline = start + self.duration
+
+    def release(self) -> None:
+        """Give the lease up if it is still ours, keeping its generation.
+
+        The file is rewritten as a free record (no holder), so a contender may
+        take it at once and the next holder's generation is still higher.
+        A lease already lost or lapsed is left alone.
+        """
+        if self.valid_for() <= 0:
+            self._lost = self._lost or "released"
+            return
+        try:
+            self._check_ours()
+        except LeaseLost:
+            return
+        _write_lease(self.state, LeaseInfo(
+            holder=FREE, host="", pid=0, generation=self.generation, renewed=time.time(),
+            duration=0.0))
+        self._lost = "released"
+
+    def _check_ours(self) -> None:
+        try:
+            info = read_lease(self.state)
+        except LeaseCorrupt as exc:
+            self._lose(f"lease lost: {exc}")
+        if info is None:
+            self._lose(f"lease on {self.state} lost: the lease file was removed")
+        if info.holder != self.holder or info.generation != self.generation:
+            who = ("nobody (it was released or broken)" if info.free
+                   else f"{info.holder_hex} on host {info.host!r}")
+            self._lose(f"lease on {self.state} lost: generation {info.generation} "
+                       f"is now held by {who}")
+
+    def _lose(self, reason: str) -> NoReturn:
+        self._lost = reason
+        raise LeaseLost(reason)
+
+    def __repr__(self) -> str:
+        return (f"Lease({self.state}, holder={self.holder_hex}, generation={self.generation}, "
+                f"valid_for={self.valid_for():.1f})")
+
+
+def acquire(state: Path, duration: float, *, holder: bytes | None = None,
+            host: str | None = None, wait: bool = False, timeout: float | None = None,
+            settle: float = SETTLE, skew_margin: float = SKEW_MARGIN) -> Lease:
+    """Take the lease on *state* if it is free or lapsed.
+
+    *holder* defaults to a fresh random id (:func:`new_holder`); ids must be
+    unique per daemon instance. Without *wait*, a live lease raises
+    LeaseHeld at once. With *wait* (implied by a *timeout*), acquire sleeps
+    until the lease lapses and tries again, raising LeaseHeld when *timeout*
+    seconds have passed. A corrupt lease file raises LeaseCorrupt and is left
+    as it is: :func:`break_lease` clears it.
+
+    Each attempt takes at least *settle* seconds (the delta-lease wait).
+    """
+    if duration <= 0:
+        raise ValueError("a lease duration must be positive")
+    state = Path(state)
+    holder = holder or new_holder()
+    if len(holder) != HOLDER_SIZE or holder == FREE:
+        raise ValueError(f"a holder id is {HOLDER_SIZE} bytes, not all zero")
+    host = socket.gethostname() if host is None else host
+    give_up = None if timeout is None else time.monotonic() + timeout
+    wait = wait or timeout is not None
+    while True:
+        try:
+            return _attempt(state, duration, holder, host, settle, skew_margin)
+        except LeaseHeld as held:
+            if not wait:
+                raise
+            pause = max(held.expires_in, 0.0) + settle / 4
+            if give_up is not None:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise
+                pause = min(pause, left)
+            log.info("%s; waiting %.1f s", held, pause)
+            time.sleep(pause)
+
+
+def _attempt(state: Path, duration: float, holder: bytes, host: str, settle: float,
+             skew_margin: float) -> Lease:
+    """One delta-lease attempt: read, claim, settle, read back."""
+    start = time.monotonic()
+    now = time.time()  # taken before the read: see docs/lease.md, "Why it is safe"
+    current = read_lease(state)
+    if current is not None and current.expires_in(now, skew_margin) > 0:
+        raise LeaseHeld(current, current.expires_in(now, skew_margin))
+    generation = (current.generation if current is not None else 0) + 1
+    stamped = time.monotonic()
+    claim = LeaseInfo(holder=holder, host=host, pid=os.getpid(), generation=generation,
+                      renewed=time.time(), duration=duration)
+    _write_lease(state, claim)
+    landed = time.monotonic() - start
+    if landed > settle / 2:
+        # Another contender may already have confirmed its claim and we may
+        # have overwritten it; it will lose the lease at its next renewal.
+        raise LeaseHeld(claim, claim.expires_in(time.time(), skew_margin),
+                        note=f"claim abandoned: it took {landed:.2f} s to land, more than "
+                             f"half the settle delay ({settle} s); this claim's ")
+    time.sleep(settle)
+    now = time.time()
+    confirmed = read_lease(state)
+    if confirmed is None or confirmed.holder != holder or confirmed.generation != generation:
+        if confirmed is None:
+            raise LeaseError(errno.EAGAIN, f"the lease file in {state} was removed "
+                                           "while claiming it")
+        raise LeaseHeld(confirmed, confirmed.expires_in(now, skew_margin))
+    log.info("lease on %s taken: holder %s, generation %d", state, holder.hex(), generation)
+    return Lease(state, claim, stamped + duration)
+
+
+def break_lease(state: Path, *, force: bool = False,
+                skew_margin: float = SKEW_MARGIN) -> LeaseInfo | None:
+    """Clear a corrupt or lapsed lease so that acquire can take it; the operator's tool.
+
+    A corrupt file (or an empty directory in its place) is removed; a valid
+    record is rewritten as free, keeping its generation. A live lease is
+    refused with LeaseHeld unless *force*: breaking the lease of a daemon
+    that still runs lets two daemons write one state directory until its
+    next renewal. Returns the record that was broken, None if it was corrupt
+    or absent.
+    """
+    state = Path(state)
+    path = lease_path(state)
+    try:
+        info = read_lease(state)
+    except LeaseCorrupt:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            else:
+                path.unlink()
+        except OSError as exc:
+            raise LeaseError(exc.errno or errno.EIO,
+                             f"cannot remove {path}: {exc.strerror}") from None
+        _sync_dir(state)
+        log.warning("corrupt lease file %s removed", path)
+        return None
+    if info is None or info.free:
+        return info
+    expires_in = info.expires_in(time.time(), skew_margin)
+    if expires_in > 0 and not force:
+        raise LeaseHeld(info, expires_in)
+    _write_lease(state, LeaseInfo(holder=FREE, host="", pid=0, generation=info.generation,
+                                  renewed=time.time(), duration=0.0))
+    log.warning("lease of %s on host %r (generation %d) broken", info.holder_hex, info.host,
+                info.generation)
+    return info
+
+
+async def keep_renewed(lease: Lease, on_lost: Callable[[], None], *,
+                       guard: float | None = None, retry: float | None = None) -> None:
+    """Renew *lease* every ``duration / 3`` until cancelled; call *on_lost* when it fails.
+
+    *on_lost* is called once, and this task returns, when a renewal raises
+    LeaseLost or when the lease's own validity drops to *guard* seconds
+    (default ``duration / 3``) because renewals keep failing or hang: the
+    caller must then stop writing to the state directory. A failing renewal
+    (an I/O error) is retried every *retry* seconds (default ``duration /
+    10``). Renewal runs in a worker thread, so slow storage never blocks the
+    trio thread.
+    """
+    guard = lease.duration / 3 if guard is None else guard
+    retry = lease.duration / 10 if retry is None else retry
+    next_at = time.monotonic() + lease.renew_interval
+    while True:
+        await trio.sleep(max(next_at - time.monotonic(), 0.0))
+        renewed = False
+        with trio.move_on_after(max(lease.valid_for() - guard, 0.0)):
+            try:
+                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
+                renewed = True
+            except LeaseLost as exc:
+                log.error("%s", exc)
+                on_lost()
+                return
+            except (LeaseError, OSError) as exc:
+                log.warning("cannot renew the lease on %s: %s", lease.state, exc)
+        if lease.valid_for() <= guard:
+            lease._lost = lease._lost or "renewals failed until the lease was about to lapse"
+            log.error("lease on %s about to lapse (%.1f s left): %s", lease.state,
+                      lease.valid_for(), lease._lost)
+            on_lost()
+            return
+        next_at = time.monotonic() + (lease.renew_interval if renewed else retry)

@@ -1,0 +1,478 @@
+"""The lease that fences a state directory across hosts (swapfs.lease).
+
+Real files throughout; the race runs two real processes, and the two-host
+test runs the standby in its own mount and UTS namespace (``unshare``),
+seeing the state directory through a bind mount. Durations are short (a
+fraction of a second) and the skew margin and settle delay are cut to match.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+import trio
+
+from swapfs import lease as lease_mod
+from swapfs.lease import (
+    RECORD_SIZE,
+    LeaseCorrupt,
+    LeaseError,
+    LeaseHeld,
+    LeaseInfo,
+    LeaseLost,
+    acquire,
+    break_lease,
+    encode,
+    keep_renewed,
+    new_holder,
+    read_lease,
+)
+from tests.mounting import SWAPFS
+
+#: Test timings: a contender may take over DURATION + MARGIN after the last renewal.
+DURATION = 0.5
+MARGIN = 0.1
+SETTLE = 0.1
+FAST: dict[str, Any] = {"settle": SETTLE, "skew_margin": MARGIN}
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
+
+
+def take(state: Path, **kwargs: Any) -> lease_mod.Lease:
+    return acquire(state, kwargs.pop("duration", DURATION), **{**FAST, **kwargs})
+
+
+# -- holding, refusing, taking over -------------------------------------------
+
+
+def test_acquire_on_an_empty_directory(state: Path) -> None:
+    held = take(state, host="host-a")
+    info = read_lease(state)
+    assert info is not None
+    assert (info.holder, info.host, info.pid, info.generation) == (
+        held.holder, "host-a", os.getpid(), 1)
+    assert info.duration == DURATION
+    assert abs(info.renewed - time.time()) < 5
+    assert 0 < held.valid_for() <= DURATION
+    assert [p.name for p in state.iterdir()] == ["lease"]  # no temporary file left
+
+
+def test_a_second_holder_is_refused_then_takes_over_after_expiry(state: Path) -> None:
+    first = take(state, host="host-a")
+    with pytest.raises(LeaseHeld) as refused:
+        take(state, host="host-b")
+    assert refused.value.holder == first.holder_hex
+    assert refused.value.host == "host-a"
+    assert 0 < refused.value.expires_in <= DURATION + MARGIN
+    assert first.holder_hex in str(refused.value)
+
+    # The first holder stops renewing; the second waits for the lapse and takes it.
+    second = take(state, host="host-b", timeout=10)
+    assert second.generation == 2
+    assert first.valid_for() == 0
+    with pytest.raises(LeaseLost, match=second.holder_hex):
+        first.renew()
+    with pytest.raises(LeaseLost):
+        first.renew()  # lost for good
+    second.renew()
+    assert read_lease(state).holder == second.holder  # type: ignore[union-attr]
+
+
+def test_a_waiting_contender_gives_up_at_its_timeout(state: Path) -> None:
+    take(state, duration=30)
+    started = time.monotonic()
+    with pytest.raises(LeaseHeld):
+        take(state, timeout=0.3)
+    assert time.monotonic() - started < 10
+
+
+def test_release_then_acquire(state: Path) -> None:
+    first = take(state)
+    first.release()
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 1
+    assert first.valid_for() == 0
+    with pytest.raises(LeaseLost):
+        first.renew()
+    second = take(state)  # at once: a released lease needs no waiting
+    assert second.generation == 2
+    first.release()  # no longer ours: leaves the new holder alone
+    assert read_lease(state).holder == second.holder  # type: ignore[union-attr]
+
+
+def test_renew_keeps_it_alive_past_several_durations(state: Path) -> None:
+    held = take(state)
+    until = time.monotonic() + 4 * DURATION
+    refusals = 0
+    while time.monotonic() < until:
+        time.sleep(held.renew_interval)
+        held.renew()
+        with pytest.raises(LeaseHeld):
+            take(state, settle=0.0)
+        refusals += 1
+    assert refusals >= 4
+    assert held.valid_for() > 0
+    assert read_lease(state).generation == 1  # type: ignore[union-attr]
+
+
+def test_keep_renewed_holds_it_and_reports_a_loss(state: Path) -> None:
+    held = take(state)
+    lost: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_renewed, held, lambda: lost.append(time.monotonic()))
+            await trio.sleep(4 * DURATION)
+            assert not lost and held.valid_for() > 0
+            with pytest.raises(LeaseHeld):
+                await trio.to_thread.run_sync(lambda: take(state, settle=0.0))
+            # An operator breaks the live lease: the next renewal notices.
+            await trio.to_thread.run_sync(lambda: break_lease(state, force=True))
+            broke = time.monotonic()
+            with trio.fail_after(10):
+                while not lost:
+                    await trio.sleep(0.02)
+            assert lost[0] - broke < DURATION + 1
+            assert held.valid_for() == 0
+
+    trio.run(main)
+
+
+def test_keep_renewed_fences_before_the_lapse_when_renewals_fail(state: Path) -> None:
+    """Storage that rejects every write: on_lost comes while the lease is still valid."""
+    held = take(state, duration=1.0)
+    events: list[float] = []
+
+    def fail(*args: object) -> None:
+        raise LeaseError(5, "I/O error")
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            await keep_renewed(held, lambda: events.append(held._deadline - time.monotonic()))
+
+    original = lease_mod._write_lease
+    lease_mod._write_lease = fail  # type: ignore[assignment]
+    try:
+        trio.run(main)
+    finally:
+        lease_mod._write_lease = original
+    assert len(events) == 1
+    assert events[0] > 0  # called before the holder's own view lapsed
+
+
+# -- two processes racing ----------------------------------------------------
+
+
+def _contender(state: str, rounds: int, barrier: Any, results: Any, name: str) -> None:
+    for _ in range(rounds):
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        try:
+            won = acquire(Path(state), 30.0, settle=0.6, skew_margin=MARGIN)
+            results.put((name, "won", won.generation))
+        except LeaseHeld as held:
+            results.put((name, "held", held.info.generation))
+        except Exception as exc:  # reported, so the test names it
+            results.put((name, f"error {exc!r}", 0))
+
+
+def _expired(state: Path, generation: int) -> None:
+    lease_mod._write_lease(state, LeaseInfo(
+        holder=new_holder(), host="gone", pid=1, generation=generation,
+        renewed=time.time() - 100, duration=1.0))
+
+
+def test_two_processes_racing_for_an_expired_lease_never_both_win(state: Path) -> None:
+    rounds = 15
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    results = context.Queue()
+    workers = [context.Process(target=_contender, args=(str(state), rounds, barrier, results,
+                                                        name)) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    try:
+        for number in range(rounds):
+            generation = 10 * (number + 1)
+            _expired(state, generation)
+            barrier.wait(timeout=60)
+            reports = sorted(results.get(timeout=60) for _ in workers)
+            winners = [report for report in reports if report[1] == "won"]
+            assert len(winners) == 1, reports
+            assert winners[0][2] == generation + 1
+            loser = next(report for report in reports if report[1] != "won")
+            assert loser[1] == "held", reports
+            info = read_lease(state)
+            assert info is not None and info.generation == generation + 1
+    finally:
+        barrier.abort()  # frees workers still waiting when a round failed
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+
+
+# -- corrupt lease files -----------------------------------------------------
+
+
+def _assert_refused_and_untouched(state: Path) -> None:
+    path = state / "lease"
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(LeaseCorrupt):
+        read_lease(state)
+    with pytest.raises(LeaseCorrupt):
+        take(state)
+    with pytest.raises(LeaseCorrupt):
+        take(state, timeout=0.2)  # waiting does not get past it either
+    if before is not None:
+        assert path.read_bytes() == before
+
+
+def _valid_record() -> bytes:
+    return encode(LeaseInfo(holder=new_holder(), host="host-a", pid=42, generation=7,
+                            renewed=time.time() - 100, duration=1.0))
+
+
+def test_a_truncated_lease_at_every_length_is_refused(state: Path) -> None:
+    record = _valid_record()
+    for length in range(RECORD_SIZE):
+        (state / "lease").write_bytes(record[:length])
+        _assert_refused_and_untouched(state)
+
+
+def test_every_single_bit_flip_is_refused(state: Path) -> None:
+    record = _valid_record()
+    path = state / "lease"
+    for bit in range(8 * RECORD_SIZE):
+        flipped = bytearray(record)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(LeaseCorrupt):
+            read_lease(state)
+        with pytest.raises(LeaseCorrupt):
+            acquire(state, DURATION, settle=0.0, skew_margin=MARGIN)
+        assert path.read_bytes() == bytes(flipped)
+
+
+def _future_version() -> bytes:
+    record = bytearray(_valid_record())
+    record[8:12] = (2).to_bytes(4, "little")
+    body = bytes(record[:RECORD_SIZE - 32])
+    return body + blake3.blake3(body).digest(32)
+
+
+@pytest.mark.parametrize("kind", [
+    "empty", "garbage", "one-byte-too-long", "future-version", "directory", "symlink",
+    "fifo",
+])
+def test_a_corrupt_lease_is_refused_until_broken(state: Path, kind: str) -> None:
+    path = state / "lease"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(RECORD_SIZE))
+    elif kind == "one-byte-too-long":
+        path.write_bytes(_valid_record() + b"\0")
+    elif kind == "future-version":
+        path.write_bytes(_future_version())
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "symlink":
+        (state / "elsewhere").write_bytes(_valid_record())
+        path.symlink_to(state / "elsewhere")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    _assert_refused_and_untouched(state)
+    assert break_lease(state) is None
+    assert not os.path.lexists(path)
+    held = take(state)
+    assert held.generation == 1
+
+
+def test_the_corrupt_message_says_how_to_break_it(state: Path) -> None:
+    (state / "lease").write_bytes(b"garbage")
+    with pytest.raises(LeaseCorrupt, match=r"swapfs lease --state .* --break"):
+        take(state)
+
+
+def test_a_holder_whose_lease_turned_corrupt_has_lost_it(state: Path) -> None:
+    held = take(state)
+    (state / "lease").write_bytes(b"garbage")
+    with pytest.raises(LeaseLost, match="corrupt"):
+        held.renew()
+
+
+def test_breaking_refuses_a_live_lease_unless_forced(state: Path) -> None:
+    held = take(state, duration=30)
+    with pytest.raises(LeaseHeld):
+        break_lease(state)
+    broken = break_lease(state, force=True)
+    assert broken is not None and broken.holder == held.holder
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 1
+    assert take(state).generation == 2
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="swapfs-lease-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+NOBODY = 65534
+#: Imports everything as root (this Python may live where nobody can read),
+#: then becomes nobody and runs the rest of the script.
+_AS_NOBODY = f"""
+import os, sys
+from swapfs import cli, lease
+os.setgroups([])
+os.setgid({NOBODY})
+os.setuid({NOBODY})
+"""
+
+
+def test_an_unreadable_lease_is_a_clear_error(shared_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    state = shared_tmp / "state"
+    state.mkdir()
+    path = state / "lease"
+    record = _valid_record()
+    path.write_bytes(record)
+    path.chmod(0)
+    probe = subprocess.run([sys.executable, "-c", _AS_NOBODY + f"open({str(path)!r}, 'rb')"],
+                           capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("the unprivileged user can still read a mode-000 file here")
+    script = _AS_NOBODY + textwrap.dedent(f"""
+        try:
+            lease.acquire({str(state)!r}, 1.0, settle=0.0)
+        except lease.LeaseCorrupt as exc:
+            print("corrupt", exc)
+        except lease.LeaseError as exc:
+            print("error", exc.errno, exc)
+        sys.exit(cli.main(["lease", "--state", {str(state)!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.startswith("error 13 cannot read lease file"), result
+    assert result.returncode == 1  # the command line: a failure, not a crash
+    assert "cannot read lease file" in result.stderr and "Traceback" not in result.stderr
+    assert path.read_bytes() == record  # left as it was
+
+
+# -- the command line ----------------------------------------------------------
+
+
+def swapfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SWAPFS, *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_the_cli_prints_and_breaks_the_lease(state: Path) -> None:
+    shown = swapfs("lease", "--state", str(state))
+    assert shown.returncode == 0 and "no lease" in shown.stdout
+    assert json.loads(swapfs("lease", "--state", str(state), "--json").stdout) is None
+
+    held = take(state, duration=30, host="host-a")
+    shown = swapfs("lease", "--state", str(state))
+    assert shown.returncode == 0
+    for word in (held.holder_hex, "host-a", str(os.getpid()), "generation  1", "expires in"):
+        assert word in shown.stdout
+    report = json.loads(swapfs("lease", "--state", str(state), "--json").stdout)
+    assert report["state"] == "held"
+    assert (report["holder"], report["host"], report["pid"], report["generation"]) == (
+        held.holder_hex, "host-a", os.getpid(), 1)
+    assert 0 <= report["age_seconds"] < 30
+    assert 0 < report["expires_in_seconds"] <= 30 + lease_mod.SKEW_MARGIN
+
+    refused = swapfs("lease", "--state", str(state), "--break")
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    assert swapfs("lease", "--state", str(state), "--force").returncode == 2
+    forced = swapfs("lease", "--state", str(state), "--break", "--force", "--json")
+    assert forced.returncode == 0 and json.loads(forced.stdout)["broken"] is True
+    with pytest.raises(LeaseLost):
+        held.renew()
+    assert json.loads(swapfs("lease", "--state", str(state), "--json").stdout)["state"] == "free"
+
+    (state / "lease").write_bytes(b"\0" * RECORD_SIZE)
+    shown = swapfs("lease", "--state", str(state))
+    assert shown.returncode == 1 and "corrupt" in shown.stderr
+    assert "Traceback" not in shown.stderr
+    assert swapfs("lease", "--state", str(state), "--break").returncode == 0
+    assert take(state).generation == 1
+    assert swapfs("lease", "--state", str(state / "absent")).returncode == 1
+
+
+# -- two hosts -----------------------------------------------------------------
+
+_STANDBY = """
+import json, sys
+from pathlib import Path
+from swapfs.lease import LeaseHeld, acquire
+view = Path(sys.argv[1])
+try:
+    acquire(view, 1.0, settle=0.1, skew_margin=0.1)
+    first = "won"
+except LeaseHeld as held:
+    first = {"holder": held.holder, "host": held.host}
+taken = acquire(view, 1.0, settle=0.1, skew_margin=0.1, timeout=20)
+with open("/proc/self/mountinfo") as mounts:
+    mounted = any(line.split()[4] == str(view) for line in mounts)
+print(json.dumps({"first": first, "generation": taken.generation, "mounted": mounted}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1)")
+def test_a_standby_in_another_mount_namespace_takes_over(tmp_path: Path) -> None:
+    """Host B: its own mount and UTS namespace, the state directory bind-mounted."""
+    state = tmp_path / "state"
+    state.mkdir()
+    view = tmp_path / "host-b-view"
+    view.mkdir()
+    primary = acquire(state, 1.0, settle=0.1, skew_margin=0.1, host="host-a")
+    shell = ('mount --make-rprivate / && mount --bind "$1" "$2" && hostname host-b && '
+             'exec "$3" -c "$4" "$2"')
+    standby = subprocess.Popen(
+        ["unshare", "--mount", "--uts", "sh", "-c", shell, "sh", str(state), str(view),
+         sys.executable, _STANDBY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Host A keeps renewing for a while, then dies without releasing.
+    until = time.monotonic() + 2.0
+    while time.monotonic() < until:
+        primary.renew()
+        time.sleep(primary.renew_interval)
+    out, err = standby.communicate(timeout=60)
+    assert standby.returncode == 0, err
+    report = json.loads(out)
+    assert report["first"] == {"holder": primary.holder_hex, "host": "host-a"}
+    assert report["generation"] == 2
+    assert report["mounted"] is True
+    with open("/proc/self/mountinfo") as mounts:  # the bind mount lived only on "host B"
+        assert not any(line.split()[4] == str(view) for line in mounts)
+    info = read_lease(state)
+    assert info is not None and info.host == "host-b" and info.generation == 2
+    with pytest.raises(LeaseLost, match="host-b"):
+        primary.renew()
