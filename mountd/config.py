@@ -43,8 +43,9 @@ class Config:
     vsock_port: int = 0
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
     failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    #: Seconds the state directory's lease lasts unless renewed (swapfs.lease).
-    lease_seconds: float = 10
+    #: Seconds the state directory's lease lasts unless renewed (swapfs.lease);
+    #: 0: no lease, for a state directory on storage only this host reaches.
+    lease_seconds: float = 0
 
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
@@ -95,6 +96,6 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
                               f"valid: {', '.join(STRATEGIES)}")
     if len(set(config.failover_strategies)) != len(config.failover_strategies):
         raise ConfigError("failover_strategies names a strategy twice")
-    if not 1 <= config.lease_seconds <= 86400:
-        raise ConfigError("lease_seconds must be within 1..86400 seconds")
+    if config.lease_seconds != 0 and not 1 <= config.lease_seconds <= 86400:
+        raise ConfigError("lease_seconds must be 0 (no lease) or within 1..86400 seconds")
     return config

@@ -27,8 +27,10 @@ from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
+from swapfs import lease
 from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
+from swapfs.lease import Lease
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume
 
@@ -107,6 +109,14 @@ class Link:
         self.keeper: str | None = None
         self.keeper_pid: int | None = None
         self.restart_argv: list[str] = []
+        self.lease: Lease | None = None
+        self.lease_seconds = 0.0
+        self.state: Path | None = None
+
+    def claim_lease(self) -> None:
+        """Take the state directory's lease (the Volume holds its flock)."""
+        assert self.state is not None
+        self.lease = lease.acquire(self.state, self.lease_seconds, reclaim_local=True)
 
     @property
     def kept(self) -> bool:
@@ -117,7 +127,10 @@ class Link:
                 "restart_argv": self.restart_argv,
                 "takeover_capable": self.fuse_fd is not None,
                 "takeovers": self.memo.takeovers if self.memo else 0,
-                "last_takeover": self.takeover}
+                "last_takeover": self.takeover,
+                "lease": None if self.lease is None else {
+                    "generation": self.lease.generation, "holder": self.lease.holder_hex,
+                    "valid_for": round(self.lease.valid_for(), 3)}}
 
 
 def _connect(config: Config, socket_path: str, adopt: Adoption | None,
@@ -188,6 +201,13 @@ def _resend(link: Link) -> None:
              link.takeover.get("seconds") or 0.0)
 
 
+def _fence(volume: Volume, link: Link) -> None:
+    """The lease is lost: another host may own the state now. Write nothing more."""
+    log.critical("the lease on %s is lost: refusing every write from now on (EROFS); "
+                 "reads go on", volume.state)
+    volume.index.fence(f"the lease on {volume.state} is lost")
+
+
 async def _fuse_loop(done: trio.CancelScope) -> None:
     await pyfuse3.main()
     done.cancel()
@@ -206,6 +226,9 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
+        if link.lease is not None:
+            nursery.start_soon(lease.keep_renewed, link.lease,
+                               lambda: _fence(control.volume, link))
         nursery.start_soon(_fuse_loop, nursery.cancel_scope)
         if link.takeover is not None:
             await trio.sleep(0)  # the loop is reading: let the resent requests come
@@ -233,9 +256,11 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     socket_path = config.control_socket or control_socket_path(config.state)
     link = _connect(config, socket_path, adopt, death_noticed)
     link.restart_argv = restart_argv
+    link.state, link.lease_seconds = config.state, config.lease_seconds
     clean_exit = False
     try:
-        volume = Volume(config.state, still_open=link.memo.open_files if link.memo else ())
+        volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
+                        claim=link.claim_lease if config.lease_seconds else None)
         try:
             # The pool lives in this process's memory, locked with the rest by harden().
             cache = TransientCache(config.transient_cache_max_bytes)
@@ -268,6 +293,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 pyfuse3.close(unmount=clean_exit or not link.kept)
         finally:
             volume.close()
+            if link.lease is not None and (clean_exit or not link.kept):
+                link.lease.release()
             log.info("closed %s", config.state)
     finally:
         if link.fuse_fd is not None and (clean_exit or not link.kept):

@@ -136,9 +136,18 @@ class Index:
         self.maps = self.env.open_db(b"maps")
         self.free = self.env.open_db(b"free")
         self.orphans = self.env.open_db(b"orphans")
+        #: Why writes are refused (see fence); None while they are allowed.
+        self.fenced: str | None = None
 
     def begin(self, write: bool = False) -> "Txn":
+        if write and self.fenced is not None:
+            raise SwapfsError(errno.EROFS, self.fenced)
         return Txn(self, self.env.begin(write=write))
+
+    def fence(self, reason: str) -> None:
+        """Refuse every write from now on (EROFS): this process may no longer
+        own the state, because its lease lapsed and another host may hold it."""
+        self.fenced = reason
 
     def sync(self) -> None:
         self.env.sync(True)

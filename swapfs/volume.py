@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -68,18 +68,23 @@ class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
     def __init__(self, state: Path, recover: bool = True,
-                 still_open: Collection[int] = ()) -> None:
+                 still_open: Collection[int] = (),
+                 claim: Callable[[], None] | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
         except those in *still_open*: a daemon taking over a live connection
         names the files the kernel still holds open. fsck opens without
-        *recover* so that it sees the state exactly as left.
+        *recover* so that it sees the state exactly as left. *claim* runs
+        once this process holds the state's flock and before its first
+        write: where the state is shared between hosts, it takes the lease.
         """
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
         self._lock_fd = _lock_state(state)
         try:
+            if claim is not None:
+                claim()
             self.index = Index(state / "index.lmdb")
             self.store = BlockStore(state / "data")
             #: Hot blocks in memory, set by the daemon when drivers report space.

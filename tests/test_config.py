@@ -72,10 +72,10 @@ def test_failover_strategies_keep_their_order(tmp_path: Path) -> None:
     assert Config().failover_strategies == ["union", "priority", "common", "share"]
 
 
-def test_lease_seconds_defaults_to_ten_and_takes_a_fraction(tmp_path: Path) -> None:
+def test_lease_seconds_defaults_to_none_and_takes_a_fraction(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text('state = "/s"\nmountpoint = "/m"\n')
-    assert load(path, {}).lease_seconds == 10
+    assert load(path, {}).lease_seconds == 0
     path.write_text('state = "/s"\nmountpoint = "/m"\nlease_seconds = 2.5\n')
     assert load(path, {}).lease_seconds == 2.5
 
