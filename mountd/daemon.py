@@ -23,6 +23,8 @@ from mountd import lifecycle
 from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.cache import BlockCache
 from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
 from swapfs.transient import TransientCache
@@ -113,8 +115,10 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
         socket_path = config.control_socket or control_socket_path(config.state)
         # The pool lives in this process's memory, locked with the rest by harden().
         cache = TransientCache(config.transient_cache_max_bytes)
-        if cache.max_slots:  # 0 (or under one block) disables the pool
-            volume.cache = cache
+        # 0 (or under one block) disables either cache.
+        content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE))
+        volume.use_caches(pool=cache if cache.max_slots else None,
+                          content=content if content.capacity_bytes else None)
         drivers = DriverManager(cache, config.driver_timeout)
         ops = Operations(volume)
         control = ControlServer(volume, config.mountpoint, ops, protections, drivers)
