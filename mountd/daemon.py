@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from mountd import lifecycle
+from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
@@ -84,8 +85,9 @@ async def _watch_signals(ops: Operations) -> None:
 
 
 async def _serve(control: ControlServer, ops: Operations, socket_path: str,
-                 vsock_port: int, on_ready: Callable[[], None]) -> None:
+                 vsock_port: int, on_ready: Callable[[], None], keeper: CacheKeeper) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
         await nursery.start(control.serve, socket_path)
         if vsock_port and not vsock_available():
             log.warning("vsock_port %d: this kernel offers no AF_VSOCK", vsock_port)
@@ -119,18 +121,20 @@ def run(config: Config, on_ready: Callable[[], None]) -> None:
         content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE))
         volume.use_caches(pool=cache if cache.max_slots else None,
                           content=content if content.capacity_bytes else None)
+        keeper = CacheKeeper(volume, volume.content_cache, config.manifest_interval)
         drivers = DriverManager(cache, config.driver_timeout)
         ops = Operations(volume)
         control = ControlServer(volume, config.mountpoint, ops, protections, drivers)
         pyfuse3.init(ops, config.mountpoint, fuse_options(config, socket_path))
         try:
-            trio.run(_serve, control, ops, socket_path, config.vsock_port, on_ready)
+            trio.run(_serve, control, ops, socket_path, config.vsock_port, on_ready, keeper)
         except BaseException:
             log.exception("daemon failed")
             raise
         finally:
             lifecycle.sd_notify("STOPPING=1")
             pyfuse3.close(unmount=True)
+            keeper.write()
     finally:
         volume.close()
         log.info("closed %s", config.state)

@@ -291,6 +291,14 @@ class Txn:
     def delete_block(self, chain_id: int, digest: bytes) -> None:
         self.txn.delete(_U32.pack(chain_id) + digest, db=self.index.hashes)
 
+    def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, BlockRef] | None:
+        """(digest, ref) of the chain's first block whose digest starts with *prefix*."""
+        start = _U32.pack(chain_id) + prefix
+        with self.txn.cursor(db=self.index.hashes) as cur:
+            if not cur.set_range(start) or not cur.key().startswith(start):
+                return None
+            return cur.key()[4:], BlockRef(*_HASH_VALUE.unpack(cur.value()))
+
     def iter_blocks(self, chain_id: int) -> Iterator[tuple[bytes, BlockRef]]:
         prefix = _U32.pack(chain_id)
         with self.txn.cursor(db=self.index.hashes) as cur:

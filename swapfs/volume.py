@@ -540,6 +540,22 @@ class Volume:
         if change is not None:
             change.punch()
 
+    def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, bytes] | None:
+        """(digest, verified data) of a stored block of the chain whose digest
+        starts with *prefix*; None if there is none or its data is corrupt."""
+        with self.index.begin() as txn:
+            chain = txn.get_chain(chain_id)
+            found = None if chain is None else txn.find_block(chain_id, prefix)
+            if chain is None or found is None:
+                return None
+            digest, ref = found
+            data = self.store.read(chain_id, ref.slot)
+            try:
+                _verify(chain, ref.slot, digest, data)
+            except CorruptBlock:
+                return None
+            return digest, data
+
     # -- file priorities ----------------------------------------------------------
 
     def priority(self, ino: int) -> int:
