@@ -37,6 +37,10 @@ class Config:
     control_socket: str = ""
     #: The transient cache's largest capacity in bytes; 0 disables it.
     transient_cache_max_bytes: int = 268435456
+    #: The content cache's budget of host memory in bytes; 0 disables it.
+    content_cache_bytes: int = 64 << 20
+    #: Seconds between two writes of the content cache's manifest.
+    manifest_interval: float = 5
     #: Seconds a registered driver may stay silent before it is revoked.
     driver_timeout: float = 30
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
@@ -54,6 +58,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
     "failover_strategies": list,
     "lease_seconds": (int, float),
+    "content_cache_bytes": int, "manifest_interval": (int, float),
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -86,6 +91,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("oom_score_adj must be within -1000..1000")
     if config.transient_cache_max_bytes < 0:
         raise ConfigError("transient_cache_max_bytes must not be negative")
+    if config.content_cache_bytes < 0:
+        raise ConfigError("content_cache_bytes must not be negative")
+    if not 0 < config.manifest_interval < 1e9:
+        raise ConfigError("manifest_interval must be a positive number of seconds")
     if not 0 < config.driver_timeout < 1e9:
         raise ConfigError("driver_timeout must be a positive number of seconds")
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:

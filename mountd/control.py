@@ -1,4 +1,4 @@
-"""The daemon's control socket: clones, statistics and status for clients.
+"""The daemon's control socket: clones, priorities, statistics and status.
 
 Requests are handled on the same trio thread as FUSE requests, and the
 Volume calls they make have no checkpoint, so a clone is atomic with
@@ -68,6 +68,7 @@ class ControlServer:
             "status": self.status,
             "stats": self.stats,
             "clone": self.clone,
+            "priority": self.priority,
         }
 
     def status(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +103,8 @@ class ControlServer:
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()
         if self.drivers is not None:
-            report["transient_cache"] = self.drivers.stats()
+            named = report.get("transient_cache", {}).get("chains", {})
+            report["transient_cache"] = {**self.drivers.stats(), "chains": named}
         return report
 
     def clone(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +118,17 @@ class ControlServer:
         log.info("cloned %s to %s%s", message["source"], message["target"],
                  " (empty)" if empty else "")
         return {"ino": inode.ino, "size": inode.size}
+
+    def priority(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A file's priority; with ``"priority": N``, set it first."""
+        inode = self.volume.resolve(_string(message, "path"))
+        if "priority" in message:
+            value = message["priority"]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise BadRequest("'priority' must be an integer")
+            self.volume.set_priority(inode.ino, value)
+            log.info("priority of %s set to %d", message["path"], value)
+        return {"priority": self.volume.priority(inode.ino)}
 
     def answer(self, line: bytes, session: Session | None = None) -> dict[str, Any]:
         """The reply to one request line (raises BadRequest for malformed ones,

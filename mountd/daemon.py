@@ -23,11 +23,14 @@ import pyfuse3
 import trio
 
 from mountd import fusedev, keeper, lifecycle
+from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
 from swapfs import lease
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.cache import BlockCache
 from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
 from swapfs.lease import Lease
@@ -214,8 +217,9 @@ async def _fuse_loop(done: trio.CancelScope) -> None:
 
 
 async def _serve(control: ControlServer, ops: Operations, link: Link, socket_path: str,
-                 vsock_port: int, on_ready: Callable[[], None]) -> None:
+                 vsock_port: int, on_ready: Callable[[], None], manifest: CacheKeeper) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(manifest.run)
         await nursery.start(control.serve, socket_path)
         if vsock_port and not vsock_available():
             log.warning("vsock_port %d: this kernel offers no AF_VSOCK", vsock_port)
@@ -262,10 +266,13 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
                         claim=link.claim_lease if config.lease_seconds else None)
         try:
-            # The pool lives in this process's memory, locked with the rest by harden().
+            # The caches live in this process's memory, locked with the rest by harden().
             cache = TransientCache(config.transient_cache_max_bytes)
-            if cache.max_slots:  # 0 (or under one block) disables the pool
-                volume.cache = cache
+            # 0 (or under one block) disables either cache.
+            content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE))
+            volume.use_caches(pool=cache if cache.max_slots else None,
+                              content=content if content.capacity_bytes else None)
+            manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval)
             drivers = DriverManager(cache, config.driver_timeout)
             memo = link.memo
             ops = Operations(volume, memo.open_files if memo else None,
@@ -282,7 +289,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                     link.keeper = "systemd"
             try:
                 trio.run(_serve, control, ops, link, socket_path, config.vsock_port,
-                         on_ready)
+                         on_ready, manifest)
                 clean_exit = True
             except BaseException:
                 log.exception("daemon failed")
@@ -291,6 +298,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 lifecycle.sd_notify("STOPPING=1")
                 # Closes the fuse descriptor; libfuse unmounts only what it mounted.
                 pyfuse3.close(unmount=clean_exit or not link.kept)
+                manifest.write()
         finally:
             volume.close()
             if link.lease is not None and (clean_exit or not link.kept):

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-other", action="store_true", default=None,
                         help="let users other than the mounting one use the mount")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--content-cache-bytes", type=int,
+                        help="the content cache's budget of host memory; 0 disables it")
     parser.add_argument("--ready-fd", type=int, default=-1,
                         help="write one byte to this fd once the mount serves")
     parser.add_argument("--adopt-fds", help=argparse.SUPPRESS)  # FUSE,MEMO: from a standby
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load(args.config, {
             "state": args.state, "mountpoint": args.mountpoint,
             "allow_other": args.allow_other, "log_level": args.log_level,
+            "content_cache_bytes": args.content_cache_bytes,
         })
     except ConfigError as exc:
         print(f"swapfs-mountd: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ examples:
   truncate -s 4G /mnt/swapfs/web/base.swap
   swapfs clone /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm1.swap
   swapfs clone --empty /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm2.swap
+  swapfs priority /mnt/swapfs/web/vm1.swap 10
   swapfs stats /mnt/swapfs --json
   swapfs swapon /mnt/swapfs/web/vm1.swap --priority 10
   swapfs status
@@ -53,6 +54,8 @@ def _mount(args: argparse.Namespace) -> int:
         command.append("--allow-other")
     if args.debug:
         command += ["--log-level", "debug"]
+    if args.content_cache_bytes is not None:
+        command += ["--content-cache-bytes", str(args.content_cache_bytes)]
     if args.foreground:
         os.execv(sys.executable, command)
     pid = _start_background(command, state / "daemon.log", "the daemon did not start")
@@ -152,6 +155,18 @@ def _clone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _priority(args: argparse.Namespace) -> int:
+    path = os.path.realpath(args.file)
+    root = control.mount_root(path)
+    message: dict[str, Any] = {"op": "priority", "path": os.path.relpath(path, root)}
+    if args.priority is not None:
+        message["priority"] = args.priority
+    reply = control.request(control.socket_of(root), message)
+    if args.priority is None:
+        print(reply["priority"])
+    return 0
+
+
 def _swapon(args: argparse.Namespace) -> int:
     print(swaparea.swap_on(args.file, args.priority, discard=args.discard))
     return 0
@@ -231,29 +246,41 @@ def _size(count: float) -> str:
 
 def _print_stats(stats: dict[str, Any]) -> None:
     print(f"{'chain / file':<32} {'logical':>11} {'stored':>11} {'zero blocks':>12} "
-          f"{'dedup':>7}")
+          f"{'dedup':>7} {'priority':>8}")
     for name, chain in sorted(stats["chains"].items()):
         print(f"{name:<32} {_size(chain['logical_bytes']):>11} "
               f"{_size(chain['stored_bytes']):>11} {chain['zero_blocks']:>12} "
               f"{chain['dedup_ratio']:>6.2f}x")
         for file_name, entry in sorted(chain["files"].items()):
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
-                  f"{entry['zero_blocks']:>12}")
+                  f"{entry['zero_blocks']:>12} {'':>7} {entry['priority']:>8}")
     print(f"index: {_size(stats['index_bytes'])}")
+    content = stats.get("content_cache")
+    if content is not None:
+        print(f"content cache: capacity {_size(content['capacity_bytes'])}, "
+              f"used {_size(content['used_bytes'])}")
+        _print_traffic(content)
     pool = stats.get("transient_cache")
     if pool is not None:
         _print_pool(pool)
 
 
+def _print_traffic(cache: dict[str, Any]) -> None:
+    """A cache's hits, misses, admissions and evictions, and each chain's share."""
+    looked_up = cache["hits"] + cache["misses"]
+    rate = f" ({100 * cache['hits'] / looked_up:.1f}% hits)" if looked_up else ""
+    print(f"  hits {cache['hits']}  misses {cache['misses']}{rate}  "
+          f"admissions {cache['admissions']}  evictions {cache['evictions']}  "
+          f"revocations {cache['revocations']}")
+    for name, used in sorted(cache["chains"].items()):
+        print(f"  chain {name}: {_size(used)}")
+
+
 def _print_pool(pool: dict[str, Any]) -> None:
     """The transient cache: its capacity, its traffic and each driver's share."""
-    looked_up = pool["hits"] + pool["misses"]
-    rate = f" ({100 * pool['hits'] / looked_up:.1f}% hits)" if looked_up else ""
     print(f"transient cache: capacity {_size(pool['capacity_bytes'])} "
           f"(max {_size(pool['max_bytes'])}), used {_size(pool['used_bytes'])}")
-    print(f"  hits {pool['hits']}  misses {pool['misses']}{rate}  "
-          f"admissions {pool['admissions']}  evictions {pool['evictions']}  "
-          f"revocations {pool['revocations']}")
+    _print_traffic(pool)
     drivers = pool["drivers"]
     if not drivers:
         print("  no drivers")
@@ -351,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other users access the mount")
     mount.add_argument("--standby", action="store_true",
                        help="also start 'swapfs standby' for the mount")
+    mount.add_argument("--content-cache-bytes", type=int, metavar="N",
+                       help="the content cache's budget of host memory in bytes "
+                            "(default 64 MiB; 0 disables it)")
     mount.set_defaults(run=_mount)
 
     standby = commands.add_parser(
@@ -370,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     clone.add_argument("source")
     clone.add_argument("target")
     clone.set_defaults(run=_clone)
+
+    priority = commands.add_parser(
+        "priority", help="show or set a swap file's priority (default 0)",
+        description="A file's priority ranks its blocks in the content cache's "
+                    "manifest, which fail-over uses. Without N, print it.")
+    priority.add_argument("file")
+    priority.add_argument("priority", nargs="?", type=int, metavar="N",
+                          help="the new priority, a signed 32-bit integer")
+    priority.set_defaults(run=_priority)
 
     swapon = commands.add_parser("swapon", help="put a swap file into service")
     swapon.add_argument("file")

@@ -4,7 +4,7 @@ It rebuilds every refcount from the files' maps, every counter from the
 entries it counts, and every digest from the data in its slot, then reports
 each difference. With ``repair`` it fixes what can be fixed without
 inventing data: counters, refcounts, free lists, leaked slots, dangling
-directory entries and orphans. A block whose data no longer matches its
+directory entries, orphans and priorities of missing files. A block whose data no longer matches its
 digest cannot be repaired; reads of it keep answering EIO rather than
 returning wrong bytes.
 
@@ -110,6 +110,11 @@ class _Checker:
             if ino not in named and self.problem(
                     "unnamed-inode", f"inode {ino} has no directory entry", not inode.is_dir):
                 self.forget_file(ino)
+        for ino, _priority in list(txn.iter_priorities()):
+            owner = inodes.get(ino)
+            if (owner is None or owner.is_dir) and self.problem(
+                    "stray-priority", f"priority of missing file {ino}", True):
+                txn.delete_priority(ino)
 
     def forget_file(self, ino: int) -> None:
         """Drop a file that nothing names; the refcount pass frees its blocks."""
@@ -117,6 +122,7 @@ class _Checker:
             self.txn.delete_map(ino, block)
         self.txn.delete_inode(ino)
         self.txn.delete_orphan(ino)
+        self.txn.delete_priority(ino)
 
     def check_maps_and_blocks(self) -> None:
         txn = self.txn

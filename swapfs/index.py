@@ -17,6 +17,8 @@ hashes      chain id (u32) + digest         slot (u64) + refcount (u32)
 maps        ino (u64) + logical block (u64) digest of the block's data
 free        chain id (u32) + slot (u64)     empty: the slot may be reused
 orphans     ino (u64)                       empty: unlinked, still open
+priorities  ino (u64)                       the file's priority (i32); absent
+                                            means 0 (``swapfs priority``)
 ==========  ==============================  ==================================
 
 Invariants (``fsck`` checks each one):
@@ -29,6 +31,7 @@ Invariants (``fsck`` checks each one):
   ``Chain.stored`` the number of ``hashes`` entries of that chain.
 * Every slot below ``Chain.next_slot`` is either referenced by exactly one
   ``hashes`` entry or listed in ``free``, never both.
+* A ``priorities`` entry names an existing file; deleting a file deletes it.
 """
 
 import errno
@@ -54,6 +57,7 @@ _U64 = struct.Struct(">Q")
 _CHAIN_SLOT = struct.Struct(">IQ")
 _INO_BLOCK = struct.Struct(">QQ")
 _HASH_VALUE = struct.Struct(">QI")
+_I32 = struct.Struct(">i")
 
 
 @dataclass(slots=True)
@@ -136,6 +140,7 @@ class Index:
         self.maps = self.env.open_db(b"maps")
         self.free = self.env.open_db(b"free")
         self.orphans = self.env.open_db(b"orphans")
+        self.priorities = self.env.open_db(b"priorities")
         #: Why writes are refused (see fence); None while they are allowed.
         self.fenced: str | None = None
 
@@ -295,6 +300,14 @@ class Txn:
     def delete_block(self, chain_id: int, digest: bytes) -> None:
         self.txn.delete(_U32.pack(chain_id) + digest, db=self.index.hashes)
 
+    def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, BlockRef] | None:
+        """(digest, ref) of the chain's first block whose digest starts with *prefix*."""
+        start = _U32.pack(chain_id) + prefix
+        with self.txn.cursor(db=self.index.hashes) as cur:
+            if not cur.set_range(start) or not cur.key().startswith(start):
+                return None
+            return cur.key()[4:], BlockRef(*_HASH_VALUE.unpack(cur.value()))
+
     def iter_blocks(self, chain_id: int) -> Iterator[tuple[bytes, BlockRef]]:
         prefix = _U32.pack(chain_id)
         with self.txn.cursor(db=self.index.hashes) as cur:
@@ -379,3 +392,24 @@ class Txn:
             for key in cur.iternext(values=False):
                 yield _U64.unpack(key)[0]
 
+
+    # -- file priorities ----------------------------------------------------------
+
+    def get_priority(self, ino: int) -> int:
+        raw = self.txn.get(_U64.pack(ino), db=self.index.priorities)
+        return 0 if raw is None else int(_I32.unpack(raw)[0])
+
+    def put_priority(self, ino: int, priority: int) -> None:
+        """Set a file's priority; 0, the default, is stored as no entry."""
+        if priority:
+            self.txn.put(_U64.pack(ino), _I32.pack(priority), db=self.index.priorities)
+        else:
+            self.delete_priority(ino)
+
+    def delete_priority(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.priorities)
+
+    def iter_priorities(self) -> Iterator[tuple[int, int]]:
+        with self.txn.cursor(db=self.index.priorities) as cur:
+            for key, raw in cur:
+                yield _U64.unpack(key)[0], int(_I32.unpack(raw)[0])

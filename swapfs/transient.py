@@ -15,26 +15,21 @@ its segments leave and exactly the blocks whose slots they held are
 dropped. The space of a gone segment is not reused; the address space is
 only numbers.
 
-**Write-through, content-keyed.** Blocks are keyed by chain and digest,
-and a digest names its content forever, so a write never makes a cached
-block stale and the store always holds every block: dropping one loses
-nothing.
-
-**Admission on second access.** A block is admitted the second time it
-misses within a window of recently missed keys (twice the pool's slots,
-at least 1024). Swap is read once per swap-in: one-off reads would only
-push out the blocks that come back (the shared pages of cloned guests,
-read by every clone). Eviction is least recently used.
+**The blocks.** Keeping the blocks (heat, owners, admission on second
+miss, LRU eviction, revocation of the blocks in lost slots) is
+:class:`swapfs.cache.BlockCache`, which this class extends with the
+segments that give it its slots; the content cache is the same class with
+slots of host memory.
 """
 
 import secrets
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from swapfs.blocks import BLOCK_SIZE
+from swapfs.cache import BlockCache
 from swapfs.codescan import Extent
 
 #: A segment's identity: (driver, device, inode, program header, "head"/"tail").
@@ -51,22 +46,17 @@ class Grant:
     token: str  # proves later reports come from the same driver
 
 
-class TransientCache:
-    """The pool, its segments, and the blocks in it."""
+class TransientCache(BlockCache):
+    """The pool: its segments give the slots of its blocks."""
 
     def __init__(self, max_bytes: int) -> None:
+        super().__init__()
         self.cache_id = uuid.uuid4().hex
         self.max_slots = max(0, max_bytes) // BLOCK_SIZE
         self._segments: dict[SegmentKey, tuple[int, int]] = {}  # key -> (start, length)
         self._arena_end = 0
         self._drivers: dict[str, set[SegmentKey]] = {}
         self._tokens: dict[str, str] = {}
-        self._usable: list[int] = []  # usable slots, lowest first, at most max_slots
-        self._free: list[int] = []
-        self._blocks: OrderedDict[bytes, tuple[int, bytes]] = OrderedDict()  # LRU first
-        self._ghosts: OrderedDict[bytes, None] = OrderedDict()
-        self.hits = self.misses = self.admissions = self.evictions = 0
-        self.revocations = 0  # blocks dropped because their segments left
 
     # -- the manager's side ---------------------------------------------------------
 
@@ -100,7 +90,8 @@ class TransientCache:
         return sum(self._segments[key][1] for key in self._drivers.get(driver, ()))
 
     def _relayout(self) -> None:
-        """Recompute the usable slots; drop the blocks whose slots went."""
+        """Recompute the usable slots (at most max_slots, lowest first); the
+        blocks whose slots went are dropped."""
         ranges = sorted(self._segments.values())
         usable: list[int] = []
         run_start, run_end = 0, 0
@@ -111,62 +102,16 @@ class TransientCache:
             first = -(-run_start // BLOCK_SIZE)
             usable.extend(range(first, run_end // BLOCK_SIZE))
             run_start, run_end = start, start + length
-        self._usable = usable[:self.max_slots]
-        live = set(self._usable)
-        for key, (slot, _data) in list(self._blocks.items()):
-            if slot not in live:
-                del self._blocks[key]
-                self.revocations += 1
-        taken = {slot for slot, _data in self._blocks.values()}
-        self._free = [slot for slot in reversed(self._usable) if slot not in taken]
-
-    # -- the read path's side ----------------------------------------------------------
-
-    def get(self, key: bytes) -> bytes | None:
-        entry = self._blocks.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._blocks.move_to_end(key)
-        self.hits += 1
-        return entry[1]
-
-    def offer(self, key: bytes, data: bytes) -> None:
-        """A block just read from the store (and verified): admit it on its second miss."""
-        if not self._usable or key in self._blocks:
-            return
-        if key not in self._ghosts:
-            self._ghosts[key] = None
-            if len(self._ghosts) > max(1024, 2 * len(self._usable)):
-                self._ghosts.popitem(last=False)
-            return
-        del self._ghosts[key]
-        if self._free:
-            slot = self._free.pop()
-        else:
-            _old, (slot, _data) = self._blocks.popitem(last=False)
-            self.evictions += 1
-        self._blocks[key] = (slot, data)
-        self.admissions += 1
+        self.set_slots(usable[:self.max_slots])
 
     # -- reporting -------------------------------------------------------------------------
 
-    @property
-    def capacity_bytes(self) -> int:
-        return len(self._usable) * BLOCK_SIZE
-
     def stats(self) -> dict[str, Any]:
         return {
+            **super().stats(),
             "cache_id": self.cache_id,
             "physical_bytes": sum(length for _start, length in self._segments.values()),
-            "capacity_bytes": self.capacity_bytes,
             "max_bytes": self.max_slots * BLOCK_SIZE,
-            "used_bytes": len(self._blocks) * BLOCK_SIZE,
-            "hits": self.hits,
-            "misses": self.misses,
-            "admissions": self.admissions,
-            "evictions": self.evictions,
-            "revocations": self.revocations,
             "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver)}
                         for driver, keys in sorted(self._drivers.items())},
         }

@@ -36,6 +36,7 @@ from swapfs.blocks import (
     is_zero,
     pieces,
 )
+from swapfs.cache import BlockCache, cache_key
 from swapfs.digest import block_digest, new_key
 from swapfs.errors import CorruptBlock, SwapfsError
 from swapfs.index import (
@@ -87,8 +88,10 @@ class Volume:
                 claim()
             self.index = Index(state / "index.lmdb")
             self.store = BlockStore(state / "data")
-            #: Hot blocks in memory, set by the daemon when drivers report space.
-            self.cache: TransientCache | None = None
+            #: The read caches, asked in this order before the store (use_caches).
+            self.pool: TransientCache | None = None
+            self.content_cache: BlockCache | None = None
+            self._caches: tuple[BlockCache, ...] = ()
             self._format()
             if recover:
                 self._purge_orphans(still_open)
@@ -96,6 +99,12 @@ class Volume:
         except BaseException:
             os.close(self._lock_fd)
             raise
+
+    def use_caches(self, pool: TransientCache | None = None,
+                   content: BlockCache | None = None) -> None:
+        """Read through the transient *pool*, then the *content* cache, then the store."""
+        self.pool, self.content_cache = pool, content
+        self._caches = tuple(cache for cache in (pool, content) if cache is not None)
 
     def close(self) -> None:
         """Flush everything to disk and release the state directory."""
@@ -274,6 +283,7 @@ class Volume:
             change.unmap_from(inode, 0)
             txn.delete_inode(ino)
             txn.delete_orphan(ino)
+            txn.delete_priority(ino)
             change.finish()
         change.punch()
 
@@ -391,13 +401,13 @@ class Volume:
             if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
                 # One whole block, the kernel's most frequent swap-in.
                 digest = txn.get_map(ino, offset // BLOCK_SIZE)
-                return ZERO_BLOCK if digest is None else self._load(txn, chain, digest)
+                return ZERO_BLOCK if digest is None else self._load(txn, ino, chain, digest)
             mapped = []  # (logical block, digest), in file order
             for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
                 if block * BLOCK_SIZE >= end:
                     break
                 mapped.append((block, digest))
-            datas = self._load_many(txn, chain, [digest for _, digest in mapped])
+            datas = self._load_many(txn, ino, chain, [digest for _, digest in mapped])
             if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
                 # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
                 return b"".join(datas)
@@ -409,26 +419,29 @@ class Volume:
                 out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
             return bytes(out)
 
-    def _load(self, txn: Txn, chain: Chain, digest: bytes) -> bytes:
-        """A block's verified data: from the transient cache if it is hot there."""
-        cache = self.cache
-        if cache is None:
+    def _load(self, txn: Txn, ino: int, chain: Chain, digest: bytes) -> bytes:
+        """A block's verified data: from the first cache that has it, else from
+        the store (and then offered to every cache, which decides to admit it)."""
+        caches = self._caches
+        if not caches:
             return _load(self.store, txn, chain, digest)
-        key = _cache_key(chain, digest)
-        data = cache.get(key)
+        key = cache_key(chain.id_, digest)
+        data = self._cached(key, ino)
         if data is None:
             data = _load(self.store, txn, chain, digest)
-            cache.offer(key, data)
+            for cache in caches:
+                cache.offer(key, data, ino)
         return data
 
-    def _load_many(self, txn: Txn, chain: Chain, digests: list[bytes]) -> list[bytes]:
-        """Verified data of each digest: hot blocks from the transient cache, the
+    def _load_many(self, txn: Txn, ino: int, chain: Chain, digests: list[bytes]
+                   ) -> list[bytes]:
+        """Verified data of each digest: cached blocks as in :meth:`_load`, the
         others from the store, reading runs of consecutive slots at once."""
-        cache = self.cache
+        caches = self._caches
         datas: list[bytes] = [b""] * len(digests)
         misses = []  # (position, digest, slot)
         for position, digest in enumerate(digests):
-            hit = None if cache is None else cache.get(_cache_key(chain, digest))
+            hit = self._cached(cache_key(chain.id_, digest), ino) if caches else None
             if hit is None:
                 misses.append((position, digest, _block(txn, chain.id_, digest).slot))
             else:
@@ -437,9 +450,20 @@ class Volume:
         for (position, digest, slot), data in zip(misses, read, strict=True):
             _verify(chain, slot, digest, data)
             datas[position] = data
-            if cache is not None:
-                cache.offer(_cache_key(chain, digest), data)
+            for cache in caches:
+                cache.offer(cache_key(chain.id_, digest), data, ino)
         return datas
+
+    def _cached(self, key: bytes, ino: int) -> bytes | None:
+        """The block from the first cache that has it, offered to the caches
+        before that one (they share the one bytes object: no copy)."""
+        for depth, cache in enumerate(self._caches):
+            data = cache.get(key, ino)
+            if data is not None:
+                for earlier in self._caches[:depth]:
+                    earlier.offer(key, data, ino)
+                return data
+        return None
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, extending the file past its end."""
@@ -525,6 +549,43 @@ class Volume:
         if change is not None:
             change.punch()
 
+    def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, bytes] | None:
+        """(digest, verified data) of a stored block of the chain whose digest
+        starts with *prefix*; None if there is none or its data is corrupt."""
+        with self.index.begin() as txn:
+            chain = txn.get_chain(chain_id)
+            found = None if chain is None else txn.find_block(chain_id, prefix)
+            if chain is None or found is None:
+                return None
+            digest, ref = found
+            data = self.store.read(chain_id, ref.slot)
+            try:
+                _verify(chain, ref.slot, digest, data)
+            except CorruptBlock:
+                return None
+            return digest, data
+
+    # -- file priorities ----------------------------------------------------------
+
+    def priority(self, ino: int) -> int:
+        """A swap file's priority (0 unless set)."""
+        with self.index.begin() as txn:
+            _file(txn, ino)
+            return txn.get_priority(ino)
+
+    def set_priority(self, ino: int, priority: int) -> None:
+        """Set a swap file's priority, a signed 32-bit number (default 0)."""
+        if not -(1 << 31) <= priority < 1 << 31:
+            raise SwapfsError(errno.EINVAL, "a priority is a 32-bit signed integer")
+        with self.index.begin(write=True) as txn:
+            _file(txn, ino)
+            txn.put_priority(ino, priority)
+
+    def priorities(self) -> dict[int, int]:
+        """Every file's priority that is not 0, by inode number."""
+        with self.index.begin() as txn:
+            return dict(txn.iter_priorities())
+
     # -- reporting ----------------------------------------------------------------
 
     def statfs(self) -> os.statvfs_result:
@@ -546,6 +607,7 @@ class Volume:
                         "logical_bytes": inode.blocks * BLOCK_SIZE,
                         "mapped_blocks": inode.blocks,
                         "zero_blocks": blocks_for(inode.size) - inode.blocks,
+                        "priority": txn.get_priority(file_ino),
                     }
                 logical = sum(f["logical_bytes"] for f in files.values())
                 stored = chain.stored * BLOCK_SIZE
@@ -560,9 +622,19 @@ class Volume:
                     "files": files,
                 }
         report: dict[str, Any] = {"chains": chains, "index_bytes": self.index.file_bytes()}
-        if self.cache is not None:
-            report["transient_cache"] = self.cache.stats()
+        names = {chain["id"]: name for name, chain in chains.items()}
+        for name, cache in (("transient_cache", self.pool),
+                            ("content_cache", self.content_cache)):
+            if cache is not None:
+                report[name] = cache.stats()
+                report[name]["chains"] = name_chains(report[name]["chains"], names)
         return report
+
+
+def name_chains(by_id: dict[int, int], names: dict[int, str]) -> dict[str, int]:
+    """A cache's bytes per chain id, by chain name (a chain removed meanwhile
+    keeps its id as its name)."""
+    return {names.get(chain_id, str(chain_id)): count for chain_id, count in by_id.items()}
 
 
 # -- helpers that run inside one transaction ------------------------------------
@@ -658,11 +730,6 @@ def _touch_dir(txn: Txn, ino: int) -> None:
     inode = _inode(txn, ino)
     inode.mtime_ns = inode.ctime_ns = time.time_ns()
     txn.put_inode(inode)
-
-
-def _cache_key(chain: Chain, digest: bytes) -> bytes:
-    """A block's name in the transient cache: digests are per chain."""
-    return chain.id_.to_bytes(4, "big") + digest
 
 
 def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:

@@ -67,4 +67,10 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     assert on["pool_bytes"] > 0 and on["hit_rate"] > 0
     assert on["speedup"] == pytest.approx(on["iops"] / off["iops"])
     assert "Transient cache: zipf 1.2" in table
+    content = {(row["job"], row["cache_bytes"]): row for row in results["content"]}
+    assert set(content) == {(job, size) for job in ("randread-4k", "randread-4k-zipf")
+                            for size in (0, 64 << 20)}
+    assert content["randread-4k-zipf", 0]["hit_rate"] == 0.0
+    assert content["randread-4k-zipf", 64 << 20]["hit_rate"] > 0
+    assert "Content cache: 4 KiB random reads" in table
     assert _leftovers() == before

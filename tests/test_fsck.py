@@ -323,3 +323,21 @@ def test_a_free_slot_that_still_holds_data_is_punched(state_dir: Path) -> None:
     assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_REPAIRED
     assert fsck.check(state_dir).clean
     assert data_file.stat().st_blocks * 512 == 2 * BS
+
+
+def test_priorities_are_clean_and_a_stray_one_is_repaired(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with closing(Volume(state)) as volume:
+        chain = volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        kept = volume.create(chain.ino, b"a", stat.S_IFREG | 0o600, 0, 0)
+        gone = volume.create(chain.ino, b"b", stat.S_IFREG | 0o600, 0, 0)
+        volume.set_priority(kept.ino, 5)
+        volume.set_priority(gone.ino, -1)
+        volume.unlink(chain.ino, b"b", still_open=False)  # its priority goes with it
+        assert volume.priorities() == {kept.ino: 5}
+        with volume.index.begin(write=True) as txn:
+            txn.put_priority(999, 3)  # a priority of no file
+    report = fsck.check(state, repair=True)
+    assert [problem.kind for problem in report.problems] == ["stray-priority"]
+    assert report.exit_code == fsck.EXIT_REPAIRED
+    assert fsck.check(state).clean

@@ -247,7 +247,7 @@ def test_dedup_within_a_chain_not_across_chains(mount: Mount) -> None:
     assert a["logical_bytes"] == (32 + 32 + 16) * BLOCK
     assert a["dedup_ratio"] == pytest.approx(80 / 32)
     assert a["files"]["rep"] == {"size": 16 * BLOCK, "logical_bytes": 16 * BLOCK,
-                                 "mapped_blocks": 16, "zero_blocks": 0}
+                                 "mapped_blocks": 16, "zero_blocks": 0, "priority": 0}
     assert (b["unique_blocks"], b["stored_bytes"], b["logical_bytes"]) == (
         32, 32 * BLOCK, 32 * BLOCK)
     assert b["dedup_ratio"] == 1.0

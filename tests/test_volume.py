@@ -446,7 +446,8 @@ def test_shrinking_frees_the_blocks_past_the_end(
     stats = chain_stats(volume)
     assert stats["stored_bytes"] == BS
     assert stats["files"]["f.swap"] == {
-        "size": BS, "logical_bytes": BS, "mapped_blocks": 1, "zero_blocks": 0}
+        "size": BS, "logical_bytes": BS, "mapped_blocks": 1, "zero_blocks": 0,
+        "priority": 0}
     assert len(free_slots(volume, chain.chain)) == 2
 
 

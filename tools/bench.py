@@ -17,7 +17,9 @@ demo's workload (workers building the same table in a memory cgroup) with
 real kernel swap on swapfs, zram and a swap file on the root disk.
 Transient cache: a skewed (zipf 1.2) 4 KiB random read on swapfs with the
 pool off and on; the pool's size comes from a synthetic driver report (a
-real host's code pages rarely give more than a few hundred KiB).
+real host's code pages rarely give more than a few hundred KiB), and the
+content cache is off. Content cache: 4 KiB random reads, uniform and zipf
+1.2, with the content cache off (budget 0) and on (64 MiB), in the same run.
 
 Writes results.json, results.md and results.png to --out.
 """
@@ -74,6 +76,7 @@ class Plan:
     e2e_limit_mib: int
     e2e_targets: list[str] = field(default_factory=lambda: list(SWAP_TARGETS))
     pool: bool = True  # the transient cache rows
+    content: bool = True  # the content cache rows
 
 
 QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], runtime=5, repeats=1, region=256 * MIB,
@@ -259,7 +262,8 @@ def pool_rows(plan: Plan) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     host = scan().physical_bytes
     try:
-        with swapfs_plain_file(POOL_REGION) as (mnt, path), loop_device(path) as device:
+        with swapfs_plain_file(POOL_REGION, "--content-cache-bytes", "0") as (mnt, path), \
+                loop_device(path) as device:
             run_fio("fill-1m", device, region_plan, "dedupe-0")
             for pool_bytes in (0, POOL_BYTES):
                 driver = synthetic_driver(mnt, pool_bytes) if pool_bytes \
@@ -279,6 +283,47 @@ def pool_rows(plan: Plan) -> list[dict[str, Any]]:
         return [{"unavailable": str(exc)}]
     for row in rows:
         row["speedup"] = row["iops"] / rows[0]["iops"]
+    return rows
+
+
+# -- the content cache ---------------------------------------------------------------
+
+CONTENT_BYTES = 64 * MIB  # the default budget
+CONTENT_JOBS = ["randread-4k", "randread-4k-zipf"]
+
+
+def _content_stats(mnt: Path) -> dict[str, Any]:
+    stats: dict[str, Any] = control.request(control.socket_of(str(mnt)),
+                                            {"op": "stats"}).get("content_cache", {})
+    return stats
+
+
+def content_rows(plan: Plan) -> list[dict[str, Any]]:
+    """4 KiB random reads, uniform and zipf, with the content cache off and on."""
+    if not plan.content:
+        return []
+    rows: list[dict[str, Any]] = []
+    try:
+        for budget in (0, CONTENT_BYTES):
+            flags = ("--content-cache-bytes", str(budget))
+            with swapfs_plain_file(plan.region, *flags) as (mnt, path), \
+                    loop_device(path) as device:
+                run_fio("fill-1m", device, plan, "dedupe-0")
+                for job in CONTENT_JOBS:
+                    before = _content_stats(mnt)
+                    figures = run_fio(job, device, plan, "dedupe-0")
+                    after = _content_stats(mnt)
+                    hits = after.get("hits", 0) - before.get("hits", 0)
+                    looked_up = hits + after.get("misses", 0) - before.get("misses", 0)
+                    rows.append({"job": job, "cache_bytes": budget, **figures,
+                                 "hit_rate": hits / looked_up if looked_up else 0.0})
+                    progress(f"content cache {budget // MIB} MiB, {job}: "
+                             f"{figures['iops']:.0f} IOPS, hit rate {rows[-1]['hit_rate']:.1%}")
+    except Unavailable as exc:
+        return [{"unavailable": str(exc)}]
+    for row in rows:
+        base = next(other for other in rows if other["job"] == row["job"])
+        row["vs_off"] = row["iops"] / base["iops"]
     return rows
 
 
@@ -350,6 +395,19 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['pool_bytes'] / MIB:.0f} | {row['iops']:.0f} | {row['mbps']:.1f} | "
                 f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
                 f"{_ratio(row['speedup'])} |")
+    if results.get("content"):
+        lines += ["", f"Content cache: 4 KiB random reads of a {results['plan']['region'] // MIB}"
+                  " MiB swapfs file, the content cache off (0) and on:", "",
+                  "| job | cache MiB | IOPS | MB/s | p50 µs | p99 µs | hit rate | vs off |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in results["content"]:
+            if "unavailable" in row:
+                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['job']} | {row['cache_bytes'] / MIB:.0f} | {row['iops']:.0f} | "
+                f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
+                f"{row['hit_rate']:.1%} | {_ratio(row['vs_off'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -407,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end swap runs")
     parser.add_argument("--no-pool", action="store_true",
                         help="skip the transient cache rows")
+    parser.add_argument("--no-content", action="store_true",
+                        help="skip the content cache rows")
+    parser.add_argument("--no-fio", action="store_true",
+                        help="skip the fio matrix (the targets against the ceilings)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.runtime:
@@ -420,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.e2e_targets = []
     if args.no_pool:
         plan.pool = False
+    if args.no_content:
+        plan.content = False
+    if args.no_fio:
+        plan.targets = []
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if Path("/proc/swaps").read_text().splitlines()[1:]:
@@ -427,8 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     fio_rows, space = fio_matrix(plan)
     e2e = e2e_rows(plan)
     pool = pool_rows(plan)
+    content = content_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
-               "fio": fio_rows, "space": space, "e2e": e2e, "pool": pool}
+               "fio": fio_rows, "space": space, "e2e": e2e, "pool": pool,
+               "content": content}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

@@ -72,10 +72,11 @@ def loop_device(path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def swapfs_mount(workdir: Path) -> Iterator[Path]:
+def swapfs_mount(workdir: Path, *flags: str) -> Iterator[Path]:
+    """A fresh swapfs mount; *flags* go to ``swapfs mount``."""
     mnt = workdir / "mnt"
     mnt.mkdir()
-    _run(*SWAPFS, "mount", "--state", str(workdir / "state"), str(mnt))
+    _run(*SWAPFS, "mount", *flags, "--state", str(workdir / "state"), str(mnt))
     try:
         yield mnt
     finally:
@@ -92,10 +93,10 @@ def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _swapfs_file(size: int) -> Iterator[tuple[Path, Path]]:
+def _swapfs_file(size: int, *flags: str) -> Iterator[tuple[Path, Path]]:
     """(mount point, file): a file of *size* in chain "bench" on a fresh mount."""
     _require_root()
-    with _workdir() as workdir, swapfs_mount(workdir) as mnt:
+    with _workdir() as workdir, swapfs_mount(workdir, *flags) as mnt:
         (mnt / "bench").mkdir()
         path = mnt / "bench" / "disk.swap"
         path.touch()
@@ -104,9 +105,10 @@ def _swapfs_file(size: int) -> Iterator[tuple[Path, Path]]:
 
 
 @contextlib.contextmanager
-def swapfs_plain_file(size: int) -> Iterator[tuple[Path, Path]]:
-    """(mount point, file): a file of *size* on a fresh mount, no loop device."""
-    with _swapfs_file(size) as (mnt, path):
+def swapfs_plain_file(size: int, *flags: str) -> Iterator[tuple[Path, Path]]:
+    """(mount point, file): a file of *size* on a fresh mount (``swapfs mount``
+    *flags*), no loop device."""
+    with _swapfs_file(size, *flags) as (mnt, path):
         yield mnt, path
 
 

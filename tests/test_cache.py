@@ -1,0 +1,220 @@
+"""The block cache, its manifest and warming, engine-level (no mount).
+
+The read path is driven through a Volume with the content cache on; every
+figure expected here can be counted on paper.
+"""
+
+import random
+import stat
+from pathlib import Path
+
+import blake3
+import pytest
+
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.cache import MAX_OWNERS, BlockCache, CacheEntry, cache_key
+from swapfs.errors import CorruptBlock
+from swapfs.index import ROOT_INO
+from swapfs.manifest import ManifestError, parse, serialize
+from swapfs.volume import Volume
+from swapfs.warm import warm
+
+BS = BLOCK_SIZE
+
+
+def key(number: int) -> bytes:
+    return cache_key(1, number.to_bytes(16, "big"))
+
+
+def admit(cache: BlockCache, number: int, ino: int = 0) -> None:
+    """Offer a block twice: admission is on the second miss."""
+    for _ in range(2):
+        cache.offer(key(number), bytes([number % 256]) * BS, ino)
+
+
+def test_the_budget_is_never_exceeded() -> None:
+    cache = BlockCache(range(8))
+    rng = random.Random(3)
+    for _ in range(2000):
+        number = rng.randrange(40)
+        if cache.get(key(number)) is None:
+            cache.offer(key(number), b"x" * BS)
+        assert len(cache) <= 8
+    stats = cache.stats()
+    assert stats["used_bytes"] == 8 * BS == stats["capacity_bytes"]
+    assert stats["admissions"] - stats["evictions"] == 8
+
+
+def test_figures_follow_a_known_sequence_of_reads() -> None:
+    cache = BlockCache(range(2))
+    looks = []
+    for number in (1, 1, 1, 2, 2, 3, 3, 1):  # get, and offer on a miss
+        hit = cache.get(key(number)) is not None
+        looks.append(hit)
+        if not hit:
+            cache.offer(key(number), b"d" * BS)
+    # 1: miss, miss (admitted), hit. 2: miss, miss (admitted). 3: miss, miss
+    # (admitted, evicts 1, the least recent). 1: miss again.
+    assert looks == [False, False, True, False, False, False, False, False]
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["admissions"], stats["evictions"]) == (
+        1, 7, 3, 1)
+    assert stats["chains"] == {1: 2 * BS}
+
+
+def test_heat_counts_reads_and_halves_each_era() -> None:
+    cache = BlockCache(range(4))
+    admit(cache, 1, ino=10)
+    for ino in range(10, 20):  # ten hits by ten files
+        assert cache.get(key(1), ino) is not None
+    (entry,) = cache.entries({11: 5, 12: -3})
+    assert entry.heat == 11 and entry.owners == (10, 11, 12, 13)
+    assert len(entry.owners) == MAX_OWNERS and entry.priority == 5
+    for _ in range(1024):  # one era of look-ups (the minimum) ends
+        cache.get(key(2))
+    assert cache.entries()[0].heat == 5
+
+
+def test_inserting_fills_free_slots_only() -> None:
+    cache = BlockCache(range(1))
+    assert cache.insert(key(1), b"a" * BS, 7, (3,))
+    assert not cache.insert(key(2), b"b" * BS, 9, (3,))
+    assert cache.entries() == [CacheEntry(1, key(1)[4:], 7, (3,), 0)]
+
+
+# -- through a volume ------------------------------------------------------------------
+
+
+def make_chain(volume: Volume, blocks: list[bytes], clones: int = 0) -> tuple[int, list[int]]:
+    """A chain with a file holding *blocks* and *clones* instant copies of it."""
+    chain = volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+    file = volume.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
+    volume.write(file.ino, 0, b"".join(blocks))
+    copies = [volume.clone(file.ino, chain.ino, f"v{n}".encode()).ino for n in range(clones)]
+    return chain.chain, [file.ino, *copies]
+
+
+def test_a_block_shared_by_many_clones_is_cached_once(volume: Volume) -> None:
+    content = BlockCache(range(16))
+    volume.use_caches(content=content)
+    data = random.Random(1).randbytes(BS)
+    _chain, files = make_chain(volume, [data], clones=20)
+    for ino in files:
+        assert volume.read(ino, 0, BS) == data
+    assert len(content) == 1
+    (entry,) = content.entries()
+    assert entry.owners == tuple(files[1:1 + MAX_OWNERS])  # the first miss did not admit
+    stats = content.stats()
+    assert (stats["hits"], stats["misses"], stats["admissions"]) == (19, 2, 1)
+
+
+def test_an_overwritten_block_reads_its_new_content(volume: Volume) -> None:
+    volume.use_caches(content=BlockCache(range(16)))
+    old, new = b"o" * BS, b"n" * BS
+    _chain, (ino,) = make_chain(volume, [old, old])
+    for _ in range(3):
+        assert volume.read(ino, 0, 2 * BS) == old * 2
+    volume.write(ino, BS, new)
+    assert volume.read(ino, BS, BS) == new
+    assert volume.read(ino, 0, 2 * BS) == old + new
+
+
+def test_a_corrupt_block_is_eio_and_never_admitted(volume: Volume) -> None:
+    content = BlockCache(range(16))
+    volume.use_caches(content=content)
+    chain_id, (ino,) = make_chain(volume, [b"a" * BS, b"b" * BS])
+    path = volume.state / "data" / f"{chain_id}.blocks"
+    raw = bytearray(path.read_bytes())
+    raw[BS + 9] ^= 1
+    path.write_bytes(bytes(raw))
+    for _ in range(3):
+        with pytest.raises(CorruptBlock):
+            volume.read(ino, BS, BS)
+        with pytest.raises(CorruptBlock):
+            volume.read(ino, 0, 2 * BS)
+    assert len(content) == 1  # block 0, read three times whole; never block 1
+    assert content.stats()["chains"] == {chain_id: BS}
+    assert volume.read(ino, 0, BS) == b"a" * BS
+
+
+def test_warming_loads_hottest_first_and_skips_what_is_gone_or_corrupt(
+        volume: Volume) -> None:
+    blocks = [bytes([n + 1]) * BS for n in range(6)]
+    first = BlockCache(range(8))
+    volume.use_caches(content=first)
+    chain_id, (ino,) = make_chain(volume, blocks)
+    for number in range(6):
+        for _ in range(2 + number):  # block n is read 2 + n times
+            volume.read(ino, number * BS, BS)
+    entries = parse(serialize(first.entries(), {}))
+    assert [entry.heat for entry in entries] == [6, 5, 4, 3, 2, 1]
+    volume.write(ino, 5 * BS, b"z" * BS)  # the hottest block is gone from the store
+    fresh = BlockCache(range(3))
+    assert warm(volume, fresh, entries) == 3
+    assert sorted(entry.heat for entry in fresh.entries()) == [3, 4, 5]
+    prefixes = [CacheEntry(entry.chain, entry.digest[:8], entry.heat, entry.owners)
+                for entry in entries]
+    budgeted = BlockCache(range(8))
+    assert warm(volume, budgeted, prefixes, budget=2 * BS) == 2
+    assert [entry.digest for entry in budgeted.entries()] == [e.digest for e in entries[1:3]]
+    volume.use_caches(content=budgeted)
+    hits = budgeted.hits
+    assert volume.read(ino, 4 * BS, BS) == blocks[4] and budgeted.hits == hits + 1
+
+
+# -- the manifest -----------------------------------------------------------------------
+
+
+def sample_entries() -> list[CacheEntry]:
+    return [
+        CacheEntry(1, bytes(range(16)), 9, (10, 11), 4),
+        CacheEntry(1, bytes(range(1, 17)), 3, (10, 11), 4),
+        CacheEntry(1, bytes(16), 0, (), 0),
+        CacheEntry(7, b"\xff" * 16, 2**32 - 1, (12, 13, 14, 15), 0),
+    ]
+
+
+SAMPLE_PRIORITIES = {10: 4, 11: -2, 12: -1}
+
+
+def test_a_manifest_round_trips_in_at_most_32_bytes_per_block() -> None:
+    entries = sample_entries()
+    raw = serialize(entries, SAMPLE_PRIORITIES)
+    assert parse(raw) == entries
+    assert parse(serialize([], {})) == []
+    many = [CacheEntry(1, n.to_bytes(16, "big"), n, (n % 4,)) for n in range(1000)]
+    assert len(serialize(many, {})) - len(serialize([], {})) <= 32 * 1000 + 4 * 12 + 8
+
+
+def test_every_truncation_of_a_manifest_is_refused() -> None:
+    raw = serialize(sample_entries(), SAMPLE_PRIORITIES)
+    for length in range(len(raw)):
+        with pytest.raises(ManifestError):
+            parse(raw[:length])
+    with pytest.raises(ManifestError):
+        parse(raw + b"\0")
+
+
+def test_every_bit_flip_of_a_manifest_is_refused() -> None:
+    raw = serialize(sample_entries(), SAMPLE_PRIORITIES)
+    for bit in range(len(raw) * 8):
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(ManifestError):
+            parse(bytes(flipped))
+
+
+@pytest.mark.parametrize("offset, value, why", [(0, b"SWFSXMAN", "magic"),
+                                               (8, b"\0\0\0\2", "version")])
+def test_a_wrong_magic_or_version_is_refused(offset: int, value: bytes, why: str) -> None:
+    raw = bytearray(serialize(sample_entries(), SAMPLE_PRIORITIES))
+    raw[offset:offset + len(value)] = value
+    raw[-32:] = blake3.blake3(bytes(raw[:-32])).digest()  # a valid checksum
+    with pytest.raises(ManifestError, match=why):
+        parse(bytes(raw))
+
+
+def test_garbage_is_refused(tmp_path: Path) -> None:
+    for size in (0, 64, 4096):
+        with pytest.raises(ManifestError):
+            parse(random.Random(size).randbytes(size))
