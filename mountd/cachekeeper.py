@@ -1,26 +1,40 @@
 """The content cache's manifest on disk: warm at start, write while serving.
 
 The daemon runs :meth:`CacheKeeper.run` in its serving nursery: it warms
-the content cache from ``<state>/cache.manifest`` (a few hundred blocks at
-a time, so FUSE requests are served meanwhile), then rewrites the manifest
-every ``manifest_interval`` seconds; :meth:`CacheKeeper.write` once more
-after the FUSE loop ends. A manifest that cannot be read (truncated,
-garbage, another version) gives a cold cache and one warning, never a
-failed start. Format: :mod:`swapfs.manifest`.
+the content cache from ``<state>/cache.manifest``, the last manifest of
+this state's previous daemon (a few hundred blocks at a time, so FUSE
+requests are served meanwhile), then rewrites the manifest every
+``manifest_interval`` seconds; :meth:`CacheKeeper.write` once more after
+the FUSE loop ends.
+
+Which of the manifest's blocks it loads is the fail-over planner's choice
+(:mod:`swapfs.failover`): the sources are that manifest and the manifests
+of the other daemons on this host (:mod:`mountd.peers`), the budget the
+host's (``host_cache_bytes``; by default this cache's capacity plus what
+the others hold, so that the others keep what they have). The plan that
+won is kept in :attr:`CacheKeeper.last_plan` for ``swapfs status``. A
+manifest that cannot be read (truncated, garbage, another version) gives a
+cold cache and one warning, never a failed start. Format: :mod:`swapfs.manifest`.
 """
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 
-from swapfs import manifest
+from mountd import peers
+from swapfs import failover, manifest
+from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.volume import Volume
-from swapfs.warm import hottest_first, warm
+from swapfs.warm import warm
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "cache.manifest"
+MANIFEST_NAME = peers.MANIFEST_NAME
+#: The planner's name for this state's own last manifest.
+OWN = "this state's last manifest"
 #: Blocks warmed between two checkpoints of the trio loop.
 WARM_BATCH = 256
 
@@ -28,11 +42,17 @@ WARM_BATCH = 256
 class CacheKeeper:
     """One daemon's content cache manifest."""
 
-    def __init__(self, volume: Volume, cache: BlockCache | None, interval: float) -> None:
+    def __init__(self, volume: Volume, cache: BlockCache | None, interval: float,
+                 strategies: Sequence[str] = failover.STRATEGIES,
+                 host_cache_bytes: int = 0) -> None:
         self.volume = volume
         self.cache = cache
         self.interval = interval
+        self.strategies = list(strategies)
+        self.host_cache_bytes = host_cache_bytes
         self.path = volume.state / MANIFEST_NAME
+        #: The warm-up's plan: strategy, budget, blocks per source, bytes warmed.
+        self.last_plan: dict[str, Any] | None = None
 
     def read(self) -> list[manifest.CacheEntry]:
         """The last manifest's entries; none (with one warning) if it is unusable."""
@@ -45,20 +65,44 @@ class CacheKeeper:
                         "cold", self.path, exc)
             return []
 
+    def plan(self, own: list[manifest.CacheEntry], others: list[peers.Peer]
+             ) -> tuple[failover.Plan, list[manifest.CacheEntry]]:
+        """The planner's choice over *own* and the peers' manifests, and the
+        entries of *own* it keeps, in the plan's order (pure but for the log)."""
+        assert self.cache is not None
+        sources = [failover.Source(OWN, [failover.Cached(e.key, e.heat, e.priority)
+                                         for e in own])]
+        sources += [failover.Source(peer.mountpoint,
+                                    [failover.Cached(e.key, e.heat, e.priority)
+                                     for e in peer.entries]) for peer in others]
+        budget = (self.host_cache_bytes // BLOCK_SIZE if self.host_cache_bytes
+                  else self.cache.capacity_bytes // BLOCK_SIZE
+                  + sum(len(peer.entries) for peer in others))
+        plan = failover.plan(sources, budget, self.strategies)
+        rank = {key: i for i, key in enumerate(plan.keys)}
+        kept = sorted((e for e in own if e.key in rank), key=lambda e: rank[e.key])
+        return plan, kept
+
     async def warm(self) -> int:
-        """Warm the cache from the last manifest, hottest first; blocks loaded."""
+        """Warm the cache with the planner's choice of the last manifest's
+        blocks, most important first; returns the blocks loaded."""
         if self.cache is None:
             return 0
-        entries = hottest_first(self.read())
+        own = self.read()
+        others = await trio.to_thread.run_sync(peers.peers, self.volume.state)
+        plan, entries = await trio.to_thread.run_sync(self.plan, own, others)
         loaded = 0
         for start in range(0, len(entries), WARM_BATCH):
             if not self.cache.free_blocks:
                 break
             loaded += warm(self.volume, self.cache, entries[start:start + WARM_BATCH])
             await trio.sleep(0)
-        if entries:
-            log.info("content cache warmed with %d of %d blocks from %s", loaded,
-                     len(entries), self.path)
+        self.last_plan = {"strategy": plan.strategy, "budget_bytes": plan.budget * BLOCK_SIZE,
+                          "blocks": plan.per_source, "evicted": plan.evicted,
+                          "manifest_blocks": len(own), "warmed_bytes": loaded * BLOCK_SIZE}
+        if own:
+            log.info("content cache warmed with %d of %d blocks from %s (plan: %s, "
+                     "%d peer(s))", loaded, len(own), self.path, plan.strategy, len(others))
         return loaded
 
     def snapshot(self) -> bytes:

@@ -41,6 +41,9 @@ class Config:
     content_cache_bytes: int = 64 << 20
     #: Seconds between two writes of the content cache's manifest.
     manifest_interval: float = 5
+    #: The fail-over planner's budget for this host's content caches together;
+    #: 0: this daemon's content cache plus what the other daemons hold.
+    host_cache_bytes: int = 0
     #: Seconds a registered driver may stay silent before it is revoked.
     driver_timeout: float = 30
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
@@ -58,7 +61,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
     "failover_strategies": list,
     "lease_seconds": (int, float),
-    "content_cache_bytes": int, "manifest_interval": (int, float),
+    "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -93,6 +96,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("transient_cache_max_bytes must not be negative")
     if config.content_cache_bytes < 0:
         raise ConfigError("content_cache_bytes must not be negative")
+    if config.host_cache_bytes < 0:
+        raise ConfigError("host_cache_bytes must not be negative")
     if not 0 < config.manifest_interval < 1e9:
         raise ConfigError("manifest_interval must be a positive number of seconds")
     if not 0 < config.driver_timeout < 1e9:

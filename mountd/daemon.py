@@ -113,6 +113,7 @@ class Link:
         self.keeper_pid: int | None = None
         self.restart_argv: list[str] = []
         self.lease: Lease | None = None
+        self.warm_plan: CacheKeeper | None = None  # whose last_plan status shows
         self.lease_seconds = 0.0
         self.state: Path | None = None
 
@@ -126,11 +127,13 @@ class Link:
         return self.keeper is not None
 
     def status(self) -> dict[str, Any]:
+        plan = self.warm_plan.last_plan if self.warm_plan is not None else None
         return {"keeper": self.keeper, "keeper_pid": self.keeper_pid,
                 "restart_argv": self.restart_argv,
                 "takeover_capable": self.fuse_fd is not None,
                 "takeovers": self.memo.takeovers if self.memo else 0,
-                "last_takeover": self.takeover,
+                "last_takeover": self.takeover and {**self.takeover, **(plan or {})},
+                "cache_plan": plan,
                 "lease": None if self.lease is None else {
                     "generation": self.lease.generation, "holder": self.lease.holder_hex,
                     "valid_for": round(self.lease.valid_for(), 3)}}
@@ -272,7 +275,9 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE))
             volume.use_caches(pool=cache if cache.max_slots else None,
                               content=content if content.capacity_bytes else None)
-            manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval)
+            manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval,
+                                   config.failover_strategies, config.host_cache_bytes)
+            link.warm_plan = manifest
             drivers = DriverManager(cache, config.driver_timeout)
             memo = link.memo
             ops = Operations(volume, memo.open_files if memo else None,

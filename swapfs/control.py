@@ -40,7 +40,7 @@ def mount_root(path: str) -> str:
     return path
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
@@ -53,9 +53,9 @@ def socket_of(path: str) -> str:
         for line in table:
             fields = line.split()
             tail = fields[fields.index("-") + 1:]
-            if (_unescape(fields[4]) == root and tail[0] == "fuse.swapfs"
+            if (unescape(fields[4]) == root and tail[0] == "fuse.swapfs"
                     and tail[1].startswith(SOURCE_PREFIX)):
-                socket_path = _unescape(tail[1])[len(SOURCE_PREFIX):]
+                socket_path = unescape(tail[1])[len(SOURCE_PREFIX):]
     if socket_path is None:
         raise ControlError(errno.ENOTSUP, f"{root} is not a swapfs mount")
     return socket_path

@@ -11,22 +11,30 @@ import array
 import contextlib
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mountd import fusedev
+from mountd.cachekeeper import OWN
+from mountd.peers import swapfs_sockets
 from swapfs import control
+from swapfs.manifest import read_manifest
 from tests.mounting import (
     BLOCK,
     Mount,
+    aligned_buffer,
     alive,
     is_mounted,
     lazy_unmount,
+    mounted,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -230,3 +238,102 @@ def test_resend_notification_on_this_kernel() -> None:
         fusedev.unmount(str(mnt))
         os.close(fd)
         remove_tree(root)
+
+
+def read_direct(path: Path, size: int) -> bytes:
+    buffer = aligned_buffer(size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = os.preadv(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+    return bytes(buffer[:done])
+
+
+@contextlib.contextmanager
+def cached_mount(settings: str) -> Iterator[Mount]:
+    """A mount with a 64-block content cache, a manifest every 0.2 s, and *settings*."""
+    root = short_tempdir()
+    config = root / "swapfs.toml"
+    config.write_text(f"content_cache_bytes = {64 * BLOCK}\nmanifest_interval = 0.2\n"
+                      + settings)
+    try:
+        with mounted(root=root, config=config) as mount:
+            yield mount
+    finally:
+        remove_tree(root)
+
+
+def cache_file(mount: Mount, name: str, blocks: int, seed: int) -> bytes:
+    """A file of *blocks* distinct blocks, read until the content cache holds them."""
+    mount.path("c").mkdir(exist_ok=True)
+    data = random.Random(seed).randbytes(blocks * BLOCK)
+    mount.path("c", name).write_bytes(data)
+    for _ in range(2):  # admitted on the second miss
+        assert read_direct(mount.path("c", name), len(data)) == data
+    return data
+
+
+def manifest_blocks(mount: Mount) -> int:
+    path = mount.state / "cache.manifest"
+    return len(read_manifest(path)) if path.exists() else -1
+
+
+def test_takeover_warms_the_cache_with_the_plan() -> None:
+    with cached_mount("") as mount:
+        data = cache_file(mount, "f", 8, seed=1)
+        assert wait_until(lambda: manifest_blocks(mount) == 8)
+        mount.start_standby()
+        mount.kill_for_takeover()
+        assert wait_until(lambda: (mount.status()["last_takeover"] or {}).get("warmed_bytes")
+                          == 8 * BLOCK)
+        last = mount.status()["last_takeover"]
+        assert last["strategy"] == "union" and last["blocks"][OWN] == 8
+        before = mount.stats()["content_cache"]
+        assert read_direct(mount.path("c", "f"), len(data)) == data
+        after = mount.stats()["content_cache"]
+        assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (8, 0)
+
+
+def only_these_mounts(*mounts: Mount) -> None:
+    """The planner counts every swapfs daemon of the host: skip when others run."""
+    others = set(swapfs_sockets()) - {str(mount.mnt) for mount in mounts}
+    if others:
+        pytest.skip(f"other swapfs mounts take part in the plan: {sorted(others)}")
+
+
+def test_a_host_budget_makes_the_planner_choose_by_priority() -> None:
+    settings = f'host_cache_bytes = {4 * BLOCK}\nfailover_strategies = ["union", "priority"]\n'
+    with cached_mount(settings) as mount:
+        only_these_mounts(mount)
+        important = cache_file(mount, "a", 4, seed=2)
+        cache_file(mount, "b", 4, seed=3)
+        swapfs("priority", str(mount.path("c", "a")), "5")
+        assert wait_until(lambda: manifest_blocks(mount) == 8)
+        time.sleep(0.5)  # one more manifest, which carries the priority
+        mount.start_standby()
+        mount.kill_for_takeover()
+        assert wait_until(lambda: (mount.status()["last_takeover"] or {}).get("warmed_bytes")
+                          == 4 * BLOCK)
+        assert mount.status()["last_takeover"]["strategy"] == "priority"
+        before = mount.stats()["content_cache"]
+        assert read_direct(mount.path("c", "a"), len(important)) == important
+        assert mount.stats()["content_cache"]["hits"] - before["hits"] == 4
+
+
+def test_the_other_daemons_of_the_host_share_the_budget() -> None:
+    """Union (16 blocks) does not fit 12: each source evicts its coldest in turn."""
+    settings = f'host_cache_bytes = {12 * BLOCK}\nfailover_strategies = ["union"]\n'
+    with cached_mount(settings) as mount, cached_mount("") as peer:
+        only_these_mounts(mount, peer)
+        cache_file(peer, "p", 8, seed=4)
+        cache_file(mount, "f", 8, seed=5)
+        assert wait_until(lambda: manifest_blocks(mount) == 8 and manifest_blocks(peer) == 8)
+        mount.start_standby()
+        mount.kill_for_takeover()
+        assert wait_until(lambda: (mount.status()["last_takeover"] or {}).get("warmed_bytes")
+                          == 6 * BLOCK)
+        last = mount.status()["last_takeover"]
+        assert last["strategy"] == "evict"
+        assert last["blocks"] == {OWN: 6, str(peer.mnt): 6}
+        assert last["evicted"] == {OWN: 2, str(peer.mnt): 2}

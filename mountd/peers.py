@@ -1,0 +1,69 @@
+"""The other swapfs daemons on this host, as the fail-over planner sees them.
+
+Each daemon writes its content cache's manifest into its state directory
+every few seconds (:mod:`mountd.cachekeeper`). A daemon that starts (a
+restart, a takeover on this host, a takeover of another host's state)
+builds its cache with the planner from its own state's last manifest and
+those of the daemons that serve the other swapfs mounts here: it finds them
+in the mount table, asks each its state directory over its control socket,
+and reads the manifest there. A peer that does not answer, or whose
+manifest is unreadable, is left out with a warning: it costs a colder
+cache, never a failed start.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from swapfs import control, manifest
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "cache.manifest"
+#: Seconds a peer may take to answer before it is left out.
+PEER_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another daemon of this host and its content cache's last manifest."""
+
+    mountpoint: str
+    state: Path
+    entries: list[manifest.CacheEntry]
+
+
+def swapfs_sockets() -> dict[str, str]:
+    """Mount point -> control socket of every swapfs mount in this namespace."""
+    sockets = {}
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            fields = line.split()
+            tail = fields[fields.index("-") + 1:]
+            if tail[0] == "fuse.swapfs" and tail[1].startswith(control.SOURCE_PREFIX):
+                source = control.unescape(tail[1])
+                sockets[control.unescape(fields[4])] = source[len(control.SOURCE_PREFIX):]
+    return sockets
+
+
+def peers(own_state: Path) -> list[Peer]:
+    """Every other daemon's last manifest (blocking: run it in a thread)."""
+    found = []
+    for mountpoint, socket_path in sorted(swapfs_sockets().items()):
+        try:
+            state = Path(control.request(socket_path, {"op": "status"},
+                                         timeout=PEER_TIMEOUT)["state"])
+        except (control.ControlError, KeyError, ValueError) as exc:
+            log.debug("peer %s left out: %s", mountpoint, exc)
+            continue
+        if state == own_state:
+            continue
+        try:
+            entries = manifest.read_manifest(state / MANIFEST_NAME)
+        except FileNotFoundError:
+            entries = []
+        except (OSError, manifest.ManifestError) as exc:
+            log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
+            continue
+        found.append(Peer(mountpoint, state, entries))
+    return found
