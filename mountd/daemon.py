@@ -149,7 +149,8 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
         memo.takeovers += 1
         memo.save()
         link = Link(config.mountpoint, fuse_fd, memo, {
-            "at": time.time(), "noticed": death_noticed, "number": memo.takeovers})
+            "kind": "connection", "at": time.time(), "noticed": death_noticed,
+            "number": memo.takeovers})
         link.keeper = kept_by
         if kept_by == "standby":
             link.keeper_pid = os.getppid()
@@ -171,7 +172,10 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
         fusedev.unmount(config.mountpoint)
         os.close(fuse_fd)
         raise
-    return Link(config.mountpoint, fuse_fd, memo, None)
+    # A standby of another host mounts a state whose daemon died there.
+    takeover = None if death_noticed is None else {
+        "kind": "state", "at": time.time(), "noticed": death_noticed, "number": 1}
+    return Link(config.mountpoint, fuse_fd, memo, takeover)
 
 
 def _mount_table_id(mountpoint: str) -> str | None:
@@ -184,9 +188,20 @@ def _mount_table_id(mountpoint: str) -> str | None:
     return None
 
 
+def _finish_takeover(link: Link) -> None:
+    """The new daemon serves: resend what the dead one left, and time it."""
+    assert link.takeover is not None
+    if link.takeover["kind"] == "connection":
+        _resend(link)
+    if link.takeover["noticed"] is not None:
+        link.takeover["seconds"] = round(time.monotonic() - link.takeover["noticed"], 4)
+    log.info("took over %s (%s): %.3f s after the death was noticed", link.mountpoint,
+             link.takeover["kind"], link.takeover.get("seconds") or 0.0)
+
+
 def _resend(link: Link) -> None:
     """Have the kernel queue again what the dead daemon read and never answered."""
-    assert link.fuse_fd is not None and link.memo is not None and link.takeover is not None
+    assert link.fuse_fd is not None and link.takeover is not None
     minor = _mount_table_id(link.mountpoint)
     try:
         with open(f"/sys/fs/fuse/connections/{minor}/waiting") as waiting:
@@ -200,11 +215,6 @@ def _resend(link: Link) -> None:
         link.takeover["resent"] = False
         log.error("%s: requests the dead daemon had read stay unanswered "
                   "(their callers hang; this kernel predates Linux 6.9)", exc)
-    if link.takeover["noticed"] is not None:
-        link.takeover["seconds"] = round(time.monotonic() - link.takeover["noticed"], 4)
-    log.info("took over %s: %s requests waited, resent: %s, %.3f s after the death was "
-             "noticed", link.mountpoint, link.takeover["waiting"], link.takeover["resent"],
-             link.takeover.get("seconds") or 0.0)
 
 
 def _fence(volume: Volume, link: Link) -> None:
@@ -239,7 +249,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         nursery.start_soon(_fuse_loop, nursery.cancel_scope)
         if link.takeover is not None:
             await trio.sleep(0)  # the loop is reading: let the resent requests come
-            _resend(link)
+            _finish_takeover(link)
         log.info("serving %s on %s", control.volume.state, control.mountpoint)
         on_ready()
         lifecycle.sd_notify("READY=1")

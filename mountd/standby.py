@@ -14,6 +14,16 @@ new daemon and waits again.
 A daemon that exits because the file system was unmounted leaves an aborted
 connection (the descriptor polls POLLERR): the standby exits too.
 
+With ``--state DIR`` the standby stands in for a whole host: the state
+directory sits on storage this host shares with the host that serves it,
+fenced by that daemon's lease (:mod:`swapfs.lease`). The standby watches
+the lease; once it has lapsed (its holder stopped renewing: the host or its
+daemon died) it mounts the state directory here, and the new daemon, which
+takes the lease itself, warms its cache from the dead daemon's manifest
+with the fail-over planner. A lease that was released (a clean unmount)
+is not a failure: the standby goes on waiting. From then on the standby
+keeps the new mount as above.
+
 Exit codes: 0 the mount ended; 1 a failure (message on stderr and in the
 log); 2 bad usage.
 """
@@ -35,12 +45,14 @@ from pathlib import Path
 from typing import Any
 
 from mountd.logs import setup_logging
-from swapfs import control
+from swapfs import control, lease
 
 log = logging.getLogger("mountd.standby")
 
 #: How long a new daemon may take to serve before the standby tries again.
 START_TIMEOUT = 60.0
+#: Longest sleep between two reads of a watched lease, in seconds.
+LEASE_POLL = 1.0
 #: Failed starts in a row after which the standby gives up.
 MAX_FAILED_STARTS = 5
 
@@ -121,13 +133,17 @@ def wait_for_exit(pid: int) -> float:
 
 def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: float) -> None:
     """Start a daemon that adopts the connection; return once it serves."""
-    read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "mountd", *status["restart_argv"],
-               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--death-noticed", repr(noticed),
-               "--ready-fd", str(write_end)]
-    log_path = Path(status["state"]) / "daemon.log"
+               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--death-noticed", repr(noticed)]
+    _start(command, Path(status["state"]) / "daemon.log", (fuse_fd, memo_fd))
+
+
+def _start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> None:
+    """Start a daemon; return once it serves (``--ready-fd``)."""
+    read_end, write_end = os.pipe()
+    command = [*command, "--ready-fd", str(write_end)]
     with open(log_path, "ab") as log_file:
-        daemon = subprocess.Popen(command, pass_fds=(fuse_fd, memo_fd, write_end),
+        daemon = subprocess.Popen(command, pass_fds=(*pass_fds, write_end),
                                   stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                   start_new_session=True)
     os.close(write_end)
@@ -184,6 +200,39 @@ def replace(status: dict[str, Any], socket_path: str, fuse_fd: int, memo_fd: int
                        "connection, which ends the mount")
 
 
+def watch_lease(state: Path, mountpoint: str, config: Path | None,
+                on_watching: Any = None) -> int:
+    """Wait for the lease on *state* to lapse, then serve it on *mountpoint*."""
+    info = lease.read_lease(state)  # LeaseCorrupt: an operator must look first
+    if info is None:
+        raise StandbyError(f"{state} has no lease: the daemon that serves it must run with "
+                           "lease_seconds set for another host to take over")
+    log.info("watching the lease on %s (holder %s on host %r)", state, info.holder_hex,
+             info.host)
+    if on_watching is not None:
+        on_watching()
+    while True:
+        info = lease.read_lease(state)
+        if info is None:
+            raise StandbyError(f"the lease file of {state} was removed")
+        wait = info.expires_in(time.time())
+        if info.free or wait > 0:
+            time.sleep(min(max(wait, 0.0) + 0.1, LEASE_POLL))
+            continue
+        log.warning("the lease of host %r on %s lapsed %.1f s ago: taking over",
+                    info.host, state, -wait)
+        command = [sys.executable, "-m", "mountd", "--state", str(state), mountpoint,
+                   "--death-noticed", repr(time.monotonic())]
+        if config is not None:
+            command += ["--config", str(config)]
+        try:
+            _start(command, state / "daemon.log")
+        except StandbyError as exc:
+            log.error("%s; watching again", exc)
+            continue
+        return keep(mountpoint)
+
+
 def _lock(state: Path) -> int:
     """One standby per state directory."""
     fd = os.open(state / "standby.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -202,8 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                     "daemon dies (stays in the foreground).",
         epilog="example: python -m mountd.standby /mnt/swapfs")
     parser.add_argument("mountpoint")
+    parser.add_argument("--state", type=Path,
+                        help="stand in for another host: when the lease on this shared "
+                             "state directory lapses, mount it on MOUNTPOINT here")
+    parser.add_argument("--config", type=Path,
+                        help="with --state: the configuration of the daemon to start "
+                             "(it must set lease_seconds)")
     parser.add_argument("--ready-fd", type=int, default=-1,
-                        help="write one byte to this fd once attached")
+                        help="write one byte to this fd once attached (or watching)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default="info")
     args = parser.parse_args(argv)
@@ -215,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             os.close(args.ready_fd)
 
     try:
+        if args.state is not None:
+            config = args.config.resolve() if args.config else None
+            return watch_lease(args.state.resolve(), os.path.realpath(args.mountpoint), config,
+                               ready)
         return keep(os.path.realpath(args.mountpoint), ready)
+    except lease.LeaseError as exc:
+        log.error("%s", exc)
+        return 1
     except control.ControlError as exc:
         log.error("%s", exc)
         return 1

@@ -21,6 +21,7 @@ from swapfs.errors import SwapfsError
 EXAMPLES = """\
 examples:
   swapfs mount --state /var/lib/swapfs/a /mnt/swapfs --standby
+  swapfs standby --state /shared/swapfs/a --config /etc/swapfs/a.toml /mnt/swapfs
   mkdir /mnt/swapfs/web
   truncate -s 4G /mnt/swapfs/web/base.swap
   swapfs clone /mnt/swapfs/web/base.swap /mnt/swapfs/web/vm1.swap
@@ -92,11 +93,20 @@ def _start_background(command: list[str], log_path: Path, failure: str) -> int:
 def _standby(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
     command = [sys.executable, "-m", "mountd.standby", mountpoint]
+    if args.state is not None:
+        state = args.state.resolve()
+        command += ["--state", str(state)]
+        if args.config is not None:
+            command += ["--config", str(args.config.resolve())]
     if args.foreground:
         os.execv(sys.executable, command)
-    state = Path(control.request(control.socket_of(mountpoint), {"op": "status"})["state"])
-    pid = _start_background(command, state / "standby.log", "the standby did not attach")
-    print(f"swapfs: standby {pid} keeps {mountpoint}")
+    if args.state is None:
+        state = Path(control.request(control.socket_of(mountpoint), {"op": "status"})["state"])
+    pid = _start_background(command, state / "standby.log", "the standby did not start")
+    if args.state is None:
+        print(f"swapfs: standby {pid} keeps {mountpoint}")
+    else:
+        print(f"swapfs: standby {pid} watches the lease on {state} for {mountpoint}")
     return 0
 
 
@@ -387,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
         "standby", help="keep a mount alive across daemon failures: hold its connection "
                         "and start a new daemon when the daemon dies")
     standby.add_argument("mountpoint")
+    standby.add_argument("--state", type=Path,
+                         help="stand in for another host: mount this shared state directory "
+                              "on MOUNTPOINT once its lease lapses")
+    standby.add_argument("--config", type=Path,
+                         help="with --state: the daemon's configuration (sets lease_seconds)")
     standby.add_argument("--foreground", action="store_true", help="stay attached")
     standby.set_defaults(run=_standby)
 

@@ -1,0 +1,132 @@
+"""Takeover of a state directory by another host, fenced by the lease.
+
+The other host is a standby in its own mount and UTS namespaces (``unshare
+--mount --uts``, host name ``host-b``): its mounts are its own, and it
+reaches the state directory through the file system both share, as two
+machines would through shared storage (docs/lease.md). Host A is an
+ordinary mount whose daemon holds the lease; its failure is a SIGKILL with
+no keeper, after which nothing renews the lease.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from swapfs import control, lease
+from swapfs.manifest import read_manifest
+from tests.mounting import (
+    BLOCK,
+    aligned_buffer,
+    alive,
+    mounted,
+    remove_tree,
+    requires_mount,
+    short_tempdir,
+    swapfs,
+    wait_until,
+)
+
+pytestmark = [requires_mount, pytest.mark.mount]
+
+LEASE_SECONDS = 2
+
+
+def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
+    root = short_tempdir()
+    config = root / "swapfs.toml"
+    config.write_text(f"lease_seconds = {LEASE_SECONDS}\nmanifest_interval = 0.2\n")
+    mnt_b = root / "b"
+    mnt_b.mkdir()
+    standby = None
+    try:
+        with mounted(root=root, config=config) as host_a:
+            host_a.path("c").mkdir()
+            data = random.Random(1).randbytes(16 * BLOCK)
+            host_a.path("c", "f").write_bytes(data)
+            for _ in range(2):  # into the content cache (admitted on the second miss)
+                read_direct(str(host_a.path("c", "f")), len(data))
+            manifest = host_a.state / "cache.manifest"
+            assert wait_until(lambda: manifest.exists() and len(read_manifest(manifest)) == 16)
+            held = lease.read_lease(host_a.state)
+            assert held is not None and held.generation == 1
+
+            log = open(root / "standby.log", "ab")  # noqa: SIM115 - closed below
+            standby = subprocess.Popen(
+                ["unshare", "--mount", "--uts", "sh", "-c", 'hostname host-b && exec "$@"',
+                 "sh", sys.executable, "-m", "mountd.standby", "--state", str(host_a.state),
+                 "--config", str(config), str(mnt_b)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            log.close()
+            # While host A renews its lease, host B only watches.
+            time.sleep(2 * LEASE_SECONDS + lease.SKEW_MARGIN)
+            assert alive(standby.pid)
+            assert status(host_a.state)["pid"] == host_a.pid
+
+            host_a.kill()  # host A fails: nothing renews its lease any more
+            taken = {}
+
+            def taken_over() -> bool:
+                nonlocal taken
+                with contextlib.suppress(control.ControlError):
+                    taken = status(host_a.state, timeout=2)
+                return bool(taken.get("lease")) and taken["lease"]["generation"] == 2
+
+            assert wait_until(taken_over, 60), (root / "standby.log").read_text()
+            after = lease.read_lease(host_a.state)
+            assert after is not None and after.host == "host-b"
+            # Host B serves the data, in its namespace, from a warm cache.
+            seen = subprocess.run(
+                ["nsenter", "-t", str(standby.pid), "-m", "cat", str(mnt_b / "c" / "f")],
+                capture_output=True, timeout=30, check=True).stdout
+            assert seen == data
+            assert wait_until(lambda: status(host_a.state)["last_takeover"].get("warmed_bytes")
+                              == 16 * BLOCK)
+            last = status(host_a.state)["last_takeover"]
+            assert last["kind"] == "state" and last["strategy"] == "union"
+            assert status(host_a.state)["keeper"] == "standby"
+            # Host B stops cleanly: its daemon unmounts on SIGTERM, then the standby exits.
+            os.kill(taken["pid"], signal.SIGTERM)
+            assert standby.wait(timeout=30) == 0
+            assert wait_until(lambda: not alive(taken["pid"]))
+    finally:
+        if standby is not None and standby.poll() is None:
+            standby.kill()
+            standby.wait()
+        remove_tree(root)
+
+
+def test_standby_of_another_host_refuses_a_state_without_lease(tmp_path: Any) -> None:
+    (tmp_path / "s").mkdir()
+    result = swapfs("standby", "--state", str(tmp_path / "s"), str(tmp_path), check=False)
+    assert result.returncode == 1
+    assert "has no lease" in result.stderr + (tmp_path / "s" / "standby.log").read_text()
+
+
+def test_standby_of_another_host_refuses_a_corrupt_lease(tmp_path: Any) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "lease").write_bytes(b"garbage")
+    result = swapfs("standby", "--state", str(tmp_path / "s"), str(tmp_path), check=False)
+    assert result.returncode == 1
+    log = result.stderr + (tmp_path / "s" / "standby.log").read_text()
+    assert "lease" in log and "break" in log, log
+
+
+def status(state: Any, timeout: float = 10) -> dict[str, Any]:
+    return control.request(str(state / "control.sock"), {"op": "status"}, timeout=timeout)
+
+
+def read_direct(path: str, size: int) -> bytes:
+    buffer = aligned_buffer(size)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = os.preadv(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+    return bytes(buffer[:done])
