@@ -157,6 +157,11 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
         log.info("taking over the connection of %s (takeover %d)",
                  config.mountpoint, memo.takeovers)
         return link
+    if "init_request" not in (pyfuse3.init.__doc__ or ""):
+        log.warning("this pyfuse3 cannot take an INIT request: libfuse mounts, and this "
+                    "mount cannot be taken over if the daemon dies (install swapfs with "
+                    "tools/setup.sh; see docs/pyfuse3-patch.md)")
+        return Link(config.mountpoint, None, None, None)
     try:
         fuse_fd = fusedev.mount(config.mountpoint, f"{SOURCE_PREFIX}{socket_path}", "swapfs",
                                 config.allow_other)

@@ -2,7 +2,7 @@
 # Installs everything swapfs needs on a fresh Debian machine: the Debian
 # packages (FUSE 3 and its headers, a compiler and patch for building
 # pyfuse3, fio, util-linux) and a virtual environment in .venv with pyfuse3
-# built with our fallocate patch (tools/build-pyfuse3.sh), swapfs and its
+# built with our patches (tools/build-pyfuse3.sh), swapfs and its
 # other Python dependencies. Safe to run again: it only installs what is
 # missing.
 set -euo pipefail
