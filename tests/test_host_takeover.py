@@ -130,3 +130,26 @@ def read_direct(path: str, size: int) -> bytes:
     finally:
         os.close(fd)
     return bytes(buffer[:done])
+
+
+def test_a_daemon_refuses_a_corrupt_lease_and_loses_nothing() -> None:
+    root = short_tempdir()
+    config = root / "swapfs.toml"
+    config.write_text(f"lease_seconds = {LEASE_SECONDS}\n")
+    try:
+        with mounted(root=root, config=config) as mount:
+            mount.path("c").mkdir()
+            data = random.Random(2).randbytes(4 * BLOCK)
+            mount.path("c", "f").write_bytes(data)
+            mount.umount()
+            (mount.state / "lease").write_bytes(b"\0" * 7)
+            result = swapfs("mount", "--config", str(config), "--state", str(mount.state),
+                            str(mount.mnt), check=False)
+            assert result.returncode == 1
+            assert "lease" in result.stderr and "break" in result.stderr, result.stderr
+            swapfs("lease", "--state", str(mount.state), "--break")
+            mount.mount()
+            assert mount.path("c", "f").read_bytes() == data
+            assert status(mount.state)["lease"]["generation"] == 1
+    finally:
+        remove_tree(root)
