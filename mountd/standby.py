@@ -38,14 +38,13 @@ import logging
 import os
 import select
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mountd.logs import setup_logging
-from swapfs import control, lease
+from swapfs import control, lease, spawn
 
 log = logging.getLogger("mountd.standby")
 
@@ -140,24 +139,10 @@ def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: fl
 
 def _start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> None:
     """Start a daemon; return once it serves (``--ready-fd``)."""
-    read_end, write_end = os.pipe()
-    command = [*command, "--ready-fd", str(write_end)]
-    with open(log_path, "ab") as log_file:
-        daemon = subprocess.Popen(command, pass_fds=(*pass_fds, write_end),
-                                  stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                  start_new_session=True)
-    os.close(write_end)
     try:
-        readable, _, _ = select.select([read_end], [], [], START_TIMEOUT)
-        ready = bool(readable) and os.read(read_end, 1) == b"1"
-    finally:
-        os.close(read_end)
-    if not ready:
-        if daemon.poll() is None:
-            daemon.kill()
-        daemon.wait()
-        raise StandbyError(f"the new daemon did not serve (exit {daemon.returncode}); "
-                           f"see {log_path}")
+        spawn.start_ready(command, log_path, START_TIMEOUT, pass_fds)
+    except spawn.NotReady as exc:
+        raise StandbyError(f"the new daemon did not serve ({exc})") from exc
 
 
 def keep(mountpoint: str, on_attached: Any = None) -> int:

@@ -8,14 +8,13 @@ import argparse
 import json
 import logging
 import os
-import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import control, fsck, lease, swaparea
+from swapfs import control, fsck, lease, spawn, swaparea
 from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
@@ -67,27 +66,11 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _start_background(command: list[str], log_path: Path, failure: str) -> int:
-    """Start *command* with ``--ready-fd``, logging to *log_path*; return its
-    pid once it says it is ready, or raise with the log's last lines."""
-    read_end, write_end = os.pipe()
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [*command, "--ready-fd", str(write_end)], pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True,
-        )
-    os.close(write_end)
+    """Start *command* in the background; its pid once it says it is ready."""
     try:
-        readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
-        ready = bool(readable) and os.read(read_end, 1) == b"1"
-    finally:
-        os.close(read_end)
-    if not ready:
-        if process.poll() is None:
-            process.terminate()
-        tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        raise CommandError(f"{failure}:\n  " + "\n  ".join(tail))
-    return process.pid
+        return spawn.start_ready(command, log_path, READY_TIMEOUT)
+    except spawn.NotReady as exc:
+        raise CommandError(f"{failure} ({exc})") from exc
 
 
 def _standby(args: argparse.Namespace) -> int:

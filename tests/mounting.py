@@ -11,6 +11,7 @@ raises for a cleanup step that fails half-way and refuses to delete a
 directory that still has something mounted under it.
 """
 
+import array
 import contextlib
 import json
 import mmap
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,28 @@ def remove_tree(root: Path) -> None:
 def aligned_buffer(size: int) -> mmap.mmap:
     """A page-aligned anonymous buffer, as O_DIRECT I/O needs."""
     return mmap.mmap(-1, size)
+
+
+def read_direct(path: Path | str, offset: int, size: int) -> bytes:
+    """Up to *size* bytes at *offset* (block-aligned) read with O_DIRECT, so
+    that the daemon answers, not the page cache."""
+    buffer = aligned_buffer(-(-size // BLOCK) * BLOCK or BLOCK)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        done = os.preadv(fd, [buffer], offset)
+    finally:
+        os.close(fd)
+    return bytes(buffer[:min(done, size)])
+
+
+def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One datagram or message and the descriptors it carries (SCM_RIGHTS)."""
+    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
+    return data, fds
 
 
 class Mount:
@@ -319,6 +343,7 @@ def os_error(call: Any, *args: Any) -> int:
 
 __all__ = [
     "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail",
-    "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "remove_tree",
-    "requires_mount", "short_tempdir", "swapfs", "tmpfs", "wait_until",
+    "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "read_direct",
+    "receive_with_fds", "remove_tree", "requires_mount", "short_tempdir", "swapfs", "tmpfs",
+    "wait_until",
 ]

@@ -8,7 +8,6 @@ the daemon, not the page cache, answers them.
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from tests.mounting import (
     Mount,
     aligned_buffer,
     mounted,
+    read_direct,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -28,16 +28,6 @@ from tests.mounting import (
 pytestmark = requires_mount
 
 BUDGET_BLOCKS = 64
-
-
-def read_direct(path: Path, offset: int, size: int) -> bytes:
-    buffer = aligned_buffer(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = os.preadv(fd, [buffer], offset)
-    finally:
-        os.close(fd)
-    return bytes(buffer[:done])
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from tests.mounting import (
     aligned_buffer,
     mounted,
     os_error,
+    read_direct,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -29,17 +30,6 @@ from tests.mounting import (
 )
 
 pytestmark = [pytest.mark.mount, requires_mount]
-
-
-def read_direct(path: Path, offset: int, size: int) -> bytes:
-    """Read with O_DIRECT (aligned), so the daemon answers, not the page cache."""
-    buffer = aligned_buffer(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = os.preadv(fd, [buffer], offset)
-    finally:
-        os.close(fd)
-    return bytes(buffer[:done])
 
 
 # -- corrupt data ---------------------------------------------------------------------

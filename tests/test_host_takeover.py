@@ -23,9 +23,9 @@ from swapfs import control, lease
 from swapfs.manifest import read_manifest
 from tests.mounting import (
     BLOCK,
-    aligned_buffer,
     alive,
     mounted,
+    read_direct,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -51,7 +51,7 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
             data = random.Random(1).randbytes(16 * BLOCK)
             host_a.path("c", "f").write_bytes(data)
             for _ in range(2):  # into the content cache (admitted on the second miss)
-                read_direct(str(host_a.path("c", "f")), len(data))
+                read_direct(host_a.path("c", "f"), 0, len(data))
             manifest = host_a.state / "cache.manifest"
             assert wait_until(lambda: manifest.exists() and len(read_manifest(manifest)) == 16)
             held = lease.read_lease(host_a.state)
@@ -120,16 +120,6 @@ def test_standby_of_another_host_refuses_a_corrupt_lease(tmp_path: Any) -> None:
 
 def status(state: Any, timeout: float = 10) -> dict[str, Any]:
     return control.request(str(state / "control.sock"), {"op": "status"}, timeout=timeout)
-
-
-def read_direct(path: str, size: int) -> bytes:
-    buffer = aligned_buffer(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    return bytes(buffer[:done])
 
 
 def test_a_daemon_refuses_a_corrupt_lease_and_loses_nothing() -> None:

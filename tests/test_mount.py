@@ -24,6 +24,7 @@ from tests.mounting import (
     Mount,
     aligned_buffer,
     os_error,
+    read_direct,
     requires_mount,
     swapfs,
     wait_until,
@@ -58,18 +59,6 @@ def write_file(path: Path, data: bytes) -> None:
         assert os.write(fd, data) == len(data)
     finally:
         os.close(fd)
-
-
-def read_direct(path: Path, size: int) -> bytes:
-    """The first *size* bytes of *path* read with O_DIRECT, past the page cache."""
-    length = -(-size // BLOCK) * BLOCK or BLOCK
-    buffer = aligned_buffer(length)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    return bytes(buffer[:min(done, size)])
 
 
 def du(path: Path) -> int:
@@ -157,7 +146,7 @@ def test_writes_of_any_offset_and_length_read_back(mount: Mount) -> None:
         assert os.pread(fd, len(model) + 10, 0) == model
     finally:
         os.close(fd)
-    assert read_direct(path, len(model)) == model
+    assert read_direct(path, 0, len(model)) == model
     mount.remount()
     assert path.read_bytes() == model
     chain = mount.chain("c")
@@ -271,7 +260,7 @@ def test_clone_shares_blocks_and_clone_empty_has_none(mount: Mount) -> None:
     swapfs("clone", "--empty", str(mount.path("web", "base.swap")),
            str(mount.path("web", "vm2.swap")))
     assert mount.path("web", "vm1.swap").read_bytes() == base
-    assert read_direct(mount.path("web", "vm1.swap"), len(base)) == base
+    assert read_direct(mount.path("web", "vm1.swap"), 0, len(base)) == base
     assert os.stat(mount.path("web", "vm2.swap")).st_size == len(base)
     assert os.stat(mount.path("web", "vm2.swap")).st_blocks == 0
     assert mount.path("web", "vm2.swap").read_bytes() == bytes(len(base))
@@ -475,7 +464,7 @@ def test_mmap_shared_read_and_write(mount: Mount) -> None:
         finally:
             mapping.close()
     # msync sent the pages to the daemon: an O_DIRECT read sees them.
-    assert read_direct(path, len(model)) == model
+    assert read_direct(path, 0, len(model)) == model
     mount.remount()
     assert path.read_bytes() == model
     assert mount.chain("c")["files"]["f"]["mapped_blocks"] == 15
@@ -575,7 +564,7 @@ def storm_worker(path: str, seed: int) -> None:
     finally:
         os.close(fd)
     model = apply(ops)
-    assert read_direct(Path(path), len(model) + 1) == model, path
+    assert read_direct(Path(path), 0, len(model) + 1) == model, path
 
 
 def test_concurrent_writers_with_overlapping_content(mount: Mount) -> None:

@@ -7,7 +7,6 @@ stderr made the journal stream (JOURNAL_STREAM names its device and inode).
 The test plays systemd's part (no systemd runs here as the service manager).
 """
 
-import array
 import contextlib
 import os
 import signal
@@ -23,6 +22,7 @@ from tests.mounting import (
     alive,
     is_mounted,
     lazy_unmount,
+    receive_with_fds,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -43,16 +43,6 @@ def notify_socket(path: Path) -> Iterator[socket.socket]:
         sock.close()
 
 
-def receive(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One notification and the descriptors it carries."""
-    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
-    return data, fds
-
-
 def test_ready_then_stopping_and_journal_priorities() -> None:
     root = short_tempdir()
     mnt, state, log_path = root / "m", root / "s", root / "stderr"
@@ -67,7 +57,7 @@ def test_ready_then_stopping_and_journal_priorities() -> None:
                 [sys.executable, "-m", "mountd", "--state", str(state), str(mnt)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             stored = {}
-            while (message := receive(sock))[0] != b"READY=1":
+            while (message := receive_with_fds(sock))[0] != b"READY=1":
                 text, fds = message
                 if text.startswith(b"FDSTORE=1"):
                     assert len(fds) == 1, text
@@ -84,7 +74,7 @@ def test_ready_then_stopping_and_journal_priorities() -> None:
             assert is_mounted(mnt)
             (mnt / "chain").mkdir()  # the mount serves once READY=1 is sent
             daemon.send_signal(signal.SIGTERM)
-            assert receive(sock)[0] == b"STOPPING=1"
+            assert receive_with_fds(sock)[0] == b"STOPPING=1"
             assert daemon.wait(timeout=30) == 0
         assert not is_mounted(mnt)
         lines = log_path.read_text().splitlines()

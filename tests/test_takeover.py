@@ -7,7 +7,6 @@ numbers stay valid; and each wrong use gets a clear error and loses nothing.
 The swap workload with five kills is in test_swap_takeover.py.
 """
 
-import array
 import contextlib
 import errno
 import os
@@ -30,11 +29,12 @@ from swapfs.manifest import read_manifest
 from tests.mounting import (
     BLOCK,
     Mount,
-    aligned_buffer,
     alive,
     is_mounted,
     lazy_unmount,
     mounted,
+    read_direct,
+    receive_with_fds,
     remove_tree,
     requires_mount,
     short_tempdir,
@@ -143,15 +143,6 @@ def test_keeper_that_dies_first_costs_nothing(mount: Mount) -> None:
     assert mount.path("c", "f").read_bytes() == b"y" * BLOCK
 
 
-def _receive_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
-    return data, fds
-
-
 def run_with_timeout(*command: str) -> None:
     subprocess.run(command, check=True, timeout=30, stdin=subprocess.DEVNULL)
 
@@ -175,7 +166,7 @@ def test_systemd_fd_store_restart() -> None:
             command = [sys.executable, "-m", "mountd", "--state", str(state), str(mnt)]
             daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL))
-            while (message := _receive_fds(notify))[0] != b"READY=1":
+            while (message := receive_with_fds(notify))[0] != b"READY=1":
                 text, fds = message
                 if text.startswith(b"FDSTORE=1"):
                     stored[text.split(b"FDNAME=")[1]] = fds[0]
@@ -200,7 +191,7 @@ def test_systemd_fd_store_restart() -> None:
                 ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *command], env=env2,
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=(3, 4),
                 preexec_fn=as_listen_fds))
-            while _receive_fds(notify)[0] != b"READY=1":
+            while receive_with_fds(notify)[0] != b"READY=1":
                 pass
             run_with_timeout("cmp", str(root / "data"), str(mnt / "c" / "f"))
             status = control.request(str(state / "control.sock"), {"op": "status"})
@@ -240,16 +231,6 @@ def test_resend_notification_on_this_kernel() -> None:
         remove_tree(root)
 
 
-def read_direct(path: Path, size: int) -> bytes:
-    buffer = aligned_buffer(size)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        done = os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    return bytes(buffer[:done])
-
-
 @contextlib.contextmanager
 def cached_mount(settings: str) -> Iterator[Mount]:
     """A mount with a 64-block content cache, a manifest every 0.2 s, and *settings*."""
@@ -270,7 +251,7 @@ def cache_file(mount: Mount, name: str, blocks: int, seed: int) -> bytes:
     data = random.Random(seed).randbytes(blocks * BLOCK)
     mount.path("c", name).write_bytes(data)
     for _ in range(2):  # admitted on the second miss
-        assert read_direct(mount.path("c", name), len(data)) == data
+        assert read_direct(mount.path("c", name), 0, len(data)) == data
     return data
 
 
@@ -290,7 +271,7 @@ def test_takeover_warms_the_cache_with_the_plan() -> None:
         last = mount.status()["last_takeover"]
         assert last["strategy"] == "union" and last["blocks"][OWN] == 8
         before = mount.stats()["content_cache"]
-        assert read_direct(mount.path("c", "f"), len(data)) == data
+        assert read_direct(mount.path("c", "f"), 0, len(data)) == data
         after = mount.stats()["content_cache"]
         assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (8, 0)
 
@@ -317,7 +298,7 @@ def test_a_host_budget_makes_the_planner_choose_by_priority() -> None:
                           == 4 * BLOCK)
         assert mount.status()["last_takeover"]["strategy"] == "priority"
         before = mount.stats()["content_cache"]
-        assert read_direct(mount.path("c", "a"), len(important)) == important
+        assert read_direct(mount.path("c", "a"), 0, len(important)) == important
         assert mount.stats()["content_cache"]["hits"] - before["hits"] == 4
 
 
