@@ -5,20 +5,28 @@ that build a table bigger than their memory cgroup allows, then verify
 every byte after swap-in) runs through several kills, in both phases, and
 loses nothing. Without a keeper, one kill costs the workers their pages.
 
-Swap is always taken down before the mount is closed: after the workers
-are gone, swapoff, then the loop device, then the mount.
+Swap is always taken down before the mount is closed: swapoff, then the
+loop device, then the mount.
 """
 
 import contextlib
+import errno
 import os
+import select
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import tools.swapload
 from swapfs import swaparea
-from tests.mounting import BLOCK, Mount, requires_mount
+from tests.mounting import BLOCK, Mount, alive, is_mounted, lazy_unmount, requires_mount, swapfs
+from tests.mounting import wait_until as wait_for
 from tests.test_swap import swap_file, swap_on
 from tools.swapload import MIB, MemoryCgroup, run_workload
 from tools.takeover import Killer, Probe, summary
@@ -92,3 +100,143 @@ def test_swap_workload_survives_sigkills_with_a_standby(
     assert status["keeper"] == "standby"
     assert swaparea.devices_of(str(path)) == []
     assert not Path(cgroup.path).exists()
+
+
+# -- without a keeper ------------------------------------------------------------
+
+
+def swapped_by(pids: list[int]) -> int:
+    """Bytes of swap the page tables of *pids* point to (VmSwap)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmSwap:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def start_workers(cgroup: MemoryCgroup, count: int, table_mib: int
+                  ) -> list[subprocess.Popen[str]]:
+    """The workload's workers, driven one by one (run_workload stops at the
+    first failure; here every worker's fate is the point)."""
+    command = [sys.executable, tools.swapload.__file__, "--cgroup", str(cgroup.path),
+               "--table-mib", str(table_mib)]
+    workers = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True) for _ in range(count)]
+    for worker in workers:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "joined"
+    return workers
+
+
+def tell(worker: subprocess.Popen[str], command: str) -> None:
+    assert worker.stdin is not None
+    worker.stdin.write(command + "\n")
+    worker.stdin.flush()
+
+
+def fates(workers: list[subprocess.Popen[str]], timeout: float) -> list[str]:
+    """Let every worker finish its build, then verify; what became of each:
+    "verified", "killed by SIGxxx", "exit N: <its last words>" or "hung"
+    (still silent after *timeout* seconds)."""
+    fate: dict[int, str] = {}
+    said: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(fate) < len(workers) and time.monotonic() < deadline:
+        waiting = {worker.stdout: worker for worker in workers
+                   if worker.pid not in fate and worker.stdout is not None}
+        readable, _, _ = select.select(list(waiting), [], [], 0.2)
+        for stream in readable:
+            worker = waiting[stream]
+            line = stream.readline().strip()
+            if line == "build ok":
+                tell(worker, "verify")
+            elif line == "verify ok":
+                fate[worker.pid] = "verified"
+            elif line:
+                said[worker.pid] = line
+            else:
+                code = worker.wait(timeout=10)
+                fate[worker.pid] = (f"killed by {signal.Signals(-code).name}" if code < 0
+                                    else f"exit {code}: {said.get(worker.pid, '')}")
+    return [fate.get(worker.pid, "hung") for worker in workers]
+
+
+def swap_active(device: str) -> bool:
+    with open("/proc/swaps") as table:
+        return any(line.split()[0] == device for line in table.readlines()[1:])
+
+
+@contextlib.contextmanager
+def swap_on_dead_mount(path: Path) -> Iterator[str]:
+    """``swapfs swapon``, taken down afterwards even when the daemon is gone:
+    swapoff (bounded in time), losetup --detach, no swapfs command involved."""
+    device = swapfs("swapon", str(path), "--priority", "32767").stdout.strip()
+    try:
+        yield device
+    finally:
+        if swap_active(device):
+            subprocess.run(["swapoff", device], capture_output=True, timeout=120)
+        subprocess.run(["losetup", "--detach", device], capture_output=True, timeout=60)
+
+
+def test_without_keeper_one_sigkill_costs_the_workers_their_pages(mount: Mount) -> None:
+    """The same workload, no standby, one SIGKILL once 64 MiB are swapped out.
+
+    What it does on Linux 6.18: without a keeper the connection aborts, so
+    the loop device's reads and writes fail at once (EIO, nothing hangs).
+    Workers that touch a page left on swap die of SIGBUS ("Read-error on
+    swap-device"); pages whose swap-out fails stay in memory, so the cgroup
+    runs out of memory and its OOM killer sends SIGKILL; a worker whose
+    pages all stayed in memory may still verify its table. No worker ever
+    reads a wrong byte. swapoff succeeds at once, even with a worker still
+    alive (only pages still in memory come back), then the loop device
+    detaches and the dead mount unmounts lazily. The mount needs no fusectl
+    abort: the dead daemon held the only descriptor of the connection.
+
+    Swap areas are host-wide: a process of anyone's that swapped to this
+    area would lose its pages too. So the kill happens only once every
+    page on the area belongs to the workers (their VmSwap accounts for all
+    of it); otherwise the test is skipped, after cleaning up.
+    """
+    path = swap_file(mount, "vm.swap", 1024)
+    with swap_on_dead_mount(path) as device, MemoryCgroup("nokeeper", 192 * MIB) as cgroup:
+        workers = start_workers(cgroup, 4, 128)
+        try:
+            for worker in workers:
+                tell(worker, "build")
+
+            def ours_only() -> bool:
+                used = sum(area.used_bytes for area in swaparea.active_areas([str(mount.mnt)]))
+                return used > 64 * MIB and used <= swapped_by([w.pid for w in workers])
+
+            if not wait_for(ours_only, timeout=60, interval=0.005):
+                pytest.skip("other processes swap to this area too: killing the daemon "
+                            "would cost them their pages")
+            pid, mount.pid = mount.pid, None
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert wait_for(lambda: not alive(pid))
+            outcome = fates(workers, timeout=60)
+            start = time.monotonic()
+            swapoff = subprocess.run(["swapoff", device], capture_output=True, text=True,
+                                     timeout=120)
+            swapoff_seconds = time.monotonic() - start
+            mounted = subprocess.run(["stat", str(path)], capture_output=True, text=True,
+                                     timeout=30)
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+                worker.wait()
+    lazy_unmount(mount.mnt)
+    print(f"\nno keeper, one SIGKILL: workers {outcome}; swapoff exit {swapoff.returncode} "
+          f"in {swapoff_seconds:.2f} s {swapoff.stderr.strip()}; stat: {mounted.stderr.strip()}")
+    assert "hung" not in outcome
+    assert all(fate in ("verified", "killed by SIGBUS", "killed by SIGKILL")
+               for fate in outcome), outcome
+    assert any(fate.startswith("killed by") for fate in outcome), outcome
+    assert swapoff.returncode == 0, swapoff.stderr
+    assert os.strerror(errno.ENOTCONN) in mounted.stderr
+    assert not swap_active(device) and not swaparea.devices_of(str(path))
+    assert not is_mounted(mount.mnt)
