@@ -25,6 +25,7 @@ import pytest
 
 import tools.swapload
 from swapfs import swaparea
+from swapfs.control import ControlError
 from tests.mounting import BLOCK, Mount, alive, is_mounted, lazy_unmount, requires_mount, swapfs
 from tests.mounting import wait_until as wait_for
 from tests.test_swap import swap_file, swap_on
@@ -36,6 +37,9 @@ pytestmark = [requires_mount, pytest.mark.mount, pytest.mark.slow]
 #: Kills made by the end of each phase of the workload: up to three while the
 #: workers swap out, the rest of six while they swap in.
 KILLS = {"build": 3, "verify": 6}
+#: Each worker's table: four of them make 768 MiB under a 192 MiB limit, which
+#: keeps both phases long enough for three kills a second or so apart.
+TABLE_MIB = 192
 
 
 def swap_used(mount: Mount) -> int:
@@ -51,16 +55,51 @@ def probe_file(mount: Mount) -> Iterator[Probe]:
         yield probe
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+@contextlib.contextmanager
+def fusectl() -> Iterator[None]:
+    """The FUSE control file system, mounted for the block if it was not
+    (the daemon reads how many requests waited at a takeover there)."""
+    if is_mounted(FUSECTL):
+        yield
+        return
+    subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(FUSECTL)], capture_output=True)
+
+
+def serving_daemon(mount: Mount) -> int | None:
+    """The pid of the daemon serving *mount*; None if none answers within
+    30 s, and then the standby is killed: the connection it kept aborts, so
+    swapoff fails fast instead of waiting for a daemon forever."""
+    pids: list[int] = []
+
+    def answers() -> bool:
+        with contextlib.suppress(ControlError):
+            pids.append(int(mount.status()["pid"]))
+        return bool(pids)
+
+    if wait_for(answers, timeout=30, interval=0.1):
+        return pids[0]
+    if mount.standby_pid is not None:
+        os.kill(mount.standby_pid, signal.SIGKILL)
+    return None
+
+
 def test_swap_workload_survives_sigkills_with_a_standby(
         mount: Mount, record_property: Callable[[str, object], None]) -> None:
-    """Four workers x 128 MiB under a 192 MiB limit; the daemon is killed
+    """Four workers x 192 MiB under a 192 MiB limit; the daemon is killed
     every second or so once 64 MiB are swapped out, up to three times while
     they swap out and the rest of six times while they swap in. Every byte verifies, each
     kill is one takeover, and the timings are reported (never asserted)."""
     path = swap_file(mount, "vm.swap", 1024)
     mount.start_standby()
     socket_path = str(mount.state / "control.sock")
-    with swap_on(path) as device, probe_file(mount) as probe, \
+    with fusectl(), swap_on(path) as device, probe_file(mount) as probe, \
             MemoryCgroup("takeover", 192 * MIB) as cgroup:
         assert mount.pid is not None
         killer = Killer(socket_path, mount.pid, probe, KILLS,
@@ -68,13 +107,13 @@ def test_swap_workload_survives_sigkills_with_a_standby(
         killer.start()
         try:
             # Raises if a worker died or found a byte that differs.
-            result = run_workload(cgroup, workers=4, table_mib=128, device=device,
+            result = run_workload(cgroup, workers=4, table_mib=TABLE_MIB, device=device,
                                   on_phase=killer.enter_phase)
         finally:
             takeovers = killer.finish()
             # The daemon serving now, whatever happened: the mount closes that one.
-            mount.pid = int(mount.status()["pid"])
-    table = 128 * MIB
+            mount.pid = serving_daemon(mount)
+    table = TABLE_MIB * MIB
     assert result.swapped_out_bytes > 2 * table
     assert result.swapped_in_bytes > table
     print(f"\n{summary(takeovers)}")
@@ -201,6 +240,8 @@ def test_without_keeper_one_sigkill_costs_the_workers_their_pages(mount: Mount) 
     """
     path = swap_file(mount, "vm.swap", 1024)
     with swap_on_dead_mount(path) as device, MemoryCgroup("nokeeper", 192 * MIB) as cgroup:
+        # 128 MiB tables, as in the demo: with 192 MiB the cgroup spends half a
+        # minute reclaiming in vain (every swap-out fails) before its OOM kills.
         workers = start_workers(cgroup, 4, 128)
         try:
             for worker in workers:
