@@ -198,7 +198,16 @@ def fates(workers: list[subprocess.Popen[str]], timeout: float) -> list[str]:
                 code = worker.wait(timeout=10)
                 fate[worker.pid] = (f"killed by {signal.Signals(-code).name}" if code < 0
                                     else f"exit {code}: {said.get(worker.pid, '')}")
-    return [fate.get(worker.pid, "hung") for worker in workers]
+    return [fate.get(worker.pid) or f"hung ({where(worker.pid)})" for worker in workers]
+
+
+def where(pid: int) -> str:
+    """A process's state letter and kernel wait channel."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/wchan") as wchan:
+            return f"{stat.read().rsplit(')', 1)[1].split()[0]} {wchan.read() or '-'}"
+    except OSError:
+        return "gone"
 
 
 def swap_active(device: str) -> bool:
@@ -226,11 +235,13 @@ def test_without_keeper_one_sigkill_costs_the_workers_their_pages(mount: Mount) 
     the loop device's reads and writes fail at once (EIO, nothing hangs).
     Workers that touch a page left on swap die of SIGBUS ("Read-error on
     swap-device"); pages whose swap-out fails stay in memory, so the cgroup
-    runs out of memory and its OOM killer sends SIGKILL; a worker whose
-    pages all stayed in memory may still verify its table. No worker ever
-    reads a wrong byte. swapoff succeeds at once, even with a worker still
-    alive (only pages still in memory come back), then the loop device
-    detaches and the dead mount unmounts lazily. The mount needs no fusectl
+    runs out of memory and its OOM killer sends SIGKILL, or, in some runs,
+    workers stay stuck in the cgroup's reclaim (still there after 30 s; the
+    test then kills them by pid, which works); a worker whose pages all
+    stayed in memory may still verify its table. No worker ever reads a
+    wrong byte. swapoff succeeds at once, even with workers still alive
+    (only pages still in memory come back), then the loop device detaches
+    and the dead mount unmounts lazily. The mount needs no fusectl
     abort: the dead daemon held the only descriptor of the connection.
 
     Swap areas are host-wide: a process of anyone's that swapped to this
@@ -258,25 +269,32 @@ def test_without_keeper_one_sigkill_costs_the_workers_their_pages(mount: Mount) 
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
             assert wait_for(lambda: not alive(pid))
-            outcome = fates(workers, timeout=60)
+            outcome = fates(workers, timeout=30)
             start = time.monotonic()
             swapoff = subprocess.run(["swapoff", device], capture_output=True, text=True,
                                      timeout=120)
             swapoff_seconds = time.monotonic() - start
+            # What swapoff does to a worker still stuck in its cgroup's reclaim.
+            stuck = [worker for worker, fate in zip(workers, outcome, strict=True)
+                     if fate.startswith("hung")]
+            after = fates(stuck, timeout=10) if stuck else []
             mounted = subprocess.run(["stat", str(path)], capture_output=True, text=True,
                                      timeout=30)
         finally:
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
-                worker.wait()
+                worker.wait(timeout=60)  # raises if even SIGKILL cannot end it
     lazy_unmount(mount.mnt)
     print(f"\nno keeper, one SIGKILL: workers {outcome}; swapoff exit {swapoff.returncode} "
-          f"in {swapoff_seconds:.2f} s {swapoff.stderr.strip()}; stat: {mounted.stderr.strip()}")
-    assert "hung" not in outcome
-    assert all(fate in ("verified", "killed by SIGBUS", "killed by SIGKILL")
-               for fate in outcome), outcome
-    assert any(fate.startswith("killed by") for fate in outcome), outcome
+          f"in {swapoff_seconds:.2f} s {swapoff.stderr.strip()}; after it, the stuck ones: "
+          f"{after}; stat: {mounted.stderr.strip()}")
+    # Each worker verified, died of SIGBUS or the OOM killer's SIGKILL, or
+    # hung in reclaim (and then SIGKILL ended it); none read a wrong byte.
+    for fate in outcome + after:
+        assert fate in ("verified", "killed by SIGBUS", "killed by SIGKILL") or \
+            fate.startswith("hung"), outcome
+    assert any(fate != "verified" for fate in outcome), outcome
     assert swapoff.returncode == 0, swapoff.stderr
     assert os.strerror(errno.ENOTCONN) in mounted.stderr
     assert not swap_active(device) and not swaparea.devices_of(str(path))
