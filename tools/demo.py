@@ -9,7 +9,12 @@
    as clones booted from one image do, in a memory cgroup limited to
    192 MiB: the kernel swaps most of it to swapfs. Every byte is verified
    after it is swapped back in.
-3. It runs the same workload against a plain swap file on the root disk,
+3. A standby keeps the mount (``swapfs standby``) and the workload runs
+   again while the daemon is killed with SIGKILL, twice while the workers
+   swap out and twice while they swap in: each time the standby starts a
+   new daemon on the same connection, the workers carry on and verify
+   every byte, and the demo prints how long each takeover took.
+4. It runs the same workload against a plain swap file on the root disk,
    and prints both side by side.
 
 Everything it sets up (swap areas, loop devices, the mount, the cgroup) is
@@ -34,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from swapfs import control  # noqa: E402
 from tools.swapload import (  # noqa: E402
     MIB,
     MemoryCgroup,
@@ -42,6 +48,7 @@ from tools.swapload import (  # noqa: E402
     plain_swap_file,
     run_workload,
 )
+from tools.takeover import Killer, Probe, Takeover, summary  # noqa: E402
 
 PAGE = 4096
 SWAPFS = [sys.executable, "-m", "swapfs.cli"]
@@ -65,7 +72,13 @@ def mounted(state: Path, mnt: Path) -> Iterator[Path]:
         yield mnt
     finally:
         step("unmounting")
-        swapfs("umount", str(mnt))
+        try:
+            swapfs("umount", str(mnt))
+        except RuntimeError:
+            if not serving(control.socket_of(str(mnt)), timeout=1):
+                # Its daemon is dead and nobody took over: detach the dead mount.
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            raise
 
 
 def chain_stats(mnt: Path, chain: str) -> dict[str, Any]:
@@ -136,11 +149,69 @@ def clone_chain(mnt: Path, vms: int) -> None:
     step("every byte of every VM reads back as written")
 
 
-def swap_run(swap_name: str, workers: int, table_mib: int, limit_mib: int
-             ) -> WorkloadResult:
+def swap_run(swap_name: str, workers: int, table_mib: int, limit_mib: int,
+             killer: Killer | None = None) -> WorkloadResult:
     with MemoryCgroup("demo", limit_mib * MIB) as cgroup:
         return run_workload(cgroup, workers, table_mib, swap_name,
-                            progress=lambda message: print(f"    {message}", flush=True))
+                            progress=lambda message: print(f"    {message}", flush=True),
+                            on_phase=killer.enter_phase if killer else lambda name: None)
+
+
+def swap_used(device: str) -> int:
+    with open("/proc/swaps") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[0] == device:
+                return int(fields[3]) * 1024
+    return 0
+
+
+def takeovers_under_swap(mnt: Path, device: str, args: argparse.Namespace) -> list[Takeover]:
+    """Part 3: the workload again, with a standby, while the daemon is killed."""
+    socket_path = control.socket_of(str(mnt))
+    started = swapfs("standby", str(mnt)).strip()
+    print(f"    {started}", flush=True)
+    standby = int(started.split()[2])  # "swapfs: standby PID keeps MNT"
+    probe_path = mnt / "web" / "probe"
+    probe_path.write_bytes(os.urandom(PAGE))
+    with Probe(probe_path) as probe:
+        pid = int(control.request(socket_path, {"op": "status"})["pid"])
+        killer = Killer(socket_path, pid, probe, {"build": 2, "verify": 4}, gap=1.0,
+                        ready=lambda: swap_used(device) > 64 * MIB)
+        killer.start()
+        try:
+            swap_run(device, args.workers, args.table_mib, args.limit_mib, killer)
+        finally:
+            try:
+                takeovers = killer.finish()
+            finally:
+                if not serving(socket_path):
+                    # No daemon took over: end the connection the standby keeps,
+                    # so that swapoff fails at once instead of waiting forever.
+                    os.kill(standby, signal.SIGKILL)
+    probe_path.unlink()
+    for kill in takeovers:
+        print(f"    SIGKILL {kill.number} while the workers {PHASES[kill.phase]}: the probe's "
+              f"read answered {1000 * kill.probe_seconds:.0f} ms after the kill; daemon "
+              f"{kill.pid} served {1000 * (kill.daemon_seconds or 0):.0f} ms after the "
+              f"standby noticed the death", flush=True)
+    return takeovers
+
+
+def serving(socket_path: str, timeout: float = 30.0) -> bool:
+    """Does a daemon answer on *socket_path* within *timeout* seconds?"""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            control.request(socket_path, {"op": "status"}, timeout=5)
+            return True
+        except control.ControlError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+PHASES = {"build": "swapped out", "verify": "swapped in", "": "started"}
 
 
 def report(name: str, result: WorkloadResult, stored: int | None) -> str:
@@ -179,6 +250,13 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
             step(f"the workers exited and the kernel discarded their swap slots: the chain "
                  f"now stores {(after['stored_bytes'] - before['stored_bytes']) / MIB:.1f} "
                  f"MiB more than before the run")
+            if not args.no_takeover:
+                step("a standby keeps the mount; the same workload again, and the daemon is "
+                     "killed with SIGKILL while the workers swap")
+                takeovers = takeovers_under_swap(mnt, device, args)
+                step(f"every byte verified through {len(takeovers)} takeovers: "
+                     f"{summary(takeovers)}")
+                figures["takeovers"] = takeovers
     if not args.no_baseline:
         step("the same workload on a plain swap file on the root disk")
         with plain_swap_file(Path("/var/tmp") / f"swapfs-demo-{os.getpid()}.swap",
@@ -206,6 +284,8 @@ def main() -> int:
     parser.add_argument("--swap-mib", type=int, default=1024)
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the plain swap file on the root disk")
+    parser.add_argument("--no-takeover", action="store_true",
+                        help="skip the daemon kills with a standby")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the demo mounts file systems and turns on swap: run it as root",
@@ -229,12 +309,15 @@ def main() -> int:
     print(f"\n{'swap target':<24} {'swap used':>10} {'stored':>9} {'swap-out':>12} "
           f"{'swap-in':>11}")
     print(f"{'':<24} {'MiB':>10} {'MiB':>9} {'MB/s':>12} {'MB/s':>11}")
+    takeovers = figures.pop("takeovers", None)
     for name, (result, stored, _logical) in figures.items():
         print(report(name, result, stored))
     result, stored, logical = figures["swapfs"]
     print(f"\nswapfs: {result.peak_swap_used_bytes / MIB:.0f} MiB of kernel swap held in "
           f"{stored / MIB:.0f} MiB stored: dedup ratio "
           f"{logical / stored if stored else 1:.2f}x for this swap file")
+    if takeovers:
+        print(f"takeover under swap: {summary(takeovers)}")
     return 0
 
 

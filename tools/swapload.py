@@ -120,10 +120,12 @@ def _swap_used(device: str) -> int:
 
 
 def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str,
-                 progress: Callable[[str], None] = lambda message: None
-                 ) -> WorkloadResult:
+                 progress: Callable[[str], None] = lambda message: None,
+                 on_phase: Callable[[str], None] = lambda name: None) -> WorkloadResult:
     """Run the workers in *cgroup*, swapping to *device* (as /proc/swaps names it).
 
+    *on_phase* hears "build" and then "verify" as each phase begins, and
+    "done" once every worker verified its table.
     Swap traffic is counted host-wide, so nothing else should swap meanwhile.
     """
     command = [sys.executable, __file__, "--cgroup", str(cgroup.path),
@@ -140,6 +142,7 @@ def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str
         def phase(name: str) -> tuple[float, int, int]:
             nonlocal peak
             read0, written0 = swap_traffic()
+            on_phase(name)
             start = time.perf_counter()
             for proc in procs:
                 assert proc.stdin is not None
@@ -158,6 +161,7 @@ def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str
 
         build_seconds, _, written = phase("build")
         verify_seconds, read, _ = phase("verify")
+        on_phase("done")
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.close()
