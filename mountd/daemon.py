@@ -1,12 +1,19 @@
 """The mount's lifetime: harden, mount, serve FUSE and the control socket, unmount.
 
-One trio run holds everything: pyfuse3's request loop, the control server
-and a signal watcher, in one nursery. When the kernel unmounts the file
-system (``swapfs umount``, ``fusermount3 -u``) the loop ends, the nursery is
+The daemon either mounts (opening ``/dev/fuse`` itself, so that a keeper
+can hold the connection: :mod:`mountd.fusedev`, :mod:`mountd.keeper`) or
+takes over a connection whose daemon died (``--adopt-fds`` from a standby,
+``$LISTEN_FDS`` from systemd): docs/takeover.md.
+
+One trio run holds everything: pyfuse3's request loop, the control server,
+a signal watcher, the cache manifest and, where configured, the lease
+renewal, in one nursery. When the kernel unmounts the file system
+(``swapfs umount``, ``fusermount3 -u``) the loop ends, the nursery is
 cancelled, and the Volume is synced and closed before the process exits.
 SIGTERM and SIGINT unmount too, but only while no file is open: a daemon
 that went away under an active swap area would take the swapped-out pages
-of every process using it with it.
+of every process using it with it, unless a keeper holds the mount. A
+daemon that fails while kept leaves the mount (and its lease) to the next.
 """
 
 import errno
