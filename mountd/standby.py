@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mountd import lifecycle
 from mountd.logs import setup_logging
 from swapfs import control, lease, spawn
 
@@ -248,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                         default="info")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    # Like the daemon: a standby swapped out to the mount it keeps could not
+    # run when that mount's daemon dies, which is when it must.
+    lifecycle.lock_memory()
+    lifecycle.protect_from_oom(-1000)
 
     def ready() -> None:
         if args.ready_fd >= 0:

@@ -318,3 +318,12 @@ def test_the_other_daemons_of_the_host_share_the_budget() -> None:
         assert last["strategy"] == "evict"
         assert last["blocks"] == {OWN: 6, str(peer.mnt): 6}
         assert last["evicted"] == {OWN: 2, str(peer.mnt): 2}
+
+
+def test_the_standby_locks_its_memory_like_the_daemon(mount: Mount) -> None:
+    """A standby swapped out to the mount it keeps could not run when it must."""
+    standby = mount.start_standby()
+    for line in Path(f"/proc/{standby}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            locked_kib = int(line.split()[1])
+    assert (locked_kib > 0) == mount.status()["memory_locked"]
