@@ -61,7 +61,8 @@ def _mount(args: argparse.Namespace) -> int:
     pid = _start_background(command, state / "daemon.log", "the daemon did not start")
     print(f"swapfs: {state} mounted on {os.path.realpath(args.mountpoint)} (pid {pid})")
     if args.standby:
-        _standby(argparse.Namespace(mountpoint=args.mountpoint, foreground=False))
+        _standby(argparse.Namespace(mountpoint=args.mountpoint, state=None, config=None,
+                                    foreground=False))
     return 0
 
 

@@ -31,7 +31,7 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     before = _leftovers()
     result = subprocess.run(
         [sys.executable, "-m", "swapfs.cli", "bench", "--quick", "--runtime", "1",
-         "--out", str(tmp_path)],
+         "--takeover-window", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -73,4 +73,18 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     assert content["randread-4k-zipf", 0]["hit_rate"] == 0.0
     assert content["randread-4k-zipf", 64 << 20]["hit_rate"] > 0
     assert "Content cache: 4 KiB random reads" in table
+    takeover = {row["case"]: row for row in results["takeover"]}
+    assert list(takeover) == ["cold", "steady", "warm"]
+    for case, row in takeover.items():
+        assert row["iops"] > 0 and row["mbps"] > 0
+        assert 0.0 <= row["hit_rate_first_second"] <= 1.0 and 0.0 <= row["hit_rate"] <= 1.0
+        assert row["vs_cold"] == pytest.approx(row["mbps"] / takeover["cold"]["mbps"])
+        assert f"| {case} |" in table
+    for case in ("cold", "warm"):  # a real takeover: timed, from the kill
+        row = takeover[case]
+        assert 0 < row["takeover_seconds"] <= row["first_read_seconds"] < 60
+    assert takeover["cold"]["manifest_blocks"] == 0 == takeover["cold"]["warmed_bytes"]
+    assert takeover["warm"]["manifest_blocks"] > 0 and takeover["warm"]["warmed_bytes"] > 0
+    assert "takeover_seconds" not in takeover["steady"]
+    assert "Takeover: zipf 1.2 4 KiB random read (one fixed sequence)" in table
     assert _leftovers() == before

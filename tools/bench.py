@@ -8,6 +8,7 @@ reach here) and the kernel (a loop device over a tmpfs file).
 
     swapfs bench --quick            # a few minutes: the core rows
     swapfs bench --out results/     # the full matrix
+    swapfs bench --quick --no-fio --no-e2e --no-pool --no-content   # the takeover rows
 
 fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
 1 MiB sequential write and read; queue depth 16, libaio, direct I/O, on a
@@ -21,6 +22,27 @@ real host's code pages rarely give more than a few hundred KiB), and the
 content cache is off. Content cache: 4 KiB random reads, uniform and zipf
 1.2, with the content cache off (budget 0) and on (64 MiB), in the same run.
 
+Takeover, warm against cold: a zipf 1.2 4 KiB random read with a fixed
+seed (every run reads the same blocks in the same order: fio places zipf's
+hot blocks by its seed) of a 128 MiB file on a mount kept by a standby (content cache 128 MiB, a
+manifest every 0.5 s, through ``swapfs mount --config``). After a fill and a
+priming read, the daemon is killed (SIGKILL, by the pid its status gives)
+and a first 4 KiB read times the way back (kill to first read answered);
+then fio reads for the window (10 s, ``--takeover-window``) and the content
+cache's hit rate over it, and over its first second, is taken from the new
+daemon's stats. Cold: the dead daemon's ``cache.manifest`` is removed once
+it is gone and before the new daemon reads it (a missing manifest gives an
+empty cache; ``manifest_blocks`` in the row shows that it read none).
+Warm: the manifest stays and the new daemon warms with the fail-over
+planner's choice of it. Steady: the same read between the two, no kill: the
+ceiling. fio rather than real kernel swap, because a swapped-in page stays
+in memory until reclaim picks it again, so how often the kernel re-reads a
+page (and so the hit rate) is reclaim's choice, not the working set's, and
+varies from run to run; and because a daemon killed under active kernel
+swap stalls every process of the host that swaps until the takeover ends,
+or for good if it fails. The loop device with direct I/O over a swapfs file
+is the I/O path swap takes, and the zipf read a working set re-read at will.
+
 Writes results.json, results.md and results.png to --out.
 """
 
@@ -28,11 +50,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import platform
+import select
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -52,6 +78,7 @@ from tools.benchtargets import (  # noqa: E402
     Device,
     Unavailable,
     loop_device,
+    swapfs_kept_file,
     swapfs_plain_file,
 )
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
@@ -77,6 +104,8 @@ class Plan:
     e2e_targets: list[str] = field(default_factory=lambda: list(SWAP_TARGETS))
     pool: bool = True  # the transient cache rows
     content: bool = True  # the content cache rows
+    takeover: bool = True  # the warm against cold takeover rows
+    takeover_window: int = 10  # seconds read after each takeover
 
 
 QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], runtime=5, repeats=1, region=256 * MIB,
@@ -327,6 +356,149 @@ def content_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+# -- takeover: a warm cache against a cold one ---------------------------------------
+
+TAKEOVER_REGION = 128 * MIB  # the file the skewed reads go to
+TAKEOVER_CACHE = 128 * MIB  # the content cache: the whole region fits
+MANIFEST_INTERVAL = 0.5  # seconds between two manifests
+TAKEOVER_JOB = "randread-4k-zipf-repeat"  # one working set: the same blocks every run
+
+
+def _takeover_config() -> str:
+    return (f"content_cache_bytes = {TAKEOVER_CACHE}\n"
+            f"manifest_interval = {MANIFEST_INTERVAL}\n")
+
+
+def _status(mnt: Path) -> dict[str, Any]:
+    status: dict[str, Any] = control.request(control.socket_of(str(mnt)), {"op": "status"})
+    return status
+
+
+def _wait(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _wait_for_manifest(state: Path, after: float) -> None:
+    """Until the daemon has written a manifest later than wall-clock *after*."""
+    path = state / "cache.manifest"
+    _wait(lambda: path.exists() and path.stat().st_mtime > after, "a new cache manifest")
+
+
+def _first_read(device: str) -> None:
+    """One 4 KiB direct read of *device*: returns once a daemon answers it."""
+    buffer = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT wants
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        os.preadv(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+        buffer.close()
+
+
+def _kill_and_take_over(mnt: Path, state: Path, device: str, cold: bool) -> dict[str, Any]:
+    """SIGKILL the daemon; with *cold*, remove its manifest before the new
+    daemon reads it. Return the seconds from the kill to the first read
+    answered and the new daemon's pid once the standby keeps it."""
+    old = _status(mnt)["pid"]
+    pidfd = os.pidfd_open(old)
+    try:
+        killed = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        select.select([pidfd], [], [], 30)  # gone: it writes nothing more
+    finally:
+        os.close(pidfd)
+    if cold:
+        with contextlib.suppress(FileNotFoundError):
+            (state / "cache.manifest").unlink()
+    _first_read(device)
+    first_read = time.monotonic() - killed
+    new = _status(mnt)["pid"]
+    if new == old:
+        raise RuntimeError(f"daemon {old} still answers after SIGKILL")
+    # The standby logs this once it holds the new daemon: only then may it die again.
+    _wait(lambda: f"daemon {new} serves" in (state / "standby.log").read_text(errors="replace"),
+          f"the standby to keep daemon {new}")
+    return {"first_read_seconds": first_read}
+
+
+def _measured_window(mnt: Path, device: str, plan: Plan) -> dict[str, Any]:
+    """The zipf read for the takeover window, and the content cache's hit rate over it."""
+    window = dataclasses.replace(plan, region=TAKEOVER_REGION, runtime=plan.takeover_window)
+    before = _content_stats(mnt)
+    first_second: dict[str, Any] = {}
+
+    def sample() -> None:  # the cache's figures one second into the window
+        first_second.update(_content_stats(mnt))
+
+    sampler = threading.Timer(1.0, sample)
+    sampler.start()
+    try:
+        figures = run_fio(TAKEOVER_JOB, device, window, "dedupe-0")
+    finally:
+        sampler.cancel()
+        sampler.join()
+    after = _content_stats(mnt)
+    return {**figures, "hit_rate": _hit_rate(before, after),
+            "hit_rate_first_second": _hit_rate(before, first_second or after),
+            "cache_used_bytes": after.get("used_bytes", 0)}
+
+
+def _hit_rate(before: dict[str, Any], after: dict[str, Any]) -> float:
+    hits = after.get("hits", 0) - before.get("hits", 0)
+    looked_up = hits + after.get("misses", 0) - before.get("misses", 0)
+    return hits / looked_up if looked_up else 0.0
+
+
+def takeover_rows(plan: Plan) -> list[dict[str, Any]]:
+    """Reads right after a takeover, the new cache warmed by the planner or cold.
+
+    One mount kept by a standby: fill, prime the cache, then kill the daemon
+    and remove its manifest (cold), read for the window; read for the window
+    again with no kill (steady); kill with the manifest in place (warm), read
+    for the window.
+    """
+    if not plan.takeover:
+        return []
+    region_plan = dataclasses.replace(plan, region=TAKEOVER_REGION)
+    rows: list[dict[str, Any]] = []
+    try:
+        with swapfs_kept_file(TAKEOVER_REGION, _takeover_config()) as (mnt, path, state), \
+                loop_device(path) as device:
+            run_fio("fill-1m", device, region_plan, "dedupe-0")
+            run_fio(TAKEOVER_JOB, device, region_plan, "dedupe-0")  # prime the cache
+            for case in ("cold", "steady", "warm"):
+                row: dict[str, Any] = {"case": case}
+                if case != "steady":
+                    _wait_for_manifest(state, time.time())
+                    row.update(_kill_and_take_over(mnt, state, device, cold=case == "cold"))
+                row.update(_measured_window(mnt, device, plan))
+                if case != "steady":
+                    last = _status(mnt)["last_takeover"] or {}
+                    row.update({"takeover_seconds": last.get("seconds"),
+                                "strategy": last.get("strategy"),
+                                "manifest_blocks": last.get("manifest_blocks", 0),
+                                "warmed_bytes": last.get("warmed_bytes", 0)})
+                if case == "cold" and row["manifest_blocks"]:
+                    progress("note: the new daemon read the manifest before it was removed: "
+                             "the cold row is not cold")
+                rows.append(row)
+                progress(f"takeover {case}: {row['mbps']:.1f} MB/s, hit rate "
+                         f"{row['hit_rate']:.1%}, warmed {row.get('warmed_bytes', 0) / MIB:.1f}"
+                         f" MiB, first read after {row.get('first_read_seconds', 0):.2f} s")
+    except Unavailable as exc:
+        return [{"unavailable": str(exc)}]
+    cold = next(row for row in rows if row["case"] == "cold")
+    steady = next(row for row in rows if row["case"] == "steady")
+    for row in rows:
+        row["vs_cold"] = row["mbps"] / cold["mbps"] if cold["mbps"] else None
+        row["vs_steady"] = row["mbps"] / steady["mbps"] if steady["mbps"] else None
+    return rows
+
+
 # -- output --------------------------------------------------------------------------
 
 
@@ -408,6 +580,30 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {row['job']} | {row['cache_bytes'] / MIB:.0f} | {row['iops']:.0f} | "
                 f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
                 f"{row['hit_rate']:.1%} | {_ratio(row['vs_off'])} |")
+    if results.get("takeover"):
+        lines += ["", "Takeover: zipf 1.2 4 KiB random read (one fixed sequence) of a "
+                  f"{TAKEOVER_REGION // MIB} MiB "
+                  f"swapfs file for the {results['plan']['takeover_window']} s after the daemon "
+                  "was killed and a standby's new daemon answered, its content cache "
+                  f"({TAKEOVER_CACHE // MIB} MiB) warmed by the planner from the dead daemon's "
+                  "manifest (warm) or started empty (cold); steady: no kill:", "",
+                  "| case | IOPS | MB/s | p50 µs | p99 µs | hit rate | hit rate, 1st s "
+                  "| warmed MiB | takeover s | first read s | vs cold | vs steady |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in results["takeover"]:
+            if "unavailable" in row:
+                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | | | | | |")
+                continue
+            warmed, takeover, first = (row.get(key) for key in (
+                "warmed_bytes", "takeover_seconds", "first_read_seconds"))
+            lines.append(
+                f"| {row['case']} | {row['iops']:.0f} | {row['mbps']:.1f} | "
+                f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
+                f"{row['hit_rate_first_second']:.1%} | "
+                f"{'-' if warmed is None else f'{warmed / MIB:.1f}'} | "
+                f"{'-' if takeover is None else f'{takeover:.2f}'} | "
+                f"{'-' if first is None else f'{first:.2f}'} | "
+                f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the transient cache rows")
     parser.add_argument("--no-content", action="store_true",
                         help="skip the content cache rows")
+    parser.add_argument("--no-takeover", action="store_true",
+                        help="skip the takeover rows (warm cache against cold)")
+    parser.add_argument("--takeover-window", type=int,
+                        help="seconds read after each takeover (default 10)")
     parser.add_argument("--no-fio", action="store_true",
                         help="skip the fio matrix (the targets against the ceilings)")
     args = parser.parse_args(argv)
@@ -486,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.content = False
     if args.no_fio:
         plan.targets = []
+    if args.no_takeover:
+        plan.takeover = False
+    if args.takeover_window:
+        plan.takeover_window = args.takeover_window
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if Path("/proc/swaps").read_text().splitlines()[1:]:
@@ -494,9 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     e2e = e2e_rows(plan)
     pool = pool_rows(plan)
     content = content_rows(plan)
+    takeover = takeover_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
                "fio": fio_rows, "space": space, "e2e": e2e, "pool": pool,
-               "content": content}
+               "content": content, "takeover": takeover}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

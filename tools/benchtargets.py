@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from swapfs import control
 
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent
@@ -110,6 +113,47 @@ def swapfs_plain_file(size: int, *flags: str) -> Iterator[tuple[Path, Path]]:
     *flags*), no loop device."""
     with _swapfs_file(size, *flags) as (mnt, path):
         yield mnt, path
+
+
+@contextlib.contextmanager
+def swapfs_kept_file(size: int, config: str) -> Iterator[tuple[Path, Path, Path]]:
+    """(mount point, file, state directory): a file of *size* on a fresh mount
+    started with the TOML *config* and kept by a standby (``swapfs mount
+    --standby``), so that its daemon can be killed and replaced.
+
+    On the way out the mount is unmounted, which ends the standby too; a
+    standby still there after that is stopped by its pid.
+    """
+    _require_root()
+    with _workdir() as workdir:
+        config_path = workdir / "swapfs.toml"
+        config_path.write_text(config)
+        standby = None
+        try:
+            with swapfs_mount(workdir, "--config", str(config_path), "--standby") as mnt:
+                status = control.request(control.socket_of(str(mnt)), {"op": "status"})
+                standby = status.get("keeper_pid")
+                if status.get("keeper") != "standby" or standby is None:
+                    raise RuntimeError(f"no standby keeps {mnt}: {status.get('keeper')}")
+                (mnt / "bench").mkdir()
+                path = mnt / "bench" / "disk.swap"
+                path.touch()
+                os.truncate(path, size)
+                yield mnt, path, workdir / "state"
+        finally:
+            if standby is not None:
+                _stop(int(standby))
+
+
+def _stop(pid: int, timeout: float = 10.0) -> None:
+    """Wait up to *timeout* for *pid* to exit, then SIGTERM it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
 
 
 @contextlib.contextmanager
