@@ -244,7 +244,6 @@ async def _fuse_loop(done: trio.CancelScope) -> None:
 async def _serve(control: ControlServer, ops: Operations, link: Link, socket_path: str,
                  vsock_port: int, on_ready: Callable[[], None], manifest: CacheKeeper) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(manifest.run)
         await nursery.start(control.serve, socket_path)
         if vsock_port and not vsock_available():
             log.warning("vsock_port %d: this kernel offers no AF_VSOCK", vsock_port)
@@ -265,6 +264,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         log.info("serving %s on %s", control.volume.state, control.mountpoint)
         on_ready()
         lifecycle.sd_notify("READY=1")
+        nursery.start_soon(manifest.run)  # warms the cache while the mount serves
 
 
 def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],

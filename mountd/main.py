@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mountd import keeper
 from mountd.config import ConfigError, load
-from mountd.daemon import run
+from mountd.daemon import harden, run
 from mountd.logs import setup_logging
 
 log = logging.getLogger("mountd")
@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write one byte to this fd once the mount serves")
     parser.add_argument("--adopt-fds", help=argparse.SUPPRESS)  # FUSE,MEMO: from a standby
     parser.add_argument("--death-noticed", type=float, help=argparse.SUPPRESS)
+    # A spare: everything loaded, it waits on this pipe for the death time.
+    parser.add_argument("--spare-fd", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -59,6 +61,8 @@ def restart_args(args: argparse.Namespace, state: Path, mountpoint: str) -> list
         argv.append("--allow-other")
     if args.log_level:
         argv += ["--log-level", args.log_level]
+    if args.content_cache_bytes is not None:
+        argv += ["--content-cache-bytes", str(args.content_cache_bytes)]
     return argv
 
 
@@ -92,9 +96,19 @@ def main(argv: list[str] | None = None) -> int:
             os.write(args.ready_fd, b"1")
             os.close(args.ready_fd)
 
+    death_noticed = args.death_noticed
+    if args.spare_fd is not None:
+        # Locked before it waits: swapped out to the mount it is to serve, a
+        # spare could not start when that mount's daemon dies.
+        harden(config)
+        with os.fdopen(args.spare_fd, "rb") as go:
+            line = go.readline()
+        if not line:
+            return 0  # the standby is gone, or the mount ended: not needed
+        death_noticed = float(line)
     try:
         run(config, ready, restart_args(args, config.state, config.mountpoint),
-            (adopt, kept_by) if adopt else None, args.death_noticed)
+            (adopt, kept_by) if adopt else None, death_noticed)
     except Exception as exc:
         log.error("%s", exc)
         return 1

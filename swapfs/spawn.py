@@ -17,9 +17,38 @@ class NotReady(Exception):
     """The process exited or timed out before it said it was ready."""
 
 
-def start_ready(command: list[str], log_path: Path, timeout: float,
-                pass_fds: tuple[int, ...] = ()) -> int:
-    """Run *command* ``--ready-fd N`` with output to *log_path*; its pid once ready."""
+class Starting:
+    """A process started with ``--ready-fd``, not yet known to be ready."""
+
+    def __init__(self, process: subprocess.Popen[bytes], ready_fd: int, log_path: Path) -> None:
+        self.process = process
+        self.ready_fd = ready_fd
+        self.log_path = log_path
+
+    def wait_ready(self, timeout: float) -> int:
+        """The pid once the process says it is ready; NotReady (and the process
+        killed) if it exits or *timeout* seconds pass first."""
+        try:
+            readable, _, _ = select.select([self.ready_fd], [], [], timeout)
+            ready = bool(readable) and os.read(self.ready_fd, 1) == b"1"
+        finally:
+            os.close(self.ready_fd)
+        if not ready:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace").splitlines()[-5:]
+            raise NotReady(f"exit {self.process.returncode}; {self.log_path}:\n  "
+                           + "\n  ".join(tail))
+        return self.process.pid
+
+    def stop(self) -> None:
+        """Kill it (if it still runs) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> Starting:
+    """Run *command* ``--ready-fd N`` in a session of its own, output to *log_path*."""
     read_end, write_end = os.pipe()
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
@@ -28,15 +57,10 @@ def start_ready(command: list[str], log_path: Path, timeout: float,
             start_new_session=True,
         )
     os.close(write_end)
-    try:
-        readable, _, _ = select.select([read_end], [], [], timeout)
-        ready = bool(readable) and os.read(read_end, 1) == b"1"
-    finally:
-        os.close(read_end)
-    if not ready:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        tail = log_path.read_text(errors="replace").splitlines()[-5:]
-        raise NotReady(f"exit {process.returncode}; {log_path}:\n  " + "\n  ".join(tail))
-    return process.pid
+    return Starting(process, read_end, log_path)
+
+
+def start_ready(command: list[str], log_path: Path, timeout: float,
+                pass_fds: tuple[int, ...] = ()) -> int:
+    """:func:`start`, then wait until it is ready; its pid."""
+    return start(command, log_path, pass_fds).wait_ready(timeout)
