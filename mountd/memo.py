@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 _LENGTH = struct.Struct("<I")
 _MAX_RECORD = 1 << 24
 
@@ -66,7 +68,20 @@ class ConnectionMemo:
         data = record.encode()
         os.pwrite(self.fd, _LENGTH.pack(len(data)) + data, 0)
 
-    def set_open(self, open_files: dict[int, int]) -> None:
-        """Record the open count of every file; called on each open and release."""
+    def set_open(self, open_files: dict[int, int], released: bool) -> None:
+        """Record the open count of every file; called on each open and release.
+
+        A takeover re-executes the requests the dead daemon had not answered,
+        so an open or release caught by a death must be recorded on the side
+        that is safe to repeat: a count too high only keeps an unlinked file
+        until the next fresh mount, a count too low would purge it while a
+        descriptor still reads it. So an open is saved before its reply (a
+        resent open counts twice), and a release only after its reply has
+        gone: saved from the trio loop's next turn, it is never undone by a
+        resend, and a death before it leaves the higher count.
+        """
         self.open_files = dict(open_files)
-        self.save()
+        if released:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.save)
+        else:
+            self.save()

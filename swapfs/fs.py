@@ -65,7 +65,8 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, volume: Volume, open_files: dict[int, int] | None = None,
-                 on_open_change: Callable[[dict[int, int]], None] | None = None) -> None:
+                 on_open_change: Callable[[dict[int, int], bool], None] | None = None
+                 ) -> None:
         """*open_files* (ino -> open count) is what a daemon that took over the
         connection inherits from the dead one; *on_open_change* is told each
         change, so that the next one can inherit it in turn."""
@@ -111,7 +112,7 @@ class Operations(pyfuse3.Operations):
         else:
             self._open.pop(ino, None)
         if self._on_open_change is not None:
-            self._on_open_change(self._open)
+            self._on_open_change(self._open, change < 0)
         return left
 
     # -- names ------------------------------------------------------------------
