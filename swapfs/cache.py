@@ -14,11 +14,13 @@ the store keeps every block: dropping one loses nothing. Design, figures
 and the choice of policy: ``docs/caches.md``.
 
 **Admission** on the second miss within a window of recently missed keys
-(twice the slots, at least 1024): swap-in reads most pages once, and those
+(the last one to two generations of misses, a generation being as many
+keys as slots, at least 1024): swap-in reads most pages once, and those
 would only push out the pages that come back. **Eviction** is least
-recently used. **Heat** counts reads with a decay: every ``len(slots)``
-look-ups (at least 1024) an era ends and every heat halves, lazily (an
-entry's heat is shifted right by the eras since it was last read).
+recently used; the evicted block's entry and slot take the admitted one.
+**Heat** counts reads with a decay: every ``len(slots)`` look-ups (at
+least 1024) an era ends and every heat halves, lazily (an entry's heat is
+shifted right by the eras since it was last read).
 """
 
 from collections import Counter, OrderedDict
@@ -71,10 +73,12 @@ class BlockCache:
 
     def __init__(self, slots: Iterable[int] = ()) -> None:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recent first
-        self._ghosts: OrderedDict[bytes, None] = OrderedDict()  # recently missed keys
+        # The admission window: keys missed once, this generation and the one before.
+        self._missed: set[bytes] = set()
+        self._missed_before: set[bytes] = set()
+        self._generation = _MIN_WINDOW  # keys per generation
         self._slots: list[int] = []
         self._free: list[int] = []
-        self._chain_blocks: Counter[bytes] = Counter()  # chain id (4 bytes) -> blocks
         self._era = 0
         self._era_left = self._era_length = _MIN_WINDOW
         self.hits = self.misses = self.admissions = self.evictions = 0
@@ -89,13 +93,17 @@ class BlockCache:
         live = set(self._slots)
         for key, block in list(self._blocks.items()):
             if block.slot not in live:
-                self._drop(key)
+                del self._blocks[key]
                 self.revocations += 1
         taken = {block.slot for block in self._blocks.values()}
         self._free = [slot for slot in reversed(self._slots) if slot not in taken]
-        self._era_length = max(_MIN_WINDOW, len(self._slots))
+        self._era_length = self._generation = max(_MIN_WINDOW, len(self._slots))
 
     # -- the read path's side ----------------------------------------------------------
+    #
+    # A miss costs get() (the era's countdown, one dictionary look-up) and
+    # offer() (one look-up in each generation of the window, and a set.add).
+    # Heat and owners are touched on hits and admissions only.
 
     def get(self, key: bytes, ino: int = 0) -> bytes | None:
         """The block's data if it is cached (a hit warms it), else None."""
@@ -119,36 +127,31 @@ class BlockCache:
         """A block just read from the store and verified: admit it on its second miss."""
         if not self._slots or key in self._blocks:
             return
-        if key not in self._ghosts:
-            self._ghosts[key] = None
-            if len(self._ghosts) > max(_MIN_WINDOW, 2 * len(self._slots)):
-                self._ghosts.popitem(last=False)
+        if key in self._missed:
+            self._missed.remove(key)
+        elif key in self._missed_before:
+            self._missed_before.remove(key)
+        else:  # a first miss: remember it for one to two generations
+            self._missed.add(key)
+            if len(self._missed) >= self._generation:
+                self._missed_before, self._missed = self._missed, set()
             return
-        del self._ghosts[key]
-        if not self._free:
-            self._drop(next(iter(self._blocks)))
+        owners = (ino,) if ino else ()
+        if self._free:
+            self._blocks[key] = _Block(data, self._free.pop(), 1, self._era, owners)
+        else:  # the least recent block makes way: its entry and slot take this one
+            _, block = self._blocks.popitem(last=False)
+            block.data, block.heat, block.era, block.owners = data, 1, self._era, owners
+            self._blocks[key] = block
             self.evictions += 1
-        self._put(key, data, 1, (ino,) if ino else ())
         self.admissions += 1
 
     def insert(self, key: bytes, data: bytes, heat: int, owners: tuple[int, ...]) -> bool:
         """Put a verified block in a free slot (warming): False if none is free."""
         if key in self._blocks or not self._free:
             return False
-        self._put(key, data, heat, owners[:MAX_OWNERS])
+        self._blocks[key] = _Block(data, self._free.pop(), heat, self._era, owners[:MAX_OWNERS])
         return True
-
-    def _put(self, key: bytes, data: bytes, heat: int, owners: tuple[int, ...]) -> None:
-        self._blocks[key] = _Block(data, self._free.pop(), heat, self._era, owners)
-        self._chain_blocks[key[:4]] += 1
-
-    def _drop(self, key: bytes) -> None:
-        block = self._blocks.pop(key)
-        self._free.append(block.slot)
-        chain = key[:4]
-        self._chain_blocks[chain] -= 1
-        if not self._chain_blocks[chain]:
-            del self._chain_blocks[chain]
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
@@ -182,6 +185,7 @@ class BlockCache:
         return found
 
     def stats(self) -> dict[str, Any]:
+        chains = Counter(key[:4] for key in self._blocks)
         return {
             "capacity_bytes": self.capacity_bytes,
             "used_bytes": len(self._blocks) * BLOCK_SIZE,
@@ -190,7 +194,8 @@ class BlockCache:
             "admissions": self.admissions,
             "evictions": self.evictions,
             "revocations": self.revocations,
-            # chain id -> bytes; Volume.stats names the chains.
+            # chain id -> bytes, counted here rather than on every admission and
+            # eviction; Volume.stats names the chains.
             "chains": {int.from_bytes(chain, "big"): count * BLOCK_SIZE
-                       for chain, count in sorted(self._chain_blocks.items())},
+                       for chain, count in sorted(chains.items())},
         }

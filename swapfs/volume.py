@@ -422,14 +422,13 @@ class Volume:
     def _load(self, txn: Txn, ino: int, chain: Chain, digest: bytes) -> bytes:
         """A block's verified data: from the first cache that has it, else from
         the store (and then offered to every cache, which decides to admit it)."""
-        caches = self._caches
-        if not caches:
+        if not self._caches:
             return _load(self.store, txn, chain, digest)
-        key = cache_key(chain.id_, digest)
+        key = cache_key(chain.id_, digest)  # built once, used by every cache
         data = self._cached(key, ino)
         if data is None:
             data = _load(self.store, txn, chain, digest)
-            for cache in caches:
+            for cache in self._caches:
                 cache.offer(key, data, ino)
         return data
 
@@ -439,19 +438,20 @@ class Volume:
         others from the store, reading runs of consecutive slots at once."""
         caches = self._caches
         datas: list[bytes] = [b""] * len(digests)
-        misses = []  # (position, digest, slot)
+        misses = []  # (position, digest, cache key or b"" without caches, slot)
         for position, digest in enumerate(digests):
-            hit = self._cached(cache_key(chain.id_, digest), ino) if caches else None
+            key = cache_key(chain.id_, digest) if caches else b""
+            hit = self._cached(key, ino) if caches else None
             if hit is None:
-                misses.append((position, digest, _block(txn, chain.id_, digest).slot))
+                misses.append((position, digest, key, _block(txn, chain.id_, digest).slot))
             else:
                 datas[position] = hit
-        read = self.store.read_many(chain.id_, [slot for _, _, slot in misses])
-        for (position, digest, slot), data in zip(misses, read, strict=True):
+        read = self.store.read_many(chain.id_, [slot for *_, slot in misses])
+        for (position, digest, key, slot), data in zip(misses, read, strict=True):
             _verify(chain, slot, digest, data)
             datas[position] = data
             for cache in caches:
-                cache.offer(cache_key(chain.id_, digest), data, ino)
+                cache.offer(key, data, ino)
         return datas
 
     def _cached(self, key: bytes, ino: int) -> bytes | None:

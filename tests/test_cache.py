@@ -62,6 +62,38 @@ def test_figures_follow_a_known_sequence_of_reads() -> None:
     assert stats["chains"] == {1: 2 * BS}
 
 
+def test_the_admission_window_holds_one_to_two_generations_of_misses() -> None:
+    cache = BlockCache(range(4))  # a generation is 1024 keys (the minimum)
+    cache.offer(key(0), b"a" * BS)
+    for number in range(1, 1024):  # the first generation fills
+        cache.offer(key(number), b"b" * BS)
+    cache.offer(key(0), b"a" * BS)  # still remembered: admitted
+    assert key(0) in cache
+    cache.offer(key(5000), b"c" * BS)
+    for number in range(5001, 5001 + 2048):  # two generations of other misses
+        cache.offer(key(number), b"d" * BS)
+    cache.offer(key(5000), b"c" * BS)  # forgotten: a first miss again
+    assert key(5000) not in cache and cache.stats()["admissions"] == 1
+
+
+def test_an_admission_into_a_full_cache_takes_the_evicted_slot() -> None:
+    cache = BlockCache([7, 9])
+    admit(cache, 1)
+    admit(cache, 2)
+    for number in range(3, 6):  # each evicts the least recent
+        admit(cache, number)
+        assert len(cache) == 2 and cache.free_blocks == 0
+    assert key(3) not in cache and cache.get(key(5)) == bytes([5]) * BS
+    assert sorted(block.slot for block in cache._blocks.values()) == [7, 9]
+    cache.set_slots([9])  # the block in slot 7 goes, the one in slot 9 stays
+    assert len(cache) == 1 and cache.revocations == 1 and cache.free_blocks == 0
+    other = cache_key(2, (1).to_bytes(16, "big"))
+    cache.set_slots([9, 11])
+    for _ in range(2):
+        cache.offer(other, b"o" * BS)
+    assert cache.stats()["chains"] == {1: BS, 2: BS}
+
+
 def test_heat_counts_reads_and_halves_each_era() -> None:
     cache = BlockCache(range(4))
     admit(cache, 1, ino=10)
