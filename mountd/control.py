@@ -220,11 +220,16 @@ class ControlServer:
                     return
 
     async def _attach(self, stream: trio.SocketStream, session: Session) -> None:
-        """Answer ``keeper.attach``: the reply carries the descriptors."""
+        """Answer ``keeper.attach``: the reply carries the descriptors.
+
+        Only on the host's Unix socket (root only, mode 0600): a driver on
+        vsock, inside a guest, never gets near the connection."""
         sock = stream.socket
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        peer_pid = _UCRED.unpack(creds)[0]
         try:
+            if sock.family != socket.AF_UNIX:
+                raise SwapfsError(errno.EPERM, "keeper.attach is for the host's Unix socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            peer_pid = _UCRED.unpack(creds)[0]
             fds = self.attach_keeper(peer_pid)
         except SwapfsError as exc:
             await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})
@@ -232,7 +237,8 @@ class ControlServer:
         session.keeper_pid = peer_pid
         reply = json.dumps({"ok": True, **self.status({})}).encode() + b"\n"
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        await sock.sendmsg([reply], ancillary)
+        with contextlib.suppress(OSError):  # a standby gone already: it detaches below
+            await sock.sendmsg([reply], ancillary)
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
                     = trio.TASK_STATUS_IGNORED) -> None:
