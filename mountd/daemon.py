@@ -100,6 +100,8 @@ async def _watch_signals(ops: Operations) -> None:
 
 #: ((fuse descriptor, memo descriptor), "standby" or "systemd")
 Adoption = tuple[tuple[int, int], str]
+#: (pid, pidfd) of the standby that started this daemon (keeper.watch_standby)
+Standby = tuple[int, int]
 
 
 class Link:
@@ -118,6 +120,8 @@ class Link:
         self.takeover = takeover  # the last takeover of this connection, if this daemon made it
         self.keeper: str | None = None
         self.keeper_pid: int | None = None
+        #: The pidfd of the standby that started this daemon, until it attaches or dies.
+        self.keeper_pidfd: int | None = None
         self.restart_argv: list[str] = []
         self.lease: Lease | None = None
         self.warm_plan: CacheKeeper | None = None  # whose last_plan status shows
@@ -147,7 +151,7 @@ class Link:
 
 
 def _connect(config: Config, socket_path: str, adopt: Adoption | None,
-             death_noticed: float | None) -> Link:
+             death_noticed: float | None, standby: Standby | None = None) -> Link:
     """Mount, or take over the connection a dead daemon left to a keeper."""
     assert config.mountpoint is not None
     if adopt is not None:
@@ -160,7 +164,12 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
             "number": memo.takeovers})
         link.keeper = kept_by
         if kept_by == "standby":
-            link.keeper_pid = os.getppid()
+            if standby is None:
+                log.warning("the standby that started this daemon is gone: nothing keeps "
+                            "the connection, and a daemon failure now ends the mount")
+                link.keeper = None
+            else:
+                link.keeper_pid, link.keeper_pidfd = standby
         log.info("taking over the connection of %s (takeover %d)",
                  config.mountpoint, memo.takeovers)
         return link
@@ -236,6 +245,14 @@ def _fence(volume: Volume, link: Link) -> None:
     volume.index.fence(f"the lease on {volume.state} is lost")
 
 
+async def _watch_standby(control: ControlServer, pid: int, pidfd: int) -> None:
+    """Let go of the standby that started this daemon when it dies, attached
+    or not: a dead keeper must not block the next one nor keep a failed
+    daemon from unmounting."""
+    await trio.lowlevel.wait_readable(pidfd)
+    control.detach_keeper(pid)
+
+
 async def _fuse_loop(done: trio.CancelScope) -> None:
     await pyfuse3.main()
     done.cancel()
@@ -254,6 +271,8 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
+        if link.keeper_pidfd is not None and link.keeper_pid is not None:
+            nursery.start_soon(_watch_standby, control, link.keeper_pid, link.keeper_pidfd)
         if link.lease is not None:
             nursery.start_soon(lease.keep_renewed, link.lease,
                                lambda: _fence(control.volume, link))
@@ -268,14 +287,16 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
 
 
 def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
-        adopt: Adoption | None = None, death_noticed: float | None = None) -> None:
+        adopt: Adoption | None = None, death_noticed: float | None = None,
+        standby: Standby | None = None) -> None:
     """Mount (or take over a kept connection), serve until unmounted or
     signalled, then close everything.
 
     *restart_argv* starts a daemon like this one (a standby adds what it
     adopts); *adopt* is the (fuse, memo) descriptors a standby or systemd
     passed, and which of the two;
-    *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die.
+    *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die;
+    *standby* the standby that passed *adopt*, None if it is gone already.
     """
     assert config.state is not None and config.mountpoint is not None
     if not hasattr(pyfuse3.Operations, "fallocate"):
@@ -283,7 +304,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                     "(install swapfs with tools/setup.sh; see docs/pyfuse3-patch.md)")
     protections = harden(config)
     socket_path = config.control_socket or control_socket_path(config.state)
-    link = _connect(config, socket_path, adopt, death_noticed)
+    link = _connect(config, socket_path, adopt, death_noticed, standby)
     link.restart_argv = restart_argv
     link.state, link.lease_seconds = config.state, config.lease_seconds
     clean_exit = False
@@ -336,3 +357,5 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             fusedev.unmount(config.mountpoint)
         if link.memo is not None:
             os.close(link.memo.fd)
+        if link.keeper_pidfd is not None:
+            os.close(link.keeper_pidfd)

@@ -74,11 +74,23 @@ def unmount(mountpoint: str) -> None:
 
 def read_init(fd: int) -> bytes:
     """Read the connection's first request, which the kernel makes its INIT."""
-    request = os.read(fd, _READ_SIZE)
+    return check_init(os.read(fd, _READ_SIZE))
+
+
+def check_init(request: bytes) -> bytes:
+    """*request* if it is one whole ``FUSE_INIT`` request; FuseDeviceError if not.
+
+    libfuse takes whatever it is handed for the INIT: anything else leaves
+    its session uninitialised, and it answers every later request EIO.
+    """
     if len(request) < _IN_HEADER.size + _INIT_IN.size:
-        raise FuseDeviceError(errno.EPROTO, f"short first request ({len(request)} bytes)")
-    if _IN_HEADER.unpack_from(request)[1] != FUSE_INIT:
-        raise FuseDeviceError(errno.EPROTO, "the first request is not FUSE_INIT")
+        raise FuseDeviceError(errno.EPROTO, f"short INIT request ({len(request)} bytes)")
+    length, opcode = _IN_HEADER.unpack_from(request)[:2]
+    if opcode != FUSE_INIT:
+        raise FuseDeviceError(errno.EPROTO, f"request {opcode} is not FUSE_INIT")
+    if length != len(request):
+        raise FuseDeviceError(errno.EPROTO, f"the INIT request says {length} bytes "
+                                            f"and holds {len(request)}")
     return request
 
 

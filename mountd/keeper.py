@@ -72,3 +72,23 @@ def send_fds(sock: socket.socket, data: bytes, fds: list[int],
         sock.sendmsg([data], ancillary)
     else:
         sock.sendmsg([data], ancillary, 0, address)
+
+
+def watch_standby(pid: int) -> int | None:
+    """A pidfd of the standby *pid* that started this daemon; None if it is gone.
+
+    A standby may die after it started a daemon and before it attached to
+    it (``keeper.attach``), and then no control connection ends to tell the
+    daemon. The standby is this process's parent: the pidfd is opened, then
+    the parent checked. Still *pid*, the pidfd names that standby (a parent's
+    pid is not reused while its child lives); otherwise the standby died and
+    this process was reparented.
+    """
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if os.getppid() != pid:
+        os.close(pidfd)
+        return None
+    return pidfd

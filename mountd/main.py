@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write one byte to this fd once the mount serves")
     parser.add_argument("--adopt-fds", help=argparse.SUPPRESS)  # FUSE,MEMO: from a standby
     parser.add_argument("--death-noticed", type=float, help=argparse.SUPPRESS)
+    # The standby that passes --adopt-fds: this process's parent, its keeper.
+    parser.add_argument("--keeper-pid", type=int, help=argparse.SUPPRESS)
     # A spare: everything loaded, it waits on this pipe for the death time.
     parser.add_argument("--spare-fd", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     assert config.state is not None and config.mountpoint is not None
     config.state = config.state.resolve()
     adopt, kept_by = _adopted(args.adopt_fds), "standby"
+    standby = None
+    if adopt is not None:
+        # Now, before a spare waits: its standby may die at any time after.
+        standby_pid = args.keeper_pid if args.keeper_pid is not None else os.getppid()
+        pidfd = keeper.watch_standby(standby_pid)
+        standby = None if pidfd is None else (standby_pid, pidfd)
     if adopt is None:
         adopt, kept_by = keeper.from_systemd(), "systemd"
     if adopt is None:
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         death_noticed = float(line)
     try:
         run(config, ready, restart_args(args, config.state, config.mountpoint),
-            (adopt, kept_by) if adopt else None, death_noticed)
+            (adopt, kept_by) if adopt else None, death_noticed, standby)
     except Exception as exc:
         log.error("%s", exc)
         return 1

@@ -21,6 +21,8 @@ from typing import Any
 
 import trio
 
+from mountd import fusedev
+
 _LENGTH = struct.Struct("<I")
 _MAX_RECORD = 1 << 24
 
@@ -56,11 +58,17 @@ class ConnectionMemo:
         raw = os.pread(fd, length, _LENGTH.size)
         try:
             record: dict[str, Any] = json.loads(raw)
-            return cls(fd, bytes.fromhex(record["init"]),
+            init = bytes.fromhex(record["init"])
+            memo = cls(fd, init,
                        {int(ino): int(count) for ino, count in record["open"].items()},
                        int(record["takeovers"]))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MemoError(f"connection memo is not readable: {exc}") from exc
+        try:
+            fusedev.check_init(init)
+        except fusedev.FuseDeviceError as exc:
+            raise MemoError(f"connection memo holds no usable INIT: {exc.strerror}") from exc
+        return memo
 
     def save(self) -> None:
         record = json.dumps({"init": self.init.hex(), "takeovers": self.takeovers,

@@ -145,7 +145,8 @@ class Spare:
     def __init__(self, status: dict[str, Any], fuse_fd: int, memo_fd: int) -> None:
         go_read, self._go = os.pipe()
         command = [sys.executable, "-m", "mountd", *status["restart_argv"],
-                   "--adopt-fds", f"{fuse_fd},{memo_fd}", "--spare-fd", str(go_read)]
+                   "--adopt-fds", f"{fuse_fd},{memo_fd}", "--keeper-pid", str(os.getpid()),
+                   "--spare-fd", str(go_read)]
         try:
             self._starting = spawn.start(command, Path(status["state"]) / "daemon.log",
                                          (fuse_fd, memo_fd, go_read))
@@ -177,7 +178,8 @@ class Spare:
 def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: float) -> None:
     """Start a daemon that adopts the connection from scratch; return once it serves."""
     command = [sys.executable, "-m", "mountd", *status["restart_argv"],
-               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--death-noticed", repr(noticed)]
+               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--keeper-pid", str(os.getpid()),
+               "--death-noticed", repr(noticed)]
     _start(command, Path(status["state"]) / "daemon.log", (fuse_fd, memo_fd))
 
 

@@ -510,7 +510,10 @@ async def keep_renewed(lease: Lease, on_lost: Callable[[], None], *,
     """
     guard = lease.duration / 3 if guard is None else guard
     retry = lease.duration / 10 if retry is None else retry
-    next_at = time.monotonic() + lease.renew_interval
+    # The lease counts from before acquire's settle delay, so it may hold for
+    # less than its duration already: renew once a third of it is used.
+    next_at = time.monotonic() + max(lease.valid_for() - (lease.duration - lease.renew_interval),
+                                     0.0)
     while True:
         await trio.sleep(max(next_at - time.monotonic(), 0.0))
         renewed = False

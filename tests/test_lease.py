@@ -476,3 +476,21 @@ def test_a_standby_in_another_mount_namespace_takes_over(tmp_path: Path) -> None
     assert info is not None and info.host == "host-b" and info.generation == 2
     with pytest.raises(LeaseLost, match="host-b"):
         primary.renew()
+
+
+def test_a_lease_that_settled_long_is_renewed_at_once(state: Path) -> None:
+    """The lease counts from before the settle delay: with a short duration,
+    the first renewal must come sooner than a third of it after acquire, or
+    the guard fences a holder that nothing failed (lease_seconds 5 and the
+    2 s settle did, at its first renewal)."""
+    held = acquire(state, 3.0, settle=1.2)
+    lost: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_renewed, held, lambda: lost.append(time.monotonic()))
+            await trio.sleep(2.5)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not lost and held.valid_for() > 0

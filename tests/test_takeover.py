@@ -30,6 +30,7 @@ from tests.mounting import (
     BLOCK,
     Mount,
     alive,
+    daemon_log_tail,
     is_mounted,
     lazy_unmount,
     mounted,
@@ -327,3 +328,65 @@ def test_the_standby_locks_its_memory_like_the_daemon(mount: Mount) -> None:
         if line.startswith("VmLck:"):
             locked_kib = int(line.split()[1])
     assert (locked_kib > 0) == mount.status()["memory_locked"]
+
+
+#: Starts a daemon the way a standby does, waits until it serves, and exits
+#: without attaching: a standby killed between the two. (Without
+#: --keeper-pid the daemon takes its parent for its standby.)
+_STANDBY_DIES_AFTER_START = """
+import sys
+from pathlib import Path
+from swapfs import spawn
+spawn.start_ready(sys.argv[2:], Path(sys.argv[1]), 30, (3, 4))
+"""
+
+
+@pytest.mark.parametrize("dies", ["before the daemon starts", "before it attaches"])
+def test_a_standby_that_dies_mid_takeover_leaves_no_keeper(mount: Mount, dies: str) -> None:
+    """A dead standby must not stay the keeper: it would refuse every next
+    standby (EBUSY) and keep a failing daemon from unmounting."""
+    from mountd.standby import attach
+
+    mount.path("c").mkdir()
+    mount.path("c", "f").write_bytes(b"z" * BLOCK)
+    socket_path = str(mount.state / "control.sock")
+    # This test holds the connection as a standby would, and never does I/O on it.
+    status, fuse_fd, memo_fd, link = attach(socket_path)
+    try:
+        assert mount.pid is not None
+        os.kill(mount.pid, signal.SIGKILL)
+        assert wait_until(lambda: not alive(status["pid"]))
+        link.close()
+        command = [sys.executable, "-m", "mountd", *status["restart_argv"],
+                   "--adopt-fds", "3,4"]
+
+        def as_fds_3_and_4() -> None:
+            os.dup2(fuse_fd, 3)
+            os.dup2(memo_fd, 4)
+
+        if dies == "before the daemon starts":  # sh starts it in the background and exits
+            starter = ["sh", "-c", '"$@" --keeper-pid $$ </dev/null >>"$0" 2>&1 &',
+                       str(mount.state / "daemon.log"), *command]
+        else:
+            starter = [sys.executable, "-c", _STANDBY_DIES_AFTER_START,
+                       str(mount.state / "daemon.log"), *command]
+        subprocess.run(starter, check=True, timeout=30, pass_fds=(3, 4),
+                       preexec_fn=as_fds_3_and_4, stdin=subprocess.DEVNULL)
+
+        def serving() -> bool:
+            try:
+                pid = control.request(socket_path, {"op": "status"}, timeout=5)["pid"]
+            except control.ControlError:
+                return False
+            return bool(pid != status["pid"])
+
+        assert wait_until(serving, 30), daemon_log_tail(mount)
+    finally:
+        os.close(fuse_fd)
+        os.close(memo_fd)
+    mount.pid = mount.status()["pid"]
+    assert wait_until(lambda: mount.status()["keeper"] is None), mount.status()
+    # The next standby is welcome, and keeps the mount through a death.
+    mount.start_standby()
+    mount.kill_for_takeover()
+    assert mount.path("c", "f").read_bytes() == b"z" * BLOCK

@@ -1,0 +1,67 @@
+"""The connection memo: what it keeps, and what a new daemon refuses to load.
+
+A damaged memo must fail the takeover with a clear error: libfuse takes any
+bytes for the INIT it replays, and a session fed anything but an INIT
+request answers every later request EIO while the daemon reports it serves.
+"""
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from mountd import fusedev
+from mountd.memo import ConnectionMemo, MemoError
+
+
+def init_request(extra: bytes = b"") -> bytes:
+    """A FUSE_INIT request as the kernel sends it (protocol 7.40)."""
+    body = struct.pack("<IIIII", 7, 40, 131072, 0, 0) + extra
+    return struct.pack("<IIQQIIII", 40 + len(body), fusedev.FUSE_INIT, 2, 0, 0, 0, 0, 0) + body
+
+
+@pytest.fixture
+def memfd() -> Iterator[int]:
+    fd = os.memfd_create("test-memo", os.MFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+def write_record(fd: int, record: dict[str, object]) -> None:
+    data = json.dumps(record).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, struct.pack("<I", len(data)) + data, 0)
+
+
+def test_a_memo_reads_back() -> None:
+    memo = ConnectionMemo.create(init_request(b"\0" * 44))
+    try:
+        memo.open_files = {5: 2}
+        memo.takeovers = 3
+        memo.save()
+        loaded = ConnectionMemo.load(memo.fd)
+        assert (loaded.init, loaded.open_files, loaded.takeovers) == (memo.init, {5: 2}, 3)
+    finally:
+        os.close(memo.fd)
+
+
+@pytest.mark.parametrize("init, why", [
+    (init_request()[:20], "short INIT request"),
+    (bytes(len(init_request())), "is not FUSE_INIT"),
+    (init_request() + b"\0" * 8, "says 60 bytes and holds 68"),
+], ids=["short", "not-init", "wrong-length"])
+def test_a_damaged_init_is_refused(memfd: int, init: bytes, why: str) -> None:
+    write_record(memfd, {"init": init.hex(), "open": {}, "takeovers": 0})
+    with pytest.raises(MemoError, match=why):
+        ConnectionMemo.load(memfd)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x10\0\0\0{\"in", b"\xff\xff\xff\xff",
+                                 struct.pack("<I", 2) + b"[]"],
+                         ids=["empty", "truncated", "too-long", "not-an-object"])
+def test_a_damaged_record_is_refused(memfd: int, raw: bytes) -> None:
+    os.pwrite(memfd, raw, 0)
+    with pytest.raises(MemoError):
+        ConnectionMemo.load(memfd)
