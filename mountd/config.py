@@ -110,6 +110,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
                               f"valid: {', '.join(STRATEGIES)}")
     if len(set(config.failover_strategies)) != len(config.failover_strategies):
         raise ConfigError("failover_strategies names a strategy twice")
-    if config.lease_seconds != 0 and not 1 <= config.lease_seconds <= 86400:
-        raise ConfigError("lease_seconds must be 0 (no lease) or within 1..86400 seconds")
+    if config.lease_seconds != 0 and not 4 <= config.lease_seconds <= 86400:
+        # Under 4 s the 2 s settle of a claim leaves less than the renewal
+        # guard (a third of the lease): the daemon would fence itself at once.
+        raise ConfigError("lease_seconds must be 0 (no lease) or within 4..86400 seconds")
     return config

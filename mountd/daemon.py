@@ -157,11 +157,9 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
     if adopt is not None:
         (fuse_fd, memo_fd), kept_by = adopt
         memo = ConnectionMemo.load(memo_fd)
-        memo.takeovers += 1
-        memo.save()
         link = Link(config.mountpoint, fuse_fd, memo, {
             "kind": "connection", "at": time.time(), "noticed": death_noticed,
-            "number": memo.takeovers})
+            "number": memo.takeovers + 1})
         link.keeper = kept_by
         if kept_by == "standby":
             if standby is None:
@@ -171,7 +169,7 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
             else:
                 link.keeper_pid, link.keeper_pidfd = standby
         log.info("taking over the connection of %s (takeover %d)",
-                 config.mountpoint, memo.takeovers)
+                 config.mountpoint, memo.takeovers + 1)
         return link
     if "init_request" not in (pyfuse3.init.__doc__ or ""):
         log.warning("this pyfuse3 cannot take an INIT request: libfuse mounts, and this "
@@ -310,7 +308,12 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     clean_exit = False
     try:
         volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
-                        claim=link.claim_lease if config.lease_seconds else None)
+                        claim=link.claim_lease if config.lease_seconds else None,
+                        create=link.takeover is None)
+        if link.takeover is not None and link.memo is not None:
+            link.memo.takeovers += 1  # counted once the state is open: failed starts do not
+            link.memo.save()
+            link.takeover["number"] = link.memo.takeovers
         try:
             # The caches live in this process's memory, locked with the rest by harden().
             cache = TransientCache(config.transient_cache_max_bytes)

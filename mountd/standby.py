@@ -79,7 +79,10 @@ def attach(socket_path: str) -> tuple[dict[str, Any], int, int, socket.socket]:
     except OSError as exc:
         sock.close()
         raise StandbyError(f"cannot reach the daemon at {socket_path}: {exc}") from exc
-    reply = json.loads(data) if data else {"ok": False, "error": "the daemon hung up"}
+    try:
+        reply = json.loads(data) if data else {"ok": False, "error": "the daemon hung up"}
+    except ValueError:
+        reply = {"ok": False, "error": "the daemon's reply was not JSON"}
     if not reply.get("ok") or len(fds) != 2:
         sock.close()
         for fd in fds:

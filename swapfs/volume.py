@@ -56,6 +56,7 @@ from swapfs.transient import TransientCache
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+INDEX_NAME = "index.lmdb"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -70,7 +71,7 @@ class Volume:
 
     def __init__(self, state: Path, recover: bool = True,
                  still_open: Collection[int] = (),
-                 claim: Callable[[], None] | None = None) -> None:
+                 claim: Callable[[], None] | None = None, create: bool = True) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -79,20 +80,25 @@ class Volume:
         *recover* so that it sees the state exactly as left. *claim* runs
         once this process holds the state's flock and before its first
         write: where the state is shared between hosts, it takes the lease.
+        Without *create*, a state with no index is an error (ENOENT): a
+        daemon taking over a live mount must serve the state the kernel
+        knows, never a new, empty one.
         """
+        if not create and not (state / INDEX_NAME / "data.mdb").is_file():
+            raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
         state.mkdir(parents=True, exist_ok=True)
         self.state = state
         self._lock_fd = _lock_state(state)
         try:
             if claim is not None:
                 claim()
-            self.index = Index(state / "index.lmdb")
+            self.index = Index(state / INDEX_NAME)
             self.store = BlockStore(state / "data")
             #: The read caches, asked in this order before the store (use_caches).
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
             self._caches: tuple[BlockCache, ...] = ()
-            self._format()
+            self._format(create)
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
@@ -120,13 +126,15 @@ class Volume:
 
     # -- set-up ---------------------------------------------------------------
 
-    def _format(self) -> None:
+    def _format(self, create: bool) -> None:
         with self.index.begin(write=True) as txn:
             version = txn.get_meta(b"format")
             if version == FORMAT_VERSION:
                 return
             if version is not None:
                 raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
+            if not create:
+                raise SwapfsError(errno.ENOENT, f"{self.state} holds an empty swapfs index")
             txn.put_meta(b"format", FORMAT_VERSION)
             txn.put_meta(b"next_ino", ROOT_INO + 1)
             txn.put_meta(b"next_chain", 1)

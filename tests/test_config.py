@@ -45,8 +45,8 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["share", "share"]\n',
      "names a strategy twice"),
     ('state = "/s"\nmountpoint = "/m"\nlease_seconds = "10"\n', "lease_seconds must be a number"),
-    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 0.5\n', "or within 1..86400"),
-    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 1e6\n', "or within 1..86400"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 3\n', "or within 4..86400"),
+    ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 1e6\n', "or within 4..86400"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
@@ -76,8 +76,8 @@ def test_lease_seconds_defaults_to_none_and_takes_a_fraction(tmp_path: Path) -> 
     path = tmp_path / "a.toml"
     path.write_text('state = "/s"\nmountpoint = "/m"\n')
     assert load(path, {}).lease_seconds == 0
-    path.write_text('state = "/s"\nmountpoint = "/m"\nlease_seconds = 2.5\n')
-    assert load(path, {}).lease_seconds == 2.5
+    path.write_text('state = "/s"\nmountpoint = "/m"\nlease_seconds = 4.5\n')
+    assert load(path, {}).lease_seconds == 4.5
 
 
 def test_journal_lines_carry_syslog_priorities() -> None:

@@ -13,6 +13,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 from swapfs.blocks import BLOCK_SIZE, MAX_FILE_SIZE
@@ -733,3 +734,17 @@ def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
     assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
     Volume(state_dir).close()
     assert data_file.stat().st_blocks * 512 == 2 * BLOCK_SIZE
+
+
+def test_a_takeover_never_creates_a_new_state(tmp_path: Path) -> None:
+    """Without *create*, a missing or empty index is ENOENT, never a new state."""
+    with pytest.raises(SwapfsError) as missing:
+        Volume(tmp_path / "none", create=False)
+    assert missing.value.errno == errno.ENOENT and not (tmp_path / "none").exists()
+    (tmp_path / "empty" / "index.lmdb").mkdir(parents=True)
+    lmdb.open(str(tmp_path / "empty" / "index.lmdb")).close()  # a data.mdb with no swapfs
+    with pytest.raises(SwapfsError) as empty:
+        Volume(tmp_path / "empty", create=False)
+    assert empty.value.errno == errno.ENOENT
+    Volume(tmp_path / "real").close()
+    Volume(tmp_path / "real", create=False).close()
