@@ -238,7 +238,8 @@ def replace(status: dict[str, Any], socket_path: str, fuse_fd: int, memo_fd: int
         os.close(new_memo)
         return new_status, link
     raise StandbyError(f"no daemon could take over {status['mountpoint']}; releasing the "
-                       "connection, which ends the mount")
+                       "connection: requests on it now fail (ENOTCONN) until it is "
+                       "unmounted ('swapfs umount' or 'umount -l')")
 
 
 def watch_lease(state: Path, mountpoint: str, config: Path | None,
