@@ -318,7 +318,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             # The caches live in this process's memory, locked with the rest by harden().
             cache = TransientCache(config.transient_cache_max_bytes)
             # 0 (or under one block) disables either cache.
-            content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE))
+            content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE),
+                                 admit_first_miss=True)
             volume.use_caches(pool=cache if cache.max_slots else None,
                               content=content if content.capacity_bytes else None)
             manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval,

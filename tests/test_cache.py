@@ -62,6 +62,22 @@ def test_figures_follow_a_known_sequence_of_reads() -> None:
     assert stats["chains"] == {1: 2 * BS}
 
 
+def test_the_content_cache_admits_on_the_first_miss() -> None:
+    cache = BlockCache(range(2), admit_first_miss=True)
+    looks = []
+    for number in (1, 1, 2, 1, 3, 1, 3):  # get, and offer on a miss
+        hit = cache.get(key(number)) is not None
+        looks.append(hit)
+        if not hit:
+            cache.offer(key(number), b"d" * BS)
+    # 1: miss (admitted), hit. 2: miss (admitted). 1: hit. 3: miss (admitted,
+    # evicts 2, the least recent). 1: hit. 3: hit.
+    assert looks == [False, True, False, True, False, True, True]
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["admissions"], stats["evictions"]) == (
+        4, 3, 3, 1)
+
+
 def test_the_admission_window_holds_one_to_two_generations_of_misses() -> None:
     cache = BlockCache(range(4))  # a generation is 1024 keys (the minimum)
     cache.offer(key(0), b"a" * BS)

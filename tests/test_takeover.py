@@ -251,7 +251,7 @@ def cache_file(mount: Mount, name: str, blocks: int, seed: int) -> bytes:
     mount.path("c").mkdir(exist_ok=True)
     data = random.Random(seed).randbytes(blocks * BLOCK)
     mount.path("c", name).write_bytes(data)
-    for _ in range(2):  # admitted on the second miss
+    for _ in range(2):  # admitted on the first miss, read again (heat 2)
         assert read_direct(mount.path("c", name), 0, len(data)) == data
     return data
 

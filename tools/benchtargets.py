@@ -265,6 +265,7 @@ class SwapTarget:
 
     name: str
     stored_bytes: Callable[[], int]
+    mount: Path | None = None  # the swapfs mount that holds it, if any
 
 
 def _swap_used(name: str) -> int:
@@ -276,11 +277,13 @@ def _swap_used(name: str) -> int:
 
 
 @contextlib.contextmanager
-def swapfs_swap(size: int) -> Iterator[SwapTarget]:
-    with _swapfs_file(size) as (mnt, path):
+def swapfs_swap(size: int, *flags: str) -> Iterator[SwapTarget]:
+    """Swap to a file in chain "bench" on a fresh mount (``swapfs mount`` *flags*)."""
+    with _swapfs_file(size, *flags) as (mnt, path):
         device = _run(*SWAPFS, "swapon", str(path), "--priority", "32767").strip()
         try:
-            yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]))
+            yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]),
+                             mnt)
         finally:
             subprocess.run([*SWAPFS, "swapoff", str(path)], capture_output=True)
 

@@ -51,7 +51,7 @@ def offsets(blocks: int, reads: int, zipf: float | None, seed: int) -> list[int]
 
 def caches(setup: str, content_mib: int) -> tuple[TransientCache | None, BlockCache | None]:
     pool = TransientCache(256 * MIB) if setup != "none" else None
-    content = (BlockCache(range(content_mib * MIB // BLOCK_SIZE))
+    content = (BlockCache(range(content_mib * MIB // BLOCK_SIZE), admit_first_miss=True)
                if setup == "pool+content" else None)
     return pool, content
 

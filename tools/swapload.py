@@ -96,9 +96,9 @@ class WorkloadResult:
     workers: int
     table_bytes: int  # per worker
     build_seconds: float
-    verify_seconds: float
+    verify_seconds: float  # over every verify pass
     swapped_out_bytes: int  # swapped out while building
-    swapped_in_bytes: int  # swapped in while verifying
+    swapped_in_bytes: int  # swapped in while verifying, every pass
     peak_swap_used_bytes: int
 
     @property
@@ -121,11 +121,16 @@ def _swap_used(device: str) -> int:
 
 def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str,
                  progress: Callable[[str], None] = lambda message: None,
-                 on_phase: Callable[[str], None] = lambda name: None) -> WorkloadResult:
+                 on_phase: Callable[[str], None] = lambda name: None,
+                 passes: int = 1) -> WorkloadResult:
     """Run the workers in *cgroup*, swapping to *device* (as /proc/swaps names it).
 
-    *on_phase* hears "build" and then "verify" as each phase begins, and
-    "done" once every worker verified its table.
+    The workers verify their tables *passes* times, so that swap-in repeats:
+    each pass swaps in what the one before pushed out again. The result's
+    verify figures are the sum over the passes.
+
+    *on_phase* hears "build" and then "verify" as each phase begins (once
+    per pass), and "done" once every worker verified its table.
     Swap traffic is counted host-wide, so nothing else should swap meanwhile.
     """
     command = [sys.executable, __file__, "--cgroup", str(cgroup.path),
@@ -160,7 +165,11 @@ def run_workload(cgroup: MemoryCgroup, workers: int, table_mib: int, device: str
             return time.perf_counter() - start, read1 - read0, written1 - written0
 
         build_seconds, _, written = phase("build")
-        verify_seconds, read, _ = phase("verify")
+        verify_seconds, read = 0.0, 0
+        for _ in range(passes):
+            seconds, bytes_in, _ = phase("verify")
+            verify_seconds += seconds
+            read += bytes_in
         on_phase("done")
         for proc in procs:
             assert proc.stdin is not None
