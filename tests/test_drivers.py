@@ -344,7 +344,9 @@ def bad_extent(draw: st.DrawFn) -> Any:
 _bad_names = st.one_of(st.just(""), st.just("a" * 65), st.just("-a"),
                        st.text(min_size=1, max_size=10).filter(
                            lambda name: not NAME_PATTERN.fullmatch(name)),
-                       _not_an_int)
+                       # not a string at all (_not_an_int's text may be a valid name)
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                                 st.lists(st.integers(), max_size=2)))
 
 
 @st.composite
