@@ -53,7 +53,7 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
             host_a.path("c").mkdir()
             data = random.Random(1).randbytes(16 * BLOCK)
             host_a.path("c", "f").write_bytes(data)
-            for _ in range(2):  # into the content cache (admitted on the second miss)
+            for _ in range(2):  # into the content cache, then read from it
                 read_direct(host_a.path("c", "f"), 0, len(data))
             manifest = host_a.state / "cache.manifest"
             assert wait_until(lambda: manifest.exists() and len(read_manifest(manifest)) == 16)
