@@ -3,8 +3,9 @@
 Each entry names a block by chain and digest (or a digest's prefix). The
 block is looked up in the chain's hash table, read from the store and
 verified against its full digest; a block that no longer exists or fails
-verification is skipped, never cached. Entries go in hottest first (ties:
-higher priority first) until the budget or the cache's free slots run out.
+verification is skipped, never cached. Entries go in in the order given
+(the planner's, or :func:`hottest_first`) until the budget or the cache's
+free slots run out.
 """
 
 import logging
@@ -18,17 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def hottest_first(entries: Iterable[CacheEntry]) -> list[CacheEntry]:
+    """Hottest first; among equally hot, higher priority first."""
     return sorted(entries, key=lambda entry: (-entry.heat, -entry.priority))
 
 
 def warm(volume: Volume, cache: BlockCache, entries: Iterable[CacheEntry],
          budget: int | None = None) -> int:
-    """Load *entries* into *cache*, hottest first, at most *budget* bytes (None:
+    """Load *entries* into *cache*, in their order, at most *budget* bytes (None:
     as many as it has free slots); returns the number of blocks loaded."""
     room = cache.free_blocks if budget is None else min(cache.free_blocks,
                                                         budget // BLOCK_SIZE)
     loaded = 0
-    for entry in hottest_first(entries):
+    for entry in entries:
         if loaded >= room:
             break
         found = volume.find_block(entry.chain, entry.digest)

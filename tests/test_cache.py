@@ -17,7 +17,7 @@ from swapfs.errors import CorruptBlock
 from swapfs.index import ROOT_INO
 from swapfs.manifest import ManifestError, parse, serialize
 from swapfs.volume import Volume
-from swapfs.warm import warm
+from swapfs.warm import hottest_first, warm
 
 BS = BLOCK_SIZE
 
@@ -198,7 +198,7 @@ def test_warming_loads_hottest_first_and_skips_what_is_gone_or_corrupt(
     assert [entry.heat for entry in entries] == [6, 5, 4, 3, 2, 1]
     volume.write(ino, 5 * BS, b"z" * BS)  # the hottest block is gone from the store
     fresh = BlockCache(range(3))
-    assert warm(volume, fresh, entries) == 3
+    assert warm(volume, fresh, hottest_first(reversed(entries))) == 3
     assert sorted(entry.heat for entry in fresh.entries()) == [3, 4, 5]
     prefixes = [CacheEntry(entry.chain, entry.digest[:8], entry.heat, entry.owners)
                 for entry in entries]
