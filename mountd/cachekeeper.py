@@ -112,11 +112,14 @@ class CacheKeeper:
         return manifest.serialize(self.cache.entries(priorities), priorities)
 
     def write(self) -> None:
-        """Write the manifest now (a failure is logged: the cache goes on)."""
-        if self.cache is None:
-            return
+        """Write the manifest now."""
+        if self.cache is not None:
+            self._store(self.snapshot())
+
+    def _store(self, raw: bytes) -> None:
+        """Write *raw* as the manifest (a failure is logged: the cache goes on)."""
         try:
-            manifest.write_manifest(self.path, self.snapshot())
+            manifest.write_manifest(self.path, raw)
         except OSError as exc:
             log.warning("cannot write the cache manifest %s: %s", self.path, exc)
 
@@ -128,7 +131,4 @@ class CacheKeeper:
         while True:
             await trio.sleep(self.interval)
             raw = self.snapshot()  # on the trio thread: the cache does not move meanwhile
-            try:
-                await trio.to_thread.run_sync(manifest.write_manifest, self.path, raw)
-            except OSError as exc:
-                log.warning("cannot write the cache manifest %s: %s", self.path, exc)
+            await trio.to_thread.run_sync(self._store, raw)

@@ -6,7 +6,6 @@ respect to the I/O around it. Protocol: :mod:`swapfs.control`; drivers'
 messages (``driver.*``): :mod:`mountd.drivers`.
 """
 
-import array
 import contextlib
 import errno
 import json
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mountd import keeper
 from mountd.drivers import OPS as DRIVER_OPS
 from mountd.drivers import DriverError, DriverManager, Session
 from swapfs.control import MAX_LINE
@@ -236,9 +236,8 @@ class ControlServer:
             return
         session.keeper_pid = peer_pid
         reply = json.dumps({"ok": True, **self.status({})}).encode() + b"\n"
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         with contextlib.suppress(OSError):  # a standby gone already: it detaches below
-            await sock.sendmsg([reply], ancillary)
+            await sock.sendmsg([reply], keeper.rights(fds))
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
                     = trio.TASK_STATUS_IGNORED) -> None:

@@ -124,21 +124,18 @@ class Link:
         self.keeper_pidfd: int | None = None
         self.restart_argv: list[str] = []
         self.lease: Lease | None = None
-        self.warm_plan: CacheKeeper | None = None  # whose last_plan status shows
-        self.lease_seconds = 0.0
-        self.state: Path | None = None
+        self.cache_keeper: CacheKeeper | None = None  # whose last_plan status shows
 
-    def claim_lease(self) -> None:
+    def claim_lease(self, state: Path, seconds: float) -> None:
         """Take the state directory's lease (the Volume holds its flock)."""
-        assert self.state is not None
-        self.lease = lease.acquire(self.state, self.lease_seconds, reclaim_local=True)
+        self.lease = lease.acquire(state, seconds, reclaim_local=True)
 
     @property
     def kept(self) -> bool:
         return self.keeper is not None
 
     def status(self) -> dict[str, Any]:
-        plan = self.warm_plan.last_plan if self.warm_plan is not None else None
+        plan = self.cache_keeper.last_plan if self.cache_keeper is not None else None
         return {"keeper": self.keeper, "keeper_pid": self.keeper_pid,
                 "restart_argv": self.restart_argv,
                 "takeover_capable": self.fuse_fd is not None,
@@ -304,11 +301,12 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     socket_path = config.control_socket or control_socket_path(config.state)
     link = _connect(config, socket_path, adopt, death_noticed, standby)
     link.restart_argv = restart_argv
-    link.state, link.lease_seconds = config.state, config.lease_seconds
+    state, lease_seconds = config.state, config.lease_seconds
     clean_exit = False
     try:
         volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
-                        claim=link.claim_lease if config.lease_seconds else None,
+                        claim=(lambda: link.claim_lease(state, lease_seconds))
+                        if lease_seconds else None,
                         create=link.takeover is None)
         if link.takeover is not None and link.memo is not None:
             link.memo.takeovers += 1  # counted once the state is open: failed starts do not
@@ -324,7 +322,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                               content=content if content.capacity_bytes else None)
             manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval,
                                    config.failover_strategies, config.host_cache_bytes)
-            link.warm_plan = manifest
+            link.cache_keeper = manifest
             drivers = DriverManager(cache, config.driver_timeout)
             memo = link.memo
             ops = Operations(volume, memo.open_files if memo else None,

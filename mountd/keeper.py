@@ -57,21 +57,29 @@ def store_in_systemd(fuse_fd: int, session_fd: int) -> bool:
             for name, fd in ((FUSE_NAME, fuse_fd), (SESSION_NAME, session_fd)):
                 # Replace, not add: a restarted daemon stores the same descriptors again.
                 sock.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), address)
-                send_fds(sock, f"FDSTORE=1\nFDNAME={name}".encode(), [fd], address)
+                sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights([fd]), 0, address)
     except OSError as exc:
         log.warning("cannot store the connection in systemd: %s", exc)
         return False
     return True
 
 
-def send_fds(sock: socket.socket, data: bytes, fds: list[int],
-             address: str | None = None) -> None:
-    """Send *data* with *fds* attached (SCM_RIGHTS)."""
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    if address is None:
-        sock.sendmsg([data], ancillary)
-    else:
-        sock.sendmsg([data], ancillary, 0, address)
+#: Ancillary data as socket.sendmsg takes and socket.recvmsg gives it.
+Ancillary = list[tuple[int, int, bytes]]
+
+
+def rights(fds: list[int]) -> Ancillary:
+    """The ancillary data that passes *fds* along a message (SCM_RIGHTS)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def fds_in(ancillary: Ancillary) -> list[int]:
+    """The descriptors a received message carried (SCM_RIGHTS)."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += array.array("i", payload[:len(payload) - len(payload) % 4])
+    return fds
 
 
 def watch_standby(pid: int) -> int | None:

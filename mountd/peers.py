@@ -33,28 +33,15 @@ class Peer:
     entries: list[manifest.CacheEntry]
 
 
-def swapfs_sockets() -> dict[str, str]:
-    """Mount point -> control socket of every swapfs mount in this namespace."""
-    sockets = {}
-    with open("/proc/self/mountinfo") as table:
-        for line in table:
-            fields = line.split()
-            tail = fields[fields.index("-") + 1:]
-            if tail[0] == "fuse.swapfs" and tail[1].startswith(control.SOURCE_PREFIX):
-                source = control.unescape(tail[1])
-                sockets[control.unescape(fields[4])] = source[len(control.SOURCE_PREFIX):]
-    return sockets
-
-
 def peers(own_state: Path) -> list[Peer]:
     """Every other daemon's last manifest (blocking: run it in a thread)."""
     found = []
-    for mountpoint, socket_path in sorted(swapfs_sockets().items()):
+    for mountpoint, socket_path in sorted(control.swapfs_sockets().items()):
         try:
             state = Path(control.request(socket_path, {"op": "status"},
                                          timeout=PEER_TIMEOUT)["state"])
         except (control.ControlError, KeyError, ValueError) as exc:
-            log.debug("peer %s left out: %s", mountpoint, exc)
+            log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
             continue
         if state == own_state:
             continue

@@ -29,7 +29,6 @@ log); 2 bad usage.
 """
 
 import argparse
-import array
 import contextlib
 import errno
 import fcntl
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mountd import lifecycle
+from mountd import keeper, lifecycle
 from mountd.logs import setup_logging
 from swapfs import control, lease, spawn
 
@@ -98,11 +97,7 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     while not data.endswith(b"\n"):
         chunk, ancillary, _flags, _addr = sock.recvmsg(control.MAX_LINE,
                                                        socket.CMSG_SPACE(2 * 4))
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[:len(payload) - len(payload) % 4])
-                fds += list(received)
+        fds += keeper.fds_in(ancillary)
         if not chunk:
             break
         data += chunk
@@ -147,9 +142,7 @@ class Spare:
 
     def __init__(self, status: dict[str, Any], fuse_fd: int, memo_fd: int) -> None:
         go_read, self._go = os.pipe()
-        command = [sys.executable, "-m", "mountd", *status["restart_argv"],
-                   "--adopt-fds", f"{fuse_fd},{memo_fd}", "--keeper-pid", str(os.getpid()),
-                   "--spare-fd", str(go_read)]
+        command = [*_adopting(status, fuse_fd, memo_fd), "--spare-fd", str(go_read)]
         try:
             self._starting = spawn.start(command, Path(status["state"]) / "daemon.log",
                                          (fuse_fd, memo_fd, go_read))
@@ -164,10 +157,7 @@ class Spare:
             raise StandbyError("the spare daemon was gone") from exc
         finally:
             os.close(self._go)
-        try:
-            self._starting.wait_ready(START_TIMEOUT)
-        except spawn.NotReady as exc:
-            raise StandbyError(f"the new daemon did not serve ({exc})") from exc
+        _serving(self._starting)
 
     def dismiss(self) -> None:
         """Not needed (the mount ended): the spare exits at the pipe's end."""
@@ -178,18 +168,23 @@ class Spare:
             self._starting.stop()
 
 
+def _adopting(status: dict[str, Any], fuse_fd: int, memo_fd: int) -> list[str]:
+    """The command of a daemon like the one of *status* that adopts the
+    kept connection, with this standby as its keeper."""
+    return [sys.executable, "-m", "mountd", *status["restart_argv"],
+            "--adopt-fds", f"{fuse_fd},{memo_fd}", "--keeper-pid", str(os.getpid())]
+
+
 def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: float) -> None:
     """Start a daemon that adopts the connection from scratch; return once it serves."""
-    command = [sys.executable, "-m", "mountd", *status["restart_argv"],
-               "--adopt-fds", f"{fuse_fd},{memo_fd}", "--keeper-pid", str(os.getpid()),
-               "--death-noticed", repr(noticed)]
-    _start(command, Path(status["state"]) / "daemon.log", (fuse_fd, memo_fd))
+    command = [*_adopting(status, fuse_fd, memo_fd), "--death-noticed", repr(noticed)]
+    _serving(spawn.start(command, Path(status["state"]) / "daemon.log", (fuse_fd, memo_fd)))
 
 
-def _start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> None:
-    """Start a daemon; return once it serves (``--ready-fd``)."""
+def _serving(starting: spawn.Starting) -> None:
+    """Return once *starting* serves (``--ready-fd``); StandbyError if it does not."""
     try:
-        spawn.start_ready(command, log_path, START_TIMEOUT, pass_fds)
+        starting.wait_ready(START_TIMEOUT)
     except spawn.NotReady as exc:
         raise StandbyError(f"the new daemon did not serve ({exc})") from exc
 
@@ -268,7 +263,7 @@ def watch_lease(state: Path, mountpoint: str, config: Path | None,
         if config is not None:
             command += ["--config", str(config)]
         try:
-            _start(command, state / "daemon.log")
+            _serving(spawn.start(command, state / "daemon.log"))
         except StandbyError as exc:
             log.error("%s; watching again", exc)
             continue

@@ -45,17 +45,23 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
-def socket_of(path: str) -> str:
-    """The control socket of the swapfs mount holding *path*."""
-    root = mount_root(path)
-    socket_path = None
+def swapfs_sockets() -> dict[str, str]:
+    """Mount point -> control socket of every swapfs mount in this namespace
+    (of two mounts on one point, the upper one)."""
+    sockets = {}
     with open("/proc/self/mountinfo") as table:
         for line in table:
             fields = line.split()
             tail = fields[fields.index("-") + 1:]
-            if (unescape(fields[4]) == root and tail[0] == "fuse.swapfs"
-                    and tail[1].startswith(SOURCE_PREFIX)):
-                socket_path = unescape(tail[1])[len(SOURCE_PREFIX):]
+            if tail[0] == "fuse.swapfs" and tail[1].startswith(SOURCE_PREFIX):
+                sockets[unescape(fields[4])] = unescape(tail[1])[len(SOURCE_PREFIX):]
+    return sockets
+
+
+def socket_of(path: str) -> str:
+    """The control socket of the swapfs mount holding *path*."""
+    root = mount_root(path)
+    socket_path = swapfs_sockets().get(root)
     if socket_path is None:
         raise ControlError(errno.ENOTSUP, f"{root} is not a swapfs mount")
     return socket_path

@@ -11,7 +11,6 @@ raises for a cleanup step that fails half-way and refuses to delete a
 directory that still has something mounted under it.
 """
 
-import array
 import contextlib
 import json
 import mmap
@@ -30,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from mountd import keeper
 from swapfs import control, fsck
 
 BLOCK = 4096
@@ -131,11 +131,7 @@ def read_direct(path: Path | str, offset: int, size: int) -> bytes:
 def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One datagram or message and the descriptors it carries (SCM_RIGHTS)."""
     data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += list(array.array("i", payload[:len(payload) - len(payload) % 4]))
-    return data, fds
+    return data, keeper.fds_in(ancillary)
 
 
 class Mount:

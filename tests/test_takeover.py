@@ -23,8 +23,8 @@ import pytest
 
 from mountd import fusedev
 from mountd.cachekeeper import OWN
-from mountd.peers import swapfs_sockets
 from swapfs import control
+from swapfs.control import swapfs_sockets
 from swapfs.manifest import read_manifest
 from tests.mounting import (
     BLOCK,
