@@ -3,8 +3,9 @@
 # packages (FUSE 3 and its headers, a compiler and patch for building
 # pyfuse3, fio, util-linux) and a virtual environment in .venv with pyfuse3
 # built with our patches (tools/build-pyfuse3.sh), swapfs and its
-# other Python dependencies. Safe to run again: it only installs what is
-# missing.
+# other Python dependencies; then the benchmark's stock pyfuse3 in
+# build/stock-pyfuse3-venv (tools/build-stock-pyfuse3.sh). Safe to run
+# again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,3 +34,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[dev,bench]'
     touch "$stamp"
 fi
+# The benchmark's stock Python FUSE ceiling (unpatched pyfuse3; a few minutes the first time).
+bash tools/build-stock-pyfuse3.sh
