@@ -2,8 +2,11 @@
 
 No speed is asserted here: figures are the benchmark's to report, as ratios
 measured in the same run. What is checked is that every row is there, that
-the ratios are computed against the ceilings of the same run, and that the
-benchmark leaves nothing behind.
+the ratios are computed against the ceilings of the same run (the stock and
+the patched pyfuse3, the kernel), that the state directory of
+swapfs-nodiscard is on a file system without ``discard``, that the targets
+table reports what the rows say, and that the benchmark leaves nothing
+behind.
 """
 
 import json
@@ -21,10 +24,11 @@ pytestmark = [requires_mount, pytest.mark.mount, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _leftovers() -> tuple[str, str, list[str]]:
+def _leftovers() -> tuple[str, str, list[str], list[Path]]:
     swaps = Path("/proc/swaps").read_text()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return swaps, loops, [path for path in mounted_paths() if "swapfs-bench" in path]
+    return (swaps, loops, [path for path in mounted_paths() if "swapfs-bench" in path],
+            sorted(Path("/var/tmp").glob("swapfs-bench-*")))
 
 
 def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
@@ -42,26 +46,51 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
 
     rows = {(row["target"], row["job"]): row for row in results["fio"]}
     jobs = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
-    for target in ["swapfs", "python-fuse", "kernel", "zram", "root-disk"]:
+    ceilings = {"python-fuse-stock": "vs_python_fuse_stock",
+                "python-fuse-patched": "vs_python_fuse_patched", "kernel": "vs_kernel"}
+    for target in ["swapfs", "swapfs-nodiscard", *ceilings, "zram", "root-disk"]:
         for job in jobs:
             row = rows[target, job]
             assert f"| {target} | {job} |" in table
             if "unavailable" in row:
                 continue
             assert row["iops"] > 0 and row["mbps"] > 0 and row["p99_us"] >= row["p50_us"]
-            ceiling = rows["python-fuse", job]
-            assert row["vs_python_fuse"] == pytest.approx(row["iops"] / ceiling["iops"])
-    for job in jobs:  # the ceilings themselves must have run
-        assert "unavailable" not in rows["python-fuse", job]
-        assert rows["kernel", job]["vs_kernel"] == pytest.approx(1.0)
+            for ceiling, key in ceilings.items():
+                assert row[key] == pytest.approx(row["iops"] / rows[ceiling, job]["iops"])
+    for job in jobs:  # the ceilings and both swapfs targets must have run
+        for target in ["swapfs", "swapfs-nodiscard", *ceilings]:
+            assert "unavailable" not in rows[target, job]
+        for ceiling, key in ceilings.items():
+            assert rows[ceiling, job][key] == pytest.approx(1.0)
+
+    state_fs = results["state_fs"]  # "SOURCE FSTYPE OPTIONS" of each state directory
+    assert set(state_fs) == {"swapfs", "swapfs-nodiscard"}
+    source, fstype, options = state_fs["swapfs-nodiscard"].split()
+    assert source.startswith("/dev/loop") and fstype == "ext4"
+    assert "discard" not in options.split(",")
+    for target, mount in state_fs.items():
+        assert f"State directory of {target}: {mount}" in table
 
     (space,) = results["space"]
     assert space["stored_bytes"] == space["ideal_bytes"]  # dedup is exact in a chain
     assert 0 < space["stored_bytes"] < space["logical_bytes"]
     e2e = {row["target"]: row for row in results["e2e"]}
-    assert set(e2e) == {"swapfs", "zram", "root-disk"}
-    assert e2e["swapfs"]["swapped_out_bytes"] > 0
-    assert e2e["swapfs"]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
+    assert set(e2e) == {"swapfs", "swapfs-nodiscard", "zram", "root-disk"}
+    for target in ("swapfs", "swapfs-nodiscard"):
+        assert e2e[target]["swapped_out_bytes"] > 0
+        assert e2e[target]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
+
+    goals = {row["key"]: row for row in results["goals"]}
+    assert list(goals) == [*jobs, "out_vs_root_disk", "in_vs_root_disk"]
+    for key, goal in goals.items():
+        for target in ("swapfs", "swapfs-nodiscard"):
+            figure = goal["measured"][target]
+            if key in jobs:
+                assert figure["ratio"] == rows[target, key]["vs_python_fuse_stock"]
+            else:
+                assert figure["ratio"] == e2e[target][key]
+            assert figure["met"] == (figure["ratio"] >= goal["goal"])
+        assert f"| {goal['what']} | >= {goal['goal']:.1f}x |" in table
     off, on = results["pool"]  # the transient cache: off, then on
     assert (off["pool_bytes"], off["hit_rate"], off["speedup"]) == (0, 0.0, 1.0)
     assert on["pool_bytes"] > 0 and on["hit_rate"] > 0

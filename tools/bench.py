@@ -2,9 +2,20 @@
 """swapfs bench: fio and end-to-end swap against the baselines, in one run.
 
 Every figure is measured in the same run on the same machine and reported
-as a ratio to two ceilings measured alongside it: the thinnest possible
+as a ratio to three ceilings measured alongside it: the thinnest possible
 Python FUSE file system (tools/memfs.py: what any pyfuse3 file system can
-reach here) and the kernel (a loop device over a tmpfs file).
+reach here) on PyPI's pyfuse3 ("python-fuse-stock", in
+build/stock-pyfuse3-venv, built on first use by
+tools/build-stock-pyfuse3.sh) and on the pyfuse3 swapfs runs on, with our
+patches ("python-fuse-patched"), and the kernel (a loop device over a tmpfs
+file). swapfs runs twice: with its state directory on the root file system
+("swapfs"), and on an ext4 file system of its own mounted without
+``discard`` ("swapfs-nodiscard": a loop device over a file on the root
+disk), which says what the root's mount options cost (with ``discard``,
+every hole punch of a freed slot waits for a discard); the header gives
+both state directories' mount options. The issue's targets (swapfs against
+the stock ceiling at dedupe 50, and end to end against a swap file on the
+root disk) close the table, met or not.
 
     swapfs bench --quick            # a few minutes: the core rows
     swapfs bench --out results/     # the full matrix
@@ -15,7 +26,8 @@ fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
 loop device with direct I/O over each target's file; data with fio's
 dedupe_percentage 0, 50 and 90, and all-zero buffers. End to end: the
 demo's workload (workers building the same table in a memory cgroup) with
-real kernel swap on swapfs, zram and a swap file on the root disk.
+real kernel swap on swapfs (both state directories), zram and a swap file
+on the root disk.
 Transient cache: a skewed (zipf 1.2) 4 KiB random read on swapfs with the
 pool off and on; the pool's size comes from a synthetic driver report (a
 real host's code pages rarely give more than a few hundred KiB), and the
@@ -86,9 +98,26 @@ from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
 FIO_DIR = Path(__file__).resolve().parent / "fio"
 JOBS = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
 DATA = {"dedupe-0": (0, 0), "dedupe-50": (50, 0), "dedupe-90": (90, 0), "zeros": (0, 1)}
-PYTHON_CEILING = "python-fuse"
-KERNEL_CEILING = "kernel"
+#: Each ceiling and the key of a row's IOPS as a ratio of it.
+CEILINGS = {"python-fuse-stock": "vs_python_fuse_stock",
+            "python-fuse-patched": "vs_python_fuse_patched",
+            "kernel": "vs_kernel"}
+SWAPFS_TARGETS = ["swapfs", "swapfs-nodiscard"]
 PAGE = 4096
+
+#: The issue's targets: (what, fio job or e2e key, at least this ratio). The fio
+#: ones are swapfs against the stock Python FUSE ceiling at dedupe 50; the e2e
+#: ones against a swap file on the root disk.
+TARGET_DATA = "dedupe-50"
+TARGET_CEILING = "python-fuse-stock"
+GOALS = [
+    ("4 KiB random write", "randwrite-4k", 1.0),
+    ("4 KiB random read", "randread-4k", 1.2),
+    ("1 MiB sequential write", "seqwrite-1m", 0.5),
+    ("1 MiB sequential read", "seqread-1m", 0.8),
+    ("end-to-end swap-out", "out_vs_root_disk", 0.9),
+    ("end-to-end swap-in", "in_vs_root_disk", 0.7),
+]
 
 
 @dataclass
@@ -121,8 +150,8 @@ def progress(message: str) -> None:
 # -- fio -------------------------------------------------------------------------
 
 
-def run_fio(job: str, device: str, plan: Plan, data: str) -> dict[str, float]:
-    """One fio run; IOPS, MB/s and completion latency percentiles in µs."""
+def fio_report(job: str, device: str, plan: Plan, data: str) -> dict[str, Any]:
+    """One fio run of tools/fio/*job*.fio on *device*: fio's JSON report."""
     dedupe, zero = DATA[data]
     env = dict(os.environ, TARGET=device, SIZE=str(plan.region), RUNTIME=str(plan.runtime),
                DEDUPE=str(dedupe), ZERO=str(zero))
@@ -130,9 +159,19 @@ def run_fio(job: str, device: str, plan: Plan, data: str) -> dict[str, float]:
                             env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"fio {job} on {device}: {result.stderr.strip()}")
-    report = json.loads(result.stdout[result.stdout.index("{"):])
-    side = "read" if "read" in job else "write"
-    figures = report["jobs"][0][side]
+    report: dict[str, Any] = json.loads(result.stdout[result.stdout.index("{"):])
+    return report
+
+
+def fio_side(job: str, report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of the direction *job* measures (its reads or its writes)."""
+    figures: dict[str, Any] = report["jobs"][0]["read" if "read" in job else "write"]
+    return figures
+
+
+def run_fio(job: str, device: str, plan: Plan, data: str) -> dict[str, float]:
+    """One fio run; IOPS, MB/s and completion latency percentiles in µs."""
+    figures = fio_side(job, fio_report(job, device, plan, data))
     percentiles = figures["clat_ns"].get("percentile", {})
     return {
         "iops": figures["iops"],
@@ -173,7 +212,10 @@ def space_row(device: Device, plan: Plan, data: str) -> dict[str, Any]:
     }
 
 
-def fio_matrix(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def fio_matrix(plan: Plan, state_fs: dict[str, str]
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The fio rows and swapfs's space rows; each swapfs target's state
+    directory mount goes into *state_fs*."""
     rows: list[dict[str, Any]] = []
     space: list[dict[str, Any]] = []
     total = len(plan.data) * len(plan.targets) * len(JOBS)
@@ -182,6 +224,8 @@ def fio_matrix(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         for target in plan.targets:
             try:
                 with FIO_TARGETS[target](plan.region) as device:
+                    if device.state_mount:
+                        state_fs[target] = device.state_mount
                     run_fio("fill-1m", device.path, plan, data)
                     if target == "swapfs":
                         space.append(space_row(device, plan, data))
@@ -204,10 +248,10 @@ def fio_matrix(plan: Plan) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's IOPS as a ratio of the two ceilings' for the same job and data."""
+    """Each row's IOPS as a ratio of each ceiling's for the same job and data."""
     by_key = {(row["target"], row["job"], row["data"]): row for row in rows}
     for row in rows:
-        for ceiling, key in ((PYTHON_CEILING, "vs_python_fuse"), (KERNEL_CEILING, "vs_kernel")):
+        for ceiling, key in CEILINGS.items():
             base = by_key.get((ceiling, row["job"], row["data"]), {})
             if "iops" in row and base.get("iops"):
                 row[key] = row["iops"] / base["iops"]
@@ -216,7 +260,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 # -- end to end --------------------------------------------------------------------
 
 
-def e2e_rows(plan: Plan) -> list[dict[str, Any]]:
+def e2e_rows(plan: Plan, state_fs: dict[str, str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     swap_size = (plan.e2e_workers * plan.e2e_table_mib + 256) * MIB
     for target in plan.e2e_targets:
@@ -224,6 +268,8 @@ def e2e_rows(plan: Plan) -> list[dict[str, Any]]:
                  f"under {plan.e2e_limit_mib} MiB")
         try:
             with SWAP_TARGETS[target](swap_size) as swap:
+                if swap.state_mount:
+                    state_fs.setdefault(target, swap.state_mount)
                 stored = 0
 
                 def sample(message: str) -> None:
@@ -499,6 +545,29 @@ def takeover_rows(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+# -- the targets ---------------------------------------------------------------------
+
+
+def goal_rows(fio: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of the issue's targets with every swapfs target's figure, met or not."""
+    ceiling_key = CEILINGS[TARGET_CEILING]
+    rows: list[dict[str, Any]] = []
+    for what, key, goal in GOALS:
+        measured: dict[str, dict[str, Any]] = {}
+        for target in SWAPFS_TARGETS:
+            if key in JOBS:
+                figure = next((row.get(ceiling_key) for row in fio if row["target"] == target
+                               and row["job"] == key and row["data"] == TARGET_DATA), None)
+            else:
+                figure = next((row.get(key) for row in e2e if row["target"] == target), None)
+            if figure is not None:
+                measured[target] = {"ratio": figure, "met": figure >= goal}
+        rows.append({"what": what, "key": key, "goal": goal,
+                     "against": TARGET_CEILING if key in JOBS else "root-disk",
+                     "measured": measured})
+    return rows
+
+
 # -- output --------------------------------------------------------------------------
 
 
@@ -509,18 +578,21 @@ def _ratio(value: float | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Machine: {results['machine']}", f"Run: {results['started']}, "
              f"{results['plan']['runtime']} s per fio run, median of "
-             f"{results['plan']['repeats']}", "",
-             "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs Python FUSE "
-             "| vs kernel |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"{results['plan']['repeats']}"]
+    for target, mount in results.get("state_fs", {}).items():
+        lines.append(f"State directory of {target}: {mount}")
+    lines += ["", "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs stock pyfuse3 "
+              "| vs patched pyfuse3 | vs kernel |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["fio"]:
         if "unavailable" in row:
             lines.append(f"| {row['target']} | {row['job']} | {row['data']} | "
-                         f"unavailable: {row['unavailable']} | | | | | |")
+                         f"unavailable: {row['unavailable']} | | | | | | |")
             continue
         lines.append(
             f"| {row['target']} | {row['job']} | {row['data']} | {row['iops']:.0f} | "
             f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
-            f"{_ratio(row.get('vs_python_fuse'))} | {_ratio(row.get('vs_kernel'))} |")
+            + " | ".join(_ratio(row.get(key)) for key in CEILINGS.values()) + " |")
     if results["space"]:
         lines += ["", "Space (swapfs, after one full write of the region):", "",
                   "| data | logical MiB | stored MiB | ideal MiB | stored / ideal "
@@ -604,7 +676,27 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{'-' if takeover is None else f'{takeover:.2f}'} | "
                 f"{'-' if first is None else f'{first:.2f}'} | "
                 f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
+    lines += _goals_markdown(results.get("goals", []))
     return "\n".join(lines) + "\n"
+
+
+def _goals_markdown(goals: list[dict[str, Any]]) -> list[str]:
+    targets = [target for target in SWAPFS_TARGETS
+               if any(target in row["measured"] for row in goals)]
+    if not targets:
+        return []
+    lines = ["", f"Against the targets: fio at {TARGET_DATA}, IOPS against {TARGET_CEILING}; "
+             "end to end, MB/s against a swap file on the root disk:", "",
+             "| target | goal | " + " | ".join(targets) + " |",
+             "|---|---:|" + "---:|" * len(targets)]
+    for row in goals:
+        cells = []
+        for target in targets:
+            figure = row["measured"].get(target)
+            cells.append("-" if figure is None else
+                         f"{_ratio(figure['ratio'])} {'met' if figure['met'] else 'not met'}")
+        lines.append(f"| {row['what']} | >= {row['goal']:.1f}x | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -694,14 +786,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if Path("/proc/swaps").read_text().splitlines()[1:]:
         progress("note: other swap areas are active; the targets run at the highest priority")
-    fio_rows, space = fio_matrix(plan)
-    e2e = e2e_rows(plan)
+    state_fs: dict[str, str] = {}
+    fio_rows, space = fio_matrix(plan, state_fs)
+    e2e = e2e_rows(plan, state_fs)
     pool = pool_rows(plan)
     content = content_rows(plan)
     takeover = takeover_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
-               "fio": fio_rows, "space": space, "e2e": e2e, "pool": pool,
-               "content": content, "takeover": takeover}
+               "state_fs": state_fs, "fio": fio_rows, "space": space, "e2e": e2e,
+               "pool": pool, "content": content, "takeover": takeover,
+               "goals": goal_rows(fio_rows, e2e)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

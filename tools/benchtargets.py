@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from swapfs import control
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent
 SWAPFS = [sys.executable, "-m", "swapfs.cli"]
+STOCK_VENV = TOOLS.parent / "build" / "stock-pyfuse3-venv"
+STATE_FS_SLACK = 256 * MIB  # room for the index and freed slots beyond a file's size
 
 
 class Unavailable(Exception):
@@ -37,7 +39,8 @@ class Device:
 
     path: str
     stats: Callable[[], dict[str, Any]] | None = None
-    notes: list[str] = field(default_factory=list)
+    pid: int | None = None  # the FUSE daemon that serves it, if any
+    state_mount: str | None = None  # swapfs: the file system of its state directory
 
 
 def _run(*command: str) -> str:
@@ -74,12 +77,53 @@ def loop_device(path: Path) -> Iterator[str]:
         subprocess.run(["losetup", "--detach", device], capture_output=True)
 
 
+def mount_of(path: Path) -> str:
+    """The file system holding *path*: its source, type and mount options."""
+    return " ".join(_run("findmnt", "--noheadings", "--output", "SOURCE,FSTYPE,OPTIONS",
+                         "--target", str(path)).split())
+
+
 @contextlib.contextmanager
-def swapfs_mount(workdir: Path, *flags: str) -> Iterator[Path]:
-    """A fresh swapfs mount; *flags* go to ``swapfs mount``."""
+def nodiscard_fs(workdir: Path, size: int) -> Iterator[Path]:
+    """A fresh ext4 file system of *size* bytes mounted without ``discard``.
+
+    Made on a loop device over a file on the root disk, so that it sits on
+    the same disk as the root file system but a hole punched in it frees
+    blocks without the synchronous discard that the root's ``discard``
+    option adds. Unmounted, detached and removed on the way out.
+    """
+    with _root_disk_path(size, ".statefs") as image, loop_device(image) as device:
+        _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+             device)
+        mnt = workdir / "statefs"
+        mnt.mkdir()
+        _run("mount", "-t", "ext4", "-o", "nodiscard", device, str(mnt))
+        try:
+            yield mnt
+        finally:
+            if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
+
+
+@contextlib.contextmanager
+def _state_dir(workdir: Path, size: int, nodiscard: bool) -> Iterator[Path]:
+    """Where a mount of a *size* byte file keeps its state: in *workdir* (on
+    the root file system), or with *nodiscard* on a file system of its own."""
+    if not nodiscard:
+        yield workdir / "state"
+        return
+    with nodiscard_fs(workdir, size + STATE_FS_SLACK) as mnt:
+        yield mnt / "state"
+
+
+@contextlib.contextmanager
+def swapfs_mount(workdir: Path, *flags: str, state: Path | None = None) -> Iterator[Path]:
+    """A fresh swapfs mount; *flags* go to ``swapfs mount``; the state
+    directory is *state*, by default ``state`` in *workdir*."""
     mnt = workdir / "mnt"
     mnt.mkdir()
-    _run(*SWAPFS, "mount", *flags, "--state", str(workdir / "state"), str(mnt))
+    state = state or workdir / "state"
+    _run(*SWAPFS, "mount", *flags, "--state", str(state), str(mnt))
     try:
         yield mnt
     finally:
@@ -95,23 +139,32 @@ def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
     return figures
 
 
+def daemon_pid(mnt: Path) -> int:
+    """The pid of the daemon serving the swapfs mount *mnt*."""
+    return int(control.request(control.socket_of(str(mnt)), {"op": "status"})["pid"])
+
+
 @contextlib.contextmanager
-def _swapfs_file(size: int, *flags: str) -> Iterator[tuple[Path, Path]]:
-    """(mount point, file): a file of *size* in chain "bench" on a fresh mount."""
+def _swapfs_file(size: int, *flags: str, nodiscard: bool = False
+                 ) -> Iterator[tuple[Path, Path, Path]]:
+    """(mount point, file, state directory): a file of *size* in chain "bench"
+    on a fresh mount, its state directory on a file system without
+    ``discard`` if *nodiscard*."""
     _require_root()
-    with _workdir() as workdir, swapfs_mount(workdir, *flags) as mnt:
+    with _workdir() as workdir, _state_dir(workdir, size, nodiscard) as state, \
+            swapfs_mount(workdir, *flags, state=state) as mnt:
         (mnt / "bench").mkdir()
         path = mnt / "bench" / "disk.swap"
         path.touch()
         os.truncate(path, size)
-        yield mnt, path
+        yield mnt, path, state
 
 
 @contextlib.contextmanager
 def swapfs_plain_file(size: int, *flags: str) -> Iterator[tuple[Path, Path]]:
     """(mount point, file): a file of *size* on a fresh mount (``swapfs mount``
     *flags*), no loop device."""
-    with _swapfs_file(size, *flags) as (mnt, path):
+    with _swapfs_file(size, *flags) as (mnt, path, _state):
         yield mnt, path
 
 
@@ -157,22 +210,50 @@ def _stop(pid: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def swapfs_file(size: int) -> Iterator[Device]:
-    """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
-    with _swapfs_file(size) as (mnt, path), loop_device(path) as device:
-        yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"))
+def _swapfs_device(size: int, nodiscard: bool) -> Iterator[Device]:
+    with _swapfs_file(size, nodiscard=nodiscard) as (mnt, path, state), \
+            loop_device(path) as device:
+        yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"), pid=daemon_pid(mnt),
+                     state_mount=mount_of(state))
 
 
 @contextlib.contextmanager
-def python_fuse_file(size: int) -> Iterator[Device]:
-    """The Python FUSE ceiling: tools/memfs.py, behind a loop device."""
+def swapfs_file(size: int) -> Iterator[Device]:
+    """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
+    with _swapfs_device(size, nodiscard=False) as device:
+        yield device
+
+
+@contextlib.contextmanager
+def swapfs_nodiscard_file(size: int) -> Iterator[Device]:
+    """As :func:`swapfs_file`, the state directory on a file system mounted
+    without ``discard`` (:func:`nodiscard_fs`)."""
+    with _swapfs_device(size, nodiscard=True) as device:
+        yield device
+
+
+def stock_python() -> str:
+    """The interpreter of the stock pyfuse3 environment, built on first use
+    (a few minutes) by tools/build-stock-pyfuse3.sh."""
+    result = subprocess.run(["bash", str(TOOLS / "build-stock-pyfuse3.sh")],
+                            env=dict(os.environ, PATCHED_PYTHON=sys.executable,
+                                     STOCK_VENV=str(STOCK_VENV)),
+                            stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise Unavailable(f"no stock pyfuse3 environment: {result.stderr.strip()[-300:]}")
+    return str(STOCK_VENV / "bin" / "python")
+
+
+@contextlib.contextmanager
+def _memfs_file(size: int, python: str) -> Iterator[Device]:
+    """tools/memfs.py run by *python*, its file behind a loop device."""
     _require_root()
     with _workdir() as workdir:
         mnt = workdir / "mnt"
         mnt.mkdir()
         read_end, write_end = os.pipe()
         daemon = subprocess.Popen(
-            [sys.executable, str(TOOLS / "memfs.py"), str(mnt), "--size-mib",
+            [python, str(TOOLS / "memfs.py"), str(mnt), "--size-mib",
              str(size // MIB), "--ready-fd", str(write_end)],
             pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(write_end)
@@ -181,11 +262,26 @@ def python_fuse_file(size: int) -> Iterator[Device]:
                 if ready.read(1) != b"1":
                     raise RuntimeError("memfs did not start")
             with loop_device(mnt / "disk") as device:
-                yield Device(device)
+                yield Device(device, pid=daemon.pid)
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
             daemon.terminate()
             daemon.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def python_fuse_stock_file(size: int) -> Iterator[Device]:
+    """The stock Python FUSE ceiling: tools/memfs.py on PyPI's pyfuse3."""
+    with _memfs_file(size, stock_python()) as device:
+        yield device
+
+
+@contextlib.contextmanager
+def python_fuse_patched_file(size: int) -> Iterator[Device]:
+    """The patched Python FUSE ceiling: tools/memfs.py on the pyfuse3 that
+    swapfs runs on (with our patches, tools/build-pyfuse3.sh)."""
+    with _memfs_file(size, sys.executable) as device:
+        yield device
 
 
 @contextlib.contextmanager
@@ -252,7 +348,9 @@ def zram_device(size: int) -> Iterator[Device]:
 
 FIO_TARGETS = {
     "swapfs": swapfs_file,
-    "python-fuse": python_fuse_file,
+    "swapfs-nodiscard": swapfs_nodiscard_file,
+    "python-fuse-stock": python_fuse_stock_file,
+    "python-fuse-patched": python_fuse_patched_file,
     "kernel": tmpfs_file,
     "zram": zram_device,
     "root-disk": root_disk_file,
@@ -266,6 +364,7 @@ class SwapTarget:
     name: str
     stored_bytes: Callable[[], int]
     mount: Path | None = None  # the swapfs mount that holds it, if any
+    state_mount: str | None = None  # swapfs: the file system of its state directory
 
 
 def _swap_used(name: str) -> int:
@@ -277,15 +376,23 @@ def _swap_used(name: str) -> int:
 
 
 @contextlib.contextmanager
-def swapfs_swap(size: int, *flags: str) -> Iterator[SwapTarget]:
-    """Swap to a file in chain "bench" on a fresh mount (``swapfs mount`` *flags*)."""
-    with _swapfs_file(size, *flags) as (mnt, path):
+def swapfs_swap(size: int, *flags: str, nodiscard: bool = False) -> Iterator[SwapTarget]:
+    """Swap to a file in chain "bench" on a fresh mount (``swapfs mount``
+    *flags*), its state on a file system without ``discard`` if *nodiscard*."""
+    with _swapfs_file(size, *flags, nodiscard=nodiscard) as (mnt, path, state):
+        state_mount = mount_of(state)
         device = _run(*SWAPFS, "swapon", str(path), "--priority", "32767").strip()
         try:
             yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]),
-                             mnt)
+                             mnt, state_mount)
         finally:
             subprocess.run([*SWAPFS, "swapoff", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def swapfs_nodiscard_swap(size: int) -> Iterator[SwapTarget]:
+    with swapfs_swap(size, nodiscard=True) as swap:
+        yield swap
 
 
 @contextlib.contextmanager
@@ -314,6 +421,7 @@ def root_disk_swap(size: int) -> Iterator[SwapTarget]:
 
 SWAP_TARGETS = {
     "swapfs": swapfs_swap,
+    "swapfs-nodiscard": swapfs_nodiscard_swap,
     "zram": zram_swap,
     "root-disk": root_disk_swap,
 }
