@@ -12,8 +12,8 @@ file). swapfs runs twice: with its state directory on the root file system
 ("swapfs"), and on an ext4 file system of its own mounted without
 ``discard`` ("swapfs-nodiscard": a loop device over a file on the root
 disk), which says what the root's mount options cost (with ``discard``,
-every hole punch of a freed slot waits for a discard); the header gives
-both state directories' mount options. The issue's targets (swapfs against
+ext4 discards the blocks that each hole punch of a freed slot gives back);
+the header gives both state directories' mount options. The issue's targets (swapfs against
 the stock ceiling at dedupe 50, and end to end against a swap file on the
 root disk) close the table, met or not.
 

@@ -89,8 +89,8 @@ def nodiscard_fs(workdir: Path, size: int) -> Iterator[Path]:
 
     Made on a loop device over a file on the root disk, so that it sits on
     the same disk as the root file system but a hole punched in it frees
-    blocks without the synchronous discard that the root's ``discard``
-    option adds. Unmounted, detached and removed on the way out.
+    blocks without the discard that the root's ``discard`` option adds.
+    Unmounted, detached and removed on the way out.
     """
     with _root_disk_path(size, ".statefs") as image, loop_device(image) as device:
         _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
