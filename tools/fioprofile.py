@@ -97,8 +97,8 @@ LOOP_ROOT = "run (trio/_core/_run.py:"  # trio.run: the frames below it are the 
 WARMUP = 1  # seconds of each fio run before py-spy starts, and after it stops
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # py-spy from the bench extra, next to this interpreter, else from PATH.
-PY_SPY = next((str(path) for path in [Path(sys.executable).parent / "py-spy"]
-               if path.exists()), "py-spy")
+_BESIDE = Path(sys.executable).parent / "py-spy"
+PY_SPY = str(_BESIDE) if _BESIDE.exists() else "py-spy"
 
 
 def classify(frames: list[str]) -> Category:
