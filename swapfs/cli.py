@@ -249,6 +249,9 @@ def _print_stats(stats: dict[str, Any]) -> None:
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
                   f"{entry['zero_blocks']:>12} {'':>7} {entry['priority']:>8}")
     print(f"index: {_size(stats['index_bytes'])}")
+    requests = sorted(stats.get("requests", {}).items(), key=lambda item: -item[1])
+    if requests:
+        print("requests: " + ", ".join(f"{name} {count}" for name, count in requests))
     content = stats.get("content_cache")
     if content is not None:
         print(f"content cache: capacity {_size(content['capacity_bytes'])}, "

@@ -17,6 +17,7 @@ reference to a purged file meets ENOENT, never another file.
 
 import errno
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -74,6 +75,9 @@ class Operations(pyfuse3.Operations):
         self.volume = volume
         self._open: dict[int, int] = dict(open_files or {})
         self._on_open_change = on_open_change
+        #: Requests answered since this daemon started, by operation (``stats``):
+        #: what the kernel asks for, which is not always what the caller did.
+        self.requests: Counter[str] = Counter()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -119,6 +123,7 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
         with _errors():
             return self._attrs(self.volume.lookup(parent_inode, name))
 
@@ -130,12 +135,14 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
         with _errors():
             return self._attrs(self.volume.getattr(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["setattr"] += 1
         changes: dict[str, Any] = {}
         if fields.update_size:
             changes["size"] = attr.st_size
@@ -154,16 +161,19 @@ class Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["mkdir"] += 1
         with _errors():
             return self._attrs(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["rmdir"] += 1
         with _errors():
             self.volume.rmdir(parent_inode, name)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.requests["create"] += 1
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         self._count_open(inode.ino, 1)
@@ -171,24 +181,29 @@ class Operations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["mknod"] += 1
         with _errors():
             return self._attrs(self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["symlink"] += 1
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["link"] += 1
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["unlink"] += 1
         with _errors():
             child = self.volume.lookup(parent_inode, name)
             self.volume.unlink(parent_inode, name, still_open=self._is_open(child.ino))
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["rename"] += 1
         with _errors():
             try:
                 target = self.volume.lookup(parent_inode_new, name_new).ino
@@ -200,12 +215,14 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.requests["opendir"] += 1
         with _errors():
             if not self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.requests["readdir"] += 1
         with _errors():
             entries = self.volume.readdir(fh, after_ino=start_id)
         for name, inode in entries:
@@ -213,9 +230,10 @@ class Operations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self.requests["releasedir"] += 1
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self.requests["statfs"] += 1
         backing = self.volume.statfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = backing.f_bsize
@@ -233,6 +251,7 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
         with _errors():
             if self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.EISDIR)
@@ -243,12 +262,14 @@ class Operations(pyfuse3.Operations):
     # nothing until it catches, unlike entering a context manager.
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.requests["read"] += 1
         try:
             return self.volume.read(fh, off, size)
         except Exception as exc:
             raise _fuse_error(exc) from exc
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.requests["write"] += 1
         try:
             return self.volume.write(fh, off, buf)
         except Exception as exc:
@@ -261,17 +282,20 @@ class Operations(pyfuse3.Operations):
         Needs pyfuse3 with the fallocate operation (docs/pyfuse3-patch.md);
         without it the kernel answers EOPNOTSUPP and never asks.
         """
+        self.requests["fallocate"] += 1
         with _errors():
             self.volume.fallocate(fh, mode, offset, length)
 
     async def flush(self, fh: int) -> None:
-        pass
+        self.requests["flush"] += 1
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        self.requests["fsync"] += 1
         with _errors():
             self.volume.sync()
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         if self._count_open(fh, -1) > 0:
             return
         if self.volume.is_orphan(fh):

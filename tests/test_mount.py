@@ -220,6 +220,16 @@ def test_statfs_is_the_backing_file_systems(mount: Mount) -> None:
     assert ours.f_namemax == 255
 
 
+def test_stats_count_requests_by_operation(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    write_file(mount.path("c", "f"), randbytes(2 * BLOCK, 20))
+    assert read_direct(mount.path("c", "f"), 0, 2 * BLOCK) == randbytes(2 * BLOCK, 20)
+    requests = mount.stats()["requests"]
+    assert requests["mkdir"] == 1 and requests["create"] == 1
+    assert requests["write"] >= 1 and requests["read"] >= 1
+    assert "rmdir" not in requests
+
+
 def test_dedup_within_a_chain_not_across_chains(mount: Mount) -> None:
     data = randbytes(32 * BLOCK, 4)
     repeated = data[:BLOCK] * 16
