@@ -17,6 +17,7 @@ reference to a purged file meets ENOENT, never another file.
 
 import errno
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,22 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may cache names and attributes. Short, because a clone
 #: made through the control socket changes a directory behind its back.
 CACHE_TIMEOUT = 1.0
+
+
+def _file_info(ino: int, flags: int) -> pyfuse3.FileInfo:
+    """The reply to an open: FOPEN_DIRECT_IO for an O_DIRECT open, else cached.
+
+    A loop device with direct I/O (``swapfs swapon``) opens its file with
+    O_DIRECT. Without FOPEN_DIRECT_IO the kernel's reads take the cached
+    read path, which (libfuse asks for auto_inval_data) sends a GETATTR
+    first once the attributes are older than CACHE_TIMEOUT, and drops the
+    answer if any asynchronous request completed while it was on its way:
+    under load nearly every read came with a GETATTR (docs/performance.md).
+    Opens without O_DIRECT keep the page cache and shared mappings, which
+    the kernel refuses on a FOPEN_DIRECT_IO file unless libfuse negotiates
+    FUSE_DIRECT_IO_ALLOW_MMAP (3.16 and later).
+    """
+    return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
 
 def _fuse_error(exc: Exception) -> pyfuse3.FUSEError:
@@ -177,7 +194,7 @@ class Operations(pyfuse3.Operations):
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         self._count_open(inode.ino, 1)
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._attrs(inode)
+        return _file_info(inode.ino, flags), self._attrs(inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -256,7 +273,7 @@ class Operations(pyfuse3.Operations):
             if self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.EISDIR)
         self._count_open(inode, 1)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return _file_info(inode, flags)
 
     # read and write run for every page the kernel swaps: a plain try costs
     # nothing until it catches, unlike entering a context manager.
