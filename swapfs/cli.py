@@ -163,6 +163,8 @@ def _priority(args: argparse.Namespace) -> int:
 
 def _swapon(args: argparse.Namespace) -> int:
     print(swaparea.swap_on(args.file, args.priority, discard=args.discard))
+    # stdout is the device alone, for scripts; the host setting goes to stderr.
+    print(f"swapfs: {swaparea.page_cluster_advice()}", file=sys.stderr)
     return 0
 
 
