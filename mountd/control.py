@@ -102,6 +102,7 @@ class ControlServer:
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()
+        report["requests"] = dict(self.ops.requests)
         if self.drivers is not None:
             named = report.get("transient_cache", {}).get("chains", {})
             report["transient_cache"] = {**self.drivers.stats(), "chains": named}

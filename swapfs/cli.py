@@ -163,6 +163,8 @@ def _priority(args: argparse.Namespace) -> int:
 
 def _swapon(args: argparse.Namespace) -> int:
     print(swaparea.swap_on(args.file, args.priority, discard=args.discard))
+    # stdout is the device alone, for scripts; the host setting goes to stderr.
+    print(f"swapfs: {swaparea.page_cluster_advice()}", file=sys.stderr)
     return 0
 
 
@@ -249,6 +251,9 @@ def _print_stats(stats: dict[str, Any]) -> None:
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
                   f"{entry['zero_blocks']:>12} {'':>7} {entry['priority']:>8}")
     print(f"index: {_size(stats['index_bytes'])}")
+    requests = sorted(stats.get("requests", {}).items(), key=lambda item: -item[1])
+    if requests:
+        print("requests: " + ", ".join(f"{name} {count}" for name, count in requests))
     content = stats.get("content_cache")
     if content is not None:
         print(f"content cache: capacity {_size(content['capacity_bytes'])}, "

@@ -17,6 +17,8 @@ reference to a purged file meets ENOENT, never another file.
 
 import errno
 import logging
+import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,6 +34,22 @@ log = logging.getLogger(__name__)
 #: Seconds the kernel may cache names and attributes. Short, because a clone
 #: made through the control socket changes a directory behind its back.
 CACHE_TIMEOUT = 1.0
+
+
+def _file_info(ino: int, flags: int) -> pyfuse3.FileInfo:
+    """The reply to an open: FOPEN_DIRECT_IO for an O_DIRECT open, else cached.
+
+    A loop device with direct I/O (``swapfs swapon``) opens its file with
+    O_DIRECT. Without FOPEN_DIRECT_IO the kernel's reads take the cached
+    read path, which (libfuse asks for auto_inval_data) sends a GETATTR
+    first once the attributes are older than CACHE_TIMEOUT, and drops the
+    answer if any asynchronous request completed while it was on its way:
+    under load nearly every read came with a GETATTR (docs/performance.md).
+    Opens without O_DIRECT keep the page cache and shared mappings, which
+    the kernel refuses on a FOPEN_DIRECT_IO file unless libfuse negotiates
+    FUSE_DIRECT_IO_ALLOW_MMAP (3.16 and later).
+    """
+    return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
 
 def _fuse_error(exc: Exception) -> pyfuse3.FUSEError:
@@ -74,6 +92,9 @@ class Operations(pyfuse3.Operations):
         self.volume = volume
         self._open: dict[int, int] = dict(open_files or {})
         self._on_open_change = on_open_change
+        #: Requests answered since this daemon started, by operation (``stats``):
+        #: what the kernel asks for, which is not always what the caller did.
+        self.requests: Counter[str] = Counter()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -119,6 +140,7 @@ class Operations(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
         with _errors():
             return self._attrs(self.volume.lookup(parent_inode, name))
 
@@ -130,12 +152,14 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
         with _errors():
             return self._attrs(self.volume.getattr(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["setattr"] += 1
         changes: dict[str, Any] = {}
         if fields.update_size:
             changes["size"] = attr.st_size
@@ -154,41 +178,49 @@ class Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["mkdir"] += 1
         with _errors():
             return self._attrs(self.volume.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["rmdir"] += 1
         with _errors():
             self.volume.rmdir(parent_inode, name)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.requests["create"] += 1
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         self._count_open(inode.ino, 1)
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True), self._attrs(inode)
+        return _file_info(inode.ino, flags), self._attrs(inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["mknod"] += 1
         with _errors():
             return self._attrs(self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["symlink"] += 1
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.requests["link"] += 1
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["unlink"] += 1
         with _errors():
             child = self.volume.lookup(parent_inode, name)
             self.volume.unlink(parent_inode, name, still_open=self._is_open(child.ino))
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.requests["rename"] += 1
         with _errors():
             try:
                 target = self.volume.lookup(parent_inode_new, name_new).ino
@@ -200,12 +232,14 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self.requests["opendir"] += 1
         with _errors():
             if not self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.requests["readdir"] += 1
         with _errors():
             entries = self.volume.readdir(fh, after_ino=start_id)
         for name, inode in entries:
@@ -213,9 +247,10 @@ class Operations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self.requests["releasedir"] += 1
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self.requests["statfs"] += 1
         backing = self.volume.statfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = backing.f_bsize
@@ -233,22 +268,25 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
         with _errors():
             if self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.EISDIR)
         self._count_open(inode, 1)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return _file_info(inode, flags)
 
     # read and write run for every page the kernel swaps: a plain try costs
     # nothing until it catches, unlike entering a context manager.
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.requests["read"] += 1
         try:
             return self.volume.read(fh, off, size)
         except Exception as exc:
             raise _fuse_error(exc) from exc
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.requests["write"] += 1
         try:
             return self.volume.write(fh, off, buf)
         except Exception as exc:
@@ -261,17 +299,20 @@ class Operations(pyfuse3.Operations):
         Needs pyfuse3 with the fallocate operation (docs/pyfuse3-patch.md);
         without it the kernel answers EOPNOTSUPP and never asks.
         """
+        self.requests["fallocate"] += 1
         with _errors():
             self.volume.fallocate(fh, mode, offset, length)
 
     async def flush(self, fh: int) -> None:
-        pass
+        self.requests["flush"] += 1
 
     async def fsync(self, fh: int, datasync: bool) -> None:
+        self.requests["fsync"] += 1
         with _errors():
             self.volume.sync()
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         if self._count_open(fh, -1) > 0:
             return
         if self.volume.is_orphan(fh):

@@ -25,6 +25,12 @@ _SIGNATURES = (b"SWAPSPACE2", b"SWAP-SPACE")
 _SIGNATURE_OFFSET = 4096 - 10
 _MIN_SWAP_BYTES = 40 * 1024
 
+PAGE_CLUSTER = Path("/proc/sys/vm/page-cluster")
+#: vm.page-cluster for swap on swapfs: the kernel reads up to 2**N pages per
+#: swap-in, and on swapfs a larger read costs little more than a small one
+#: (docs/configuration.md, "Host settings").
+RECOMMENDED_PAGE_CLUSTER = 5
+
 
 @dataclass
 class SwapArea:
@@ -103,6 +109,26 @@ def _has_signature(path: str) -> bool:
     with open(path, "rb") as swap_file:
         swap_file.seek(_SIGNATURE_OFFSET)
         return swap_file.read(10) in _SIGNATURES
+
+
+def page_cluster() -> int | None:
+    """The host's vm.page-cluster, or None where it cannot be read."""
+    try:
+        return int(PAGE_CLUSTER.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def page_cluster_advice() -> str:
+    """One line on vm.page-cluster: its value, and the recommended one if it differs."""
+    value = page_cluster()
+    if value is None:
+        return "vm.page-cluster: unknown (cannot read /proc/sys/vm/page-cluster)"
+    if value == RECOMMENDED_PAGE_CLUSTER:
+        return f"vm.page-cluster = {value} (recommended)"
+    return (f"vm.page-cluster = {value}; {RECOMMENDED_PAGE_CLUSTER} is recommended for swap "
+            f"on swapfs (sysctl vm.page-cluster={RECOMMENDED_PAGE_CLUSTER}; "
+            "docs/configuration.md)")
 
 
 def swap_on(path: str, priority: int | None = None, discard: bool = True) -> str:

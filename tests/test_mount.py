@@ -13,11 +13,15 @@ import multiprocessing
 import os
 import random
 import subprocess
+import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from swapfs import control
+from swapfs.fs import CACHE_TIMEOUT
 from swapfs.store import punch_hole
 from tests.mounting import (
     BLOCK,
@@ -218,6 +222,16 @@ def test_statfs_is_the_backing_file_systems(mount: Mount) -> None:
     assert abs(ours.f_bavail - backing.f_bavail) <= backing.f_blocks // 100
     assert abs(ours.f_bfree - backing.f_bfree) <= backing.f_blocks // 100
     assert ours.f_namemax == 255
+
+
+def test_stats_count_requests_by_operation(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    write_file(mount.path("c", "f"), randbytes(2 * BLOCK, 20))
+    assert read_direct(mount.path("c", "f"), 0, 2 * BLOCK) == randbytes(2 * BLOCK, 20)
+    requests = mount.stats()["requests"]
+    assert requests["mkdir"] == 1 and requests["create"] == 1
+    assert requests["write"] >= 1 and requests["read"] >= 1
+    assert "rmdir" not in requests
 
 
 def test_dedup_within_a_chain_not_across_chains(mount: Mount) -> None:
@@ -487,6 +501,34 @@ def test_o_direct_with_aligned_buffers(mount: Mount) -> None:
         os.close(fd)
     mount.remount()
     assert path.read_bytes() == bytes(2 * BLOCK) + bytes(out)
+
+
+def test_o_direct_reads_do_not_ask_for_attributes(mount: Mount) -> None:
+    """An O_DIRECT open (a loop device with direct I/O makes one) is answered
+    with FOPEN_DIRECT_IO: its reads reach the daemon without a GETATTR first,
+    even once the attributes the kernel holds have expired. (An ordinary
+    open keeps the page cache and shared mappings: the mmap test above.)"""
+    os.mkdir(mount.path("c"))
+    path = mount.path("c", "f")
+    data = randbytes(8 * BLOCK, 19)
+    write_file(path, data)
+    socket_path = control.socket_of(str(mount.mnt))  # finding it looks at the mount
+
+    def requests() -> Counter[str]:
+        return Counter(control.request(socket_path, {"op": "stats"})["requests"])
+
+    buffer = aligned_buffer(BLOCK)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        time.sleep(CACHE_TIMEOUT + 0.5)  # what the open told the kernel has expired
+        before = requests()
+        for index in range(8):
+            assert os.preadv(fd, [buffer], index * BLOCK) == BLOCK
+            assert bytes(buffer) == data[index * BLOCK:(index + 1) * BLOCK]
+        asked = requests() - before
+    finally:
+        os.close(fd)
+    assert asked == Counter(read=8)
 
 
 def test_loop_device_with_direct_io(mount: Mount) -> None:

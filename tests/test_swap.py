@@ -134,6 +134,34 @@ def test_swapon_refuses_files_elsewhere_and_twice(mount: Mount, tmp_path: Path) 
         assert again.returncode == 1 and "already attached" in again.stderr
 
 
+def test_swapon_prints_the_device_and_reports_page_cluster(mount: Mount) -> None:
+    path = swap_file(mount, "vm.swap", 64)
+    result = swapfs("swapon", str(path), "--priority", "32767")
+    try:
+        # stdout is the device alone (scripts read it); the host setting is on stderr.
+        assert result.stdout == f"{swaparea.devices_of(str(path))[0]}\n"
+        value = swaparea.page_cluster()
+        assert f"vm.page-cluster = {value}" in result.stderr
+        advice = f"{swaparea.RECOMMENDED_PAGE_CLUSTER} is recommended"
+        assert (advice in result.stderr) == (value != swaparea.RECOMMENDED_PAGE_CLUSTER)
+    finally:
+        if swaparea.devices_of(str(path)):
+            swapfs("swapoff", str(path))
+
+
+def test_page_cluster_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    setting = tmp_path / "page-cluster"
+    monkeypatch.setattr(swaparea, "PAGE_CLUSTER", setting)
+    assert "unknown" in swaparea.page_cluster_advice()
+    recommended = swaparea.RECOMMENDED_PAGE_CLUSTER
+    setting.write_text(f"{recommended}\n")
+    assert swaparea.page_cluster_advice() == f"vm.page-cluster = {recommended} (recommended)"
+    setting.write_text(f"{recommended - 2}\n")
+    advice = swaparea.page_cluster_advice()
+    assert advice.startswith(f"vm.page-cluster = {recommended - 2};")
+    assert f"sysctl vm.page-cluster={recommended}" in advice
+
+
 @pytest.mark.slow
 def test_killing_the_workload_leaves_nothing_behind(mount: Mount) -> None:
     """Workers killed mid-swap: swap, loop device and cgroup all go cleanly."""
