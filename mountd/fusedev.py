@@ -73,7 +73,12 @@ def unmount(mountpoint: str) -> None:
 
 
 def read_init(fd: int) -> bytes:
-    """Read the connection's first request, which the kernel makes its INIT."""
+    """Read the connection's first request, which the kernel makes its INIT.
+
+    The kernel queues INIT before mount(2) returns, so this read finds it
+    whether or not the descriptor is non-blocking (pyfuse3's loop sets
+    O_NONBLOCK, on the open file description that every duplicate shares).
+    """
     return check_init(os.read(fd, _READ_SIZE))
 
 

@@ -232,6 +232,23 @@ def test_resend_notification_on_this_kernel() -> None:
         remove_tree(root)
 
 
+@pytest.mark.parametrize("blocking", [True, False])
+def test_the_init_is_read_whether_or_not_the_descriptor_blocks(blocking: bool) -> None:
+    """pyfuse3's loop makes the connection's descriptor non-blocking, for
+    every process that holds a duplicate of it."""
+    root = short_tempdir()
+    mnt = root / "m"
+    mnt.mkdir()
+    fd = fusedev.mount(str(mnt), "swapfs:test", "swapfs", allow_other=False)
+    try:
+        os.set_blocking(fd, blocking)
+        assert fusedev.init_version(fusedev.read_init(fd))[0] == 7
+    finally:
+        fusedev.unmount(str(mnt))
+        os.close(fd)
+        remove_tree(root)
+
+
 @contextlib.contextmanager
 def cached_mount(settings: str) -> Iterator[Mount]:
     """A mount with a 64-block content cache, a manifest every 0.2 s, and *settings*."""

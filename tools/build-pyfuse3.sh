@@ -35,8 +35,9 @@ dist=$work/dist-$PYFUSE3_VERSION-$patch_sha
 die() { echo "build-pyfuse3: $*" >&2; exit 1; }
 
 # Each patch must be in the compiled module: the fallocate handler (not only
-# Operations.fallocate) and init()'s init_request argument.
-check='import pyfuse3, sys; sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async") and "init_request" in (pyfuse3.init.__doc__ or "")))'
+# Operations.fallocate), init()'s init_request argument, and main()'s
+# max_burst argument (the non-blocking loop).
+check='import inspect, pyfuse3, sys; sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async") and "init_request" in (pyfuse3.init.__doc__ or "") and "max_burst" in inspect.signature(pyfuse3.main).parameters))'
 
 [ -x "$venv/bin/python" ] || die "no virtual environment at $venv"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$LOCAL_VERSION $patch_sha" ] \
