@@ -1,0 +1,132 @@
+"""What a 4 KiB overwrite and a discard cost in the engine alone (no FUSE).
+
+Fills one file sequentially with data of which ``--dedupe`` percent repeats
+earlier blocks (as fio's ``dedupe_percentage``), syncs, then overwrites
+random 4 KiB blocks of it with new data of the same kind, timing each
+``Volume.write``. Then discards (``fallocate`` PUNCH_HOLE | KEEP_SIZE, what
+a loop device sends) 1 MiB ranges of its first half, and its second half
+(64 MiB with the default size) at once, timing each ``Volume.fallocate``.
+
+The state directory is made under ``--dir`` (default: the system's temporary
+directory), so the data files live on that file system and its mount
+options (``discard`` makes every hole punch a synchronous discard) count.
+
+Example (the figures of docs/performance.md)::
+
+    PYTHONPATH=$PWD python tools/writecost.py --file-mib 128 --writes 20000
+"""
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.index import ROOT_INO
+from swapfs.volume import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Volume
+
+MIB = 1 << 20
+DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+class Blocks:
+    """4 KiB blocks of which *dedupe* percent repeat a block made before."""
+
+    def __init__(self, dedupe: int, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.dedupe = dedupe
+        self.made: list[bytes] = []
+
+    def next(self) -> bytes:
+        if self.made and self.rng.randrange(100) < self.dedupe:
+            return self.rng.choice(self.made)
+        block = self.rng.randbytes(BLOCK_SIZE)
+        self.made.append(block)
+        return block
+
+
+def fill(volume: Volume, ino: int, blocks: int, data: Blocks) -> None:
+    """Write the file from start to end in 256 KiB requests."""
+    per_request = 64
+    for first in range(0, blocks, per_request):
+        count = min(per_request, blocks - first)
+        volume.write(ino, first * BLOCK_SIZE, b"".join(data.next() for _ in range(count)))
+
+
+def figures(seconds: list[float]) -> dict[str, float]:
+    micros = sorted(s * 1e6 for s in seconds)
+    return {"mean_us": statistics.fmean(micros), "median_us": micros[len(micros) // 2],
+            "p99_us": micros[min(len(micros) - 1, len(micros) * 99 // 100)],
+            "count": len(micros)}
+
+
+def overwrite(volume: Volume, ino: int, blocks: int, writes: int, data: Blocks,
+              seed: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    offsets = [rng.randrange(blocks) * BLOCK_SIZE for _ in range(writes)]
+    buffers = [data.next() for _ in range(writes)]
+    clock = time.perf_counter
+    times = []
+    for offset, buffer in zip(offsets, buffers, strict=True):
+        start = clock()
+        volume.write(ino, offset, buffer)
+        times.append(clock() - start)
+    return figures(times)
+
+
+def discards(volume: Volume, ino: int, ranges: list[tuple[int, int]]) -> dict[str, float]:
+    """Discard each (offset, length) range."""
+    times = []
+    for offset, length in ranges:
+        start = time.perf_counter()
+        volume.fallocate(ino, DISCARD, offset, length)
+        times.append(time.perf_counter() - start)
+    return figures(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--file-mib", type=int, default=128, help="the file's size")
+    parser.add_argument("--writes", type=int, default=20000, help="4 KiB overwrites timed")
+    parser.add_argument("--dedupe", type=int, default=50, help="percent of repeated blocks")
+    parser.add_argument("--discards", type=int, default=16, help="1 MiB discards timed")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the state directory is made")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    blocks = args.file_mib * MIB // BLOCK_SIZE
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="swapfs-writecost-", dir=args.dir) as state:
+        volume = Volume(Path(state))
+        try:
+            data = Blocks(args.dedupe, seed=1)
+            chain = volume.mkdir(ROOT_INO, b"chain", 0o755, 0, 0)
+            target = volume.create(chain.ino, b"file", 0o600, 0, 0)
+            fill(volume, target.ino, blocks, data)
+            volume.sync()
+            results["overwrite 4k"] = overwrite(volume, target.ino, blocks, args.writes,
+                                                data, seed=2)
+            half = blocks * BLOCK_SIZE // 2
+            ranges = random.Random(3).sample(range(half // MIB), min(args.discards, half // MIB))
+            results["discard 1m"] = discards(volume, target.ino,
+                                             [(number * MIB, MIB) for number in ranges])
+            results[f"discard {half // MIB}m"] = discards(volume, target.ino, [(half, half)])
+        finally:
+            volume.close()
+    for name, figure in results.items():
+        print(f"{name:13} mean {figure['mean_us']:9.1f} µs  median {figure['median_us']:9.1f}"
+              f" µs  p99 {figure['p99_us']:9.1f} µs  ({figure['count']} timed)",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
