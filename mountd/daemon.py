@@ -6,14 +6,15 @@ takes over a connection whose daemon died (``--adopt-fds`` from a standby,
 ``$LISTEN_FDS`` from systemd): docs/takeover.md.
 
 One trio run holds everything: pyfuse3's request loop, the control server,
-a signal watcher, the cache manifest and, where configured, the lease
-renewal, in one nursery. When the kernel unmounts the file system
-(``swapfs umount``, ``fusermount3 -u``) the loop ends, the nursery is
-cancelled, and the Volume is synced and closed before the process exits.
-SIGTERM and SIGINT unmount too, but only while no file is open: a daemon
-that went away under an active swap area would take the swapped-out pages
-of every process using it with it, unless a keeper holds the mount. A
-daemon that fails while kept leaves the mount (and its lease) to the next.
+a signal watcher, the cache manifest, the hole punching of slots that stayed
+free and, where configured, the lease renewal, in one nursery. When the
+kernel unmounts the file system (``swapfs umount``, ``fusermount3 -u``) the
+loop ends, the nursery is cancelled, and the Volume is closed (what is still
+pending punched, everything synced) before the process exits. SIGTERM and
+SIGINT unmount too, but only while no file is open: a daemon that went away
+under an active swap area would take the swapped-out pages of every process
+using it with it, unless a keeper holds the mount. A daemon that fails while
+kept leaves the mount (and its lease) to the next.
 """
 
 import errno
@@ -48,6 +49,15 @@ log = logging.getLogger(__name__)
 
 #: Unix socket paths longer than this do not fit in sockaddr_un.
 _SUN_PATH_MAX = 107
+
+#: Seconds between two rounds of hole punching: a freed slot that no new
+#: block took within one to two of them gives its disk space back.
+PUNCH_INTERVAL = 1.0
+#: Slots punched between two checkpoints of the trio loop. Each run of
+#: consecutive slots is one fallocate (a synchronous discard where the state's
+#: file system is mounted with ``discard``, about 0.2 ms), so a batch of
+#: scattered slots holds requests up for a few milliseconds at most.
+PUNCH_BATCH = 32
 
 
 def control_socket_path(state: Path) -> str:
@@ -240,6 +250,21 @@ def _fence(volume: Volume, link: Link) -> None:
     volume.index.fence(f"the lease on {volume.state} is lost")
 
 
+async def _punch_free_slots(volume: Volume) -> None:
+    """Give back the disk space of slots that stayed free, in bounded batches.
+
+    Each round punches what was freed before the previous round began and
+    has not been reused since (Volume.punch_pending), a batch at a time with
+    a checkpoint in between, so that FUSE requests are served meanwhile.
+    """
+    previous = time.monotonic()
+    while True:
+        await trio.sleep(PUNCH_INTERVAL)
+        cutoff, previous = previous, time.monotonic()
+        while volume.punch_pending(PUNCH_BATCH, freed_before=cutoff) == PUNCH_BATCH:
+            await trio.sleep(0)
+
+
 async def _watch_standby(control: ControlServer, pid: int, pidfd: int) -> None:
     """Let go of the standby that started this daemon when it dies, attached
     or not: a dead keeper must not block the next one nor keep a failed
@@ -266,6 +291,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
+        nursery.start_soon(_punch_free_slots, control.volume)
         if link.keeper_pidfd is not None and link.keeper_pid is not None:
             nursery.start_soon(_watch_standby, control, link.keeper_pid, link.keeper_pidfd)
         if link.lease is not None:

@@ -37,7 +37,7 @@ Invariants (``fsck`` checks each one):
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,13 +169,14 @@ class Index:
 class Txn:
     """One LMDB transaction with typed accessors for every database."""
 
-    __slots__ = ("index", "txn")
+    __slots__ = ("index", "txn", "_after")
 
     def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
         self.index = index
         # lmdb's stubs type values as bytes | memoryview; without buffers=True
         # they are always bytes, which is what every accessor below relies on.
         self.txn: Any = txn
+        self._after: list[Callable[[bool], None]] = []
 
     def __enter__(self) -> "Txn":
         return self
@@ -184,17 +185,31 @@ class Txn:
         if exc_type is None:
             self.commit()
         else:
-            self.txn.abort()
+            self.abort()
+
+    def after(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(committed)`` once this transaction has ended: what
+        may happen only after a commit (reusing the slots it freed), or must
+        be undone if it aborts, waits for it here."""
+        self._after.append(callback)
+
+    def _ended(self, committed: bool) -> None:
+        callbacks, self._after = self._after, []
+        for callback in callbacks:
+            callback(committed)
 
     def abort(self) -> None:
         self.txn.abort()
+        self._ended(False)
 
     def commit(self) -> None:
         """Commit, or raise SwapfsError with nothing changed (LMDB aborts the txn)."""
         try:
             self.txn.commit()
         except lmdb.Error as exc:
+            self._ended(False)
             raise SwapfsError(self._commit_errno(exc), f"index commit failed: {exc}") from exc
+        self._ended(True)
 
     def _commit_errno(self, exc: lmdb.Error) -> int:
         if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):

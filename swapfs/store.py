@@ -2,8 +2,10 @@
 
 Slot *n* of chain *c* is bytes ``[n * 4096, (n + 1) * 4096)`` of
 ``data/<c>.blocks``. The store knows nothing about digests or refcounts; the
-index decides which slots hold what. A freed slot is hole-punched so that
-the disk usage of the state directory follows the blocks really stored.
+index decides which slots hold what. A slot that stays free is hole-punched
+(a second or two after it was freed, unless a new block took it first:
+``swapfs/reclaim.py``), so that the disk usage of the state directory
+follows the blocks really stored.
 """
 
 import ctypes

@@ -12,7 +12,12 @@ The write path, for each 4 KiB block a request touches::
     digest (keyed)     -> known in the chain? raise its refcount
                           new? take a free slot, write the data there
     map the file's logical block to the digest; drop the old digest's ref
-    commit; then punch the slots whose refcount reached zero
+    commit; then the slots whose refcount reached zero may be reused
+
+A freed slot keeps its disk space until :meth:`Volume.punch_pending` punches
+it, so that the next new block of its chain can take it without the file
+system allocating anything (``swapfs/reclaim.py``). Without a daemon calling
+that method, freed slots are punched at :meth:`Volume.close`.
 
 Why this order is crash-safe is in ``docs/write-ordering.md``.
 """
@@ -50,6 +55,7 @@ from swapfs.index import (
     Inode,
     Txn,
 )
+from swapfs.reclaim import PendingPunches
 from swapfs.store import BlockStore
 from swapfs.transient import TransientCache
 
@@ -94,6 +100,8 @@ class Volume:
                 claim()
             self.index = Index(state / INDEX_NAME)
             self.store = BlockStore(state / "data")
+            #: Free slots whose disk space is not given back yet (punch_pending).
+            self.pending = PendingPunches()
             #: The read caches, asked in this order before the store (use_caches).
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
@@ -113,7 +121,8 @@ class Volume:
         self._caches = tuple(cache for cache in (pool, content) if cache is not None)
 
     def close(self) -> None:
-        """Flush everything to disk and release the state directory."""
+        """Punch what is pending, flush everything to disk, release the state directory."""
+        self.punch_pending()
         self.sync()
         self.store.close()
         self.index.close()
@@ -123,6 +132,24 @@ class Volume:
         """Make every committed change durable: data files first, then the index."""
         self.store.sync()
         self.index.sync()
+
+    def punch_pending(self, max_slots: int | None = None,
+                      freed_before: float | None = None) -> int:
+        """Give back the disk space of free slots that still hold it, oldest first.
+
+        At most *max_slots* slots (all with None), and only those freed
+        before *freed_before* (a ``time.monotonic()`` time) if given; each run
+        of consecutive slots is one hole punch. Returns how many slots were
+        punched. Every slot punched is free in the committed index and taken
+        by no transaction, so nothing live is lost; a volume whose writes are
+        fenced punches nothing, since another host may own its data files.
+        """
+        if self.index.fenced is not None:
+            return 0
+        batch = self.pending.batch(max_slots, freed_before)
+        for chain_id, slots in batch.items():
+            self.store.punch(chain_id, slots)
+        return sum(len(slots) for slots in batch.values())
 
     # -- set-up ---------------------------------------------------------------
 
@@ -157,6 +184,10 @@ class Volume:
             free = {chain.id_: list(txn.iter_free(chain.id_)) for chain in txn.iter_chains()}
         for chain_id, slots in free.items():
             self.store.punch(chain_id, slots)
+        self.pending.clear()  # all punched, those of the orphans just purged too
+
+    def _change(self, txn: Txn, chain_id: int) -> "_ChainWrite":
+        return _ChainWrite(self.store, txn, _chain(txn, chain_id), self.pending)
 
     # -- lookups --------------------------------------------------------------
 
@@ -287,13 +318,12 @@ class Volume:
         """Drop an unlinked file: unmap all its blocks, then forget it."""
         with self.index.begin(write=True) as txn:
             inode = _file(txn, ino)
-            change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+            change = self._change(txn, inode.chain)
             change.unmap_from(inode, 0)
             txn.delete_inode(ino)
             txn.delete_orphan(ino)
             txn.delete_priority(ino)
             change.finish()
-        change.punch()
 
     def rmdir(self, parent: int, name: bytes) -> None:
         """Remove an empty chain, its key and its data file."""
@@ -311,6 +341,7 @@ class Volume:
             txn.delete_inode(ino)
             txn.delete_dirent(parent, name)
             _touch_dir(txn, parent)
+        self.pending.drop(inode.chain)
         self.store.remove(inode.chain)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -373,7 +404,7 @@ class Volume:
                 if inode.is_dir:
                     raise SwapfsError(errno.EISDIR)
                 _check_size(size)
-                change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+                change = self._change(txn, inode.chain)
                 change.resize(inode, size)
                 inode.mtime_ns = time.time_ns()
             if mode is not None:
@@ -390,8 +421,6 @@ class Volume:
             txn.put_inode(inode)
             if change is not None:
                 change.finish()
-        if change is not None:
-            change.punch()
         return inode
 
     # -- data -----------------------------------------------------------------
@@ -483,7 +512,7 @@ class Volume:
             inode = _file(txn, ino)
             if not data:
                 return 0  # POSIX: writing nothing changes nothing, not even the size
-            change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+            change = self._change(txn, inode.chain)
             blocks = []
             for piece in pieces(offset, len(data)):
                 chunk = data[piece.buf_start:piece.buf_start + piece.end - piece.start]
@@ -496,7 +525,6 @@ class Volume:
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
             txn.put_inode(inode)
             change.finish()
-        change.punch()
         return len(data)
 
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
@@ -505,7 +533,8 @@ class Volume:
         ``PUNCH_HOLE | KEEP_SIZE`` (what a loop device sends for a discard)
         and ``ZERO_RANGE`` (with or without ``KEEP_SIZE``) unmap the blocks
         the range covers whole and drop their refcounts, so a block no file
-        maps any more is freed and, after the commit, hole-punched; partial
+        maps any more is freed (and its slot punched by :meth:`punch_pending`
+        unless a new block takes it first); partial
         blocks at either edge are rewritten with zeros over the range.
         Without ``KEEP_SIZE``, zeroing past the end extends the file. Plain
         allocation (mode 0, or ``KEEP_SIZE`` alone) reserves nothing, since
@@ -534,7 +563,7 @@ class Volume:
                 if end >= inode.size:
                     stop = blocks_for(inode.size) * BLOCK_SIZE
                 if offset < stop:
-                    change = _ChainWrite(self.store, txn, _chain(txn, inode.chain))
+                    change = self._change(txn, inode.chain)
                     first, head = divmod(offset, BLOCK_SIZE)
                     last, tail = divmod(stop, BLOCK_SIZE)
                     if head:  # the range starts inside block *first*
@@ -554,8 +583,6 @@ class Volume:
             txn.put_inode(inode)
             if change is not None:
                 change.finish()
-        if change is not None:
-            change.punch()
 
     def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, bytes] | None:
         """(digest, verified data) of a stored block of the chain whose digest
@@ -760,17 +787,25 @@ class _ChainWrite:
 
     Slots whose refcount reaches zero are collected in ``freed``; they join
     the free list in :meth:`finish`, after every allocation of this
-    transaction, so none of them is overwritten before this commit.
+    transaction, so none of them is overwritten before this commit, and they
+    become pending punches (the first choice of later allocations) only once
+    it has committed. Slots this transaction took from the free list are
+    remembered in ``taken``: if it aborts they are free again, and may hold
+    the data it wrote there, so they go back to the pending punches.
     """
 
-    __slots__ = ("store", "txn", "chain", "freed", "_saved")
+    __slots__ = ("store", "txn", "chain", "pending", "freed", "taken", "_saved")
 
-    def __init__(self, store: BlockStore, txn: Txn, chain: Chain) -> None:
+    def __init__(self, store: BlockStore, txn: Txn, chain: Chain,
+                 pending: PendingPunches) -> None:
         self.store = store
         self.txn = txn
         self.chain = chain
+        self.pending = pending
         self.freed: list[int] = []
+        self.taken: list[int] = []
         self._saved = (chain.next_slot, chain.stored)
+        txn.after(self._ended)
 
     def mapped_block(self, ino: int, block: int) -> bytes:
         digest = self.txn.get_map(ino, block)
@@ -806,10 +841,7 @@ class _ChainWrite:
             if ref is None:
                 ref = txn.get_block(chain.id_, digest)
             if ref is None:
-                slot = txn.pop_free(chain.id_)
-                if slot is None:
-                    slot = chain.next_slot
-                    chain.next_slot += 1
+                slot = self.allocate()
                 new_data.append((slot, data))
                 ref = BlockRef(slot, 0)
                 chain.stored += 1
@@ -826,6 +858,23 @@ class _ChainWrite:
             txn.put_block(chain.id_, digest, ref)
         for digest in dropped:
             self.unref(digest)
+
+    def allocate(self) -> int:
+        """A slot for a new block: the chain's most recently freed slot that
+        still holds its disk space, else a punched free slot, else a new slot
+        at the end of the data file."""
+        chain = self.chain
+        slot = self.pending.take(chain.id_)
+        if slot is not None:
+            self.txn.delete_free(chain.id_, slot)
+        else:
+            slot = self.txn.pop_free(chain.id_)
+        if slot is None:
+            slot = chain.next_slot
+            chain.next_slot += 1
+        else:
+            self.taken.append(slot)
+        return slot
 
     def unref(self, digest: bytes) -> None:
         ref = _block(self.txn, self.chain.id_, digest)
@@ -878,7 +927,8 @@ class _ChainWrite:
         for slot in self.freed:
             self.txn.put_free(self.chain.id_, slot)
 
-    def punch(self) -> None:
-        """After commit: give the disk space of the freed slots back."""
-        if self.freed:
-            self.store.punch(self.chain.id_, self.freed)
+    def _ended(self, committed: bool) -> None:
+        if committed and self.freed:
+            self.pending.add(self.chain.id_, self.freed, time.monotonic())
+        elif not committed and self.taken:
+            self.pending.add(self.chain.id_, self.taken, time.monotonic())

@@ -307,12 +307,13 @@ def test_a_data_file_of_no_chain_is_removed(state_dir: Path) -> None:
 
 
 def test_a_free_slot_that_still_holds_data_is_punched(state_dir: Path) -> None:
-    """A write that failed after filling a free slot, or a crash before the punch."""
+    """A crash while its punch was pending (or a write that filled it and failed,
+    if the daemon died before punching it)."""
     with closing(Volume(state_dir)) as vol:
         chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
         file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
         vol.write(file.ino, 0, block(1) + block(2))
-        vol.write(file.ino, 0, block(3))  # slot 0 is freed and punched
+        vol.write(file.ino, 0, block(3))  # slot 0 is freed (and punched at close)
         with vol.index.begin() as txn:
             assert list(txn.iter_free(chain.chain)) == [0]
         data_file = vol.store.path(chain.chain)

@@ -3,10 +3,11 @@
 The model is, per chain, a dict of file name -> bytearray (plus the files
 unlinked while still open). Hypothesis runs random sequences of creates,
 writes (random, all-zero, repeated-byte, and copied from other files, so that
-duplicate blocks are common), clones, truncates, renames, unlinks, purges and
-remounts, and after every step checks contents and space accounting exactly:
-within a chain dedup is exact, so stored bytes are a pure function of the
-model's contents. At the end, fsck must find nothing wrong.
+duplicate blocks are common), clones, truncates, renames, unlinks, purges,
+hole punches of freed slots and remounts, and after every step checks
+contents and space accounting exactly: within a chain dedup is exact, so
+stored bytes are a pure function of the model's contents. At the end, fsck
+must find nothing wrong.
 """
 
 import random
@@ -200,6 +201,16 @@ class VolumeMachine(RuleBasedStateMachine):
         self.vol.purge(ino)
         del self.orphans[chain][ino]
         self.dirty = True
+
+    @rule(max_slots=st.one_of(st.none(), st.integers(1, 4)))
+    def punch(self, max_slots: int | None) -> None:
+        """Punch some or all of the free slots still on disk (what the daemon
+        does every second): contents stay; once all are punched, each data
+        file occupies exactly its chain's stored blocks."""
+        self.vol.punch_pending(max_slots)
+        if max_slots is None:
+            for chain in self.vol.stats()["chains"].values():
+                assert chain["disk_bytes"] == chain["stored_bytes"]
 
     @precondition(lambda self: self.dirty)
     @rule()

@@ -8,6 +8,7 @@ deduplication and space reclaim are invisible through read() alone.
 import collections
 import errno
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -487,6 +488,8 @@ def test_unlink_frees_blocks_whose_refcount_drops_to_zero(
     assert free_slots(volume, chain.chain) == {only_a}
     assert list(refcounts(volume, chain.chain).values()) == [1]
     assert chain_stats(volume)["stored_bytes"] == BS
+    assert disk_usage(state_dir) == usage, "the freed slot waits to be punched"
+    assert volume.punch_pending() == 1
     assert disk_usage(state_dir) == usage - BS, "the freed slot is hole-punched"
     assert read_all(volume, b.ino) == block(2)
 
@@ -504,6 +507,100 @@ def test_a_freed_slot_is_reused(volume: Volume, chain: Inode) -> None:
     assert free_slots(volume, chain.chain) == set()
     assert slots(volume, chain.chain)[digest_at(volume, b.ino, 1)] == freed
     assert read_all(volume, b.ino) == block(2) + block(3)
+
+
+def test_unpunched_slots_are_reused_newest_first_then_punched_ones_then_new(
+        volume: Volume, state_dir: Path, chain: Inode, file: Inode) -> None:
+    volume.write(file.ino, 0, b"".join(block(n) for n in range(4)))  # slots 0-3
+    volume.write(file.ino, 0, bytes(BS))  # frees slot 0...
+    assert volume.punch_pending() == 1  # ...which is punched
+    volume.write(file.ino, 2 * BS, bytes(BS))  # frees slot 2, then
+    volume.write(file.ino, BS, bytes(BS))  # slot 1: both keep their space
+    assert free_slots(volume, chain.chain) == {0, 1, 2}
+    usage = disk_usage(state_dir)
+    assert usage == 3 * BS
+    taken = []
+    for n in range(4):
+        volume.write(file.ino, (4 + n) * BS, block(10 + n))
+        taken.append(slots(volume, chain.chain)[digest_at(volume, file.ino, 4 + n)])
+    assert taken == [1, 2, 0, 4]
+    assert disk_usage(state_dir) == usage + 2 * BS, "slots 1 and 2 were still allocated"
+    assert free_slots(volume, chain.chain) == set()
+    assert volume.punch_pending() == 0
+
+
+def test_punch_pending_takes_the_oldest_first_within_its_bounds(
+        volume: Volume, state_dir: Path, chain: Inode, file: Inode) -> None:
+    volume.write(file.ino, 0, b"".join(block(n) for n in range(6)))  # slots 0-5
+    for n in (5, 0, 3):
+        volume.write(file.ino, n * BS, bytes(BS))
+    freed_by_now = time.monotonic()
+    volume.write(file.ino, BS, bytes(BS))
+    assert disk_usage(state_dir) == 6 * BS
+    assert volume.punch_pending(2) == 2
+    assert [volume.store.holds_data(chain.chain, slot) for slot in range(6)] == [
+        False, True, True, True, True, False]
+    assert volume.punch_pending(freed_before=freed_by_now) == 1  # slot 3, not slot 1
+    assert volume.store.holds_data(chain.chain, 1)
+    assert volume.punch_pending() == 1
+    assert disk_usage(state_dir) == 2 * BS
+    assert read_all(volume, file.ino) == (bytes(2 * BS) + block(2) + bytes(BS) + block(4)
+                                          + bytes(BS))
+
+
+def test_a_slot_is_not_reused_by_the_transaction_that_frees_it(
+        volume: Volume, chain: Inode, file: Inode) -> None:
+    """One write frees slot 0 (block 0) and stores a new block (block 1): the
+    new block goes to a new slot, since slot 0 must keep its data until the
+    commit that frees it (docs/write-ordering.md, rule 2)."""
+    volume.write(file.ino, 0, block(1))
+    volume.write(file.ino, 0, block(2) + block(3))
+    assert slots(volume, chain.chain) == {digest_at(volume, file.ino, 0): 1,
+                                          digest_at(volume, file.ino, 1): 2}
+    assert free_slots(volume, chain.chain) == {0}
+    volume.write(file.ino, 2 * BS, block(4))  # a later transaction may reuse it
+    assert slots(volume, chain.chain)[digest_at(volume, file.ino, 2)] == 0
+
+
+def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
+        volume: Volume, state_dir: Path, chain: Inode, file: Inode,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    volume.write(file.ino, 0, block(1) + block(2))
+    volume.write(file.ino, 0, bytes(2 * BS))  # slots 0 and 1 pending
+    with monkeypatch.context() as patch:
+        def full(chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
+            for slot, data in blocks:  # the data lands, then the disk is full
+                with open(data_file(state_dir, chain_id), "r+b") as out:
+                    out.seek(slot * BS)
+                    out.write(data)
+            raise SwapfsError(errno.ENOSPC)
+        patch.setattr(volume.store, "write_many", full)
+        with raises_errno(errno.ENOSPC):
+            volume.write(file.ino, 0, block(3) + block(4))
+    assert read_all(volume, file.ino) == bytes(2 * BS)
+    assert free_slots(volume, chain.chain) == {0, 1}
+    assert volume.punch_pending() == 2
+    assert disk_usage(state_dir) == 0
+
+
+def test_a_fenced_volume_punches_nothing(
+        volume: Volume, state_dir: Path, file: Inode) -> None:
+    volume.write(file.ino, 0, block(1))
+    volume.write(file.ino, 0, block(2))
+    volume.index.fence("the lease is lost")
+    assert volume.punch_pending() == 0
+    assert disk_usage(state_dir) == 2 * BS
+
+
+def test_close_punches_what_is_pending(state_dir: Path) -> None:
+    vol = Volume(state_dir)
+    chain = mkchain(vol)
+    file = mkfile(vol, chain)
+    vol.write(file.ino, 0, block(1) + block(2))
+    vol.write(file.ino, 0, block(3))
+    assert disk_usage(state_dir) == 3 * BS
+    vol.close()
+    assert disk_usage(state_dir) == 2 * BS
 
 
 def test_unlink_while_open_keeps_the_data_until_purge(
@@ -638,6 +735,8 @@ def test_rmdir_removes_the_chain_and_its_data_file(
     volume.unlink(chain.ino, b"f.swap", still_open=False)
     volume.rmdir(ROOT_INO, b"chain")
     assert not data_file(state_dir, chain.chain).exists()
+    assert volume.punch_pending() == 0, "the chain's pending punches went with it"
+    assert not data_file(state_dir, chain.chain).exists()
     with raises_errno(errno.ENOENT):
         volume.lookup(ROOT_INO, b"chain")
     with volume.index.begin() as txn:
@@ -693,11 +792,13 @@ def test_everything_survives_close_and_reopen(state_dir: Path) -> None:
 
 
 def test_disk_usage_tracks_stored_bytes(volume: Volume, state_dir: Path) -> None:
-    """Data files occupy exactly the stored blocks: holes for zeros, punched frees."""
+    """Data files occupy exactly the stored blocks once the pending punches ran:
+    holes for zeros, punched frees."""
     a_chain, b_chain = mkchain(volume, b"a"), mkchain(volume, b"b")
     a, b = mkfile(volume, a_chain), mkfile(volume, b_chain)
 
     def check() -> None:
+        volume.punch_pending()
         stats = volume.stats()["chains"]
         stored = sum(c["stored_bytes"] for c in stats.values())
         assert disk_usage(state_dir) == stored
@@ -726,9 +827,9 @@ def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
     chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
     file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
     vol.write(file.ino, 0, b"\1" * BLOCK_SIZE + b"\2" * BLOCK_SIZE)
-    vol.write(file.ino, 0, b"\3" * BLOCK_SIZE)  # into slot 2; slot 0 is freed, punched
+    vol.write(file.ino, 0, b"\3" * BLOCK_SIZE)  # into slot 2; slot 0 is freed
     data_file = vol.store.path(chain.chain)
-    vol.close()
+    vol.close()  # punches slot 0
     with open(data_file, "r+b") as data:
         data.write(b"\1" * BLOCK_SIZE)  # as if the punch had never happened
     assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE

@@ -3,9 +3,12 @@
 Fills one file sequentially with data of which ``--dedupe`` percent repeats
 earlier blocks (as fio's ``dedupe_percentage``), syncs, then overwrites
 random 4 KiB blocks of it with new data of the same kind, timing each
-``Volume.write``. Then discards (``fallocate`` PUNCH_HOLE | KEEP_SIZE, what
-a loop device sends) 1 MiB ranges of its first half, and its second half
-(64 MiB with the default size) at once, timing each ``Volume.fallocate``.
+``Volume.write``; every second of it, as the daemon does, the slots freed
+before the last such second and not reused since are punched
+(``Volume.punch_pending``), timed apart. Then discards (``fallocate``
+PUNCH_HOLE | KEEP_SIZE, what a loop device sends) 1 MiB ranges of its first
+half, and its second half (64 MiB with the default size) at once, timing
+each ``Volume.fallocate`` and the punch of the slots it freed.
 
 The state directory is made under ``--dir`` (default: the system's temporary
 directory), so the data files live on that file system and its mount
@@ -66,27 +69,45 @@ def figures(seconds: list[float]) -> dict[str, float]:
 
 
 def overwrite(volume: Volume, ino: int, blocks: int, writes: int, data: Blocks,
-              seed: int) -> dict[str, float]:
+              seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     offsets = [rng.randrange(blocks) * BLOCK_SIZE for _ in range(writes)]
     buffers = [data.next() for _ in range(writes)]
     clock = time.perf_counter
     times = []
+    punching = 0.0
+    punched = 0
+    previous = time.monotonic()
+    next_round = clock() + 1.0
     for offset, buffer in zip(offsets, buffers, strict=True):
         start = clock()
         volume.write(ino, offset, buffer)
-        times.append(clock() - start)
-    return figures(times)
+        end = clock()
+        times.append(end - start)
+        if end >= next_round:  # the daemon's round of punches
+            cutoff, previous = previous, time.monotonic()
+            punched += volume.punch_pending(freed_before=cutoff)
+            punching += clock() - end
+            next_round = clock() + 1.0
+    start = clock()
+    punched += volume.punch_pending()  # what is left at close
+    punching += clock() - start
+    return {**figures(times), "punched_per_write": punched / writes,
+            "punch_us_per_write": punching * 1e6 / writes}
 
 
-def discards(volume: Volume, ino: int, ranges: list[tuple[int, int]]) -> dict[str, float]:
-    """Discard each (offset, length) range."""
+def discards(volume: Volume, ino: int, ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """Discard each (offset, length) range, then punch the slots it freed."""
     times = []
+    punching = 0.0
     for offset, length in ranges:
         start = time.perf_counter()
         volume.fallocate(ino, DISCARD, offset, length)
         times.append(time.perf_counter() - start)
-    return figures(times)
+        start = time.perf_counter()
+        volume.punch_pending()
+        punching += time.perf_counter() - start
+    return {**figures(times), "punch_us_per_discard": punching * 1e6 / len(ranges)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             volume.close()
     for name, figure in results.items():
+        punch = figure.get("punch_us_per_write", figure.get("punch_us_per_discard"))
         print(f"{name:13} mean {figure['mean_us']:9.1f} µs  median {figure['median_us']:9.1f}"
-              f" µs  p99 {figure['p99_us']:9.1f} µs  ({figure['count']} timed)",
-              file=sys.stderr)
+              f" µs  p99 {figure['p99_us']:9.1f} µs  ({figure['count']} timed);"
+              f" punches after it {punch:9.1f} µs", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
