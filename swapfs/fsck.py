@@ -118,8 +118,7 @@ class _Checker:
 
     def forget_file(self, ino: int) -> None:
         """Drop a file that nothing names; the refcount pass frees its blocks."""
-        for block, _digest in list(self.txn.iter_map(ino)):
-            self.txn.delete_map(ino, block)
+        self.txn.pop_maps(ino, 0)
         self.txn.delete_inode(ino)
         self.txn.delete_orphan(ino)
         self.txn.delete_priority(ino)

@@ -37,14 +37,14 @@ Invariants (``fsck`` checks each one):
 import errno
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from swapfs.errors import SwapfsError
+from swapfs.errors import CorruptBlock, SwapfsError
 
 FORMAT_VERSION = 1
 ROOT_INO = 1
@@ -315,6 +315,27 @@ class Txn:
     def delete_block(self, chain_id: int, digest: bytes) -> None:
         self.txn.delete(_U32.pack(chain_id) + digest, db=self.index.hashes)
 
+    def drop_refs(self, chain_id: int, counts: Mapping[bytes, int]) -> list[int]:
+        """Lower each block's refcount by ``counts[digest]``, in digest order
+        with one cursor; delete the blocks that reach zero and return their
+        slots. A digest the chain does not hold is CorruptBlock."""
+        prefix = _U32.pack(chain_id)
+        freed = []
+        pack, unpack = _HASH_VALUE.pack, _HASH_VALUE.unpack
+        with self.txn.cursor(db=self.index.hashes) as cur:
+            for digest in sorted(counts):
+                key = prefix + digest
+                if not cur.set_key(key):
+                    raise CorruptBlock(f"chain {chain_id} has no block {digest.hex()}")
+                slot, refcount = unpack(cur.value())
+                refcount -= counts[digest]
+                if refcount:
+                    cur.put(key, pack(slot, refcount))
+                else:
+                    cur.delete()
+                    freed.append(slot)
+        return freed
+
     def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, BlockRef] | None:
         """(digest, ref) of the chain's first block whose digest starts with *prefix*."""
         start = _U32.pack(chain_id) + prefix
@@ -343,6 +364,22 @@ class Txn:
 
     def delete_map(self, ino: int, block: int) -> None:
         self.txn.delete(_INO_BLOCK.pack(ino, block), db=self.index.maps)
+
+    def pop_maps(self, ino: int, first: int, stop: int | None = None) -> list[bytes]:
+        """Delete file *ino*'s map entries of logical blocks ``[first, stop)``
+        (to its end without *stop*) in one cursor pass; return their digests."""
+        end = _U64.pack(ino + 1) if stop is None else _INO_BLOCK.pack(ino, stop)
+        digests: list[bytes] = []
+        with self.txn.cursor(db=self.index.maps) as cur:
+            if not cur.set_range(_INO_BLOCK.pack(ino, first)):
+                return digests
+            key, value, delete = cur.key, cur.value, cur.delete
+            while True:
+                at = key()
+                if not at or at >= end:  # b"": deleted the last entry of the database
+                    return digests
+                digests.append(value())
+                delete()  # and move to the next entry
 
     def iter_map(self, ino: int, first: int = 0) -> Iterator[tuple[int, bytes]]:
         """The mapped blocks of file *ino* from logical block *first* on."""

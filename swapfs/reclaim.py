@@ -20,6 +20,7 @@ free slot (:class:`~swapfs.volume.Volume` does at open).
 """
 
 import collections
+import itertools
 from collections.abc import Iterable
 
 
@@ -46,7 +47,7 @@ class PendingPunches:
         queue = self._chains.get(chain_id)
         if queue is None:
             queue = self._chains[chain_id] = collections.deque()
-        queue.extend((slot, now) for slot in slots)
+        queue.extend(zip(slots, itertools.repeat(now)))
 
     def take(self, chain_id: int) -> int | None:
         """The chain's most recently freed slot, no longer pending; None if none is."""

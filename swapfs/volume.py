@@ -319,7 +319,7 @@ class Volume:
         with self.index.begin(write=True) as txn:
             inode = _file(txn, ino)
             change = self._change(txn, inode.chain)
-            change.unmap_from(inode, 0)
+            change.unmap_range(inode, 0)
             txn.delete_inode(ino)
             txn.delete_orphan(ino)
             txn.delete_priority(ino)
@@ -877,6 +877,7 @@ class _ChainWrite:
         return slot
 
     def unref(self, digest: bytes) -> None:
+        """Drop one reference to a block; free its slot at zero."""
         ref = _block(self.txn, self.chain.id_, digest)
         ref.refcount -= 1
         if ref.refcount:
@@ -886,28 +887,20 @@ class _ChainWrite:
             self.chain.stored -= 1
             self.freed.append(ref.slot)
 
-    def unmap_from(self, inode: Inode, first: int) -> None:
-        """Unmap every block of *inode* from logical block *first* on."""
-        for block, digest in list(self.txn.iter_map(inode.ino, first)):
-            self.txn.delete_map(inode.ino, block)
-            inode.blocks -= 1
-            self.unref(digest)
-
-    def unmap_range(self, inode: Inode, first: int, stop: int) -> None:
-        """Unmap the blocks of *inode* in ``[first, stop)``."""
-        doomed = []
-        for block, digest in self.txn.iter_map(inode.ino, first):
-            if block >= stop:
-                break
-            doomed.append((block, digest))
-        for block, digest in doomed:
-            self.txn.delete_map(inode.ino, block)
-            inode.blocks -= 1
-            self.unref(digest)
+    def unmap_range(self, inode: Inode, first: int, stop: int | None = None) -> None:
+        """Unmap the blocks of *inode* in ``[first, stop)`` (to its end without
+        *stop*): one cursor pass over its map, deleting each entry it passes,
+        then one over the chain's blocks in digest order, lowering each
+        refcount once by the number of blocks that named it."""
+        digests = self.txn.pop_maps(inode.ino, first, stop)
+        inode.blocks -= len(digests)
+        freed = self.txn.drop_refs(self.chain.id_, collections.Counter(digests))
+        self.chain.stored -= len(freed)
+        self.freed.extend(freed)
 
     def resize(self, inode: Inode, size: int) -> None:
         if size < inode.size:
-            self.unmap_from(inode, blocks_for(size))
+            self.unmap_range(inode, blocks_for(size))
             tail = size % BLOCK_SIZE
             if tail:
                 # Bytes past the new end must read as zeros if the file grows again.

@@ -220,6 +220,30 @@ def test_punch_of_one_of_two_identical_blocks_keeps_the_other(engine: Engine) ->
     assert engine.stored_blocks() == 0
 
 
+def test_a_discard_drops_each_refcount_once_by_its_count(engine: Engine) -> None:
+    """Repeated pages in the range lose all their references in one change;
+    the maps before and after the range, and of other files, stay."""
+    page, other = randbytes(BS, 30), randbytes(2 * BS, 31)
+    data = page * 6 + other
+    f = engine.file(data)
+    g = engine.file(data, b"g")  # the newest file: its entries end the maps database
+
+    def refcounts() -> list[int]:
+        with engine.volume.index.begin() as txn:
+            return sorted(ref.refcount for _, ref in txn.iter_blocks(engine.chain.chain))
+
+    assert refcounts() == [2, 2, 12]
+    engine.volume.fallocate(g.ino, PUNCH, BS, 6 * BS)  # 5 repeated pages and 1 other
+    assert engine.content(g.ino) == page + bytes(6 * BS) + other[BS:]
+    assert refcounts() == [1, 2, 7]
+    assert engine.mapped(g.ino) == 2
+    engine.volume.fallocate(g.ino, PUNCH, 0, 1 << 40)  # to the end of the database
+    assert engine.content(g.ino) == bytes(len(data))
+    assert engine.content(f.ino) == data
+    assert refcounts() == [1, 1, 6]
+    assert engine.mapped(g.ino) == 0 and engine.mapped(f.ino) == 8
+
+
 @pytest.mark.parametrize("mode", [ZERO, ZERO | KEEP])
 def test_zero_range_within_the_file(engine: Engine, mode: int) -> None:
     data = randbytes(6 * BS, 9)
