@@ -17,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+
 from swapfs.blocks import BLOCK_SIZE, blocks_for
 from swapfs.digest import block_digest
 from swapfs.index import ROOT_INO, BlockRef, Txn
@@ -217,24 +219,32 @@ class _Checker:
 
 def check(state: Path, repair: bool = False) -> Report:
     """Check (and optionally repair) the state directory of an unmounted volume."""
-    report = Report()
     volume = Volume(state, recover=False)
     try:
-        txn = volume.index.begin(write=True)
-        try:
-            checker = _Checker(volume, txn, repair, report)
-            checker.run()
-        except BaseException:
-            txn.abort()
-            raise
-        if not repair:
-            txn.abort()
-            return report
-        txn.commit()
-        for chain_id, slots in checker.punch.items():
-            volume.store.punch(chain_id, slots)
-        for chain_id in checker.remove:
-            volume.store.remove(chain_id)
+        while True:
+            try:
+                return _check(volume, repair)
+            except lmdb.MapFullError:  # the repairs need a bigger index: again
+                volume.index.grow()
     finally:
         volume.close()
+
+
+def _check(volume: Volume, repair: bool) -> Report:
+    report = Report()
+    txn = volume.index.begin(write=True)
+    try:
+        checker = _Checker(volume, txn, repair, report)
+        checker.run()
+    except BaseException:
+        txn.abort()
+        raise
+    if not repair:
+        txn.abort()
+        return report
+    txn.commit()
+    for chain_id, slots in checker.punch.items():
+        volume.store.punch(chain_id, slots)
+    for chain_id in checker.remove:
+        volume.store.remove(chain_id)
     return report

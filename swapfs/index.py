@@ -35,6 +35,7 @@ Invariants (``fsck`` checks each one):
 """
 
 import errno
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,9 @@ from typing import Any
 import lmdb
 
 from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.store import preallocate
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROOT_INO = 1
@@ -120,18 +124,60 @@ class BlockRef:
     refcount: int
 
 
-class Index:
-    """The LMDB environment and its named databases."""
+#: The index's map (and data file) is a multiple of this, at least one; it
+#: grows by this much, or by a quarter of its size if that is more.
+MAP_STEP = 1 << 20
 
-    def __init__(self, path: Path, map_size: int = 1 << 40) -> None:
+
+def _map_steps(size: int) -> int:
+    return MAP_STEP * max(1, -(-size // MAP_STEP))
+
+
+class Index:
+    """The LMDB environment and its named databases.
+
+    LMDB runs with ``writemap``: a transaction writes its pages straight into
+    the shared memory map of the data file, instead of into copies that the
+    commit then writes out with a system call each (measured: a quarter of
+    the cost of a 4 KiB write). Through a memory map, writing into a hole of
+    a full file system is SIGBUS, not ENOSPC, so the data file never has
+    holes: it is the map's size, allocated in full on disk (fallocate) as
+    soon as it is opened, and when a transaction finds the map full (MDB_MAP_FULL,
+    nothing written) :meth:`grow` allocates the new room before mapping it,
+    answering ENOSPC if the file system has none. (On a copy-on-write file
+    system such as btrfs, allocated space does not guarantee that a write
+    finds room; keep the state elsewhere.)
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
+        data = path / "data.mdb"
+        try:
+            used = data.stat().st_size
+        except FileNotFoundError:
+            used = 0
+        self.map_size = _map_steps(used)
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
         self.env = lmdb.open(
-            str(path), map_size=map_size, max_dbs=16, sync=False, metasync=False,
-            readahead=False,
+            str(path), map_size=self.map_size, max_dbs=16, sync=False, metasync=False,
+            readahead=False, writemap=True,
         )
+        try:
+            self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                # LMDB made the file as big as the map: allocate it before
+                # anything writes to it.
+                preallocate(self._fd, 0, self.map_size)
+            except OSError as exc:
+                os.close(self._fd)
+                raise SwapfsError(exc.errno or errno.EIO,
+                                  f"no room for the index ({self.map_size} bytes): {exc}"
+                                  ) from exc
+        except BaseException:
+            self.env.close()
+            raise
         self.meta = self.env.open_db(b"meta")
         self.inodes = self.env.open_db(b"inodes")
         self.dirents = self.env.open_db(b"dirents")
@@ -154,11 +200,26 @@ class Index:
         own the state, because its lease lapsed and another host may hold it."""
         self.fenced = reason
 
+    def grow(self) -> None:
+        """Make the map bigger, after a transaction found it full: allocate
+        the new room on disk first (SwapfsError ENOSPC if the file system has
+        none), then map it. No transaction may be open."""
+        size = _map_steps(max(self.map_size + MAP_STEP, self.map_size * 5 // 4))
+        try:
+            preallocate(self._fd, self.map_size, size - self.map_size)
+        except OSError as exc:
+            raise SwapfsError(exc.errno or errno.EIO,
+                              f"the index cannot grow to {size} bytes: {exc}") from exc
+        self.env.set_mapsize(size)
+        log.info("the index grew to %d MiB", size >> 20)
+        self.map_size = size
+
     def sync(self) -> None:
         self.env.sync(True)
 
     def close(self) -> None:
         self.env.close()
+        os.close(self._fd)
 
     def file_bytes(self) -> int:
         """Bytes the index occupies on disk (its pages in use)."""
@@ -203,16 +264,21 @@ class Txn:
         self._ended(False)
 
     def commit(self) -> None:
-        """Commit, or raise SwapfsError with nothing changed (LMDB aborts the txn)."""
+        """Commit, or raise SwapfsError with nothing changed (LMDB aborts the
+        txn); lmdb.MapFullError as it is, so that the caller can grow the
+        index and try again."""
         try:
             self.txn.commit()
+        except lmdb.MapFullError:
+            self._ended(False)
+            raise
         except lmdb.Error as exc:
             self._ended(False)
             raise SwapfsError(self._commit_errno(exc), f"index commit failed: {exc}") from exc
         self._ended(True)
 
     def _commit_errno(self, exc: lmdb.Error) -> int:
-        if isinstance(exc, lmdb.MapFullError | lmdb.DiskError):
+        if isinstance(exc, lmdb.DiskError):
             return errno.ENOSPC
         # LMDB turns a short write of its pages into EIO ("short write,
         # filesystem full?"): on a full file system that is ENOSPC.

@@ -31,7 +31,17 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate a byte range of a file, keeping its size."""
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate disk space for a byte range of a file, even past its end,
+    keeping its size (OSError ENOSPC when the file system is full)."""
+    _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -4,6 +4,8 @@ A :class:`Volume` is one state directory: the LMDB index and the chains'
 data files. Every public method runs as one LMDB write (or read)
 transaction and returns only after it committed, so a method either
 happened completely or not at all, and callers on one thread need no locks.
+A method whose transaction finds the index's map full runs again once the
+index has grown (:meth:`swapfs.index.Index.grow`).
 
 The write path, for each 4 KiB block a request touches::
 
@@ -25,13 +27,16 @@ Why this order is crash-safe is in ``docs/write-ordering.md``.
 import collections
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import lmdb
 
 from swapfs.blocks import (
     BLOCK_SIZE,
@@ -70,6 +75,25 @@ RENAME_EXCHANGE = 2
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _growing(method: "Callable[Concatenate[Volume, P], R]"
+             ) -> "Callable[Concatenate[Volume, P], R]":
+    """Run a method that writes the index again, once the index has grown,
+    when its transaction found the index's map full (so nothing of it
+    happened; Index.grow answers ENOSPC when the disk has no room)."""
+    @functools.wraps(method)
+    def run(self: "Volume", *args: P.args, **kwargs: P.kwargs) -> R:
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except lmdb.MapFullError:
+                self.index.grow()
+    return run
 
 
 class Volume:
@@ -153,6 +177,7 @@ class Volume:
 
     # -- set-up ---------------------------------------------------------------
 
+    @_growing
     def _format(self, create: bool) -> None:
         with self.index.begin(write=True) as txn:
             version = txn.get_meta(b"format")
@@ -232,6 +257,7 @@ class Volume:
 
     # -- namespace --------------------------------------------------------------
 
+    @_growing
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """Create a chain: a directory at the root, with a fresh key."""
         _check_name(name)
@@ -248,6 +274,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
+    @_growing
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """Create an empty swap file in a chain."""
         _check_name(name)
@@ -262,6 +289,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
+    @_growing
     def clone(self, src: int, parent: int, name: bytes, empty: bool = False) -> Inode:
         """A new file in *src*'s chain: an instant copy of it, or empty of its size.
 
@@ -294,6 +322,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
+    @_growing
     def unlink(self, parent: int, name: bytes, still_open: bool) -> int:
         """Remove a file's name; its data goes now, or at :meth:`purge` if open.
 
@@ -314,6 +343,7 @@ class Volume:
         with self.index.begin() as txn:
             return txn.is_orphan(ino)
 
+    @_growing
     def purge(self, ino: int) -> None:
         """Drop an unlinked file: unmap all its blocks, then forget it."""
         with self.index.begin(write=True) as txn:
@@ -325,6 +355,7 @@ class Volume:
             txn.delete_priority(ino)
             change.finish()
 
+    @_growing
     def rmdir(self, parent: int, name: bytes) -> None:
         """Remove an empty chain, its key and its data file."""
         with self.index.begin(write=True) as txn:
@@ -344,6 +375,7 @@ class Volume:
         self.pending.drop(inode.chain)
         self.store.remove(inode.chain)
 
+    @_growing
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, target_open: bool) -> int | None:
         """Rename a file within its chain, or a chain at the root.
@@ -393,6 +425,7 @@ class Volume:
             return None
         return replaced_open
 
+    @_growing
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
                 atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
@@ -502,6 +535,7 @@ class Volume:
                 return data
         return None
 
+    @_growing
     def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, extending the file past its end."""
         if offset < 0:
@@ -527,6 +561,7 @@ class Volume:
             change.finish()
         return len(data)
 
+    @_growing
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a file: punch a hole, zero a range, or "allocate".
 
@@ -608,6 +643,7 @@ class Volume:
             _file(txn, ino)
             return txn.get_priority(ino)
 
+    @_growing
     def set_priority(self, ino: int, priority: int) -> None:
         """Set a swap file's priority, a signed 32-bit number (default 0)."""
         if not -(1 << 31) <= priority < 1 << 31:

@@ -7,6 +7,7 @@ deduplication and space reclaim are invisible through read() alone.
 
 import collections
 import errno
+import os
 import stat
 import time
 from collections.abc import Iterator
@@ -17,9 +18,11 @@ from typing import Any
 import lmdb
 import pytest
 
+from swapfs import fsck
+from swapfs import index as index_module
 from swapfs.blocks import BLOCK_SIZE, MAX_FILE_SIZE
 from swapfs.errors import CorruptBlock, SwapfsError
-from swapfs.index import ROOT_INO, Inode
+from swapfs.index import MAP_STEP, ROOT_INO, Inode
 from swapfs.volume import RENAME_EXCHANGE, RENAME_NOREPLACE, Volume
 
 BS = BLOCK_SIZE
@@ -835,6 +838,58 @@ def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
     assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
     Volume(state_dir).close()
     assert data_file.stat().st_blocks * 512 == 2 * BLOCK_SIZE
+
+
+# -- the index's map -------------------------------------------------------------------
+
+
+def index_file(state: Path) -> os.stat_result:
+    return (state / "index.lmdb" / "data.mdb").stat()
+
+
+def test_the_index_file_has_no_holes(volume: Volume, state_dir: Path) -> None:
+    """LMDB writes through a shared map: a hole there on a full disk would be
+    SIGBUS, so the file is the map's size and allocated in full."""
+    info = index_file(state_dir)
+    assert info.st_size == volume.index.map_size == MAP_STEP
+    assert info.st_blocks * 512 >= info.st_size
+
+
+def test_the_index_grows_when_its_map_is_full(state_dir: Path) -> None:
+    vol = Volume(state_dir)
+    chain = mkchain(vol)
+    source = mkfile(vol, chain)
+    vol.write(source.ino, 0, block(1) * 2048)  # one block, 2048 map entries
+    clones = [vol.clone(source.ino, chain.ino, b"clone%d" % n) for n in range(24)]
+    assert vol.index.map_size > MAP_STEP, "about 2 MiB of map entries"
+    info = index_file(state_dir)
+    assert info.st_size == vol.index.map_size and info.st_blocks * 512 >= info.st_size
+    assert refcounts(vol, chain.chain) == {digest_at(vol, source.ino, 0): 25 * 2048}
+    assert read_all(vol, clones[-1].ino) == block(1) * 2048
+    size = vol.index.map_size
+    vol.close()
+    with closing(Volume(state_dir)) as again:
+        assert again.index.map_size == size
+        assert read_all(again, clones[-1].ino) == block(1) * 2048
+    assert fsck.check(state_dir).clean
+
+
+def test_an_index_with_no_room_to_grow_answers_enospc(
+        volume: Volume, chain: Inode, file: Inode, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    volume.write(file.ino, 0, block(1) * 2048)
+    monkeypatch.setattr(index_module, "preallocate", full)
+    with raises_errno(errno.ENOSPC):
+        for n in range(24):
+            volume.clone(file.ino, chain.ino, b"clone%d" % n)
+    assert volume.index.map_size == MAP_STEP
+    made = len(volume.readdir(chain.ino)) - 1
+    assert 0 < made < 24, "the clone that found the map full did not happen"
+    monkeypatch.undo()
+    volume.clone(file.ino, chain.ino, b"at last")
+    assert refcounts(volume, chain.chain) == {digest_at(volume, file.ino, 0): (made + 2) * 2048}
 
 
 def test_a_takeover_never_creates_a_new_state(tmp_path: Path) -> None:
