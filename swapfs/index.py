@@ -138,15 +138,16 @@ class Index:
 
     LMDB runs with ``writemap``: a transaction writes its pages straight into
     the shared memory map of the data file, instead of into copies that the
-    commit then writes out with a system call each (measured: a quarter of
-    the cost of a 4 KiB write). Through a memory map, writing into a hole of
-    a full file system is SIGBUS, not ENOSPC, so the data file never has
-    holes: it is the map's size, allocated in full on disk (fallocate) as
-    soon as it is opened, and when a transaction finds the map full (MDB_MAP_FULL,
-    nothing written) :meth:`grow` allocates the new room before mapping it,
-    answering ENOSPC if the file system has none. (On a copy-on-write file
-    system such as btrfs, allocated space does not guarantee that a write
-    finds room; keep the state elsewhere.)
+    commit then writes out with a system call each (about a fifth of the
+    cost of a 4 KiB overwrite: docs/performance.md). Through a memory map,
+    writing into a hole of a full file system is SIGBUS, not ENOSPC, so the
+    data file never has holes: it is the map's size, allocated in full on
+    disk (fallocate) as soon as it is opened. :meth:`keep_room` grows it
+    ahead of need; when a transaction finds it full all the same
+    (MDB_MAP_FULL, before it wrote anything) :meth:`grow` allocates the new
+    room before mapping it, answering ENOSPC if the file system has none.
+    (On a copy-on-write file system such as btrfs, allocated space is no
+    promise of room for a write: keep the state elsewhere.)
     """
 
     def __init__(self, path: Path) -> None:
@@ -178,6 +179,7 @@ class Index:
         except BaseException:
             self.env.close()
             raise
+        self._page_size = self.env.stat()["psize"]
         self.meta = self.env.open_db(b"meta")
         self.inodes = self.env.open_db(b"inodes")
         self.dirents = self.env.open_db(b"dirents")
@@ -199,6 +201,19 @@ class Index:
         """Refuse every write from now on (EROFS): this process may no longer
         own the state, because its lease lapsed and another host may hold it."""
         self.fenced = reason
+
+    def keep_room(self) -> None:
+        """Grow the map ahead of need when less than a quarter of it (and at
+        least MAP_STEP) is left above the highest page in use, so that a
+        transaction seldom finds it full and has to run again. A disk with
+        no room for that is no error yet: the transaction that needs the room
+        will get ENOSPC. No transaction may be open."""
+        used = (self.env.info()["last_pgno"] + 1) * self._page_size
+        if self.map_size - used < max(MAP_STEP, self.map_size // 4):
+            try:
+                self.grow()
+            except SwapfsError as exc:
+                log.debug("%s", exc)
 
     def grow(self) -> None:
         """Make the map bigger, after a transaction found it full: allocate

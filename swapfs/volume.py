@@ -85,14 +85,18 @@ def _growing(method: "Callable[Concatenate[Volume, P], R]"
              ) -> "Callable[Concatenate[Volume, P], R]":
     """Run a method that writes the index again, once the index has grown,
     when its transaction found the index's map full (so nothing of it
-    happened; Index.grow answers ENOSPC when the disk has no room)."""
+    happened; Index.grow answers ENOSPC when the disk has no room); after
+    it, let the index keep room ahead of the next one."""
     @functools.wraps(method)
     def run(self: "Volume", *args: P.args, **kwargs: P.kwargs) -> R:
         while True:
             try:
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
             except lmdb.MapFullError:
                 self.index.grow()
+                continue
+            self.index.keep_room()
+            return result
     return run
 
 
