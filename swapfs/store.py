@@ -136,7 +136,11 @@ class BlockStore:
         logged rather than raised: the transaction that freed them is
         already committed.
         """
-        fd = self._fd(chain_id)
+        try:
+            fd = self._fd(chain_id)
+        except OSError as exc:
+            log.warning("cannot punch slots of chain %d: %s", chain_id, exc)
+            return
         for first, count in slot_runs(slots):
             try:
                 punch_hole(fd, first * BLOCK_SIZE, count * BLOCK_SIZE)
