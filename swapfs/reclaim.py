@@ -43,11 +43,17 @@ class PendingPunches:
         return sum(len(queue) for queue in self._chains.values())
 
     def add(self, chain_id: int, slots: Iterable[int], now: float) -> None:
-        """Slots of *chain_id* that a committed transaction left free, freed at *now*."""
+        """Slots of *chain_id* that a committed transaction left free, freed at *now*.
+
+        They are queued highest first, so that :meth:`take` hands them out
+        in ascending order: a write of many blocks that reuses the slots of
+        the one before it lays them out in file order again, and a
+        sequential read of them stays one ``pread`` per run of slots.
+        """
         queue = self._chains.get(chain_id)
         if queue is None:
             queue = self._chains[chain_id] = collections.deque()
-        queue.extend(zip(slots, itertools.repeat(now)))
+        queue.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
 
     def take(self, chain_id: int) -> int | None:
         """The chain's most recently freed slot, no longer pending; None if none is."""

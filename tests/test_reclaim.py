@@ -1,4 +1,5 @@
-"""The pending punches alone: reuse takes the newest, punching the oldest."""
+"""The pending punches alone: reuse takes the newest (one commit's slots in
+ascending order), punching the oldest."""
 
 from typing import Any
 
@@ -8,13 +9,12 @@ from hypothesis import strategies as st
 from swapfs.reclaim import PendingPunches
 
 
-def test_take_gives_the_most_recently_freed_slot() -> None:
+def test_take_gives_the_most_recently_freed_slots_in_ascending_order() -> None:
     pending = PendingPunches()
-    pending.add(1, [4, 7], now=1.0)
-    pending.add(1, [2], now=2.0)
+    pending.add(1, [7, 4], now=1.0)
+    pending.add(1, [5, 2, 3], now=2.0)
     pending.add(2, [9], now=3.0)
-    assert [pending.take(1), pending.take(1), pending.take(1), pending.take(1)] == [
-        2, 7, 4, None]
+    assert [pending.take(1) for _ in range(6)] == [2, 3, 5, 4, 7, None]
     assert pending.take(3) is None
     assert len(pending) == 1
 
@@ -24,8 +24,8 @@ def test_batch_takes_the_oldest_within_its_bounds() -> None:
     pending.add(1, [10, 11], now=1.0)
     pending.add(2, [20], now=1.5)
     pending.add(1, [12], now=2.0)
-    assert pending.batch(1) == {1: [10]}
-    assert pending.batch(freed_before=1.6) == {1: [11], 2: [20]}
+    assert pending.batch(1) == {1: [11]}
+    assert pending.batch(freed_before=1.6) == {1: [10], 2: [20]}
     assert pending.batch(freed_before=1.6) == {}
     assert pending.batch() == {1: [12]}
     assert len(pending) == 0
@@ -52,8 +52,9 @@ operations = st.lists(st.one_of(
 
 @given(operations)
 def test_every_slot_leaves_once_by_take_or_batch(ops: list[tuple[Any, ...]]) -> None:
-    """Against a list per chain: take pops the newest, batch the oldest ones
-    freed before the cutoff; no slot is lost or handed out twice."""
+    """Against a list per chain, each commit's slots queued highest first:
+    take pops the newest, batch the oldest ones freed before the cutoff; no
+    slot is lost or handed out twice."""
     pending = PendingPunches()
     model: dict[int, list[tuple[int, float]]] = {1: [], 2: [], 3: []}
     clock = 0.0
@@ -62,7 +63,7 @@ def test_every_slot_leaves_once_by_take_or_batch(ops: list[tuple[Any, ...]]) -> 
             _, chain, slots = op
             clock += 1
             pending.add(chain, slots, now=clock)
-            model[chain].extend((slot, clock) for slot in slots)
+            model[chain].extend((slot, clock) for slot in sorted(slots, reverse=True))
         elif op[0] == "take":
             _, chain = op
             expected = model[chain].pop()[0] if model[chain] else None

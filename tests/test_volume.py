@@ -532,6 +532,21 @@ def test_unpunched_slots_are_reused_newest_first_then_punched_ones_then_new(
     assert volume.punch_pending() == 0
 
 
+def test_a_sequential_overwrite_reuses_slots_in_file_order(
+        volume: Volume, chain: Inode, file: Inode) -> None:
+    """Each 64 KiB write takes the slots the one before it freed: in ascending
+    order, so that the file's blocks stay in runs of consecutive slots (one
+    pread each when read back sequentially)."""
+    for round_ in range(3):
+        for chunk in range(4):
+            volume.write(file.ino, chunk * 16 * BS, b"".join(
+                block(1000 * round_ + 16 * chunk + n) for n in range(16)))
+    by_digest = slots(volume, chain.chain)
+    placed = [by_digest[digest_at(volume, file.ino, n)] for n in range(64)]
+    breaks = sum(1 for a, b in zip(placed, placed[1:], strict=False) if b != a + 1)
+    assert breaks <= 4, placed
+
+
 def test_punch_pending_takes_the_oldest_first_within_its_bounds(
         volume: Volume, state_dir: Path, chain: Inode, file: Inode) -> None:
     volume.write(file.ino, 0, b"".join(block(n) for n in range(6)))  # slots 0-5
