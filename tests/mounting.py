@@ -68,13 +68,26 @@ def is_mounted(path: Path) -> bool:
 
 
 def alive(pid: int) -> bool:
-    """Is *pid* a running (not zombie) process?"""
+    """Is any thread of process *pid* still running (not a zombie)?
+
+    Every thread counts: the main thread of a killed daemon can be a zombie
+    while its other threads (trio's worker threads) are still exiting, and
+    until the last one has, the process keeps its files open, the state
+    directory's lock among them.
+    """
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        threads = os.listdir(f"/proc/{pid}/task")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return fields[0] != "Z"
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
