@@ -208,8 +208,7 @@ class Index:
         transaction seldom finds it full and has to run again. A disk with
         no room for that is no error yet: the transaction that needs the room
         will get ENOSPC. No transaction may be open."""
-        used = (self.env.info()["last_pgno"] + 1) * self._page_size
-        if self.map_size - used < max(MAP_STEP, self.map_size // 4):
+        if self.map_size - self.file_bytes() < max(MAP_STEP, self.map_size // 4):
             try:
                 self.grow()
             except SwapfsError as exc:
@@ -237,9 +236,8 @@ class Index:
         os.close(self._fd)
 
     def file_bytes(self) -> int:
-        """Bytes the index occupies on disk (its pages in use)."""
-        info = self.env.info()
-        return int((info["last_pgno"] + 1) * self.env.stat()["psize"])
+        """Bytes of the index's pages in use (the file itself is the whole map)."""
+        return int((self.env.info()["last_pgno"] + 1) * self._page_size)
 
 
 class Txn:
