@@ -6,8 +6,8 @@ until they are hole-punched. Punching at every commit made a swap-out that
 overwrites a page pay a hole punch (a synchronous discard where the backing
 file system is mounted with ``discard``), and the next new block then had
 the file system allocate the same space again. So the slots freed by a
-commit wait here instead: the next allocation of their chain takes the one
-freed most recently (its space is still allocated, so writing it allocates
+commit wait here instead: the next allocation of their chain takes one of
+those freed most recently (its space is still allocated, so writing it allocates
 nothing), and the ones that stay free are punched in bounded batches, oldest
 first (:meth:`swapfs.volume.Volume.punch_pending`, which the daemon calls
 every second).
@@ -56,7 +56,8 @@ class PendingPunches:
         queue.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
 
     def take(self, chain_id: int) -> int | None:
-        """The chain's most recently freed slot, no longer pending; None if none is."""
+        """The lowest slot of the chain's newest freeing commit, no longer
+        pending; None if none is."""
         queue = self._chains.get(chain_id)
         return queue.pop()[0] if queue else None
 

@@ -900,8 +900,8 @@ class _ChainWrite:
             self.unref(digest)
 
     def allocate(self) -> int:
-        """A slot for a new block: the chain's most recently freed slot that
-        still holds its disk space, else a punched free slot, else a new slot
+        """A slot for a new block: a slot of the chain's last commit that freed
+        any, still holding its disk space (lowest first), else a punched free slot, else a new slot
         at the end of the data file."""
         chain = self.chain
         slot = self.pending.take(chain.id_)
