@@ -54,8 +54,7 @@ _SUN_PATH_MAX = 107
 #: block took within one to two of them gives its disk space back.
 PUNCH_INTERVAL = 1.0
 #: Slots punched between two checkpoints of the trio loop. Each run of
-#: consecutive slots is one fallocate (a synchronous discard where the state's
-#: file system is mounted with ``discard``: 0.05 to 0.2 ms on the machine of
+#: consecutive slots is one fallocate (0.05 to 0.2 ms on the machine of
 #: docs/benchmarks.md), so a batch of scattered slots holds requests up for a
 #: few milliseconds at most.
 PUNCH_BATCH = 32

@@ -3,8 +3,7 @@
 A slot whose block's refcount reached zero is free in the index as soon as
 that transaction commits, but its 4 KiB stay allocated in the data file
 until they are hole-punched. Punching at every commit made a swap-out that
-overwrites a page pay a hole punch (a synchronous discard where the backing
-file system is mounted with ``discard``), and the next new block then had
+overwrites a page pay a hole punch, and the next new block then had
 the file system allocate the same space again. So the slots freed by a
 commit wait here instead: the next allocation of their chain takes one of
 those freed most recently (its space is still allocated, so writing it allocates

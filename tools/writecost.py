@@ -12,7 +12,7 @@ each ``Volume.fallocate`` and the punch of the slots it freed.
 
 The state directory is made under ``--dir`` (default: the system's temporary
 directory), so the data files live on that file system and its mount
-options (``discard`` makes every hole punch a synchronous discard) count.
+options count (``docs/benchmarks.md`` compares ext4 with and without ``discard``).
 
 Example (the figures of docs/performance.md)::
 
