@@ -1,12 +1,16 @@
 """The offline checker: recompute what the index claims from first principles.
 
-It rebuilds every refcount from the files' maps, every counter from the
-entries it counts, and every digest from the data in its slot, then reports
-each difference. With ``repair`` it fixes what can be fixed without
-inventing data: counters, refcounts, free lists, leaked slots, dangling
-directory entries, orphans and priorities of missing files. A block whose data no longer matches its
-digest cannot be repaired; reads of it keep answering EIO rather than
-returning wrong bytes.
+It verifies the checksum of every record, rebuilds every refcount from the
+files' maps and every count from the entries it counts, and every digest
+from the data in its slot, then reports each difference. With ``repair`` it
+fixes what can be fixed without inventing data: refcounts, leaked and
+unpunched slots, maps past the end of a file, dangling directory entries,
+orphans and priorities of missing files. Damage it cannot undo (a record
+that does not verify, a map that lost a run, a block whose data no longer
+matches its digest) is reported and left alone; reads of what it touches
+keep answering EIO rather than returning wrong bytes. While any record is
+damaged, refcounts are only ever raised, never lowered: a damaged map run
+may hold references that nothing else shows.
 
 Exit codes of ``swapfs fsck`` follow e2fsck: 0 clean, 1 problems found and
 all repaired, 4 problems left (unrepairable or not asked to repair).
@@ -21,7 +25,9 @@ import lmdb
 
 from swapfs.blocks import BLOCK_SIZE, blocks_for
 from swapfs.digest import block_digest
-from swapfs.index import ROOT_INO, BlockRef, Txn
+from swapfs.filemap import MAP_RUN, FileMap
+from swapfs.index import ROOT_INO, Chain, CorruptIndex, Txn
+from swapfs.slottable import RUN_BYTES, SLOT_RUN, SlotTable
 from swapfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,12 @@ class _Checker:
         self.report = report
         self.punch: dict[int, list[int]] = collections.defaultdict(list)
         self.remove: list[int] = []  # chains whose stray data files go
+        #: A record did not verify: what it held is unknown, so nothing that
+        #: might be its (maps, slot runs) is deleted and no refcount lowered.
+        self.damaged = False
+        #: Per chain, slots whose references a repair removed from a map.
+        self.released: dict[int, collections.Counter[int]] = collections.defaultdict(
+            collections.Counter)
 
     def problem(self, kind: str, detail: str, repairable: bool) -> bool:
         """Record a problem; True when the caller should repair it now."""
@@ -75,8 +87,9 @@ class _Checker:
         return fix
 
     def run(self) -> None:
+        self.check_records()
         self.check_namespace()
-        self.check_maps_and_blocks()
+        self.check_maps_and_slots()
         self.check_data_files()
 
     def check_data_files(self) -> None:
@@ -120,106 +133,124 @@ class _Checker:
 
     def forget_file(self, ino: int) -> None:
         """Drop a file that nothing names; the refcount pass frees its blocks."""
-        self.txn.pop_maps(ino, 0)
+        self.txn.delete_map_runs(ino)
         self.txn.delete_inode(ino)
         self.txn.delete_orphan(ino)
         self.txn.delete_priority(ino)
 
-    def check_maps_and_blocks(self) -> None:
+    def check_records(self) -> None:
+        """Every sealed record verifies; iterators skip those that do not."""
+        for db, key in self.txn.corrupt_records():
+            self.damaged = True
+            self.problem("corrupt-record", f"{db} record {key.hex()} does not verify", False)
+        self.txn.lenient = True
+
+    def check_maps_and_slots(self) -> None:
         txn = self.txn
         inodes = {inode.ino: inode for inode in txn.iter_inodes()}
-        uses: dict[int, collections.Counter[bytes]] = collections.defaultdict(
+        uses: dict[int, collections.Counter[int]] = collections.defaultdict(
             collections.Counter)
-        mapped: collections.Counter[int] = collections.Counter()
-        for ino, block, digest in list(txn.iter_all_maps()):
+        maps = {}
+        for ino in list(txn.iter_mapped_inos()):
             inode = inodes.get(ino)
             if inode is None or inode.is_dir:
-                if self.problem("stray-map", f"map entry of missing file {ino}", True):
-                    txn.delete_map(ino, block)
+                if self.problem("stray-map", f"map of missing file {ino}", not self.damaged):
+                    txn.delete_map_runs(ino)
                 continue
-            if block >= blocks_for(inode.size):
-                if self.problem("map-past-end", f"file {ino} maps block {block} past "
-                                f"its size {inode.size}", True):
-                    txn.delete_map(ino, block)
-                continue
-            uses[inode.chain][digest] += 1
-            mapped[ino] += 1
+            maps[ino] = FileMap.load(txn, inode)
         for ino, inode in inodes.items():
-            if not inode.is_dir and inode.blocks != mapped[ino] and self.problem(
-                    "block-count", f"file {ino} counts {inode.blocks} blocks, "
-                    f"maps {mapped[ino]}", True):
-                inode.blocks = mapped[ino]
+            if inode.is_dir:
+                continue
+            fmap = maps.get(ino) or FileMap.load(txn, inode)
+            for run in sorted(fmap.bad_runs):
+                self.damaged = True
+                self.problem("corrupt-map-run", f"file {ino} blocks {run * MAP_RUN}.."
+                             f"{(run + 1) * MAP_RUN - 1}: the map run does not verify", False)
+            past = [block for block, _ in fmap.mapped(blocks_for(inode.size))]
+            if past and self.problem("map-past-end", f"file {ino} maps {len(past)} blocks "
+                                     f"past its size {inode.size}", True):
+                dropped = fmap.pop_range(blocks_for(inode.size))
+                inode.blocks -= len(dropped)
+                fmap.save(txn)
                 txn.put_inode(inode)
+                self.released[inode.chain].update(dropped)
+            mapped = sum(1 for _ in fmap.mapped())
+            if not fmap.bad_runs and mapped != inode.blocks:
+                self.damaged = True
+                self.problem("block-count", f"file {ino} counts {inode.blocks} blocks, its "
+                             f"map holds {mapped}: a run of it may be lost", False)
+            uses[inode.chain].update(slot for _, slot in fmap.mapped())
         for chain in list(txn.iter_chains()):
-            self.check_chain(chain.id_, uses[chain.id_])
+            self.check_chain(chain, uses.pop(chain.id_, collections.Counter()))
+        for chain_id, counter in uses.items():
+            if counter:
+                self.problem("missing-chain", f"files map {sum(counter.values())} blocks of "
+                             f"missing chain {chain_id}", False)
 
-    def check_chain(self, chain_id: int, uses: collections.Counter[bytes]) -> None:
-        txn = self.txn
-        chain = txn.get_chain(chain_id)
-        assert chain is not None
-        store = self.volume.store
-        owner: dict[int, bytes] = {}
-        stored = 0
-        for digest, ref in list(txn.iter_blocks(chain_id)):
-            want = uses.pop(digest, 0)
-            if want == 0:
-                if self.problem("unreferenced-block", f"chain {chain_id} block "
-                                f"{digest.hex()} (slot {ref.slot}) is mapped by nothing",
-                                True):
-                    txn.delete_block(chain_id, digest)
-                    continue
-            elif ref.refcount != want and self.problem(
-                    "refcount", f"chain {chain_id} block {digest.hex()} "
-                    f"counts {ref.refcount}, is mapped {want} times", True):
-                txn.put_block(chain_id, digest, BlockRef(ref.slot, want))
-            stored += 1
+    def check_chain(self, chain: Chain, uses: collections.Counter[int]) -> None:
+        txn, store = self.txn, self.volume.store
+        chain_id = chain.id_
+        table = SlotTable.load(txn, chain)
+        for run, raw in list(txn.iter_slot_runs(chain_id)):
+            if run * SLOT_RUN >= chain.next_slot or len(raw) != RUN_BYTES:
+                beyond = run * SLOT_RUN >= chain.next_slot
+                if self.problem("stray-slot-run", f"chain {chain_id} slot run {run} is "
+                                + ("past the end" if beyond else "malformed"),
+                                beyond and not self.damaged):
+                    txn.delete_slot_run(chain_id, run)
+        for slot in sorted(table.bad):
+            self.damaged = True
+            self.problem("corrupt-slot", f"chain {chain_id} slot {slot}: its entry is "
+                         "missing or does not verify"
+                         + (f" ({uses[slot]} blocks map it)" if uses.get(slot) else ""),
+                         False)
+        for slot in sorted(set(uses) - set(range(chain.next_slot))):
+            self.problem("missing-block", f"chain {chain_id} slot {slot} past the end is "
+                         f"mapped {uses[slot]} times", False)
+        punch = self.punch[chain_id]
+        for slot, count in self.released.pop(chain_id, {}).items():
+            if table.unref(slot, count):  # references of map entries repaired away
+                punch.append(slot)
+        for slot in range(chain.next_slot):
+            if slot in table.bad:
+                continue
+            want = uses.get(slot, 0)
+            have = table.refcount(slot)
+            if have == 0:
+                if want:
+                    self.problem("missing-block", f"chain {chain_id} slot {slot} is free "
+                                 f"but mapped {want} times", False)
+                elif store.holds_data(chain_id, slot) and self.problem(
+                        "unpunched-free-slot", f"chain {chain_id} free slot {slot} still "
+                        "occupies disk space", True):
+                    punch.append(slot)
+                continue
             self.report.blocks_checked += 1
-            if ref.slot in owner:
-                self.problem("shared-slot", f"chain {chain_id} slot {ref.slot} holds two "
-                             "digests", False)
-            owner[ref.slot] = digest
-            if ref.slot >= chain.next_slot and self.problem(
-                    "slot-past-end", f"chain {chain_id} slot {ref.slot} is past "
-                    f"next_slot {chain.next_slot}", True):
-                chain.next_slot = ref.slot + 1
-            data = store.read(chain_id, ref.slot)
+            digest = table.digest(slot)
+            if want != have and self.problem(
+                    "refcount", f"chain {chain_id} slot {slot} counts {have} references, "
+                    f"is mapped {want} times", want > have or not self.damaged):
+                if want > have:
+                    table.ref(slot, want - have)
+                elif table.unref(slot, have - want):
+                    punch.append(slot)
+            if not want:
+                continue  # nothing reads it: its data does not matter
+            data = store.read(chain_id, slot)
             if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
-                self.problem("corrupt-block", f"chain {chain_id} slot {ref.slot} does not "
+                self.problem("corrupt-block", f"chain {chain_id} slot {slot} does not "
                              f"match digest {digest.hex()}", False)
-        for digest, count in uses.items():
-            self.problem("missing-block", f"chain {chain_id} has no block {digest.hex()} "
-                         f"mapped {count} times", False)
-        if chain.stored != stored and self.problem(
-                "stored-count", f"chain {chain_id} counts {chain.stored} stored "
-                f"blocks, holds {stored}", True):
-            chain.stored = stored
-        free = set(txn.iter_free(chain_id))
-        for slot in sorted(free & owner.keys()):
-            if self.problem("free-in-use", f"chain {chain_id} slot {slot} is free and used",
-                            True):
-                txn.delete_free(chain_id, slot)
-        for slot in sorted(free):
-            if slot >= chain.next_slot and self.problem(
-                    "free-past-end", f"chain {chain_id} free slot {slot} is past the end",
-                    True):
-                txn.delete_free(chain_id, slot)
-        leaked = set(range(chain.next_slot)) - free - owner.keys()
-        for slot in sorted(free - owner.keys()):
-            if slot < chain.next_slot and store.holds_data(chain_id, slot) and self.problem(
-                    "unpunched-free-slot", f"chain {chain_id} free slot {slot} still occupies "
-                    "disk space", True):
-                self.punch[chain_id].append(slot)
-        for slot in sorted(leaked):
-            if self.problem("leaked-slot", f"chain {chain_id} slot {slot} is neither used "
-                            "nor free", True):
-                txn.put_free(chain_id, slot)
-                self.punch[chain_id].append(slot)
-        txn.put_chain(chain)
+        table.save(txn)
 
 
 def check(state: Path, repair: bool = False) -> Report:
     """Check (and optionally repair) the state directory of an unmounted volume."""
-    volume = Volume(state, recover=False)
+    try:
+        volume = Volume(state, recover=False)
+    except CorruptIndex as exc:  # the format record itself: nothing else is readable
+        report = Report()
+        report.problems.append(Problem("corrupt-record", str(exc)))
+        return report
     try:
         while True:
             try:

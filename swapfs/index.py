@@ -1,36 +1,42 @@
 """The LMDB index: every piece of metadata swapfs keeps, and nothing else.
 
 One LMDB environment (``index.lmdb`` in the state directory) holds these
-named databases. Integers are big-endian so that LMDB's byte order is their
-numeric order and a cursor walks a file's blocks or a chain's slots in order.
+named databases. Keys are big-endian so that LMDB's byte order is their
+numeric order and a cursor walks a file's runs or a chain's slots in order.
 
 ==========  ==============================  ==================================
 database    key                             value
 ==========  ==============================  ==================================
-meta        ``b"format"``                   schema version (u32)
+meta        ``b"format"``                   schema version (u64)
             ``b"next_ino"``                 next inode number to hand out (u64)
-            ``b"next_chain"``               next chain id to hand out (u32)
+            ``b"next_chain"``               next chain id to hand out (u64)
 inodes      ino (u64)                       :class:`Inode` record
 dirents     parent ino (u64) + name         child ino (u64)
 chains      chain id (u32)                  :class:`Chain` record
-hashes      chain id (u32) + digest         slot (u64) + refcount (u32)
-maps        ino (u64) + logical block (u64) digest of the block's data
-free        chain id (u32) + slot (u64)     empty: the slot may be reused
-orphans     ino (u64)                       empty: unlinked, still open
+slots       chain id (u32) + run (u32)      a run of the chain's slot table
+                                            (``swapfs/slottable.py``)
+filemaps    ino (u64) + run (u32)           a run of the file's block map
+                                            (``swapfs/filemap.py``)
+orphans     ino (u64)                       nothing: unlinked, still open
 priorities  ino (u64)                       the file's priority (i32); absent
                                             means 0 (``swapfs priority``)
 ==========  ==============================  ==================================
 
+Every value ends in a CRC-32 of its database's name, its key and itself
+(:func:`seal`), except the runs of ``slots``, whose entries carry one each:
+a value that does not verify is :class:`CorruptIndex` (EIO), so a flipped
+bit reads as an error, never as other data. CRC-32 detects every error of
+up to 32 consecutive bits, so every single bit flip.
+
 Invariants (``fsck`` checks each one):
 
-* A block's refcount is the number of ``maps`` entries, over all files of
-  its chain, whose value is its digest. A block with refcount 0 does not
-  exist: its ``hashes`` entry is deleted and its slot goes to ``free``.
-* Holes (never written, written as zeros, discarded) have no ``maps`` entry.
-* ``Inode.blocks`` is the number of ``maps`` entries of that file, and
-  ``Chain.stored`` the number of ``hashes`` entries of that chain.
-* Every slot below ``Chain.next_slot`` is either referenced by exactly one
-  ``hashes`` entry or listed in ``free``, never both.
+* A slot's refcount is the number of ``filemaps`` entries, over all files
+  of its chain, that name it. A slot with refcount 0 is free.
+* Holes (never written, written as zeros, discarded) map to no slot, and a
+  run of a file's map with no slot in it has no entry.
+* ``Inode.blocks`` is the number of mapped blocks of that file, which is how
+  a lost run of its map is noticed.
+* The slot table of a chain has every run below ``Chain.next_slot``.
 * A ``priorities`` entry names an existing file; deleting a file deletes it.
 """
 
@@ -38,19 +44,20 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.errors import SwapfsError
 from swapfs.store import preallocate
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_INO = 1
 
 KIND_DIR = 1
@@ -58,10 +65,37 @@ KIND_FILE = 2
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_CHAIN_SLOT = struct.Struct(">IQ")
-_INO_BLOCK = struct.Struct(">QQ")
-_HASH_VALUE = struct.Struct(">QI")
 _I32 = struct.Struct(">i")
+_CHAIN_RUN = struct.Struct(">II")
+_INO_RUN = struct.Struct(">QI")
+CRC_SIZE = 4
+
+
+class CorruptIndex(SwapfsError):
+    """An index record that does not verify against its checksum, or that is
+    missing where the index says one must be (answered EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+def seal(tag: int, key: bytes, payload: bytes) -> bytes:
+    """*payload* followed by the CRC-32 of the database *tag*, *key* and itself."""
+    return payload + _U32.pack(zlib.crc32(payload, zlib.crc32(key, tag)))
+
+
+def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
+    """The payload of a sealed value; CorruptIndex unless its checksum matches."""
+    payload = raw[:-CRC_SIZE]
+    if len(raw) < CRC_SIZE or _U32.unpack_from(raw, len(payload))[0] != zlib.crc32(
+            payload, zlib.crc32(key, tag)):
+        raise CorruptIndex(f"the index record of {what} is corrupt")
+    return payload
+
+
+# Each database's tag, so that a record copied under another database's key
+# does not verify.
+_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS = range(1, 8)
 
 
 @dataclass(slots=True)
@@ -104,24 +138,15 @@ class Chain:
     id_: int
     key: bytes  # the chain's BLAKE3 key (32 bytes)
     next_slot: int = 0  # slots below this have been handed out at least once
-    stored: int = 0  # number of distinct blocks stored (hashes entries)
 
-    _FORMAT = struct.Struct(">32sQQ")
+    _FORMAT = struct.Struct(">32sQ")
 
     def pack(self) -> bytes:
-        return self._FORMAT.pack(self.key, self.next_slot, self.stored)
+        return self._FORMAT.pack(self.key, self.next_slot)
 
     @classmethod
     def unpack(cls, id_: int, raw: bytes) -> "Chain":
         return cls(id_, *cls._FORMAT.unpack(raw))
-
-
-@dataclass(slots=True)
-class BlockRef:
-    """Where a chain keeps the data of one digest, and how many maps use it."""
-
-    slot: int
-    refcount: int
 
 
 #: The index's map (and data file) is a multiple of this, at least one; it
@@ -184,9 +209,8 @@ class Index:
         self.inodes = self.env.open_db(b"inodes")
         self.dirents = self.env.open_db(b"dirents")
         self.chains = self.env.open_db(b"chains")
-        self.hashes = self.env.open_db(b"hashes")
-        self.maps = self.env.open_db(b"maps")
-        self.free = self.env.open_db(b"free")
+        self.slots = self.env.open_db(b"slots")
+        self.filemaps = self.env.open_db(b"filemaps")
         self.orphans = self.env.open_db(b"orphans")
         self.priorities = self.env.open_db(b"priorities")
         #: Why writes are refused (see fence); None while they are allowed.
@@ -241,12 +265,15 @@ class Index:
 
 
 class Txn:
-    """One LMDB transaction with typed accessors for every database."""
+    """One LMDB transaction with typed, checksummed accessors for every database."""
 
-    __slots__ = ("index", "txn", "_after")
+    __slots__ = ("index", "txn", "_after", "lenient")
 
     def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
         self.index = index
+        #: Set by fsck: iterators skip records that do not verify (it reports
+        #: them itself) instead of raising CorruptIndex.
+        self.lenient = False
         # lmdb's stubs type values as bytes | memoryview; without buffers=True
         # they are always bytes, which is what every accessor below relies on.
         self.txn: Any = txn
@@ -301,44 +328,89 @@ class Txn:
             full = False
         return errno.ENOSPC if full else errno.EIO
 
+
+    # -- sealed records -------------------------------------------------------
+
+    def _get(self, db: Any, tag: int, key: bytes, what: str) -> bytes | None:
+        raw = self.txn.get(key, db=db)
+        return None if raw is None else unseal(tag, key, raw, what)
+
+    def _put(self, db: Any, tag: int, key: bytes, payload: bytes) -> None:
+        self.txn.put(key, seal(tag, key, payload), db=db)
+
+    def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, payload) of the records whose key starts with *prefix*, from
+        *start* (default: the prefix) on, in key order."""
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(start or prefix):
+                return
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    return
+                try:
+                    yield key, unseal(tag, key, raw, f"key {key.hex()}")
+                except CorruptIndex:
+                    if not self.lenient:
+                        raise
+
+    def corrupt_records(self) -> list[tuple[str, bytes]]:
+        """(database, key) of every sealed record that does not verify."""
+        found = []
+        for name, db, tag in ((b"meta", self.index.meta, _META),
+                              (b"inodes", self.index.inodes, _INODES),
+                              (b"dirents", self.index.dirents, _DIRENTS),
+                              (b"chains", self.index.chains, _CHAINS),
+                              (b"orphans", self.index.orphans, _ORPHANS),
+                              (b"priorities", self.index.priorities, _PRIORITIES),
+                              (b"filemaps", self.index.filemaps, _FILEMAPS)):
+            with self.txn.cursor(db=db) as cur:
+                for key, raw in cur:
+                    try:
+                        unseal(tag, key, raw, "")
+                    except CorruptIndex:
+                        found.append((name.decode(), key))
+        return found
+
     # -- meta ---------------------------------------------------------------
 
     def get_meta(self, name: bytes) -> int | None:
-        raw = self.txn.get(name, db=self.index.meta)
-        return None if raw is None else _U64.unpack(raw)[0]
+        raw = self._get(self.index.meta, _META, name, f"the counter {name.decode()}")
+        return None if raw is None else int(_U64.unpack(raw)[0])
 
     def put_meta(self, name: bytes, value: int) -> None:
-        self.txn.put(name, _U64.pack(value), db=self.index.meta)
+        self._put(self.index.meta, _META, name, _U64.pack(value))
 
     def next_id(self, name: bytes) -> int:
         value = self.get_meta(name)
-        assert value is not None, f"index has no {name!r} counter"
+        if value is None:
+            raise CorruptIndex(f"the index has no {name.decode()} counter")
         self.put_meta(name, value + 1)
         return value
 
     # -- inodes and directory entries ----------------------------------------
 
     def get_inode(self, ino: int) -> Inode | None:
-        raw = self.txn.get(_U64.pack(ino), db=self.index.inodes)
+        raw = self._get(self.index.inodes, _INODES, _U64.pack(ino), f"inode {ino}")
         return None if raw is None else Inode.unpack(ino, raw)
 
     def put_inode(self, inode: Inode) -> None:
-        self.txn.put(_U64.pack(inode.ino), inode.pack(), db=self.index.inodes)
+        self._put(self.index.inodes, _INODES, _U64.pack(inode.ino), inode.pack())
 
     def delete_inode(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.inodes)
 
     def iter_inodes(self) -> Iterator[Inode]:
-        with self.txn.cursor(db=self.index.inodes) as cur:
-            for key, raw in cur:
-                yield Inode.unpack(_U64.unpack(key)[0], raw)
+        for key, raw in self._iter(self.index.inodes, _INODES):
+            yield Inode.unpack(_U64.unpack(key)[0], raw)
 
     def get_dirent(self, parent: int, name: bytes) -> int | None:
-        raw = self.txn.get(_U64.pack(parent) + name, db=self.index.dirents)
-        return None if raw is None else _U64.unpack(raw)[0]
+        raw = self._get(self.index.dirents, _DIRENTS, _U64.pack(parent) + name,
+                        f"the entry {name!r} of directory {parent}")
+        return None if raw is None else int(_U64.unpack(raw)[0])
 
     def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        self.txn.put(_U64.pack(parent) + name, _U64.pack(ino), db=self.index.dirents)
+        self._put(self.index.dirents, _DIRENTS, _U64.pack(parent) + name, _U64.pack(ino))
 
     def delete_dirent(self, parent: int, name: bytes) -> None:
         self.txn.delete(_U64.pack(parent) + name, db=self.index.dirents)
@@ -346,194 +418,124 @@ class Txn:
     def iter_dirents(self, parent: int, after: bytes = b"") -> Iterator[tuple[bytes, int]]:
         """Entries of *parent* in name order, starting after the name *after*."""
         prefix = _U64.pack(parent)
-        with self.txn.cursor(db=self.index.dirents) as cur:
-            if not cur.set_range(prefix + after):
-                return
-            for key, raw in cur:
-                if not key.startswith(prefix):
-                    return
-                name = key[8:]
-                if after and name == after:
-                    continue
-                yield name, _U64.unpack(raw)[0]
+        for key, raw in self._iter(self.index.dirents, _DIRENTS, prefix, prefix + after):
+            name = key[8:]
+            if after and name == after:
+                continue
+            yield name, int(_U64.unpack(raw)[0])
 
     def iter_all_dirents(self) -> Iterator[tuple[int, bytes, int]]:
-        with self.txn.cursor(db=self.index.dirents) as cur:
-            for key, raw in cur:
-                yield _U64.unpack(key[:8])[0], key[8:], _U64.unpack(raw)[0]
+        for key, raw in self._iter(self.index.dirents, _DIRENTS):
+            yield int(_U64.unpack(key[:8])[0]), key[8:], int(_U64.unpack(raw)[0])
 
     # -- chains ---------------------------------------------------------------
 
     def get_chain(self, chain_id: int) -> Chain | None:
-        raw = self.txn.get(_U32.pack(chain_id), db=self.index.chains)
+        raw = self._get(self.index.chains, _CHAINS, _U32.pack(chain_id), f"chain {chain_id}")
         return None if raw is None else Chain.unpack(chain_id, raw)
 
     def put_chain(self, chain: Chain) -> None:
-        self.txn.put(_U32.pack(chain.id_), chain.pack(), db=self.index.chains)
+        self._put(self.index.chains, _CHAINS, _U32.pack(chain.id_), chain.pack())
 
     def delete_chain(self, chain_id: int) -> None:
         self.txn.delete(_U32.pack(chain_id), db=self.index.chains)
 
     def iter_chains(self) -> Iterator[Chain]:
-        with self.txn.cursor(db=self.index.chains) as cur:
-            for key, raw in cur:
-                yield Chain.unpack(_U32.unpack(key)[0], raw)
+        for key, raw in self._iter(self.index.chains, _CHAINS):
+            yield Chain.unpack(_U32.unpack(key)[0], raw)
 
-    # -- the chain's hash table -------------------------------------------------
+    # -- the chains' slot tables (entries checksummed one by one) ---------------
 
-    def get_block(self, chain_id: int, digest: bytes) -> BlockRef | None:
-        raw = self.txn.get(_U32.pack(chain_id) + digest, db=self.index.hashes)
-        return None if raw is None else BlockRef(*_HASH_VALUE.unpack(raw))
+    def get_slot_run(self, chain_id: int, run: int) -> bytes | None:
+        raw = self.txn.get(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
+        return None if raw is None else bytes(raw)
 
-    def put_block(self, chain_id: int, digest: bytes, ref: BlockRef) -> None:
-        self.txn.put(
-            _U32.pack(chain_id) + digest, _HASH_VALUE.pack(ref.slot, ref.refcount),
-            db=self.index.hashes,
-        )
+    def put_slot_run(self, chain_id: int, run: int, entries: bytes | memoryview) -> None:
+        self.txn.put(_CHAIN_RUN.pack(chain_id, run), entries, db=self.index.slots)
 
-    def delete_block(self, chain_id: int, digest: bytes) -> None:
-        self.txn.delete(_U32.pack(chain_id) + digest, db=self.index.hashes)
-
-    def drop_refs(self, chain_id: int, counts: Mapping[bytes, int]) -> list[int]:
-        """Lower each block's refcount by ``counts[digest]``, in digest order
-        with one cursor; delete the blocks that reach zero and return their
-        slots. A digest the chain does not hold is CorruptBlock."""
+    def iter_slot_runs(self, chain_id: int) -> Iterator[tuple[int, bytes]]:
+        """(run, raw entries) of the chain's slot table, in run order."""
         prefix = _U32.pack(chain_id)
-        freed = []
-        pack, unpack = _HASH_VALUE.pack, _HASH_VALUE.unpack
-        with self.txn.cursor(db=self.index.hashes) as cur:
-            for digest in sorted(counts):
-                key = prefix + digest
-                if not cur.set_key(key):
-                    raise CorruptBlock(f"chain {chain_id} has no block {digest.hex()}")
-                slot, refcount = unpack(cur.value())
-                refcount -= counts[digest]
-                if refcount:
-                    cur.put(key, pack(slot, refcount))
-                else:
-                    cur.delete()
-                    freed.append(slot)
-        return freed
-
-    def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, BlockRef] | None:
-        """(digest, ref) of the chain's first block whose digest starts with *prefix*."""
-        start = _U32.pack(chain_id) + prefix
-        with self.txn.cursor(db=self.index.hashes) as cur:
-            if not cur.set_range(start) or not cur.key().startswith(start):
-                return None
-            return cur.key()[4:], BlockRef(*_HASH_VALUE.unpack(cur.value()))
-
-    def iter_blocks(self, chain_id: int) -> Iterator[tuple[bytes, BlockRef]]:
-        prefix = _U32.pack(chain_id)
-        with self.txn.cursor(db=self.index.hashes) as cur:
+        with self.txn.cursor(db=self.index.slots) as cur:
             if not cur.set_range(prefix):
                 return
             for key, raw in cur:
                 if not key.startswith(prefix):
                     return
-                yield key[4:], BlockRef(*_HASH_VALUE.unpack(raw))
+                yield _CHAIN_RUN.unpack(key)[1], raw
 
-    # -- each file's logical map ------------------------------------------------
+    def delete_slot_run(self, chain_id: int, run: int) -> None:
+        self.txn.delete(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
 
-    def get_map(self, ino: int, block: int) -> bytes | None:
-        return self.txn.get(_INO_BLOCK.pack(ino, block), db=self.index.maps)
+    def delete_slot_runs(self, chain_id: int) -> None:
+        for run, _ in list(self.iter_slot_runs(chain_id)):
+            self.delete_slot_run(chain_id, run)
 
-    def put_map(self, ino: int, block: int, digest: bytes) -> None:
-        self.txn.put(_INO_BLOCK.pack(ino, block), digest, db=self.index.maps)
+    # -- each file's block map ----------------------------------------------------
 
-    def delete_map(self, ino: int, block: int) -> None:
-        self.txn.delete(_INO_BLOCK.pack(ino, block), db=self.index.maps)
+    def put_map_run(self, ino: int, run: int, entries: bytes) -> None:
+        self._put(self.index.filemaps, _FILEMAPS, _INO_RUN.pack(ino, run), entries)
 
-    def pop_maps(self, ino: int, first: int, stop: int | None = None) -> list[bytes]:
-        """Delete file *ino*'s map entries of logical blocks ``[first, stop)``
-        (to its end without *stop*) in one cursor pass; return their digests."""
-        end = _U64.pack(ino + 1) if stop is None else _INO_BLOCK.pack(ino, stop)
-        digests: list[bytes] = []
-        with self.txn.cursor(db=self.index.maps) as cur:
-            if not cur.set_range(_INO_BLOCK.pack(ino, first)):
-                return digests
-            key, value, delete = cur.key, cur.value, cur.delete
-            while True:
-                at = key()
-                if not at or at >= end:  # b"": deleted the last entry of the database
-                    return digests
-                digests.append(value())
-                delete()  # and move to the next entry
+    def delete_map_run(self, ino: int, run: int) -> None:
+        self.txn.delete(_INO_RUN.pack(ino, run), db=self.index.filemaps)
 
-    def iter_map(self, ino: int, first: int = 0) -> Iterator[tuple[int, bytes]]:
-        """The mapped blocks of file *ino* from logical block *first* on."""
-        with self.txn.cursor(db=self.index.maps) as cur:
-            if not cur.set_range(_INO_BLOCK.pack(ino, first)):
+    def iter_map_runs(self, ino: int) -> Iterator[tuple[int, bytes | None]]:
+        """(run, entries) of file *ino*'s map in run order; entries is None
+        for a run whose checksum does not verify."""
+        prefix = _U64.pack(ino)
+        with self.txn.cursor(db=self.index.filemaps) as cur:
+            if not cur.set_range(prefix):
                 return
-            for key, digest in cur:
-                key_ino, block = _INO_BLOCK.unpack(key)
-                if key_ino != ino:
+            for key, raw in cur:
+                if not key.startswith(prefix):
                     return
-                yield block, digest
+                run = _INO_RUN.unpack(key)[1] if len(key) == _INO_RUN.size else -1
+                try:
+                    yield run, unseal(_FILEMAPS, key, raw, "")
+                except CorruptIndex:
+                    yield run, None
 
-    def iter_all_maps(self) -> Iterator[tuple[int, int, bytes]]:
-        with self.txn.cursor(db=self.index.maps) as cur:
-            for key, digest in cur:
-                ino, block = _INO_BLOCK.unpack(key)
-                yield ino, block, digest
-
-    # -- free slots ---------------------------------------------------------------
-
-    def pop_free(self, chain_id: int) -> int | None:
-        """Take the lowest free slot of a chain, or None when there is none."""
-        prefix = _U32.pack(chain_id)
-        with self.txn.cursor(db=self.index.free) as cur:
-            if not cur.set_range(prefix):
-                return None
-            key = cur.key()
-            if not key.startswith(prefix):
-                return None
-            cur.delete()
-        return _CHAIN_SLOT.unpack(key)[1]
-
-    def put_free(self, chain_id: int, slot: int) -> None:
-        self.txn.put(_CHAIN_SLOT.pack(chain_id, slot), b"", db=self.index.free)
-
-    def delete_free(self, chain_id: int, slot: int) -> None:
-        self.txn.delete(_CHAIN_SLOT.pack(chain_id, slot), db=self.index.free)
-
-    def iter_free(self, chain_id: int) -> Iterator[int]:
-        prefix = _U32.pack(chain_id)
-        with self.txn.cursor(db=self.index.free) as cur:
-            if not cur.set_range(prefix):
-                return
+    def iter_mapped_inos(self) -> Iterator[int]:
+        """Every inode number that has map runs, once each, in order."""
+        last = None
+        with self.txn.cursor(db=self.index.filemaps) as cur:
             for key in cur.iternext(values=False):
-                if not key.startswith(prefix):
-                    return
-                yield _CHAIN_SLOT.unpack(key)[1]
+                ino = int(_U64.unpack(key[:8])[0])
+                if ino != last:
+                    yield ino
+                    last = ino
+
+    def delete_map_runs(self, ino: int) -> None:
+        for run, _ in list(self.iter_map_runs(ino)):
+            self.delete_map_run(ino, run)
 
     # -- orphans -------------------------------------------------------------------
 
     def put_orphan(self, ino: int) -> None:
-        self.txn.put(_U64.pack(ino), b"", db=self.index.orphans)
+        self._put(self.index.orphans, _ORPHANS, _U64.pack(ino), b"")
 
     def delete_orphan(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.orphans)
 
     def is_orphan(self, ino: int) -> bool:
-        return self.txn.get(_U64.pack(ino), db=self.index.orphans) is not None
+        return self._get(self.index.orphans, _ORPHANS, _U64.pack(ino),
+                         f"the orphan mark of {ino}") is not None
 
     def iter_orphans(self) -> Iterator[int]:
-        with self.txn.cursor(db=self.index.orphans) as cur:
-            for key in cur.iternext(values=False):
-                yield _U64.unpack(key)[0]
-
+        for key, _ in self._iter(self.index.orphans, _ORPHANS):
+            yield int(_U64.unpack(key)[0])
 
     # -- file priorities ----------------------------------------------------------
 
     def get_priority(self, ino: int) -> int:
-        raw = self.txn.get(_U64.pack(ino), db=self.index.priorities)
+        raw = self._get(self.index.priorities, _PRIORITIES, _U64.pack(ino),
+                        f"the priority of {ino}")
         return 0 if raw is None else int(_I32.unpack(raw)[0])
 
     def put_priority(self, ino: int, priority: int) -> None:
         """Set a file's priority; 0, the default, is stored as no entry."""
         if priority:
-            self.txn.put(_U64.pack(ino), _I32.pack(priority), db=self.index.priorities)
+            self._put(self.index.priorities, _PRIORITIES, _U64.pack(ino), _I32.pack(priority))
         else:
             self.delete_priority(ino)
 
@@ -541,6 +543,5 @@ class Txn:
         self.txn.delete(_U64.pack(ino), db=self.index.priorities)
 
     def iter_priorities(self) -> Iterator[tuple[int, int]]:
-        with self.txn.cursor(db=self.index.priorities) as cur:
-            for key, raw in cur:
-                yield _U64.unpack(key)[0], int(_I32.unpack(raw)[0])
+        for key, raw in self._iter(self.index.priorities, _PRIORITIES):
+            yield int(_U64.unpack(key)[0]), int(_I32.unpack(raw)[0])

@@ -78,6 +78,10 @@ class PendingPunches:
                 break
         return out
 
+    def slots(self, chain_id: int) -> set[int]:
+        """The chain's pending slots."""
+        return {slot for slot, _ in self._chains.get(chain_id, ())}
+
     def drop(self, chain_id: int) -> None:
         """Forget a chain's slots (its data file is gone)."""
         self._chains.pop(chain_id, None)

@@ -11,10 +11,15 @@ The write path, for each 4 KiB block a request touches::
 
     patch the old block (read-modify-write) unless the block is whole
     all zeros?         -> unmap it; stores nothing
-    digest (keyed)     -> known in the chain? raise its refcount
+    digest (keyed)     -> in the chain's dedup table? raise that slot's refcount
                           new? take a free slot, write the data there
-    map the file's logical block to the digest; drop the old digest's ref
+    map the file's logical block to the slot; drop the old slot's reference
     commit; then the slots whose refcount reached zero may be reused
+
+The file maps and slot tables are kept in memory (``swapfs/filemap.py``,
+``swapfs/slottable.py``), loaded and verified the first time they are used;
+a transaction writes the runs it changed back to LMDB, and one that aborts
+makes the volume forget what it changed in memory, to load it again.
 
 A freed slot keeps its disk space until :meth:`Volume.punch_pending` punches
 it, so that the next new block of its chain can take it without the file
@@ -38,6 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import lmdb
 
+from swapfs import upgrade
 from swapfs.blocks import (
     BLOCK_SIZE,
     MAX_FILE_SIZE,
@@ -47,20 +53,21 @@ from swapfs.blocks import (
     pieces,
 )
 from swapfs.cache import BlockCache, cache_key
-from swapfs.digest import block_digest, new_key
+from swapfs.digest import DIGEST_SIZE, block_digest, new_key
 from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.filemap import FileMap
 from swapfs.index import (
     FORMAT_VERSION,
     KIND_DIR,
     KIND_FILE,
     ROOT_INO,
-    BlockRef,
     Chain,
     Index,
     Inode,
     Txn,
 )
 from swapfs.reclaim import PendingPunches
+from swapfs.slottable import SlotTable
 from swapfs.store import BlockStore
 from swapfs.transient import TransientCache
 
@@ -130,6 +137,9 @@ class Volume:
             self.store = BlockStore(state / "data")
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()
+            #: In-memory maps and slot tables, by inode and chain (see _map, _table).
+            self._maps: dict[int, FileMap] = {}
+            self._tables: dict[int, SlotTable] = {}
             #: The read caches, asked in this order before the store (use_caches).
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
@@ -177,6 +187,9 @@ class Volume:
         batch = self.pending.batch(max_slots, freed_before)
         for chain_id, slots in batch.items():
             self.store.punch(chain_id, slots)
+            table = self._tables.get(chain_id)
+            if table is not None:
+                table.give_free(slots)
         return sum(len(slots) for slots in batch.values())
 
     # -- set-up ---------------------------------------------------------------
@@ -184,8 +197,11 @@ class Volume:
     @_growing
     def _format(self, create: bool) -> None:
         with self.index.begin(write=True) as txn:
-            version = txn.get_meta(b"format")
+            version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
+                return
+            if version == 1:
+                upgrade.from_format_1(txn)
                 return
             if version is not None:
                 raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
@@ -209,14 +225,37 @@ class Volume:
     def _punch_free(self) -> None:
         """Punch every free slot: a crash between a commit and its punch, or a
         write that failed after filling a free slot, leaves them on disk."""
+        self.pending.clear()  # all punched below, those of the orphans just purged too
+        self._tables.clear()
         with self.index.begin() as txn:
-            free = {chain.id_: list(txn.iter_free(chain.id_)) for chain in txn.iter_chains()}
-        for chain_id, slots in free.items():
-            self.store.punch(chain_id, slots)
-        self.pending.clear()  # all punched, those of the orphans just purged too
+            for chain in txn.iter_chains():
+                table = self._table(txn, chain.id_)
+                self.store.punch(chain.id_, table.free)
 
     def _change(self, txn: Txn, chain_id: int) -> "_ChainWrite":
-        return _ChainWrite(self.store, txn, _chain(txn, chain_id), self.pending)
+        return _ChainWrite(self, txn, _chain(txn, chain_id))
+
+    def _table(self, txn: Txn, chain_id: int) -> SlotTable:
+        """The chain's slot table, loaded and verified at its first use."""
+        table = self._tables.get(chain_id)
+        if table is None:
+            table = SlotTable.load(txn, _chain(txn, chain_id),
+                                   self.pending.slots(chain_id))
+            self._tables[chain_id] = table
+        return table
+
+    def _map(self, txn: Txn, inode: Inode) -> FileMap:
+        """The file's map, loaded and verified at its first use."""
+        fmap = self._maps.get(inode.ino)
+        if fmap is None:
+            fmap = self._maps[inode.ino] = FileMap.load(txn, inode)
+        return fmap
+
+    def _forget(self, chain_id: int, inos: Collection[int]) -> None:
+        """Drop what a transaction that aborted changed in memory."""
+        self._tables.pop(chain_id, None)
+        for ino in inos:
+            self._maps.pop(ino, None)
 
     # -- lookups --------------------------------------------------------------
 
@@ -312,15 +351,9 @@ class Volume:
                                source.chain)
             inode.size = source.size
             if not empty:
-                uses: collections.Counter[bytes] = collections.Counter()
-                for block, digest in txn.iter_map(src):
-                    txn.put_map(inode.ino, block, digest)
-                    uses[digest] += 1
-                for digest, count in uses.items():
-                    ref = _block(txn, source.chain, digest)
-                    ref.refcount += count
-                    txn.put_block(source.chain, digest, ref)
-                inode.blocks = source.blocks
+                change = self._change(txn, source.chain)
+                change.copy_map(source, inode)
+                change.finish()
             txn.put_inode(inode)
             txn.put_dirent(parent, name, inode.ino)
             _touch_dir(txn, parent)
@@ -354,10 +387,12 @@ class Volume:
             inode = _file(txn, ino)
             change = self._change(txn, inode.chain)
             change.unmap_range(inode, 0)
+            change.finish()
+            txn.delete_map_runs(ino)  # and any run too damaged to load
             txn.delete_inode(ino)
             txn.delete_orphan(ino)
             txn.delete_priority(ino)
-            change.finish()
+        self._maps.pop(ino, None)
 
     @_growing
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -370,13 +405,13 @@ class Volume:
                 raise SwapfsError(errno.ENOTEMPTY)
             if any(_inode(txn, orphan).chain == inode.chain for orphan in txn.iter_orphans()):
                 raise SwapfsError(errno.EBUSY, "a file of this chain is still open")
-            for slot in list(txn.iter_free(inode.chain)):
-                txn.delete_free(inode.chain, slot)
+            txn.delete_slot_runs(inode.chain)
             txn.delete_chain(inode.chain)
             txn.delete_inode(ino)
             txn.delete_dirent(parent, name)
             _touch_dir(txn, parent)
         self.pending.drop(inode.chain)
+        self._tables.pop(inode.chain, None)
         self.store.remove(inode.chain)
 
     @_growing
@@ -472,16 +507,22 @@ class Volume:
             if offset >= end:
                 return b""
             chain = _chain(txn, inode.chain)
+            fmap = self._map(txn, inode)
+            table = self._table(txn, inode.chain)
             if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
                 # One whole block, the kernel's most frequent swap-in.
-                digest = txn.get_map(ino, offset // BLOCK_SIZE)
-                return ZERO_BLOCK if digest is None else self._load(txn, ino, chain, digest)
-            mapped = []  # (logical block, digest), in file order
-            for block, digest in txn.iter_map(ino, offset // BLOCK_SIZE):
-                if block * BLOCK_SIZE >= end:
-                    break
-                mapped.append((block, digest))
-            datas = self._load_many(txn, ino, chain, [digest for _, digest in mapped])
+                slot = fmap.get(offset // BLOCK_SIZE)
+                if slot is None:
+                    return ZERO_BLOCK
+                return self._load(ino, chain, slot, table.digest(slot))
+            first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
+            mapped = []  # (logical block, slot), in file order
+            for block in range(first, stop):
+                slot = fmap.get(block)
+                if slot is not None:
+                    mapped.append((block, slot))
+            datas = self._load_many(ino, chain, [(slot, table.digest(slot))
+                                                 for _, slot in mapped])
             if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
                 # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
                 return b"".join(datas)
@@ -493,31 +534,32 @@ class Volume:
                 out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
             return bytes(out)
 
-    def _load(self, txn: Txn, ino: int, chain: Chain, digest: bytes) -> bytes:
+    def _load(self, ino: int, chain: Chain, slot: int, digest: bytes) -> bytes:
         """A block's verified data: from the first cache that has it, else from
         the store (and then offered to every cache, which decides to admit it)."""
         if not self._caches:
-            return _load(self.store, txn, chain, digest)
+            return _load(self.store, chain, slot, digest)
         key = cache_key(chain.id_, digest)  # built once, used by every cache
         data = self._cached(key, ino)
         if data is None:
-            data = _load(self.store, txn, chain, digest)
+            data = _load(self.store, chain, slot, digest)
             for cache in self._caches:
                 cache.offer(key, data, ino)
         return data
 
-    def _load_many(self, txn: Txn, ino: int, chain: Chain, digests: list[bytes]
+    def _load_many(self, ino: int, chain: Chain, blocks: list[tuple[int, bytes]]
                    ) -> list[bytes]:
-        """Verified data of each digest: cached blocks as in :meth:`_load`, the
-        others from the store, reading runs of consecutive slots at once."""
+        """Verified data of each (slot, digest): cached blocks as in
+        :meth:`_load`, the others from the store, reading runs of consecutive
+        slots at once."""
         caches = self._caches
-        datas: list[bytes] = [b""] * len(digests)
+        datas: list[bytes] = [b""] * len(blocks)
         misses = []  # (position, digest, cache key or b"" without caches, slot)
-        for position, digest in enumerate(digests):
+        for position, (slot, digest) in enumerate(blocks):
             key = cache_key(chain.id_, digest) if caches else b""
             hit = self._cached(key, ino) if caches else None
             if hit is None:
-                misses.append((position, digest, key, _block(txn, chain.id_, digest).slot))
+                misses.append((position, digest, key, slot))
             else:
                 datas[position] = hit
         read = self.store.read_many(chain.id_, [slot for *_, slot in misses])
@@ -555,7 +597,7 @@ class Volume:
             for piece in pieces(offset, len(data)):
                 chunk = data[piece.buf_start:piece.buf_start + piece.end - piece.start]
                 if not piece.whole:
-                    old = change.mapped_block(ino, piece.block)
+                    old = change.mapped_block(inode, piece.block)
                     chunk = old[:piece.start] + chunk + old[piece.end:]
                 blocks.append((piece.block, chunk))
             change.set_blocks(inode, blocks)
@@ -606,13 +648,13 @@ class Volume:
                     first, head = divmod(offset, BLOCK_SIZE)
                     last, tail = divmod(stop, BLOCK_SIZE)
                     if head:  # the range starts inside block *first*
-                        old = change.mapped_block(ino, first)
+                        old = change.mapped_block(inode, first)
                         cut = min(BLOCK_SIZE, head + stop - offset)
                         change.set_block(inode, first,
                                          old[:head] + bytes(cut - head) + old[cut:])
                         first += 1
                     if tail and last >= first:  # the range ends inside block *last*
-                        old = change.mapped_block(ino, last)
+                        old = change.mapped_block(inode, last)
                         change.set_block(inode, last, bytes(tail) + old[tail:])
                     change.unmap_range(inode, first, last)
                 inode.mtime_ns = inode.ctime_ns = time.time_ns()
@@ -625,16 +667,25 @@ class Volume:
 
     def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, bytes] | None:
         """(digest, verified data) of a stored block of the chain whose digest
-        starts with *prefix*; None if there is none or its data is corrupt."""
+        is (or starts with) *prefix*; None if the chain's dedup table knows
+        none or its data is corrupt."""
         with self.index.begin() as txn:
             chain = txn.get_chain(chain_id)
-            found = None if chain is None else txn.find_block(chain_id, prefix)
-            if chain is None or found is None:
+            if chain is None:
                 return None
-            digest, ref = found
-            data = self.store.read(chain_id, ref.slot)
+            table = self._table(txn, chain_id)
+            slot = table.find(prefix)
+            digest = prefix
+            if slot is None and len(prefix) < DIGEST_SIZE:
+                slot, digest = None, b""
+                found = table.find_prefix(prefix)
+                if found is not None:
+                    digest, slot = found
+            if slot is None:
+                return None
+            data = self.store.read(chain_id, slot)
             try:
-                _verify(chain, ref.slot, digest, data)
+                _verify(chain, slot, digest, data)
             except CorruptBlock:
                 return None
             return digest, data
@@ -661,6 +712,26 @@ class Volume:
         with self.index.begin() as txn:
             return dict(txn.iter_priorities())
 
+    # -- inspection -----------------------------------------------------------------
+
+    def blocks(self, chain_id: int) -> dict[int, tuple[bytes, int]]:
+        """The chain's used slots: slot -> (digest, refcount)."""
+        with self.index.begin() as txn:
+            return {slot: (digest, refcount)
+                    for slot, digest, refcount in self._table(txn, chain_id).used()}
+
+    def free_slots(self, chain_id: int) -> set[int]:
+        """The chain's free slots, punched or not."""
+        with self.index.begin() as txn:
+            table = self._table(txn, chain_id)
+            return set(range(table.next_slot)) - table.bad - {
+                slot for slot, _, _ in table.used()}
+
+    def mapped(self, ino: int) -> dict[int, int]:
+        """The file's mapped blocks: logical block -> slot."""
+        with self.index.begin() as txn:
+            return dict(self._map(txn, _file(txn, ino)).mapped())
+
     # -- reporting ----------------------------------------------------------------
 
     def statfs(self) -> os.statvfs_result:
@@ -685,12 +756,13 @@ class Volume:
                         "priority": txn.get_priority(file_ino),
                     }
                 logical = sum(f["logical_bytes"] for f in files.values())
-                stored = chain.stored * BLOCK_SIZE
+                unique = self._table(txn, chain.id_).stored
+                stored = unique * BLOCK_SIZE
                 chains[os.fsdecode(chain_name)] = {
                     "id": chain.id_,
                     "logical_bytes": logical,
                     "stored_bytes": stored,
-                    "unique_blocks": chain.stored,
+                    "unique_blocks": unique,
                     "zero_blocks": sum(f["zero_blocks"] for f in files.values()),
                     "dedup_ratio": logical / stored if stored else 1.0,
                     "disk_bytes": self.store.disk_bytes(chain.id_),
@@ -786,13 +858,6 @@ def _chain(txn: Txn, chain_id: int) -> Chain:
     return chain
 
 
-def _block(txn: Txn, chain_id: int, digest: bytes) -> BlockRef:
-    ref = txn.get_block(chain_id, digest)
-    if ref is None:
-        raise CorruptBlock(f"chain {chain_id} has no block {digest.hex()}")
-    return ref
-
-
 def _new_inode(txn: Txn, kind: int, mode: int, uid: int, gid: int, chain: int) -> Inode:
     now = time.time_ns()
     inode = Inode(txn.next_id(b"next_ino"), kind, mode, uid, gid, chain,
@@ -814,42 +879,50 @@ def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:
         raise CorruptBlock(f"chain {chain.id_} slot {slot} is corrupt")
 
 
-def _load(store: BlockStore, txn: Txn, chain: Chain, digest: bytes) -> bytes:
+def _load(store: BlockStore, chain: Chain, slot: int, digest: bytes) -> bytes:
     """A stored block's data, verified against its digest (EIO if it differs)."""
-    slot = _block(txn, chain.id_, digest).slot
     data = store.read(chain.id_, slot)
     _verify(chain, slot, digest, data)
     return data
 
 
 class _ChainWrite:
-    """One write transaction's changes to one chain's maps and blocks.
+    """One write transaction's changes to one chain's maps and slots.
 
-    Slots whose refcount reaches zero are collected in ``freed``; they join
-    the free list in :meth:`finish`, after every allocation of this
-    transaction, so none of them is overwritten before this commit, and they
-    become pending punches (the first choice of later allocations) only once
-    it has committed. Slots this transaction took from the free list are
-    remembered in ``taken``: if it aborts they are free again, and may hold
-    the data it wrote there, so they go back to the pending punches.
+    The changes go to the in-memory maps and slot table at once and to
+    LMDB at :meth:`finish`. Slots whose refcount reaches zero are collected
+    in ``freed``: none of them is handed out again by this transaction, and
+    they become pending punches (the first choice of later allocations) only
+    once it has committed. Slots this transaction took from the free slots
+    are remembered in ``taken``: if it aborts they are free again, and may
+    hold the data it wrote there, so they go back to the pending punches,
+    and the volume forgets the in-memory state this transaction changed.
     """
 
-    __slots__ = ("store", "txn", "chain", "pending", "freed", "taken", "_saved")
+    __slots__ = ("volume", "store", "txn", "chain", "table", "freed", "taken", "inos",
+                 "_saved")
 
-    def __init__(self, store: BlockStore, txn: Txn, chain: Chain,
-                 pending: PendingPunches) -> None:
-        self.store = store
+    def __init__(self, volume: Volume, txn: Txn, chain: Chain) -> None:
+        self.volume = volume
+        self.store = volume.store
         self.txn = txn
         self.chain = chain
-        self.pending = pending
+        self.table = volume._table(txn, chain.id_)
         self.freed: list[int] = []
         self.taken: list[int] = []
-        self._saved = (chain.next_slot, chain.stored)
+        self.inos: set[int] = set()
+        self._saved = chain.next_slot
         txn.after(self._ended)
 
-    def mapped_block(self, ino: int, block: int) -> bytes:
-        digest = self.txn.get_map(ino, block)
-        return ZERO_BLOCK if digest is None else _load(self.store, self.txn, self.chain, digest)
+    def _fmap(self, inode: Inode) -> FileMap:
+        self.inos.add(inode.ino)
+        return self.volume._map(self.txn, inode)
+
+    def mapped_block(self, inode: Inode, block: int) -> bytes:
+        slot = self._fmap(inode).get(block)
+        if slot is None:
+            return ZERO_BLOCK
+        return _load(self.store, self.chain, slot, self.table.digest(slot))
 
     def set_block(self, inode: Inode, block: int, data: bytes) -> None:
         self.set_blocks(inode, [(block, data)])
@@ -862,81 +935,74 @@ class _ChainWrite:
         Old blocks lose their references last, so a block that this very
         call both drops and writes again keeps its slot.
         """
-        txn, chain = self.txn, self.chain
+        fmap, table, key = self._fmap(inode), self.table, self.chain.key
         new_data: list[tuple[int, bytes]] = []  # (slot, data) to write
-        refs: dict[bytes, BlockRef] = {}  # blocks gaining references
-        dropped: list[bytes] = []  # old digests losing one reference each
+        dropped: list[int] = []  # old slots losing one reference each
         for block, data in blocks:
-            old = txn.get_map(inode.ino, block)
+            old = fmap.get(block)
             if is_zero(data):
                 if old is not None:
-                    txn.delete_map(inode.ino, block)
+                    fmap.set(block, None)
                     inode.blocks -= 1
                     dropped.append(old)
                 continue
-            digest = block_digest(chain.key, data)
-            if digest == old:
+            digest = block_digest(key, data)
+            if old is not None and table.digest(old) == digest:
                 continue
-            ref = refs.get(digest)
-            if ref is None:
-                ref = txn.get_block(chain.id_, digest)
-            if ref is None:
+            slot = table.find(digest)
+            if slot is None:
                 slot = self.allocate()
+                table.claim(slot, digest)
                 new_data.append((slot, data))
-                ref = BlockRef(slot, 0)
-                chain.stored += 1
-            ref.refcount += 1
-            refs[digest] = ref
-            txn.put_map(inode.ino, block, digest)
+            else:
+                table.ref(slot)
+            fmap.set(block, slot)
             if old is None:
                 inode.blocks += 1
             else:
                 dropped.append(old)
         # The data reaches its slots before the transaction naming them commits.
-        self.store.write_many(chain.id_, new_data)
-        for digest, ref in refs.items():
-            txn.put_block(chain.id_, digest, ref)
-        for digest in dropped:
-            self.unref(digest)
+        self.store.write_many(self.chain.id_, new_data)
+        for slot in dropped:
+            if table.unref(slot):
+                self.freed.append(slot)
 
     def allocate(self) -> int:
         """A slot for a new block: a slot of the chain's last commit that freed
-        any, still holding its disk space (lowest first), else a punched free slot, else a new slot
-        at the end of the data file."""
-        chain = self.chain
-        slot = self.pending.take(chain.id_)
-        if slot is not None:
-            self.txn.delete_free(chain.id_, slot)
-        else:
-            slot = self.txn.pop_free(chain.id_)
+        any, still holding its disk space (lowest first), else a punched free
+        slot (lowest first), else a new slot at the end of the data file."""
+        chain_id = self.chain.id_
+        slot = self.volume.pending.take(chain_id)
         if slot is None:
-            slot = chain.next_slot
-            chain.next_slot += 1
+            slot = self.table.take_free()
+        if slot is None:
+            slot = self.table.grow()
+            self.chain.next_slot = self.table.next_slot
         else:
             self.taken.append(slot)
         return slot
 
-    def unref(self, digest: bytes) -> None:
-        """Drop one reference to a block; free its slot at zero."""
-        ref = _block(self.txn, self.chain.id_, digest)
-        ref.refcount -= 1
-        if ref.refcount:
-            self.txn.put_block(self.chain.id_, digest, ref)
-        else:
-            self.txn.delete_block(self.chain.id_, digest)
-            self.chain.stored -= 1
-            self.freed.append(ref.slot)
+    def copy_map(self, source: Inode, inode: Inode) -> None:
+        """Give *inode* the map of *source*: every slot gains the references."""
+        fmap = self._fmap(source)
+        if fmap.damaged:
+            raise fmap._unknown(0)
+        uses = collections.Counter(slot for _, slot in fmap.mapped())
+        for slot, count in uses.items():
+            self.table.ref(slot, count)
+        self.volume._maps[inode.ino] = fmap.copy(inode.ino)
+        self.inos.add(inode.ino)
+        inode.blocks = source.blocks
 
     def unmap_range(self, inode: Inode, first: int, stop: int | None = None) -> None:
         """Unmap the blocks of *inode* in ``[first, stop)`` (to its end without
-        *stop*): one cursor pass over its map, deleting each entry it passes,
-        then one over the chain's blocks in digest order, lowering each
-        refcount once by the number of blocks that named it."""
-        digests = self.txn.pop_maps(inode.ino, first, stop)
-        inode.blocks -= len(digests)
-        freed = self.txn.drop_refs(self.chain.id_, collections.Counter(digests))
-        self.chain.stored -= len(freed)
-        self.freed.extend(freed)
+        *stop*), lowering each slot's refcount once by the number of blocks
+        that named it."""
+        slots = self._fmap(inode).pop_range(first, stop)
+        inode.blocks -= len(slots)
+        for slot, count in collections.Counter(slots).items():
+            if self.table.unref(slot, count):
+                self.freed.append(slot)
 
     def resize(self, inode: Inode, size: int) -> None:
         if size < inode.size:
@@ -945,23 +1011,27 @@ class _ChainWrite:
             if tail:
                 # Bytes past the new end must read as zeros if the file grows again.
                 last = size // BLOCK_SIZE
-                data = self.mapped_block(inode.ino, last)
+                data = self.mapped_block(inode, last)
                 self.set_block(inode, last, data[:tail] + bytes(BLOCK_SIZE - tail))
         inode.size = size
 
     def finish(self) -> None:
-        """Last step before commit: save the chain, list the freed slots as free.
-
-        The chain's record is written only if it changed: an overwrite that
-        reuses a free slot leaves it as it was, and its page stays clean.
-        """
-        if (self.chain.next_slot, self.chain.stored) != self._saved:
+        """Last step before commit: write the changed runs of the maps and the
+        slot table; the chain's record only if it grew."""
+        for ino in self.inos:
+            fmap = self.volume._maps.get(ino)
+            if fmap is not None:
+                fmap.save(self.txn)
+        self.table.save(self.txn)
+        if self.chain.next_slot != self._saved:
             self.txn.put_chain(self.chain)
-        for slot in self.freed:
-            self.txn.put_free(self.chain.id_, slot)
 
     def _ended(self, committed: bool) -> None:
-        if committed and self.freed:
-            self.pending.add(self.chain.id_, self.freed, time.monotonic())
-        elif not committed and self.taken:
-            self.pending.add(self.chain.id_, self.taken, time.monotonic())
+        pending = self.volume.pending
+        if committed:
+            if self.freed:
+                pending.add(self.chain.id_, self.freed, time.monotonic())
+            return
+        self.volume._forget(self.chain.id_, self.inos)
+        if self.taken:
+            pending.add(self.chain.id_, self.taken, time.monotonic())

@@ -229,8 +229,8 @@ def test_a_discard_drops_each_refcount_once_by_its_count(engine: Engine) -> None
     g = engine.file(data, b"g")  # the newest file: its entries end the maps database
 
     def refcounts() -> list[int]:
-        with engine.volume.index.begin() as txn:
-            return sorted(ref.refcount for _, ref in txn.iter_blocks(engine.chain.chain))
+        return sorted(refcount for _, refcount in engine.volume.blocks(
+            engine.chain.chain).values())
 
     assert refcounts() == [2, 2, 12]
     engine.volume.fallocate(g.ino, PUNCH, BS, 6 * BS)  # 5 repeated pages and 1 other

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from swapfs import fsck
-from swapfs.blocks import BLOCK_SIZE
+from swapfs.blocks import BLOCK_SIZE, blocks_for
 from swapfs.errors import SwapfsError
-from swapfs.index import ROOT_INO, BlockRef, Inode, Txn
+from swapfs.filemap import MAP_RUN, FileMap
+from swapfs.index import ROOT_INO, Inode, Txn
+from swapfs.slottable import SlotTable
 from swapfs.volume import Volume
 
 BS = BLOCK_SIZE
@@ -114,60 +116,62 @@ def test_check_needs_the_volume_closed(state_dir: Path, wl: Workload) -> None:
 # -- repairable faults -----------------------------------------------------------------
 
 
-def first_block(txn: Txn, chain_id: int) -> tuple[bytes, BlockRef]:
-    return next(txn.iter_blocks(chain_id))
+def table_of(txn: Txn, wl: Workload) -> SlotTable:
+    chain = txn.get_chain(wl.chain.chain)
+    assert chain is not None
+    return SlotTable.load(txn, chain)
+
+
+def shared_slot(table: SlotTable) -> int:
+    for slot, _, refcount in table.used():
+        if refcount > 1:
+            return slot
+    raise AssertionError("the workload shares no block")
 
 
 def wrong_refcount(wl: Workload) -> Callable[[Txn], None]:
     def fault(txn: Txn) -> None:
-        digest, ref = first_block(txn, wl.chain.chain)
-        txn.put_block(wl.chain.chain, digest, BlockRef(ref.slot, ref.refcount + 5))
+        table = table_of(txn, wl)
+        table.ref(next(table.used())[0], 5)
+        table.save(txn)
     return fault
 
 
 def refcount_too_low(wl: Workload) -> Callable[[Txn], None]:
     """Dangerous direction: a later unref would free a block still mapped."""
     def fault(txn: Txn) -> None:
-        for digest, ref in txn.iter_blocks(wl.chain.chain):
-            if ref.refcount > 1:
-                txn.put_block(wl.chain.chain, digest, BlockRef(ref.slot, 1))
-                return
-        raise AssertionError("the workload shares no block")
+        table = table_of(txn, wl)
+        slot = shared_slot(table)
+        table.unref(slot, table.refcount(slot) - 1)
+        table.save(txn)
     return fault
 
 
-def wrong_inode_blocks(wl: Workload) -> Callable[[Txn], None]:
+def unreferenced_slot(wl: Workload) -> Callable[[Txn], None]:
+    """A free slot that claims a block nothing maps: a leak."""
     def fault(txn: Txn) -> None:
-        inode = txn.get_inode(wl.inos["vms/base"])
-        assert inode is not None
-        inode.blocks += 3
-        txn.put_inode(inode)
-    return fault
-
-
-def wrong_chain_stored(wl: Workload) -> Callable[[Txn], None]:
-    def fault(txn: Txn) -> None:
-        chain = txn.get_chain(wl.chain.chain)
-        assert chain is not None
-        chain.stored -= 1
-        txn.put_chain(chain)
-    return fault
-
-
-def leaked_slot(wl: Workload) -> Callable[[Txn], None]:
-    """A freed slot dropped from the free list: neither used nor free."""
-    def fault(txn: Txn) -> None:
-        free = list(txn.iter_free(wl.chain.chain))
+        table = table_of(txn, wl)
+        free = [slot for slot in range(table.next_slot) if not table.refcount(slot)]
         assert free, "the workload frees slots"
-        txn.delete_free(wl.chain.chain, free[0])
+        table.claim(free[0], b"\x17" * 16)
+        table.save(txn)
     return fault
 
 
-def free_slot_in_use(wl: Workload) -> Callable[[Txn], None]:
-    """The worst fault: the next write would overwrite live data."""
+def map_past_end(wl: Workload) -> Callable[[Txn], None]:
+    """A block mapped past the end of its file, counted: invisible, but it holds a ref."""
     def fault(txn: Txn) -> None:
-        _, ref = first_block(txn, wl.chain.chain)
-        txn.put_free(wl.chain.chain, ref.slot)
+        inode = txn.get_inode(wl.inos["vms/clone"])
+        assert inode is not None
+        fmap = FileMap.load(txn, inode)
+        table = table_of(txn, wl)
+        slot = next(table.used())[0]
+        fmap.set(blocks_for(inode.size) + 3, slot)
+        fmap.save(txn)
+        table.ref(slot)
+        table.save(txn)
+        inode.blocks += 1
+        txn.put_inode(inode)
     return fault
 
 
@@ -180,10 +184,8 @@ def dangling_entry(wl: Workload) -> Callable[[Txn], None]:
 REPAIRABLE = {
     "refcount": wrong_refcount,
     "refcount-low": refcount_too_low,
-    "block-count": wrong_inode_blocks,
-    "stored-count": wrong_chain_stored,
-    "leaked-slot": leaked_slot,
-    "free-in-use": free_slot_in_use,
+    "refcount-unreferenced": unreferenced_slot,
+    "map-past-end": map_past_end,
     "dangling-entry": dangling_entry,
 }
 
@@ -191,7 +193,7 @@ REPAIRABLE = {
 @pytest.mark.parametrize("name", REPAIRABLE)
 def test_a_repairable_fault_is_found_and_repaired(
         state_dir: Path, wl: Workload, name: str) -> None:
-    kind = name.removesuffix("-low")
+    kind = name.split("-")[0] if name.startswith("refcount") else name
     inject(state_dir, REPAIRABLE[name](wl))
 
     found = fsck.check(state_dir)
@@ -211,40 +213,39 @@ def test_a_repairable_fault_is_found_and_repaired(
 
 
 def test_a_repaired_volume_keeps_working(state_dir: Path, wl: Workload) -> None:
-    """After repairing a free-listed live slot, new writes must not overwrite it."""
-    inject(state_dir, free_slot_in_use(wl))
+    """After repairing a refcount too low, new writes must not overwrite the block."""
+    inject(state_dir, refcount_too_low(wl))
     fsck.check(state_dir, repair=True)
     with closing(Volume(state_dir)) as vol:
         scratch = vol.create(wl.chain.ino, b"scratch", stat.S_IFREG | 0o600, 0, 0)
         for n in range(10):
             vol.write(scratch.ino, n * BS, block(100 + n))
+        vol.unlink(wl.chain.ino, b"clone", still_open=False)  # drops shared references
         assert vol.read(scratch.ino, 0, 10 * BS) == b"".join(
             block(100 + n) for n in range(10))
+    del wl.contents["vms/clone"]
     assert_contents(state_dir, wl)
     assert fsck.check(state_dir).clean
 
 
 def test_a_leaked_slot_is_freed_for_reuse(state_dir: Path, wl: Workload) -> None:
-    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
-        free_before = set(txn.iter_free(wl.chain.chain))
-    inject(state_dir, leaked_slot(wl))
+    with closing(Volume(state_dir)) as vol:
+        free_before = vol.free_slots(wl.chain.chain)
+    inject(state_dir, unreferenced_slot(wl))
     fsck.check(state_dir, repair=True)
-    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
-        assert set(txn.iter_free(wl.chain.chain)) == free_before
+    with closing(Volume(state_dir)) as vol:
+        assert vol.free_slots(wl.chain.chain) == free_before
 
 
 # -- unrepairable faults -----------------------------------------------------------------
 
 
 def test_a_corrupt_block_is_reported_not_repaired(state_dir: Path, wl: Workload) -> None:
-    with closing(Volume(state_dir)) as vol, vol.index.begin() as txn:
-        digest = txn.get_map(wl.inos["other/solo2"], 0)
-        assert digest is not None
-        ref = txn.get_block(vol.resolve("other").chain, digest)
-        assert ref is not None
+    with closing(Volume(state_dir)) as vol:
+        slot = vol.mapped(wl.inos["other/solo2"])[0]
         path = state_dir / "data" / f"{vol.resolve('other').chain}.blocks"
     with open(path, "r+b") as f:
-        f.seek(ref.slot * BS + 4000)
+        f.seek(slot * BS + 4000)
         f.write(b"\xff\x00")
 
     for repair in (False, True):
@@ -257,21 +258,26 @@ def test_a_corrupt_block_is_reported_not_repaired(state_dir: Path, wl: Workload)
     assert info.value.errno == errno.EIO
 
 
+def map_free_slot(wl: Workload, path: str, block_no: int) -> Callable[[Txn], None]:
+    """Map a hole of *path* to a free slot, and count it, so that only the
+    missing block is wrong."""
+    def fault(txn: Txn) -> None:
+        inode = txn.get_inode(wl.inos[path])
+        assert inode is not None
+        fmap = FileMap.load(txn, inode)
+        assert fmap.get(block_no) is None
+        table = table_of(txn, wl)
+        fmap.set(block_no, next(s for s in range(table.next_slot) if not table.refcount(s)))
+        fmap.save(txn)
+        inode.blocks += 1
+        txn.put_inode(inode)
+    return fault
+
+
 def test_a_map_entry_without_a_block_is_reported_not_repaired(
         state_dir: Path, wl: Workload) -> None:
     ino = wl.inos["vms/base"]
-
-    def fault(txn: Txn) -> None:
-        # Block 2 of base is a hole; map it to a digest the chain never stored,
-        # and count it so that only the missing block is wrong.
-        assert txn.get_map(ino, 2) is None
-        txn.put_map(ino, 2, b"\x42" * 16)
-        inode = txn.get_inode(ino)
-        assert inode is not None
-        inode.blocks += 1
-        txn.put_inode(inode)
-
-    inject(state_dir, fault)
+    inject(state_dir, map_free_slot(wl, "vms/base", 2))  # block 2 of base is a hole
     for repair in (False, True):
         report = fsck.check(state_dir, repair=repair)
         assert kinds(report) == {"missing-block"}
@@ -283,14 +289,36 @@ def test_a_map_entry_without_a_block_is_reported_not_repaired(
     assert info.value.errno == errno.EIO
 
 
+def test_a_lost_map_run_is_reported_and_reads_eio(state_dir: Path, wl: Workload) -> None:
+    """A map that holds fewer blocks than its file counts has lost a run: the
+    blocks outside the runs left are unknown, so they read EIO, not zeros."""
+    ino = wl.inos["vms/base"]
+    with closing(Volume(state_dir)) as vol:
+        vol.write(ino, (MAP_RUN + 1) * BS, block(42))  # the second block of run 1
+    inject(state_dir, lambda txn: txn.delete_map_run(ino, 1))
+    for repair in (False, True):
+        report = fsck.check(state_dir, repair=repair)
+        # The block's slot counts a reference nothing left shows; while a run
+        # is lost, fsck never lowers a refcount: that run may hold it.
+        assert kinds(report) == {"block-count", "refcount"}
+        assert report.exit_code == fsck.EXIT_UNREPAIRED
+        assert not any(problem.repaired for problem in report.problems)
+    with closing(Volume(state_dir)) as vol:
+        assert vol.read(ino, 0, 3 * BS) == wl.contents["vms/base"][:3 * BS], "run 0 is known"
+        for lost in (MAP_RUN + 1, MAP_RUN):  # the block, and the hole before it
+            with pytest.raises(SwapfsError) as info:
+                vol.read(ino, lost * BS, BS)
+            assert info.value.errno == errno.EIO
+
+
 def test_repairable_and_unrepairable_faults_together_exit_4(
         state_dir: Path, wl: Workload) -> None:
-    inject(state_dir, wrong_chain_stored(wl))
-    inject(state_dir, lambda txn: txn.put_map(wl.inos["vms/empty"], 0, b"\x13" * 16))
+    inject(state_dir, wrong_refcount(wl))
+    inject(state_dir, map_free_slot(wl, "vms/empty", 0))
     report = fsck.check(state_dir, repair=True)
-    assert {"stored-count", "missing-block", "block-count"} <= kinds(report)
+    assert kinds(report) == {"refcount", "missing-block"}
     assert report.exit_code == fsck.EXIT_UNREPAIRED
-    assert {p.kind for p in report.problems if p.repaired} == {"stored-count", "block-count"}
+    assert {p.kind for p in report.problems if p.repaired} == {"refcount"}
     assert kinds(fsck.check(state_dir)) == {"missing-block"}
 
 
@@ -314,8 +342,7 @@ def test_a_free_slot_that_still_holds_data_is_punched(state_dir: Path) -> None:
         file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
         vol.write(file.ino, 0, block(1) + block(2))
         vol.write(file.ino, 0, block(3))  # slot 0 is freed (and punched at close)
-        with vol.index.begin() as txn:
-            assert list(txn.iter_free(chain.chain)) == [0]
+        assert vol.free_slots(chain.chain) == {0}
         data_file = vol.store.path(chain.chain)
     with open(data_file, "r+b") as data:
         data.write(block(1))  # slot 0 occupies disk space again

@@ -212,8 +212,8 @@ class VolumeMachine(RuleBasedStateMachine):
         self.vol.punch_pending(max_slots)
         if max_slots is None:
             with self.vol.index.begin() as txn:
-                free = {chain.id_: list(txn.iter_free(chain.id_))
-                        for chain in txn.iter_chains()}
+                chains = [chain.id_ for chain in txn.iter_chains()]
+            free = {chain_id: self.vol.free_slots(chain_id) for chain_id in chains}
             for chain_id, slots in free.items():
                 assert not [slot for slot in slots
                             if self.vol.store.holds_data(chain_id, slot)]

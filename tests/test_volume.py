@@ -57,35 +57,30 @@ def chain_stats(vol: Volume, name: str = "chain") -> dict[str, Any]:
 
 
 def refcounts(vol: Volume, chain_id: int) -> dict[bytes, int]:
-    with vol.index.begin() as txn:
-        return {digest: ref.refcount for digest, ref in txn.iter_blocks(chain_id)}
+    return {digest: refcount for digest, refcount in vol.blocks(chain_id).values()}
 
 
 def slots(vol: Volume, chain_id: int) -> dict[bytes, int]:
-    with vol.index.begin() as txn:
-        return {digest: ref.slot for digest, ref in txn.iter_blocks(chain_id)}
+    return {digest: slot for slot, (digest, _) in vol.blocks(chain_id).items()}
 
 
 def map_uses(vol: Volume, *inos: int) -> collections.Counter[bytes]:
     """How many map entries, over the given files, name each digest."""
     uses: collections.Counter[bytes] = collections.Counter()
-    with vol.index.begin() as txn:
-        for ino in inos:
-            uses.update(digest for _, digest in txn.iter_map(ino))
+    for ino in inos:
+        table = vol.blocks(vol.getattr(ino).chain)
+        uses.update(table[slot][0] for slot in vol.mapped(ino).values())
     return uses
 
 
 def digest_at(vol: Volume, ino: int, block_no: int) -> bytes:
-    """The digest that logical block *block_no* of file *ino* maps to."""
-    with vol.index.begin() as txn:
-        digest = txn.get_map(ino, block_no)
-    assert digest is not None
-    return bytes(digest)
+    """The digest of the block that logical block *block_no* of file *ino* maps to."""
+    slot = vol.mapped(ino)[block_no]
+    return vol.blocks(vol.getattr(ino).chain)[slot][0]
 
 
 def free_slots(vol: Volume, chain_id: int) -> set[int]:
-    with vol.index.begin() as txn:
-        return set(txn.iter_free(chain_id))
+    return vol.free_slots(chain_id)
 
 
 def next_slot(vol: Volume, chain_id: int) -> int:
@@ -759,8 +754,7 @@ def test_rmdir_removes_the_chain_and_its_data_file(
         volume.lookup(ROOT_INO, b"chain")
     with volume.index.begin() as txn:
         assert txn.get_chain(chain.chain) is None
-        assert list(txn.iter_free(chain.chain)) == []
-        assert list(txn.iter_blocks(chain.chain)) == []
+        assert list(txn.iter_slot_runs(chain.chain)) == []
     assert volume.stats()["chains"] == {}
 
 
@@ -871,6 +865,10 @@ def test_the_index_file_has_no_holes(volume: Volume, state_dir: Path) -> None:
     assert info.st_blocks * 512 >= info.st_size
 
 
+#: Blocks of a file whose map takes about 80 KiB: 24 clones fill 2 MiB.
+MANY = 20480
+
+
 @pytest.mark.parametrize("ahead", [True, False])
 def test_the_index_grows_when_its_map_is_full(
         state_dir: Path, ahead: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -879,7 +877,7 @@ def test_the_index_grows_when_its_map_is_full(
     vol = Volume(state_dir)
     chain = mkchain(vol)
     source = mkfile(vol, chain)
-    vol.write(source.ino, 0, block(1) * 2048)  # one block, 2048 map entries
+    vol.write(source.ino, 0, block(1) * MANY)  # one block, MANY map entries
     size = vol.index.map_size
     grown = []
     grow = vol.index.grow
@@ -892,16 +890,16 @@ def test_the_index_grows_when_its_map_is_full(
     if not ahead:
         monkeypatch.setattr(vol.index, "keep_room", lambda: None)
     clones = [vol.clone(source.ino, chain.ino, b"clone%d" % n) for n in range(24)]
-    assert grown and vol.index.map_size > size, "about 2 MiB of map entries"
+    assert grown and vol.index.map_size > size, "about 2 MiB of map runs"
     info = index_file(state_dir)
     assert info.st_size == vol.index.map_size and info.st_blocks * 512 >= info.st_size
-    assert refcounts(vol, chain.chain) == {digest_at(vol, source.ino, 0): 25 * 2048}
-    assert read_all(vol, clones[-1].ino) == block(1) * 2048
+    assert refcounts(vol, chain.chain) == {digest_at(vol, source.ino, 0): 25 * MANY}
+    assert read_all(vol, clones[-1].ino) == block(1) * MANY
     size = vol.index.map_size
     vol.close()
     with closing(Volume(state_dir)) as again:
         assert again.index.map_size >= size
-        assert read_all(again, clones[-1].ino) == block(1) * 2048
+        assert read_all(again, clones[-1].ino) == block(1) * MANY
     assert fsck.check(state_dir).clean
 
 
@@ -910,7 +908,7 @@ def test_an_index_with_no_room_to_grow_answers_enospc(
     def full(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    volume.write(file.ino, 0, block(1) * 2048)
+    volume.write(file.ino, 0, block(1) * MANY)
     size = volume.index.map_size
     monkeypatch.setattr(index_module, "preallocate", full)
     with raises_errno(errno.ENOSPC):
@@ -921,7 +919,7 @@ def test_an_index_with_no_room_to_grow_answers_enospc(
     assert 0 < made < 24, "the clone that found the map full did not happen"
     monkeypatch.undo()
     volume.clone(file.ino, chain.ino, b"at last")
-    assert refcounts(volume, chain.chain) == {digest_at(volume, file.ino, 0): (made + 2) * 2048}
+    assert refcounts(volume, chain.chain) == {digest_at(volume, file.ino, 0): (made + 2) * MANY}
 
 
 def test_a_takeover_never_creates_a_new_state(tmp_path: Path) -> None:

@@ -1,0 +1,205 @@
+"""A chain's slot table: what each slot of its data file holds, in memory.
+
+Slot *n* of a chain holds one stored block. Its entry in the table is 24
+bytes, ``digest (16) | refcount (u32) | CRC-32 (u32)``, little-endian; the
+CRC covers the chain id, the slot number, the digest and the refcount, so a
+flipped bit in an entry, or an entry that moved, does not verify. A free
+slot has refcount 0 and a zero digest. The index keeps the table in runs
+of :data:`SLOT_RUN` entries (2016 bytes: two runs fill an LMDB page), every
+run below the chain's ``next_slot`` present.
+
+:class:`SlotTable` is the table as this process uses it: one ``bytearray``
+laid out exactly as the runs are stored (so that a changed run goes back to
+LMDB as a slice, with no encoding), plus what is derived from it at load:
+the dedup table (digest -> slot), the free slots whose space was punched,
+the number of blocks stored, and the slots whose entry did not verify.
+Memory per slot: the entry's 24 bytes, plus about 100 bytes of dict entry
+for each block stored (docs/performance.md).
+
+Dedup is advisory: the dedup table names one slot per digest, and a slot
+whose digest is not found there simply stores the block again. Correctness
+rests on the refcounts, which count map entries per slot.
+"""
+
+import errno
+import heapq
+import struct
+import zlib
+from collections.abc import Collection, Iterator
+
+from swapfs.errors import SwapfsError
+from swapfs.index import Chain, CorruptIndex, Txn
+
+SLOT_RUN = 84
+ENTRY = struct.Struct("<16sII")  # digest, refcount, CRC-32
+RUN_BYTES = SLOT_RUN * ENTRY.size
+#: Slots are named by u32 in the file maps, where 0 means a hole.
+MAX_SLOTS = (1 << 32) - 1
+_FREE_DIGEST = bytes(16)
+_COVERED = struct.Struct("<IQ16sI")  # what an entry's CRC covers
+
+
+def entry_crc(chain_id: int, slot: int, digest: bytes, refcount: int) -> int:
+    return zlib.crc32(_COVERED.pack(chain_id, slot, digest, refcount))
+
+
+class SlotTable:
+    """One chain's slot table, dedup table and free slots, in memory."""
+
+    __slots__ = ("chain_id", "image", "next_slot", "stored", "by_digest", "free", "bad",
+                 "_dirty")
+
+    def __init__(self, chain_id: int) -> None:
+        self.chain_id = chain_id
+        self.image = bytearray()
+        self.next_slot = 0
+        #: Slots with a refcount above zero.
+        self.stored = 0
+        #: The dedup table: one slot for each digest stored.
+        self.by_digest: dict[bytes, int] = {}
+        #: Free slots whose disk space is punched (a heap: lowest first).
+        self.free: list[int] = []
+        #: Slots whose entry is missing or does not verify: never read as
+        #: data, never handed out.
+        self.bad: set[int] = set()
+        self._dirty: set[int] = set()
+
+    @classmethod
+    def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = ()) -> "SlotTable":
+        """Read and verify a chain's table. Free slots in *unpunched* (still
+        holding disk space, reused first by the caller) stay out of ``free``."""
+        table = cls(chain.id_)
+        runs = -(-chain.next_slot // SLOT_RUN)
+        table.image = bytearray(runs * RUN_BYTES)
+        table.next_slot = chain.next_slot
+        found = set()
+        for run, raw in txn.iter_slot_runs(chain.id_):
+            if run >= runs or len(raw) != RUN_BYTES:
+                continue  # fsck reports it; nothing below next_slot is in it
+            table.image[run * RUN_BYTES:(run + 1) * RUN_BYTES] = raw
+            found.add(run)
+        image, chain_id, unpack = table.image, chain.id_, ENTRY.unpack_from
+        for slot in range(chain.next_slot):
+            if slot // SLOT_RUN not in found:
+                table.bad.add(slot)
+                continue
+            digest, refcount, crc = unpack(image, slot * ENTRY.size)
+            if crc != entry_crc(chain_id, slot, digest, refcount):
+                table.bad.add(slot)
+            elif refcount:
+                table.stored += 1
+                table.by_digest.setdefault(digest, slot)
+            elif slot not in unpunched:
+                table.free.append(slot)  # ascending: a heap already
+        return table
+
+    @classmethod
+    def blank(cls, chain_id: int, next_slot: int) -> "SlotTable":
+        """A table of *next_slot* free slots, all its runs to be saved."""
+        table = cls(chain_id)
+        for _ in range(next_slot):
+            table.grow()
+        return table
+
+    # -- reading ------------------------------------------------------------
+
+    def digest(self, slot: int) -> bytes:
+        """The digest of the block in a used slot; CorruptIndex if the slot's
+        entry is damaged, or free (a map naming a free slot is damage too)."""
+        if slot in self.bad or slot >= self.next_slot:
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} has no valid entry")
+        offset = slot * ENTRY.size
+        if not self.image[offset + 16:offset + 20].strip(b"\0"):
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} is mapped but free")
+        return bytes(self.image[offset:offset + 16])
+
+    def refcount(self, slot: int) -> int:
+        if slot in self.bad:
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} has no valid entry")
+        return int(ENTRY.unpack_from(self.image, slot * ENTRY.size)[1])
+
+    def find(self, digest: bytes) -> int | None:
+        """A slot holding the block *digest*, if the dedup table knows one."""
+        return self.by_digest.get(digest)
+
+    def find_prefix(self, prefix: bytes) -> tuple[bytes, int] | None:
+        """(digest, slot) of a block whose digest starts with *prefix*: a
+        scan of the dedup table, for the rare caller that lacks the digest."""
+        for digest, slot in self.by_digest.items():
+            if digest.startswith(prefix):
+                return digest, slot
+        return None
+
+    def used(self) -> Iterator[tuple[int, bytes, int]]:
+        """(slot, digest, refcount) of every used slot with a valid entry."""
+        image, unpack = self.image, ENTRY.unpack_from
+        for slot in range(self.next_slot):
+            if slot not in self.bad:
+                digest, refcount, _ = unpack(image, slot * ENTRY.size)
+                if refcount:
+                    yield slot, digest, refcount
+
+    # -- changing ---------------------------------------------------------------
+
+    def _set(self, slot: int, digest: bytes, refcount: int) -> None:
+        ENTRY.pack_into(self.image, slot * ENTRY.size, digest, refcount,
+                        entry_crc(self.chain_id, slot, digest, refcount))
+        self._dirty.add(slot // SLOT_RUN)
+
+    def claim(self, slot: int, digest: bytes, refcount: int = 1) -> None:
+        """A free slot now holds the block *digest*, used *refcount* times."""
+        self._set(slot, digest, refcount)
+        self.stored += 1
+        self.by_digest.setdefault(digest, slot)
+
+    def ref(self, slot: int, count: int = 1) -> None:
+        digest, refcount, _ = ENTRY.unpack_from(self.image, slot * ENTRY.size)
+        if slot in self.bad or not refcount:
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} has no valid entry")
+        self._set(slot, digest, refcount + count)
+
+    def unref(self, slot: int, count: int = 1) -> bool:
+        """Drop *count* references to a slot; True when that freed it."""
+        if slot in self.bad or slot >= self.next_slot:
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} has no valid entry")
+        digest, refcount, _ = ENTRY.unpack_from(self.image, slot * ENTRY.size)
+        if refcount < count:
+            raise CorruptIndex(f"chain {self.chain_id} slot {slot} counts {refcount} "
+                               f"references, {count} dropped")
+        refcount -= count
+        if refcount:
+            self._set(slot, digest, refcount)
+            return False
+        self._set(slot, _FREE_DIGEST, 0)
+        self.stored -= 1
+        if self.by_digest.get(digest) == slot:
+            del self.by_digest[digest]
+        return True
+
+    def take_free(self) -> int | None:
+        """The lowest punched free slot, or None."""
+        return heapq.heappop(self.free) if self.free else None
+
+    def give_free(self, slots: Collection[int]) -> None:
+        """Free slots whose space is now punched."""
+        for slot in slots:
+            heapq.heappush(self.free, slot)
+
+    def grow(self) -> int:
+        """A new slot at the end of the chain's data file."""
+        slot = self.next_slot
+        if slot >= MAX_SLOTS:
+            raise SwapfsError(errno.ENOSPC, f"chain {self.chain_id} has no slot left")
+        if slot % SLOT_RUN == 0:
+            self.image += bytes(RUN_BYTES)
+            for free in range(slot, slot + SLOT_RUN):
+                self._set(free, _FREE_DIGEST, 0)
+        self.next_slot = slot + 1
+        return slot
+
+    def save(self, txn: Txn) -> None:
+        """Write the runs changed since the last save."""
+        view = memoryview(self.image)
+        for run in sorted(self._dirty):
+            txn.put_slot_run(self.chain_id, run, view[run * RUN_BYTES:(run + 1) * RUN_BYTES])
+        self._dirty.clear()
