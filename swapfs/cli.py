@@ -305,7 +305,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _fsck(args: argparse.Namespace) -> int:
     if not (args.state / "index.lmdb").exists():
         raise CommandError(f"{args.state} holds no swapfs state")
-    report = fsck.check(args.state, repair=args.repair)
+    report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade)
     if args.json:
         print(json.dumps({
             "clean": report.clean, "exit_code": report.exit_code,
@@ -442,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("fsck", help="check an unmounted state directory")
     check.add_argument("--state", required=True, type=Path, help="state directory")
-    check.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    check.add_argument("--repair", action="store_true",
+                       help="fix what can be fixed (converts an old index format too)")
+    check.add_argument("--upgrade", action="store_true",
+                       help="convert an index of an earlier format, then check it")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(run=_fsck)
 

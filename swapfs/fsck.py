@@ -28,7 +28,7 @@ from swapfs.digest import block_digest
 from swapfs.filemap import MAP_RUN, FileMap
 from swapfs.index import ROOT_INO, Chain, CorruptIndex, Txn
 from swapfs.slottable import RUN_BYTES, SLOT_RUN, SlotTable
-from swapfs.volume import Volume
+from swapfs.volume import OldFormat, Volume
 
 log = logging.getLogger(__name__)
 
@@ -243,13 +243,18 @@ class _Checker:
         table.save(txn)
 
 
-def check(state: Path, repair: bool = False) -> Report:
-    """Check (and optionally repair) the state directory of an unmounted volume."""
+def check(state: Path, repair: bool = False, upgrade: bool = False) -> Report:
+    """Check (and optionally repair) the state directory of an unmounted volume.
+
+    An index of an earlier format is converted first with *upgrade* or
+    *repair*; otherwise it is reported as ``old-format`` and left as it is.
+    """
     try:
-        volume = Volume(state, recover=False)
-    except CorruptIndex as exc:  # the format record itself: nothing else is readable
+        volume = Volume(state, recover=False, upgrade=upgrade or repair)
+    except (CorruptIndex, OldFormat) as exc:  # nothing else is readable as it stands
         report = Report()
-        report.problems.append(Problem("corrupt-record", str(exc)))
+        kind = "old-format" if isinstance(exc, OldFormat) else "corrupt-record"
+        report.problems.append(Problem(kind, str(exc)))
         return report
     try:
         while True:

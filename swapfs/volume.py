@@ -107,12 +107,20 @@ def _growing(method: "Callable[Concatenate[Volume, P], R]"
     return run
 
 
+class OldFormat(SwapfsError):
+    """An index of an earlier format, opened without leave to convert it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, message)
+
+
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
     def __init__(self, state: Path, recover: bool = True,
                  still_open: Collection[int] = (),
-                 claim: Callable[[], None] | None = None, create: bool = True) -> None:
+                 claim: Callable[[], None] | None = None, create: bool = True,
+                 upgrade: bool = True) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -123,7 +131,9 @@ class Volume:
         write: where the state is shared between hosts, it takes the lease.
         Without *create*, a state with no index is an error (ENOENT): a
         daemon taking over a live mount must serve the state the kernel
-        knows, never a new, empty one.
+        knows, never a new, empty one. Without *upgrade*, an index of an
+        earlier format is an error (:class:`OldFormat`) rather than
+        converted (``swapfs/upgrade.py``).
         """
         if not create and not (state / INDEX_NAME / "data.mdb").is_file():
             raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
@@ -144,7 +154,7 @@ class Volume:
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
             self._caches: tuple[BlockCache, ...] = ()
-            self._format(create)
+            self._format(create, upgrade)
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
@@ -195,12 +205,15 @@ class Volume:
     # -- set-up ---------------------------------------------------------------
 
     @_growing
-    def _format(self, create: bool) -> None:
+    def _format(self, create: bool, allow_upgrade: bool) -> None:
         with self.index.begin(write=True) as txn:
             version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
                 return
             if version == 1:
+                if not allow_upgrade:
+                    raise OldFormat(f"{self.state} holds an index of format 1: "
+                                    "mount it, or run swapfs fsck --upgrade")
                 upgrade.from_format_1(txn)
                 return
             if version is not None:

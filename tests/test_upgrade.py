@@ -1,0 +1,127 @@
+"""Upgrading an index in place: a state directory made by format 1 (the
+fixture in tests/fixtures) opens with today's code, reads back every byte,
+and checks clean; a kill at any point of the conversion leaves one format
+or the other, never a mix, and either reads back the same bytes."""
+
+import signal
+import subprocess
+import sys
+import tarfile
+from contextlib import closing
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from swapfs import fsck
+from swapfs.blocks import BLOCK_SIZE
+from swapfs.volume import OldFormat, Volume
+from tests.fixtures.make_state import expected_contents
+
+FIXTURE = Path(__file__).parent / "fixtures" / "format1-state.tar.gz"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unpack(tmp_path: Path) -> Path:
+    """The fixture's state directory, with its punched slots holes again (tar
+    stored them as zeros; a stored block is never all zeros)."""
+    with tarfile.open(FIXTURE) as tar:
+        tar.extractall(tmp_path, filter="data")
+    state = tmp_path / "state"
+    for data in (state / "data").iterdir():
+        subprocess.run(["fallocate", "--dig-holes", str(data)], check=True)
+    return state
+
+
+def raw_format(state: Path) -> int:
+    """The index's format number, read without swapfs: format 1 stored a
+    bare big-endian u64, format 2 the same followed by a CRC-32."""
+    env = lmdb.open(str(state / "index.lmdb"), readonly=True, lock=False, max_dbs=16)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"format", db=env.open_db(b"meta", txn=txn, create=False))
+    finally:
+        env.close()
+    assert raw is not None and len(raw) in (8, 12)
+    return int.from_bytes(raw[:8], "big")
+
+
+def assert_contents(state: Path) -> None:
+    with closing(Volume(state)) as vol:
+        for path, data in expected_contents().items():
+            assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
+        assert vol.priorities() == {vol.resolve("other/solo2").ino: 7}
+
+
+def test_a_format_1_state_opens_converted_and_checks_clean(tmp_path: Path) -> None:
+    state = unpack(tmp_path)
+    assert raw_format(state) == 1
+    assert_contents(state)
+    assert raw_format(state) == 2
+    report = fsck.check(state)
+    assert report.clean, report.problems
+    with closing(Volume(state)) as vol:
+        chains = vol.stats()["chains"]
+        assert chains["vms"]["unique_blocks"] == 826  # what format 1's fsck counted
+        assert chains["other"]["unique_blocks"] == 2
+        # and it keeps working: a write, a clone, a discard
+        base = vol.resolve("vms/base")
+        vol.write(base.ino, 0, b"\x01" * BLOCK_SIZE)
+        vol.clone(base.ino, vol.resolve("vms").ino, b"again")
+        vol.fallocate(base.ino, 0x03, 10 * BLOCK_SIZE, 100 * BLOCK_SIZE)
+    assert fsck.check(state).clean
+
+
+def test_fsck_leaves_an_old_format_alone_unless_told(tmp_path: Path) -> None:
+    state = unpack(tmp_path)
+    report = fsck.check(state)
+    assert [problem.kind for problem in report.problems] == ["old-format"]
+    assert report.exit_code == fsck.EXIT_UNREPAIRED
+    assert raw_format(state) == 1
+    with pytest.raises(OldFormat):
+        Volume(state, upgrade=False)
+    upgraded = subprocess.run(
+        [sys.executable, "-m", "swapfs.cli", "fsck", "--upgrade", "--state", str(state)],
+        cwd=REPO, capture_output=True, text=True)
+    assert upgraded.returncode == fsck.EXIT_CLEAN, upgraded.stderr
+    assert raw_format(state) == 2
+    assert_contents(state)
+
+
+#: Run in a child: open the state (which converts it) with one function
+#: replaced by one that kills the process with SIGKILL on its Nth call.
+_KILLER = """
+import os, signal, sys
+from pathlib import Path
+from swapfs import filemap, index, slottable, volume
+target, name, nth = sys.argv[2], sys.argv[3], int(sys.argv[4])
+owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn}[target]
+real = getattr(owner, name)
+calls = 0
+def dying(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, dying)
+volume.Volume(Path(sys.argv[1])).close()
+"""
+
+
+@pytest.mark.parametrize(("target", "name", "nth", "converted"), [
+    ("table", "save", 1, False),  # before the slot tables are written
+    ("map", "save", 3, False),  # in the middle of the file maps
+    ("txn", "commit", 1, False),  # everything written, not committed
+    ("txn", "commit", 3, True),  # committed; killed at a later commit
+])
+def test_a_kill_during_the_conversion_leaves_one_format(
+        tmp_path: Path, target: str, name: str, nth: int, converted: bool) -> None:
+    state = unpack(tmp_path)
+    child = subprocess.run([sys.executable, "-c", _KILLER, str(state), target, name,
+                            str(nth)], cwd=REPO, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert raw_format(state) == (2 if converted else 1)
+    assert_contents(state)  # converts now if it was not
+    assert raw_format(state) == 2
+    assert fsck.check(state).clean
