@@ -13,7 +13,8 @@ every second).
 
 Only committed frees come in, so a slot is never reused before the
 transaction that freed it has committed (docs/write-ordering.md, rule 2).
-Everything listed here is also in the index's ``free`` database; this list
+Everything listed here is also free (refcount 0) in the committed slot
+table, but out of the table's punched free slots; this list
 lives in memory only, so a crash forgets it and the next mount punches every
 free slot (:class:`~swapfs.volume.Volume` does at open).
 """

@@ -46,11 +46,14 @@ def entry_crc(chain_id: int, slot: int, digest: bytes, refcount: int) -> int:
 class SlotTable:
     """One chain's slot table, dedup table and free slots, in memory."""
 
-    __slots__ = ("chain_id", "image", "next_slot", "stored", "by_digest", "free", "bad",
-                 "_dirty")
+    __slots__ = ("chain", "chain_id", "image", "next_slot", "stored", "by_digest", "free",
+                 "bad", "_dirty")
 
-    def __init__(self, chain_id: int) -> None:
-        self.chain_id = chain_id
+    def __init__(self, chain: Chain) -> None:
+        #: The chain's record, kept with its table: its ``next_slot`` follows
+        #: the table's as it grows.
+        self.chain = chain
+        self.chain_id = chain.id_
         self.image = bytearray()
         self.next_slot = 0
         #: Slots with a refcount above zero.
@@ -68,7 +71,7 @@ class SlotTable:
     def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = ()) -> "SlotTable":
         """Read and verify a chain's table. Free slots in *unpunched* (still
         holding disk space, reused first by the caller) stay out of ``free``."""
-        table = cls(chain.id_)
+        table = cls(chain)
         runs = -(-chain.next_slot // SLOT_RUN)
         table.image = bytearray(runs * RUN_BYTES)
         table.next_slot = chain.next_slot
@@ -94,10 +97,10 @@ class SlotTable:
         return table
 
     @classmethod
-    def blank(cls, chain_id: int, next_slot: int) -> "SlotTable":
-        """A table of *next_slot* free slots, all its runs to be saved."""
-        table = cls(chain_id)
-        for _ in range(next_slot):
+    def blank(cls, chain: Chain) -> "SlotTable":
+        """A table of ``chain.next_slot`` free slots, all its runs to be saved."""
+        table = cls(Chain(chain.id_, chain.key))
+        for _ in range(chain.next_slot):
             table.grow()
         return table
 
@@ -194,7 +197,7 @@ class SlotTable:
             self.image += bytes(RUN_BYTES)
             for free in range(slot, slot + SLOT_RUN):
                 self._set(free, _FREE_DIGEST, 0)
-        self.next_slot = slot + 1
+        self.next_slot = self.chain.next_slot = slot + 1
         return slot
 
     def save(self, txn: Txn) -> None:

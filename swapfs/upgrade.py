@@ -82,8 +82,9 @@ def from_format_1(txn: Txn) -> None:
     for key, raw in _records(txn, index.chains):
         chain_id = struct.unpack(">I", key)[0]
         chain_key, next_slot, _stored = _V1_CHAIN.unpack(raw)
-        txn.put_chain(Chain(chain_id, chain_key, next_slot))
-        tables[chain_id] = SlotTable.blank(chain_id, next_slot)
+        chain = Chain(chain_id, chain_key, next_slot)
+        txn.put_chain(chain)
+        tables[chain_id] = SlotTable.blank(chain)
     slots: dict[tuple[int, bytes], int] = {}  # (chain, digest) -> slot
     hashes = _old_db(txn, b"hashes")
     for key, raw in ([] if hashes is None else _records(txn, hashes)):

@@ -246,10 +246,10 @@ class Volume:
                 self.store.punch(chain.id_, table.free)
 
     def _change(self, txn: Txn, chain_id: int) -> "_ChainWrite":
-        return _ChainWrite(self, txn, _chain(txn, chain_id))
+        return _ChainWrite(self, txn, self._table(txn, chain_id))
 
     def _table(self, txn: Txn, chain_id: int) -> SlotTable:
-        """The chain's slot table, loaded and verified at its first use."""
+        """The chain's slot table (and record), loaded and verified at its first use."""
         table = self._tables.get(chain_id)
         if table is None:
             table = SlotTable.load(txn, _chain(txn, chain_id),
@@ -519,9 +519,9 @@ class Volume:
             end = min(offset + size, inode.size)
             if offset >= end:
                 return b""
-            chain = _chain(txn, inode.chain)
-            fmap = self._map(txn, inode)
             table = self._table(txn, inode.chain)
+            chain = table.chain
+            fmap = self._map(txn, inode)
             if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
                 # One whole block, the kernel's most frequent swap-in.
                 slot = fmap.get(offset // BLOCK_SIZE)
@@ -915,16 +915,16 @@ class _ChainWrite:
     __slots__ = ("volume", "store", "txn", "chain", "table", "freed", "taken", "inos",
                  "_saved")
 
-    def __init__(self, volume: Volume, txn: Txn, chain: Chain) -> None:
+    def __init__(self, volume: Volume, txn: Txn, table: SlotTable) -> None:
         self.volume = volume
         self.store = volume.store
         self.txn = txn
-        self.chain = chain
-        self.table = volume._table(txn, chain.id_)
+        self.chain = table.chain
+        self.table = table
         self.freed: list[int] = []
         self.taken: list[int] = []
         self.inos: set[int] = set()
-        self._saved = chain.next_slot
+        self._saved = table.next_slot
         txn.after(self._ended)
 
     def _fmap(self, inode: Inode) -> FileMap:
@@ -989,8 +989,7 @@ class _ChainWrite:
         if slot is None:
             slot = self.table.take_free()
         if slot is None:
-            slot = self.table.grow()
-            self.chain.next_slot = self.table.next_slot
+            slot = self.table.grow()  # and the chain's next_slot with it
         else:
             self.taken.append(slot)
         return slot

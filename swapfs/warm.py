@@ -1,7 +1,7 @@
 """Warming a block cache from a list of entries: a manifest's, or a planner's.
 
 Each entry names a block by chain and digest (or a digest's prefix). The
-block is looked up in the chain's hash table, read from the store and
+block is looked up in the chain's dedup table, read from the store and
 verified against its full digest; a block that no longer exists or fails
 verification is skipped, never cached. Entries go in in the order given
 (the planner's, or :func:`hottest_first`) until the budget or the cache's
