@@ -17,6 +17,7 @@ all repaired, 4 problems left (unrepairable or not asked to repair).
 """
 
 import collections
+import errno
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import lmdb
 
 from swapfs.blocks import BLOCK_SIZE, blocks_for
 from swapfs.digest import block_digest
+from swapfs.errors import SwapfsError
 from swapfs.filemap import MAP_RUN, FileMap
 from swapfs.index import ROOT_INO, Chain, CorruptIndex, Txn
 from swapfs.slottable import RUN_BYTES, SLOT_RUN, SlotTable
@@ -251,19 +253,33 @@ def check(state: Path, repair: bool = False, upgrade: bool = False) -> Report:
     """
     try:
         volume = Volume(state, recover=False, upgrade=upgrade or repair)
-    except (CorruptIndex, OldFormat) as exc:  # nothing else is readable as it stands
-        report = Report()
-        kind = "old-format" if isinstance(exc, OldFormat) else "corrupt-record"
-        report.problems.append(Problem(kind, str(exc)))
-        return report
+    except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
+        return _unreadable(exc)
     try:
         while True:
             try:
                 return _check(volume, repair)
             except lmdb.MapFullError:  # the repairs need a bigger index: again
                 volume.index.grow()
+            except lmdb.Error as exc:
+                return _unreadable(exc)
     finally:
         volume.close()
+
+
+def _unreadable(exc: Exception) -> Report:
+    """The report of an index that cannot be checked as it stands: an old
+    format, a damaged format record, or pages LMDB itself finds damaged."""
+    report = Report()
+    if isinstance(exc, OldFormat):
+        kind = "old-format"
+    elif isinstance(exc, lmdb.Error):
+        kind, exc = "corrupt-index", SwapfsError(errno.EIO, f"LMDB finds the index "
+                                                 f"damaged: {exc}")
+    else:
+        kind = "corrupt-record"
+    report.problems.append(Problem(kind, str(exc)))
+    return report
 
 
 def _check(volume: Volume, repair: bool) -> Report:
