@@ -1,7 +1,7 @@
 """``swapfs``: the operator's command line.
 
 Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad
-usage; ``fsck`` uses 0 clean, 1 repaired, 4 problems left.
+usage; ``fsck`` uses 0 clean, 1 repaired, 4 problems left, 8 check failed.
 """
 
 import argparse

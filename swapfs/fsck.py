@@ -13,7 +13,8 @@ damaged, refcounts are only ever raised, never lowered: a damaged map run
 may hold references that nothing else shows.
 
 Exit codes of ``swapfs fsck`` follow e2fsck: 0 clean, 1 problems found and
-all repaired, 4 problems left (unrepairable or not asked to repair).
+all repaired, 4 problems left (unrepairable or not asked to repair), 8 the
+check itself failed (an error no check foresaw, logged with its traceback).
 """
 
 import collections
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 EXIT_CLEAN = 0
 EXIT_REPAIRED = 1
 EXIT_UNREPAIRED = 4
+EXIT_FAILED = 8
+
+#: The problem of a check that could not finish (exit code 8).
+CHECK_FAILED = "check-failed"
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Report:
     def exit_code(self) -> int:
         if not self.problems:
             return EXIT_CLEAN
+        if any(problem.kind == CHECK_FAILED for problem in self.problems):
+            return EXIT_FAILED
         if all(problem.repaired for problem in self.problems):
             return EXIT_REPAIRED
         return EXIT_UNREPAIRED
@@ -263,6 +270,11 @@ def check(state: Path, repair: bool = False, upgrade: bool = False) -> Report:
                 volume.index.grow()
             except lmdb.Error as exc:
                 return _unreadable(exc)
+            except Exception as exc:  # a damage no check foresaw: say so, as e2fsck does
+                log.exception("the check stopped")
+                report = Report()
+                report.problems.append(Problem(CHECK_FAILED, f"the check stopped: {exc!r}"))
+                return report
     finally:
         volume.close()
 

@@ -369,3 +369,18 @@ def test_priorities_are_clean_and_a_stray_one_is_repaired(tmp_path: Path) -> Non
     assert [problem.kind for problem in report.problems] == ["stray-priority"]
     assert report.exit_code == fsck.EXIT_REPAIRED
     assert fsck.check(state).clean
+
+
+def test_a_check_that_cannot_finish_exits_8(
+        state_dir: Path, wl: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no check foresaw (a damage of a kind not yet met) is a report
+    with e2fsck's exit code 8, never a traceback out of fsck."""
+    def broken(self: object, *args: object) -> None:
+        raise ValueError("unforeseen")
+
+    monkeypatch.setattr(fsck._Checker, "check_chain", broken)
+    report = fsck.check(state_dir, repair=True)
+    assert [problem.kind for problem in report.problems] == [fsck.CHECK_FAILED]
+    assert report.exit_code == fsck.EXIT_FAILED
+    monkeypatch.undo()
+    assert fsck.check(state_dir).clean, "nothing was committed"
