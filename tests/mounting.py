@@ -12,6 +12,8 @@ directory that still has something mounted under it.
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import mmap
 import os
@@ -340,6 +342,17 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks (it has only posix_fallocate)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def os_error(call: Any, *args: Any) -> int:
     """The errno that ``call(*args)`` fails with (AssertionError if it succeeds)."""
     try:
@@ -352,7 +365,7 @@ def os_error(call: Any, *args: Any) -> int:
 
 __all__ = [
     "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail",
-    "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "read_direct",
+    "fallocate", "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "read_direct",
     "receive_with_fds", "remove_tree", "requires_mount", "short_tempdir", "swapfs", "tmpfs",
     "wait_until",
 ]

@@ -8,8 +8,6 @@ real kernel swap with discard on and off.
 """
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import mmap
@@ -37,7 +35,14 @@ from swapfs.volume import (
     FALLOC_FL_ZERO_RANGE,
     Volume,
 )
-from tests.mounting import Mount, loop_device, requires_mount, swapfs, wait_until
+from tests.mounting import (
+    Mount,
+    fallocate,
+    loop_device,
+    requires_mount,
+    swapfs,
+    wait_until,
+)
 from tools.swapload import MIB, MemoryCgroup, run_workload
 
 BS = BLOCK_SIZE
@@ -49,17 +54,6 @@ NO_HIDE_STALE = 0x04
 COLLAPSE_RANGE = 0x08
 INSERT_RANGE = 0x20
 UNSHARE_RANGE = 0x40
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2), which the os module lacks."""
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 def randbytes(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)

@@ -94,6 +94,33 @@ def test_file_unlinked_while_open_survives_takeover(mount: Mount) -> None:
     assert wait_until(lambda: mount.chain("c")["stored_bytes"] == 0)
 
 
+@pytest.mark.xfail(strict=True, reason="a release answered just before the SIGKILL is saved "
+                   "to the memo only on the loop's next turn, so the new daemon counts the "
+                   "file open until the next fresh mount, and refuses SIGTERM meanwhile")
+def test_a_release_just_before_a_takeover_is_not_lost(mount: Mount) -> None:
+    """Close a file unlinked while open, then SIGKILL the daemon at once.
+
+    FUSE sends the releases in the background, so the kill lands while the
+    daemon handles them. Once the new daemon serves, nothing is open: it
+    must count no file open (else SIGTERM refuses to stop it) and store
+    nothing of that file. Found by tests/fsx.py (seeds 307 and 314 with
+    ``--ops 10000 --restarts remount,kill,kill,remount,takeover,takeover``).
+    """
+    mount.path("c").mkdir()
+    mount.start_standby()
+    for attempt in range(10):  # the kill must land in the window; it nearly always does
+        path = mount.path("c", "gone.swap")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.pwrite(fd, os.urandom(BLOCK), 0)
+        direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        path.unlink()
+        os.close(fd)
+        os.close(direct)
+        mount.kill_for_takeover()
+        assert mount.status()["open_files"] == 0, f"attempt {attempt}"
+        assert mount.chain("c")["stored_bytes"] == 0, f"attempt {attempt}"
+
+
 def test_without_keeper_the_mount_dies(mount: Mount) -> None:
     """What a daemon failure does without a keeper: the connection aborts."""
     mount.path("c").mkdir()
