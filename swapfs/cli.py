@@ -183,6 +183,9 @@ def _status(args: argparse.Namespace) -> int:
             entry["daemon"] = daemon
             entry["stored_bytes"] = sum(c["stored_bytes"] for c in stats["chains"].values())
             entry["logical_bytes"] = sum(c["logical_bytes"] for c in stats["chains"].values())
+            entry["index_bytes"] = stats["index_bytes"]
+            if "index" in stats:
+                entry["index"] = stats["index"]
         except control.ControlError as exc:
             entry["daemon"] = {"error": str(exc)}
     if args.json:
@@ -199,6 +202,8 @@ def _status(args: argparse.Namespace) -> int:
                   f"{_size(entry['logical_bytes'])} logical in "
                   f"{_size(entry['stored_bytes'])} stored")
             print(f"  {_keeper_line(daemon)}")
+            if "index" in entry:
+                print(f"  index {_size(entry['index_bytes'])}: {_per_block(entry['index'])}")
         for loop in entry["loop_devices"]:
             swap = loop["swap"]
             use = (f"swap, {_size(swap['used_bytes'])} of {_size(swap['size_bytes'])} used, "
@@ -250,7 +255,13 @@ def _print_stats(stats: dict[str, Any]) -> None:
         for file_name, entry in sorted(chain["files"].items()):
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
                   f"{entry['zero_blocks']:>12} {'':>7} {entry['priority']:>8}")
-    print(f"index: {_size(stats['index_bytes'])}")
+    index = stats.get("index")
+    print(f"index: {_size(stats['index_bytes'])}"
+          + (f"; {_per_block(index)}" if index is not None else ""))
+    if index is not None:
+        trees = sorted(index["databases"].items(), key=lambda item: -item[1])
+        print("  " + ", ".join(f"{name} {_size(used)}" for name, used in trees if used)
+              + f", main {_size(index['main_bytes'])}, unused {_size(index['unused_bytes'])}")
     requests = sorted(stats.get("requests", {}).items(), key=lambda item: -item[1])
     if requests:
         print("requests: " + ", ".join(f"{name} {count}" for name, count in requests))
@@ -262,6 +273,14 @@ def _print_stats(stats: dict[str, Any]) -> None:
     pool = stats.get("transient_cache")
     if pool is not None:
         _print_pool(pool)
+
+
+def _per_block(index: dict[str, Any]) -> str:
+    """The index's bytes per logical block (the maps) and per stored block (the rest)."""
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} B"
+    return (f"maps {figure(index['bytes_per_logical_block'])} per logical block, "
+            f"the rest {figure(index['bytes_per_stored_block'])} per stored block")
 
 
 def _print_traffic(cache: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,71 @@ class Chain:
         return cls(id_, *cls._FORMAT.unpack(raw))
 
 
+#: The database of the files' maps: ``filemaps`` in this format, ``maps`` in
+#: format 1. :class:`IndexSpace` counts whichever the index has as map bytes.
+MAP_DATABASES = ("maps", "filemaps")
+
+
+@dataclass(slots=True)
+class IndexSpace:
+    """The index's pages in use, in bytes, by what holds them.
+
+    A logical block costs a map entry; a stored block the rest (its entry
+    in the chain's slot table, and a share of the few per-file and
+    per-chain records). So the two figures per block are the
+    maps' bytes over the mapped blocks and the other trees' over the stored
+    blocks. The databases are the ones the index lists, not a list
+    of this format's, so that the figures compare across formats.
+    """
+
+    #: Each named database's B+ tree (branch, leaf and overflow pages), by name.
+    databases: dict[str, int]
+    #: The main database's tree: the names and roots of the named ones.
+    main_bytes: int
+    #: Every page up to the highest in use (:meth:`Index.file_bytes`).
+    file_bytes: int
+
+    @property
+    def maps_bytes(self) -> int:
+        return sum(self.databases.get(name, 0) for name in MAP_DATABASES)
+
+    @property
+    def other_bytes(self) -> int:
+        """Every tree but the maps: the other named databases and the main one."""
+        return sum(self.databases.values()) - self.maps_bytes + self.main_bytes
+
+    @property
+    def unused_bytes(self) -> int:
+        """Pages below the highest in use that no named or main tree holds:
+        mostly pages that commits freed and later ones reuse, with LMDB's
+        two meta pages and its free list's own tree (the lmdb module has no
+        handle to that tree, so its pages are not counted apart)."""
+        return self.file_bytes - sum(self.databases.values()) - self.main_bytes
+
+    def figures(self, logical_blocks: int, stored_blocks: int) -> dict[str, Any]:
+        """The report of ``swapfs stats``: bytes per database and per block,
+        given the mapped blocks of every file and the stored blocks of every
+        chain (None per block when there are none)."""
+        return {
+            "databases": dict(sorted(self.databases.items())),
+            "main_bytes": self.main_bytes,
+            "unused_bytes": self.unused_bytes,
+            "maps_bytes": self.maps_bytes,
+            "other_bytes": self.other_bytes,
+            "logical_blocks": logical_blocks,
+            "stored_blocks": stored_blocks,
+            "bytes_per_logical_block":
+                self.maps_bytes / logical_blocks if logical_blocks else None,
+            "bytes_per_stored_block":
+                self.other_bytes / stored_blocks if stored_blocks else None,
+        }
+
+
+def _tree_bytes(stat: Mapping[str, int]) -> int:
+    """Bytes of the pages of one database's B+ tree, from LMDB's stat of it."""
+    return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+
 #: The index's map (and data file) is a multiple of this, at least one; it
 #: grows by this much, or by a quarter of its size if that is more.
 MAP_STEP = 1 << 20
@@ -205,16 +270,24 @@ class Index:
             self.env.close()
             raise
         self._page_size = self.env.stat()["psize"]
-        self.meta = self.env.open_db(b"meta")
-        self.inodes = self.env.open_db(b"inodes")
-        self.dirents = self.env.open_db(b"dirents")
-        self.chains = self.env.open_db(b"chains")
-        self.slots = self.env.open_db(b"slots")
-        self.filemaps = self.env.open_db(b"filemaps")
-        self.orphans = self.env.open_db(b"orphans")
-        self.priorities = self.env.open_db(b"priorities")
+        #: The main database, whose keys are the names of the named ones.
+        self.main = self.env.open_db(None)
+        #: The handles of the named databases opened here, by name.
+        self.named: dict[bytes, Any] = {}
+        self.meta = self._open(b"meta")
+        self.inodes = self._open(b"inodes")
+        self.dirents = self._open(b"dirents")
+        self.chains = self._open(b"chains")
+        self.slots = self._open(b"slots")
+        self.filemaps = self._open(b"filemaps")
+        self.orphans = self._open(b"orphans")
+        self.priorities = self._open(b"priorities")
         #: Why writes are refused (see fence); None while they are allowed.
         self.fenced: str | None = None
+
+    def _open(self, name: bytes) -> Any:
+        handle = self.named[name] = self.env.open_db(name)
+        return handle
 
     def begin(self, write: bool = False) -> "Txn":
         if write and self.fenced is not None:
@@ -371,6 +444,23 @@ class Txn:
                     except CorruptIndex:
                         found.append((name.decode(), key))
         return found
+
+    # -- space ----------------------------------------------------------------
+
+    def space(self) -> IndexSpace:
+        """The bytes each database's pages take, as this transaction sees
+        them: every database the main one names, opened here if this format
+        does not open it (a database of another format)."""
+        index, txn = self.index, self.txn
+        with txn.cursor(db=index.main) as cur:
+            names = list(cur.iternext(values=False))
+        databases = {}
+        for name in names:
+            handle = index.named.get(name)
+            if handle is None:
+                handle = index.env.open_db(name, txn=txn, create=False)
+            databases[name.decode()] = _tree_bytes(txn.stat(handle))
+        return IndexSpace(databases, _tree_bytes(txn.stat(index.main)), index.file_bytes())
 
     # -- meta ---------------------------------------------------------------
 

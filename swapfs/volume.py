@@ -752,7 +752,8 @@ class Volume:
         return os.statvfs(self.state)
 
     def stats(self) -> dict[str, Any]:
-        """Per chain and per file: logical, stored and zero blocks, dedup ratio."""
+        """Per chain and per file: logical, stored and zero blocks, dedup ratio;
+        the index's bytes per database and per block."""
         chains: dict[str, Any] = {}
         with self.index.begin() as txn:
             for chain_name, chain_ino in txn.iter_dirents(ROOT_INO):
@@ -781,7 +782,13 @@ class Volume:
                     "disk_bytes": self.store.disk_bytes(chain.id_),
                     "files": files,
                 }
-        report: dict[str, Any] = {"chains": chains, "index_bytes": self.index.file_bytes()}
+            # Over every file and chain, unlinked files still open included:
+            # their map entries and blocks are in the index too.
+            logical = sum(inode.blocks for inode in txn.iter_inodes() if not inode.is_dir)
+            stored = sum(self._table(txn, chain.id_).stored for chain in txn.iter_chains())
+            index = txn.space().figures(logical, stored)
+        report: dict[str, Any] = {"chains": chains, "index_bytes": self.index.file_bytes(),
+                                  "index": index}
         names = {chain["id"]: name for name, chain in chains.items()}
         for name, cache in (("transient_cache", self.pool),
                             ("content_cache", self.content_cache)):

@@ -74,6 +74,12 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     (space,) = results["space"]
     assert space["stored_bytes"] == space["ideal_bytes"]  # dedup is exact in a chain
     assert 0 < space["stored_bytes"] < space["logical_bytes"]
+    assert space["logical_blocks"] * 4096 == space["logical_bytes"]  # one file, one chain
+    assert space["stored_blocks"] * 4096 == space["stored_bytes"]
+    assert space["maps_bytes"] + space["other_bytes"] + space["unused_bytes"] \
+        == space["metadata_bytes"]
+    assert space["maps_per_logical_block"] == space["maps_bytes"] / space["logical_blocks"]
+    assert f"| {space['data']} | {space['logical_blocks']} | {space['stored_blocks']} |" in table
     e2e = {row["target"]: row for row in results["e2e"]}
     assert set(e2e) == {"swapfs", "swapfs-nodiscard", "zram", "root-disk"}
     for target in ("swapfs", "swapfs-nodiscard"):

@@ -20,11 +20,16 @@ root disk) close the table, met or not.
     swapfs bench --quick            # a few minutes: the core rows
     swapfs bench --out results/     # the full matrix
     swapfs bench --quick --no-fio --no-e2e --no-pool --no-content   # the takeover rows
+    swapfs bench --quick --targets swapfs --data dedupe-0,dedupe-50,dedupe-90 --fill-only \
+        --no-e2e --no-pool --no-content --no-takeover               # the space and index rows
 
 fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
 1 MiB sequential write and read; queue depth 16, libaio, direct I/O, on a
 loop device with direct I/O over each target's file; data with fio's
-dedupe_percentage 0, 50 and 90, and all-zero buffers. End to end: the
+dedupe_percentage 0, 50 and 90, and all-zero buffers. After the fill of
+each data set, swapfs's space row: bytes stored against the ideal, and the
+index's bytes by LMDB database and per logical and per stored block (what
+``swapfs stats`` reports). End to end: the
 demo's workload (workers building the same table in a memory cgroup) with
 real kernel swap on swapfs (both state directories), zram and a swap file
 on the root disk.
@@ -83,6 +88,7 @@ import blake3  # noqa: E402
 
 from swapfs import control  # noqa: E402
 from swapfs.codescan import scan  # noqa: E402
+from swapfs.index import FORMAT_VERSION  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
     FIO_TARGETS,
     MIB,
@@ -124,6 +130,7 @@ GOALS = [
 class Plan:
     targets: list[str]
     data: list[str]
+    jobs: list[str]  # run on each target after its fill; none: the space rows alone
     runtime: int  # seconds per fio run
     repeats: int  # runs per job; the median is reported
     region: int  # bytes each target's file spans
@@ -137,9 +144,9 @@ class Plan:
     takeover_window: int = 10  # seconds read after each takeover
 
 
-QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], runtime=5, repeats=1, region=256 * MIB,
+QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], list(JOBS), runtime=5, repeats=1, region=256 * MIB,
              e2e_workers=4, e2e_table_mib=64, e2e_limit_mib=96)
-FULL = Plan(list(FIO_TARGETS), list(DATA), runtime=5, repeats=3, region=256 * MIB,
+FULL = Plan(list(FIO_TARGETS), list(DATA), list(JOBS), runtime=5, repeats=3, region=256 * MIB,
             e2e_workers=6, e2e_table_mib=128, e2e_limit_mib=256)
 
 
@@ -196,10 +203,13 @@ def ideal_blocks(device: str, size: int) -> int:
 
 
 def space_row(device: Device, plan: Plan, data: str) -> dict[str, Any]:
+    """What a fill stored against the ideal, and what the index takes for it
+    (by database, and per logical and per stored block)."""
     assert device.stats is not None
     stats = device.stats()
     ideal = ideal_blocks(device.path, plan.region)
     stored = stats["stored_bytes"]
+    index = stats["index"]
     return {
         "data": data,
         "logical_bytes": stats["logical_bytes"],
@@ -209,6 +219,15 @@ def space_row(device: Device, plan: Plan, data: str) -> dict[str, Any]:
         "metadata_bytes": stats["index_bytes"],
         "metadata_per_stored_block": stats["index_bytes"] / stats["unique_blocks"]
         if stats["unique_blocks"] else None,
+        "logical_blocks": index["logical_blocks"],
+        "stored_blocks": index["stored_blocks"],
+        "maps_bytes": index["maps_bytes"],
+        "other_bytes": index["other_bytes"],
+        "unused_bytes": index["unused_bytes"],
+        "maps_per_logical_block": index["bytes_per_logical_block"],
+        "other_per_stored_block": index["bytes_per_stored_block"],
+        "databases": index["databases"],
+        "main_bytes": index["main_bytes"],
     }
 
 
@@ -218,7 +237,7 @@ def fio_matrix(plan: Plan, state_fs: dict[str, str]
     directory mount goes into *state_fs*."""
     rows: list[dict[str, Any]] = []
     space: list[dict[str, Any]] = []
-    total = len(plan.data) * len(plan.targets) * len(JOBS)
+    total = len(plan.data) * len(plan.targets) * len(plan.jobs)
     done = 0
     for data in plan.data:
         for target in plan.targets:
@@ -229,7 +248,8 @@ def fio_matrix(plan: Plan, state_fs: dict[str, str]
                     run_fio("fill-1m", device.path, plan, data)
                     if target == "swapfs":
                         space.append(space_row(device, plan, data))
-                    for job in JOBS:
+                        progress(_space_line(space[-1]))
+                    for job in plan.jobs:
                         runs = [run_fio(job, device.path, plan, data)
                                 for _ in range(plan.repeats)]
                         median = sorted(runs, key=lambda run: run["iops"])[len(runs) // 2]
@@ -238,13 +258,22 @@ def fio_matrix(plan: Plan, state_fs: dict[str, str]
                         progress(f"[{done}/{total}] {target:<12} {job:<13} {data:<10} "
                                  f"{median['iops']:>9.0f} IOPS {median['mbps']:>8.1f} MB/s")
             except Unavailable as exc:
-                for job in JOBS:
+                for job in plan.jobs:
                     rows.append({"target": target, "job": job, "data": data,
                                  "unavailable": str(exc)})
-                done += len(JOBS)
+                done += len(plan.jobs)
                 progress(f"[{done}/{total}] {target}: unavailable ({exc})")
     add_ratios(rows)
     return rows, space
+
+
+def _space_line(row: dict[str, Any]) -> str:
+    def per_block(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} B"
+    return (f"swapfs {row['data']}: stored {row['stored_bytes'] / MIB:.1f} MiB, index "
+            f"{row['metadata_bytes'] / MIB:.2f} MiB, maps "
+            f"{per_block(row['maps_per_logical_block'])} per logical block, the rest "
+            f"{per_block(row['other_per_stored_block'])} per stored block")
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -581,9 +610,10 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['plan']['repeats']}"]
     for target, mount in results.get("state_fs", {}).items():
         lines.append(f"State directory of {target}: {mount}")
-    lines += ["", "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs stock pyfuse3 "
-              "| vs patched pyfuse3 | vs kernel |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    if results["fio"]:  # none with --no-fio or --fill-only
+        lines += ["", "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs stock pyfuse3 "
+                  "| vs patched pyfuse3 | vs kernel |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["fio"]:
         if "unavailable" in row:
             lines.append(f"| {row['target']} | {row['job']} | {row['data']} | "
@@ -607,6 +637,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{per_block:.1f} |" if per_block is not None else
                 f"| {row['data']} | {row['logical_bytes'] / MIB:.1f} | 0 | 0 | - | "
                 f"{row['metadata_bytes'] / MIB:.2f} | - |")
+    lines += _index_markdown(results)
     if results["e2e"]:
         plan = results["plan"]
         lines += ["", f"End to end: {plan['e2e_workers']} workers each build the same "
@@ -680,6 +711,32 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _index_markdown(results: dict[str, Any]) -> list[str]:
+    """The index size table: what the fills of the space table cost in the index."""
+    rows = [row for row in results["space"] if "maps_bytes" in row]
+    if not rows:
+        return []
+    lines = ["", f"Index size (swapfs, index format {results['index_format']}, after the same "
+             "fills): the files' maps per logical block mapped, the other databases (and "
+             "LMDB's main one) per block stored, and the whole index, pages that no database "
+             "holds (unused: freed by a commit, for later ones to reuse) included:", "",
+             "| data | logical blocks | stored blocks | maps bytes per logical block "
+             "| other bytes per stored block | index bytes | by database, KiB |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        maps, other = row["maps_per_logical_block"], row["other_per_stored_block"]
+        trees = sorted(row["databases"].items(), key=lambda item: -item[1])
+        parts = [f"{name} {used / 1024:.0f}" for name, used in trees if used]
+        parts += [f"main {row['main_bytes'] / 1024:.0f}",
+                  f"unused {row['unused_bytes'] / 1024:.0f}"]
+        lines.append(
+            f"| {row['data']} | {row['logical_blocks']} | {row['stored_blocks']} | "
+            f"{'-' if maps is None else f'{maps:.1f}'} | "
+            f"{'-' if other is None else f'{other:.1f}'} | {row['metadata_bytes']} | "
+            + ", ".join(parts) + " |")
+    return lines
+
+
 def _goals_markdown(goals: list[dict[str, Any]]) -> list[str]:
     targets = [target for target in SWAPFS_TARGETS
                if any(target in row["measured"] for row in goals)]
@@ -721,7 +778,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
         axis.set_xticklabels(data_kinds)
         axis.set_ylabel("MB/s")
         axis.set_yscale("log")
-    axes.flat[0].legend(fontsize="small")
+    if targets:
+        axes.flat[0].legend(fontsize="small")
     e2e = [row for row in results["e2e"] if "swap_out_mbps" in row]
     for axis, key, title in ((axes.flat[4], "swap_out_mbps", "end to end: swap-out"),
                              (axes.flat[5], "swap_in_mbps", "end to end: swap-in")):
@@ -750,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, help="seconds per fio run")
     parser.add_argument("--targets", help="comma-separated fio targets "
                         f"({', '.join(FIO_TARGETS)})")
+    parser.add_argument("--data", help="comma-separated data sets "
+                        f"({', '.join(DATA)}; --quick: dedupe-50)")
+    parser.add_argument("--fill-only", action="store_true",
+                        help="fill each target with each data set and run no fio job: "
+                        "with --targets swapfs, the space and index size rows alone")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end swap runs")
     parser.add_argument("--no-pool", action="store_true",
                         help="skip the transient cache rows")
@@ -770,6 +833,13 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(plan.targets) - set(FIO_TARGETS)
         if unknown:
             parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    if args.data:
+        plan.data = [name for name in args.data.split(",") if name]
+        unknown = set(plan.data) - set(DATA)
+        if unknown:
+            parser.error(f"unknown data sets: {', '.join(sorted(unknown))}")
+    if args.fill_only:
+        plan.jobs = []
     if args.no_e2e:
         plan.e2e_targets = []
     if args.no_pool:
@@ -793,6 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     content = content_rows(plan)
     takeover = takeover_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
+               "index_format": FORMAT_VERSION,
                "state_fs": state_fs, "fio": fio_rows, "space": space, "e2e": e2e,
                "pool": pool, "content": content, "takeover": takeover,
                "goals": goal_rows(fio_rows, e2e)}

@@ -136,6 +136,7 @@ def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
     stats = json.loads(_run(*SWAPFS, "stats", "--json", str(mnt)))
     figures: dict[str, Any] = stats["chains"][chain]
     figures["index_bytes"] = stats["index_bytes"]
+    figures["index"] = stats["index"]
     return figures
 
 
