@@ -1,7 +1,10 @@
 """A file's block map: which slot of its chain each logical block names.
 
 The index keeps a file's map in runs of :data:`MAP_RUN` logical blocks, one
-LMDB value each (two fill a page): the run's entries as little-endian u32,
+LMDB value each, sized to fill one overflow page exactly (4,080 bytes):
+LMDB then keeps each full run on a page of its own, whatever order the
+runs were written in, where values of half a page leave most pages half
+empty after its splits. The run's entries are little-endian u32,
 the slot number plus one, 0 for a hole, with trailing holes left out, and a
 CRC-32 of the key and entries (``swapfs/index.py``). A run with no mapped
 block has no value. So a mapped block costs about 4 bytes of index, and a
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 
 from swapfs.index import CorruptIndex, Inode, Txn
 
-MAP_RUN = 500
+MAP_RUN = 1019  # 4 bytes each and a CRC: 4,080 bytes, a page less its header
 _EMPTY = bytes(4 * MAP_RUN)
 _SWAP = sys.byteorder == "big"  # runs are little-endian on disk
 

@@ -5,7 +5,8 @@ bytes, ``digest (16) | refcount (u32) | CRC-32 (u32)``, little-endian; the
 CRC covers the chain id, the slot number, the digest and the refcount, so a
 flipped bit in an entry, or an entry that moved, does not verify. A free
 slot has refcount 0 and a zero digest. The index keeps the table in runs
-of :data:`SLOT_RUN` entries (2016 bytes: two runs fill an LMDB page), every
+of :data:`SLOT_RUN` entries (4,080 bytes: one LMDB overflow page each, as
+the file maps' runs, ``swapfs/filemap.py``), every
 run below the chain's ``next_slot`` present.
 
 :class:`SlotTable` is the table as this process uses it: one ``bytearray``
@@ -30,7 +31,7 @@ from collections.abc import Collection, Iterator
 from swapfs.errors import SwapfsError
 from swapfs.index import Chain, CorruptIndex, Txn
 
-SLOT_RUN = 84
+SLOT_RUN = 170
 ENTRY = struct.Struct("<16sII")  # digest, refcount, CRC-32
 RUN_BYTES = SLOT_RUN * ENTRY.size
 #: Slots are named by u32 in the file maps, where 0 means a hole.
