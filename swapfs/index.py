@@ -219,6 +219,10 @@ def _tree_bytes(stat: Mapping[str, int]) -> int:
 MAP_STEP = 1 << 20
 
 
+#: keep_room looks at the room left once every this many calls.
+KEEP_ROOM_EVERY = 8
+
+
 def _map_steps(size: int) -> int:
     return MAP_STEP * max(1, -(-size // MAP_STEP))
 
@@ -284,6 +288,11 @@ class Index:
         self.priorities = self._open(b"priorities")
         #: Why writes are refused (see fence); None while they are allowed.
         self.fenced: str | None = None
+        #: Inodes read or written since they were last verified, by number:
+        #: the committed records plus the changes of the write transaction
+        #: in progress, forgotten whole when one aborts (Txn.get_inode).
+        self.inode_cache: dict[int, Inode] = {}
+        self._calls = 0  # of keep_room
 
     def _open(self, name: bytes) -> Any:
         handle = self.named[name] = self.env.open_db(name)
@@ -292,7 +301,7 @@ class Index:
     def begin(self, write: bool = False) -> "Txn":
         if write and self.fenced is not None:
             raise SwapfsError(errno.EROFS, self.fenced)
-        return Txn(self, self.env.begin(write=write))
+        return Txn(self, self.env.begin(write=write), write)
 
     def fence(self, reason: str) -> None:
         """Refuse every write from now on (EROFS): this process may no longer
@@ -304,7 +313,16 @@ class Index:
         least MAP_STEP) is left above the highest page in use, so that a
         transaction seldom finds it full and has to run again. A disk with
         no room for that is no error yet: the transaction that needs the room
-        will get ENOSPC. No transaction may be open."""
+        will get ENOSPC. No transaction may be open.
+
+        Asking LMDB costs as much as a small request, so only every
+        KEEP_ROOM_EVERY-th call looks: the room kept ahead (MAP_STEP at
+        least, 256 pages) outlasts that many requests, and one that finds
+        the map full all the same runs again after Index.grow.
+        """
+        self._calls += 1
+        if self._calls % KEEP_ROOM_EVERY:
+            return
         if self.map_size - self.file_bytes() < max(MAP_STEP, self.map_size // 4):
             try:
                 self.grow()
@@ -340,10 +358,11 @@ class Index:
 class Txn:
     """One LMDB transaction with typed, checksummed accessors for every database."""
 
-    __slots__ = ("index", "txn", "_after", "lenient")
+    __slots__ = ("index", "txn", "write", "_after", "lenient")
 
-    def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
+    def __init__(self, index: Index, txn: lmdb.Transaction, write: bool = False) -> None:
         self.index = index
+        self.write = write
         #: Set by fsck: iterators skip records that do not verify (it reports
         #: them itself) instead of raising CorruptIndex.
         self.lenient = False
@@ -368,6 +387,8 @@ class Txn:
         self._after.append(callback)
 
     def _ended(self, committed: bool) -> None:
+        if self.write and not committed:
+            self.index.inode_cache.clear()  # it may hold this transaction's changes
         callbacks, self._after = self._after, []
         for callback in callbacks:
             callback(committed)
@@ -481,14 +502,28 @@ class Txn:
     # -- inodes and directory entries ----------------------------------------
 
     def get_inode(self, ino: int) -> Inode | None:
-        raw = self._get(self.index.inodes, _INODES, _U64.pack(ino), f"inode {ino}")
-        return None if raw is None else Inode.unpack(ino, raw)
+        """The inode, verified when first read and then kept in memory.
+
+        Every caller that changes an inode puts it back in the same write
+        transaction (put_inode), so the object kept is the one the index
+        holds; a write transaction that aborts forgets every inode kept.
+        """
+        cache = self.index.inode_cache
+        inode = cache.get(ino)
+        if inode is None:
+            raw = self._get(self.index.inodes, _INODES, _U64.pack(ino), f"inode {ino}")
+            if raw is None:
+                return None
+            inode = cache[ino] = Inode.unpack(ino, raw)
+        return inode
 
     def put_inode(self, inode: Inode) -> None:
         self._put(self.index.inodes, _INODES, _U64.pack(inode.ino), inode.pack())
+        self.index.inode_cache[inode.ino] = inode
 
     def delete_inode(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.inodes)
+        self.index.inode_cache.pop(ino, None)
 
     def iter_inodes(self) -> Iterator[Inode]:
         for key, raw in self._iter(self.index.inodes, _INODES):

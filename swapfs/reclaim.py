@@ -21,7 +21,7 @@ free slot (:class:`~swapfs.volume.Volume` does at open).
 
 import collections
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection
 
 
 class PendingPunches:
@@ -42,7 +42,7 @@ class PendingPunches:
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._chains.values())
 
-    def add(self, chain_id: int, slots: Iterable[int], now: float) -> None:
+    def add(self, chain_id: int, slots: Collection[int], now: float) -> None:
         """Slots of *chain_id* that a committed transaction left free, freed at *now*.
 
         They are queued highest first, so that :meth:`take` hands them out
@@ -53,7 +53,11 @@ class PendingPunches:
         queue = self._chains.get(chain_id)
         if queue is None:
             queue = self._chains[chain_id] = collections.deque()
-        queue.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
+        if len(slots) == 1:  # a 4 KiB overwrite's: the common case
+            (slot,) = slots
+            queue.append((slot, now))
+        else:
+            queue.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
 
     def take(self, chain_id: int) -> int | None:
         """The lowest slot of the chain's newest freeing commit, no longer

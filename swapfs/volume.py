@@ -514,38 +514,48 @@ class Volume:
         """Up to *size* bytes at *offset*; short at the end of the file."""
         if offset < 0 or size < 0:
             raise SwapfsError(errno.EINVAL)
-        with self.index.begin() as txn:
-            inode = _file(txn, ino)
-            end = min(offset + size, inode.size)
-            if offset >= end:
-                return b""
-            table = self._table(txn, inode.chain)
-            chain = table.chain
-            fmap = self._map(txn, inode)
-            if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
-                # One whole block, the kernel's most frequent swap-in.
-                slot = fmap.get(offset // BLOCK_SIZE)
-                if slot is None:
-                    return ZERO_BLOCK
-                return self._load(ino, chain, slot, table.digest(slot))
-            first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
-            mapped = []  # (logical block, slot), in file order
-            for block in range(first, stop):
-                slot = fmap.get(block)
-                if slot is not None:
-                    mapped.append((block, slot))
-            datas = self._load_many(ino, chain, [(slot, table.digest(slot))
-                                                 for _, slot in mapped])
-            if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
-                # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
-                return b"".join(datas)
-            out = bytearray(end - offset)
-            for (block, _), data in zip(mapped, datas, strict=True):
-                block_start = block * BLOCK_SIZE
-                lo = max(offset, block_start)
-                hi = min(end, block_start + BLOCK_SIZE)
-                out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
-            return bytes(out)
+        # A file in use has its inode, map and slot table in memory, which
+        # hold what the last commit says: no LMDB transaction is needed.
+        inode = self.index.inode_cache.get(ino)
+        fmap = self._maps.get(ino)
+        table = None if inode is None else self._tables.get(inode.chain)
+        if inode is None or fmap is None or table is None or inode.is_dir:
+            with self.index.begin() as txn:
+                inode = _file(txn, ino)
+                table = self._table(txn, inode.chain)
+                fmap = self._map(txn, inode)
+        return self._read(inode, fmap, table, offset, size)
+
+    def _read(self, inode: Inode, fmap: FileMap, table: SlotTable, offset: int,
+              size: int) -> bytes:
+        ino, chain = inode.ino, table.chain
+        end = min(offset + size, inode.size)
+        if offset >= end:
+            return b""
+        if offset % BLOCK_SIZE == 0 and end - offset == BLOCK_SIZE:
+            # One whole block, the kernel's most frequent swap-in.
+            slot = fmap.get(offset // BLOCK_SIZE)
+            if slot is None:
+                return ZERO_BLOCK
+            return self._load(ino, chain, slot, table.digest(slot))
+        first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
+        mapped = []  # (logical block, slot), in file order
+        for block in range(first, stop):
+            slot = fmap.get(block)
+            if slot is not None:
+                mapped.append((block, slot))
+        datas = self._load_many(ino, chain, [(slot, table.digest(slot))
+                                             for _, slot in mapped])
+        if (offset % BLOCK_SIZE == 0 and end - offset == len(mapped) * BLOCK_SIZE):
+            # Whole blocks, all mapped (the kernel's swap-in): no zero fill.
+            return b"".join(datas)
+        out = bytearray(end - offset)
+        for (block, _), data in zip(mapped, datas, strict=True):
+            block_start = block * BLOCK_SIZE
+            lo = max(offset, block_start)
+            hi = min(end, block_start + BLOCK_SIZE)
+            out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
+        return bytes(out)
 
     def _load(self, ino: int, chain: Chain, slot: int, digest: bytes) -> bytes:
         """A block's verified data: from the first cache that has it, else from
