@@ -39,6 +39,8 @@ class Config:
     transient_cache_max_bytes: int = 268435456
     #: The content cache's budget of host memory in bytes; 0 disables it.
     content_cache_bytes: int = 64 << 20
+    #: The memory all chains' dedup tables may take together, in bytes.
+    dedup_table_bytes: int = 256 << 20
     #: Seconds between two writes of the content cache's manifest.
     manifest_interval: float = 5
     #: The fail-over planner's budget for this host's content caches together;
@@ -62,6 +64,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "failover_strategies": list,
     "lease_seconds": (int, float),
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
+    "dedup_table_bytes": int,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -96,6 +99,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("transient_cache_max_bytes must not be negative")
     if config.content_cache_bytes < 0:
         raise ConfigError("content_cache_bytes must not be negative")
+    if config.dedup_table_bytes < 4096:
+        raise ConfigError("dedup_table_bytes must be at least 4096")
     if config.host_cache_bytes < 0:
         raise ConfigError("host_cache_bytes must not be negative")
     if not 0 < config.manifest_interval < 1e9:

@@ -333,7 +333,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
                         claim=(lambda: link.claim_lease(state, lease_seconds))
                         if lease_seconds else None,
-                        create=link.takeover is None)
+                        create=link.takeover is None,
+                        dedup_table_bytes=config.dedup_table_bytes)
         if link.takeover is not None and link.memo is not None:
             link.memo.takeovers += 1  # counted once the state is open: failed starts do not
             link.memo.save()

@@ -12,14 +12,14 @@ run below the chain's ``next_slot`` present.
 :class:`SlotTable` is the table as this process uses it: one ``bytearray``
 laid out exactly as the runs are stored (so that a changed run goes back to
 LMDB as a slice, with no encoding), plus what is derived from it at load:
-the dedup table (digest -> slot), the free slots whose space was punched,
-the number of blocks stored, and the slots whose entry did not verify.
-Memory per slot: the entry's 24 bytes, plus about 100 bytes of dict entry
-for each block stored (docs/performance.md).
+the dedup table (digest -> slot, ``swapfs/deduptable.py``), the free slots
+whose space was punched, the number of blocks stored, and the slots whose
+entry did not verify. Memory per slot: the entry's 24 bytes, plus 6 to 12
+bytes of dedup table for each block stored.
 
-Dedup is advisory: the dedup table names one slot per digest, and a slot
-whose digest is not found there simply stores the block again. Correctness
-rests on the refcounts, which count map entries per slot.
+Dedup is advisory: a block whose digest the dedup table does not name is
+simply stored again. Correctness rests on the refcounts, which count map
+entries per slot.
 """
 
 import errno
@@ -28,6 +28,7 @@ import struct
 import zlib
 from collections.abc import Collection, Iterator
 
+from swapfs.deduptable import DedupBudget, DedupTable
 from swapfs.errors import SwapfsError
 from swapfs.index import Chain, CorruptIndex, Txn
 
@@ -47,10 +48,11 @@ def entry_crc(chain_id: int, slot: int, digest: bytes, refcount: int) -> int:
 class SlotTable:
     """One chain's slot table, dedup table and free slots, in memory."""
 
-    __slots__ = ("chain", "chain_id", "image", "next_slot", "stored", "by_digest", "free",
+    __slots__ = ("chain", "chain_id", "image", "next_slot", "stored", "dedup", "free",
                  "bad", "_dirty")
 
-    def __init__(self, chain: Chain) -> None:
+    def __init__(self, chain: Chain, budget: DedupBudget | None = None,
+                 expect: int = 0) -> None:
         #: The chain's record, kept with its table: its ``next_slot`` follows
         #: the table's as it grows.
         self.chain = chain
@@ -59,8 +61,8 @@ class SlotTable:
         self.next_slot = 0
         #: Slots with a refcount above zero.
         self.stored = 0
-        #: The dedup table: one slot for each digest stored.
-        self.by_digest: dict[bytes, int] = {}
+        #: The dedup table: a slot for each digest stored, as room allows.
+        self.dedup = DedupTable(lambda: self.image, budget or DedupBudget(), expect)
         #: Free slots whose disk space is punched (a heap: lowest first).
         self.free: list[int] = []
         #: Slots whose entry is missing or does not verify: never read as
@@ -69,38 +71,44 @@ class SlotTable:
         self._dirty: set[int] = set()
 
     @classmethod
-    def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = ()) -> "SlotTable":
+    def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = (),
+             budget: DedupBudget | None = None) -> "SlotTable":
         """Read and verify a chain's table. Free slots in *unpunched* (still
-        holding disk space, reused first by the caller) stay out of ``free``."""
-        table = cls(chain)
+        holding disk space, reused first by the caller) stay out of ``free``;
+        the dedup table takes its room from *budget*."""
         runs = -(-chain.next_slot // SLOT_RUN)
-        table.image = bytearray(runs * RUN_BYTES)
-        table.next_slot = chain.next_slot
+        image = bytearray(runs * RUN_BYTES)
         found = set()
         for run, raw in txn.iter_slot_runs(chain.id_):
             if run >= runs or len(raw) != RUN_BYTES:
                 continue  # fsck reports it; nothing below next_slot is in it
-            table.image[run * RUN_BYTES:(run + 1) * RUN_BYTES] = raw
+            image[run * RUN_BYTES:(run + 1) * RUN_BYTES] = raw
             found.add(run)
-        image, chain_id, unpack = table.image, chain.id_, ENTRY.unpack_from
+        chain_id, unpack = chain.id_, ENTRY.unpack_from
+        used, free, bad = [], [], set()
         for slot in range(chain.next_slot):
             if slot // SLOT_RUN not in found:
-                table.bad.add(slot)
+                bad.add(slot)
                 continue
             digest, refcount, crc = unpack(image, slot * ENTRY.size)
             if crc != entry_crc(chain_id, slot, digest, refcount):
-                table.bad.add(slot)
+                bad.add(slot)
             elif refcount:
-                table.stored += 1
-                table.by_digest.setdefault(digest, slot)
+                used.append((digest, slot))
             elif slot not in unpunched:
-                table.free.append(slot)  # ascending: a heap already
+                free.append(slot)  # ascending: a heap already
+        table = cls(chain, budget, len(used))
+        table.image, table.next_slot, table.free, table.bad = image, chain.next_slot, free, bad
+        table.stored = len(used)
+        add = table.dedup.add
+        for digest, slot in used:
+            add(digest, slot)
         return table
 
     @classmethod
     def blank(cls, chain: Chain) -> "SlotTable":
         """A table of ``chain.next_slot`` free slots, all its runs to be saved."""
-        table = cls(Chain(chain.id_, chain.key))
+        table = cls(Chain(chain.id_, chain.key), expect=chain.next_slot)
         for _ in range(chain.next_slot):
             table.grow()
         return table
@@ -124,12 +132,12 @@ class SlotTable:
 
     def find(self, digest: bytes) -> int | None:
         """A slot holding the block *digest*, if the dedup table knows one."""
-        return self.by_digest.get(digest)
+        return self.dedup.find(digest)
 
     def find_prefix(self, prefix: bytes) -> tuple[bytes, int] | None:
         """(digest, slot) of a block whose digest starts with *prefix*: a
-        scan of the dedup table, for the rare caller that lacks the digest."""
-        for digest, slot in self.by_digest.items():
+        scan of the table, for the rare caller that lacks the digest."""
+        for slot, digest, _ in self.used():
             if digest.startswith(prefix):
                 return digest, slot
         return None
@@ -154,7 +162,7 @@ class SlotTable:
         """A free slot now holds the block *digest*, used *refcount* times."""
         self._set(slot, digest, refcount)
         self.stored += 1
-        self.by_digest.setdefault(digest, slot)
+        self.dedup.add(digest, slot)
 
     def ref(self, slot: int, count: int = 1) -> None:
         digest, refcount, _ = ENTRY.unpack_from(self.image, slot * ENTRY.size)
@@ -174,10 +182,9 @@ class SlotTable:
         if refcount:
             self._set(slot, digest, refcount)
             return False
+        self.dedup.remove(digest, slot)
         self._set(slot, _FREE_DIGEST, 0)
         self.stored -= 1
-        if self.by_digest.get(digest) == slot:
-            del self.by_digest[digest]
         return True
 
     def take_free(self) -> int | None:

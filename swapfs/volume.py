@@ -53,6 +53,7 @@ from swapfs.blocks import (
     pieces,
 )
 from swapfs.cache import BlockCache, cache_key
+from swapfs.deduptable import DedupBudget
 from swapfs.digest import DIGEST_SIZE, block_digest, new_key
 from swapfs.errors import CorruptBlock, SwapfsError
 from swapfs.filemap import FileMap
@@ -120,7 +121,7 @@ class Volume:
     def __init__(self, state: Path, recover: bool = True,
                  still_open: Collection[int] = (),
                  claim: Callable[[], None] | None = None, create: bool = True,
-                 upgrade: bool = True) -> None:
+                 upgrade: bool = True, dedup_table_bytes: int | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -133,7 +134,9 @@ class Volume:
         daemon taking over a live mount must serve the state the kernel
         knows, never a new, empty one. Without *upgrade*, an index of an
         earlier format is an error (:class:`OldFormat`) rather than
-        converted (``swapfs/upgrade.py``).
+        converted (``swapfs/upgrade.py``). *dedup_table_bytes* bounds the
+        memory of all chains' dedup tables (``swapfs/deduptable.py``; None:
+        no bound).
         """
         if not create and not (state / INDEX_NAME / "data.mdb").is_file():
             raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
@@ -150,6 +153,7 @@ class Volume:
             #: In-memory maps and slot tables, by inode and chain (see _map, _table).
             self._maps: dict[int, FileMap] = {}
             self._tables: dict[int, SlotTable] = {}
+            self.dedup_budget = DedupBudget(dedup_table_bytes)
             #: The read caches, asked in this order before the store (use_caches).
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
@@ -239,7 +243,8 @@ class Volume:
         """Punch every free slot: a crash between a commit and its punch, or a
         write that failed after filling a free slot, leaves them on disk."""
         self.pending.clear()  # all punched below, those of the orphans just purged too
-        self._tables.clear()
+        for chain_id in list(self._tables):
+            self._drop_table(chain_id)  # loaded with pending slots left out of free
         with self.index.begin() as txn:
             for chain in txn.iter_chains():
                 table = self._table(txn, chain.id_)
@@ -253,9 +258,14 @@ class Volume:
         table = self._tables.get(chain_id)
         if table is None:
             table = SlotTable.load(txn, _chain(txn, chain_id),
-                                   self.pending.slots(chain_id))
+                                   self.pending.slots(chain_id), self.dedup_budget)
             self._tables[chain_id] = table
         return table
+
+    def _drop_table(self, chain_id: int) -> None:
+        table = self._tables.pop(chain_id, None)
+        if table is not None:
+            table.dedup.release()
 
     def _map(self, txn: Txn, inode: Inode) -> FileMap:
         """The file's map, loaded and verified at its first use."""
@@ -266,7 +276,7 @@ class Volume:
 
     def _forget(self, chain_id: int, inos: Collection[int]) -> None:
         """Drop what a transaction that aborted changed in memory."""
-        self._tables.pop(chain_id, None)
+        self._drop_table(chain_id)
         for ino in inos:
             self._maps.pop(ino, None)
 
@@ -424,7 +434,7 @@ class Volume:
             txn.delete_dirent(parent, name)
             _touch_dir(txn, parent)
         self.pending.drop(inode.chain)
-        self._tables.pop(inode.chain, None)
+        self._drop_table(inode.chain)
         self.store.remove(inode.chain)
 
     @_growing
@@ -780,7 +790,8 @@ class Volume:
                         "priority": txn.get_priority(file_ino),
                     }
                 logical = sum(f["logical_bytes"] for f in files.values())
-                unique = self._table(txn, chain.id_).stored
+                table = self._table(txn, chain.id_)
+                unique = table.stored
                 stored = unique * BLOCK_SIZE
                 chains[os.fsdecode(chain_name)] = {
                     "id": chain.id_,
@@ -790,6 +801,9 @@ class Volume:
                     "zero_blocks": sum(f["zero_blocks"] for f in files.values()),
                     "dedup_ratio": logical / stored if stored else 1.0,
                     "disk_bytes": self.store.disk_bytes(chain.id_),
+                    "dedup_table": {"bytes": table.dedup.size_bytes,
+                                    "entries": table.dedup.entries,
+                                    "unindexed": table.dedup.unindexed},
                     "files": files,
                 }
             # Over every file and chain, unlinked files still open included:

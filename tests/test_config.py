@@ -47,6 +47,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\nlease_seconds = "10"\n', "lease_seconds must be a number"),
     ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 3\n', "or within 4..86400"),
     ('state = "/s"\nmountpoint = "/m"\nlease_seconds = 1e6\n', "or within 4..86400"),
+    ('state = "/s"\nmountpoint = "/m"\ndedup_table_bytes = 100\n', "at least 4096"),
     ('state = "/s"\n', "both 'state' and 'mountpoint'"),
     ('state = \n', "a.toml"),
 ])
