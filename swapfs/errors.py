@@ -1,4 +1,4 @@
-"""The one error type the engine raises.
+"""The error types the engine raises.
 
 Every failure the engine can name carries the errno that the FUSE layer
 answers with, so `fs.py` translates without guessing.
@@ -23,6 +23,14 @@ class SwapfsError(Exception):
 
 class CorruptBlock(SwapfsError):
     """A stored block whose data no longer matches its digest (answered EIO)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
+class CorruptIndex(SwapfsError):
+    """An index record that does not verify against its checksum, or that is
+    missing where the index says one must be (answered EIO)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EIO, message)

@@ -281,15 +281,12 @@ def check(state: Path, repair: bool = False, upgrade: bool = False) -> Report:
 
 def _unreadable(exc: Exception) -> Report:
     """The report of an index that cannot be checked as it stands: an old
-    format, a damaged format record, or pages LMDB itself finds damaged."""
+    format, or an index damaged past reading (its format record, its meta
+    pages, pages LMDB itself finds damaged)."""
     report = Report()
-    if isinstance(exc, OldFormat):
-        kind = "old-format"
-    elif isinstance(exc, lmdb.Error):
-        kind, exc = "corrupt-index", SwapfsError(errno.EIO, f"LMDB finds the index "
-                                                 f"damaged: {exc}")
-    else:
-        kind = "corrupt-record"
+    kind = "old-format" if isinstance(exc, OldFormat) else "corrupt-index"
+    if isinstance(exc, lmdb.Error):
+        exc = SwapfsError(errno.EIO, f"LMDB finds the index damaged: {exc}")
     report.problems.append(Problem(kind, str(exc)))
     return report
 

@@ -52,7 +52,8 @@ from typing import Any
 
 import lmdb
 
-from swapfs.errors import SwapfsError
+from swapfs import cleanmark
+from swapfs.errors import CorruptIndex, SwapfsError
 from swapfs.store import preallocate
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,6 @@ _I32 = struct.Struct(">i")
 _CHAIN_RUN = struct.Struct(">II")
 _INO_RUN = struct.Struct(">QI")
 CRC_SIZE = 4
-
-
-class CorruptIndex(SwapfsError):
-    """An index record that does not verify against its checksum, or that is
-    missing where the index says one must be (answered EIO)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EIO, message)
 
 
 def seal(tag: int, key: bytes, payload: bytes) -> bytes:
@@ -252,6 +245,8 @@ class Index:
         except FileNotFoundError:
             used = 0
         self.map_size = _map_steps(used)
+        if used:
+            cleanmark.check_and_clear(path)
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
@@ -347,8 +342,11 @@ class Index:
         self.env.sync(True)
 
     def close(self) -> None:
+        """Flush and close; then mark the index clean (swapfs/cleanmark.py)."""
+        self.env.sync(True)
         self.env.close()
         os.close(self._fd)
+        cleanmark.mark_clean(self.path, self._page_size)
 
     def file_bytes(self) -> int:
         """Bytes of the index's pages in use (the file itself is the whole map)."""
