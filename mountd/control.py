@@ -23,6 +23,7 @@ import trio
 from mountd import keeper
 from mountd.drivers import OPS as DRIVER_OPS
 from mountd.drivers import DriverError, DriverManager, Session
+from swapfs import compiled
 from swapfs.control import MAX_LINE
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
@@ -74,6 +75,7 @@ class ControlServer:
     def status(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "state": str(self.volume.state),
                 "mountpoint": self.mountpoint, "open_files": self.ops.open_files(),
+                "compiled": compiled.loaded(),
                 **self.protections,
                 **(self.link.status() if self.link is not None else {})}
 

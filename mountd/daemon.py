@@ -36,7 +36,7 @@ from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
-from swapfs import lease
+from swapfs import compiled, lease
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.control import SOURCE_PREFIX
@@ -301,7 +301,8 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         if link.takeover is not None:
             await trio.sleep(0)  # the loop is reading: let the resent requests come
             _finish_takeover(link)
-        log.info("serving %s on %s", control.volume.state, control.mountpoint)
+        log.info("serving %s on %s (engine: %s)", control.volume.state, control.mountpoint,
+                 compiled.describe())
         on_ready()
         lifecycle.sd_notify("READY=1")
         nursery.start_soon(manifest.run)  # warms the cache while the mount serves

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything swapfs needs on a fresh Debian machine: the Debian
 # packages (FUSE 3 and its headers, a compiler and patch for building
-# pyfuse3, fio, util-linux) and a virtual environment in .venv with pyfuse3
-# built with our patches (tools/build-pyfuse3.sh), swapfs and its
-# other Python dependencies; then the benchmark's stock pyfuse3 in
-# build/stock-pyfuse3-venv (tools/build-stock-pyfuse3.sh). Safe to run
-# again: it only installs what is missing.
+# pyfuse3 and swapfs's compiled modules, fio, util-linux) and a virtual
+# environment in .venv with pyfuse3 built with our patches
+# (tools/build-pyfuse3.sh), swapfs (its engine's per-block modules compiled
+# where they compile) and its other Python dependencies; then the
+# benchmark's stock pyfuse3 in build/stock-pyfuse3-venv
+# (tools/build-stock-pyfuse3.sh). Safe to run again: it only installs what
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +30,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Before swapfs, so that pip finds pyfuse3==3.5.0 satisfied by the patched build.
 bash tools/build-pyfuse3.sh
+# The install compiles the engine's per-block modules with Cython (setup.py);
+# again when an engine module changed since it was compiled.
 stamp=.venv/.swapfs-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+engine() { .venv/bin/python -c "import swapfs.compiled as c; print(c.$1())" 2>/dev/null; }
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+        || [ "$(engine stale)" != "[]" ]; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[dev,bench]'
     touch "$stamp"
 fi
+echo "swapfs engine: $(engine describe)"
 # The benchmark's stock Python FUSE ceiling (unpatched pyfuse3; a few minutes the first time).
 bash tools/build-stock-pyfuse3.sh

@@ -1,0 +1,90 @@
+"""Compiles the engine's per-block modules with Cython, where it can.
+
+The modules listed under ``[tool.swapfs] compiled`` in pyproject.toml are
+ordinary Python. Cython compiles each, unchanged, into an extension module
+of the same name that Python imports in place of the ``.py``
+(docs/performance.md, "The compiled path"). Every extension is optional:
+where one does not build (no C compiler, no Python headers, no Cython, a
+construct Cython refuses) the install goes on and that module stays pure
+Python. The build lists the SHA-256 of each source it compiled in
+``swapfs/compiled.json``; ``swapfs/compiled.py`` imports an extension only
+while its source still has that digest.
+"""
+
+import hashlib
+import json
+import sysconfig
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # a build without its build requirements: pure Python
+    cythonize = None
+
+MANIFEST = "compiled.json"
+# Python's semantics exactly: annotations are not types to Cython (an
+# argument annotated bytes still takes a bytearray, as in Python).
+DIRECTIVES = {"language_level": 3, "annotation_typing": False}
+
+with open("pyproject.toml", "rb") as config:
+    MODULES: list[str] = tomllib.load(config)["tool"]["swapfs"]["compiled"]
+
+
+def source_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class BuildCompiled(build_ext):
+    """Cythonize, then compile, each module on its own; a failure skips that
+    module only; then write the manifest of what was built beside it, and
+    remove any other extension module there (an earlier build's)."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = True  # one compiler per core: the C files are large
+        self.digests: dict[str, str] = {}
+        self.built: dict[str, str] = {}
+
+    def run(self) -> None:
+        kept = []
+        for ext in self.extensions:
+            source = ext.sources[0]
+            digest = source_digest(source)
+            try:
+                if cythonize is None:
+                    raise RuntimeError("Cython is not installed")
+                (generated,) = cythonize(
+                    [Extension(ext.name, [source])], build_dir="build/cython", force=True,
+                    quiet=True, compiler_directives=DIRECTIVES)
+            except Exception as exc:  # Cython reports its own errors above this
+                self.warn(f"{ext.name} stays pure Python: {exc}")
+                continue
+            ext.sources = generated.sources
+            self.digests[ext.name] = digest
+            kept.append(ext)
+        self.extensions = kept
+        super().run()
+        package = Path(self.get_ext_fullpath(f"swapfs.{MODULES[0]}")).parent
+        keep = {Path(self.get_ext_fullpath(name)).name for name in self.built}
+        for leftover in package.glob(f"*{sysconfig.get_config_var('EXT_SUFFIX')}"):
+            if leftover.name not in keep:
+                leftover.unlink()  # an earlier build's, of a module not compiled now
+        (package / MANIFEST).write_text(json.dumps(
+            {name: self.built.get(f"swapfs.{name}") for name in MODULES}, indent=1) + "\n")
+
+    def build_extension(self, ext: Any) -> None:
+        super().build_extension(ext)  # raises if it failed: the module is not listed
+        self.built[ext.name] = self.digests[ext.name]
+
+
+setup(
+    ext_modules=[Extension(f"swapfs.{name}", [f"swapfs/{name}.py"], optional=True)
+                 for name in MODULES],
+    cmdclass={"build_ext": BuildCompiled},
+)
