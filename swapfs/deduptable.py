@@ -103,6 +103,21 @@ class DedupTable:
         self.entries += 1
         return True
 
+    def add_all(self, blocks: list[tuple[bytes, int]]) -> None:
+        """:meth:`add` each (digest, slot), as a state's table is loaded."""
+        if (self._filled + len(blocks)) * 10 > len(self.buckets) * 7:
+            for digest, slot in blocks:  # past the room it was sized for
+                self.add(digest, slot)
+            return
+        buckets, mask, from_bytes = self.buckets, self._mask, int.from_bytes
+        for digest, slot in blocks:
+            at = from_bytes(digest[:8], "little") & mask
+            while buckets[at]:  # a fresh table: no removed entries yet
+                at = (at + 1) & mask
+            buckets[at] = slot + 1
+        self.entries += len(blocks)
+        self._filled += len(blocks)
+
     def remove(self, digest: bytes, slot: int) -> None:
         """Forget *slot* for *digest*, if the table names it."""
         buckets, mask = self.buckets, self._mask

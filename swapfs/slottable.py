@@ -84,25 +84,29 @@ class SlotTable:
                 continue  # fsck reports it; nothing below next_slot is in it
             image[run * RUN_BYTES:(run + 1) * RUN_BYTES] = raw
             found.add(run)
-        chain_id, unpack = chain.id_, ENTRY.unpack_from
-        used, free, bad = [], [], set()
-        for slot in range(chain.next_slot):
-            if slot // SLOT_RUN not in found:
-                bad.add(slot)
+        chain_id, covered, crc32 = chain.id_, _COVERED.pack, zlib.crc32
+        used: list[tuple[bytes, int]] = []
+        free: list[int] = []
+        bad: set[int] = set()
+        view = memoryview(image)
+        for run in range(runs):
+            first, stop = run * SLOT_RUN, min((run + 1) * SLOT_RUN, chain.next_slot)
+            if run not in found:
+                bad.update(range(first, stop))
                 continue
-            digest, refcount, crc = unpack(image, slot * ENTRY.size)
-            if crc != entry_crc(chain_id, slot, digest, refcount):
-                bad.add(slot)
-            elif refcount:
-                used.append((digest, slot))
-            elif slot not in unpunched:
-                free.append(slot)  # ascending: a heap already
+            entries = ENTRY.iter_unpack(view[first * ENTRY.size:stop * ENTRY.size])
+            for slot, (digest, refcount, crc) in enumerate(entries, first):
+                if crc != crc32(covered(chain_id, slot, digest, refcount)):
+                    bad.add(slot)
+                elif refcount:
+                    used.append((digest, slot))
+                elif slot not in unpunched:
+                    free.append(slot)  # ascending: a heap already
+        view.release()
         table = cls(chain, budget, len(used))
         table.image, table.next_slot, table.free, table.bad = image, chain.next_slot, free, bad
         table.stored = len(used)
-        add = table.dedup.add
-        for digest, slot in used:
-            add(digest, slot)
+        table.dedup.add_all(used)
         return table
 
     @classmethod
