@@ -375,8 +375,12 @@ class Txn:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return
+        self.abort()
+        if isinstance(exc, lmdb.Error) and not isinstance(exc, lmdb.MapFullError):
+            # LMDB's own check of a damaged page (MDB_CORRUPTED,
+            # MDB_PAGE_NOTFOUND, ...): the index is damaged, which is EIO.
+            raise CorruptIndex(f"LMDB finds the index damaged: {exc}") from exc
 
     def after(self, callback: Callable[[bool], None]) -> None:
         """Call ``callback(committed)`` once this transaction has ended: what

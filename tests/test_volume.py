@@ -934,3 +934,18 @@ def test_a_takeover_never_creates_a_new_state(tmp_path: Path) -> None:
     assert empty.value.errno == errno.ENOENT
     Volume(tmp_path / "real").close()
     Volume(tmp_path / "real", create=False).close()
+
+
+def test_lmdb_finding_a_damaged_page_is_eio(
+        volume: Volume, chain: Inode, file: Inode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMDB's own errors on a damaged page (what a flipped bit in a branch
+    page gives) reach the caller as EIO, like a record that does not verify."""
+    volume.write(file.ino, 0, block(1))
+
+    def damaged(*args: Any, **kwargs: Any) -> None:
+        raise lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was wrong type")
+
+    volume.index.inode_cache.clear()
+    monkeypatch.setattr(index_module, "unseal", damaged)
+    with raises_errno(errno.EIO):
+        volume.getattr(file.ino)
