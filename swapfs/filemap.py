@@ -78,10 +78,6 @@ class FileMap:
         fmap.complete = not lost and not fmap.bad_runs and mapped == inode.blocks
         return fmap
 
-    @property
-    def damaged(self) -> bool:
-        return not self.complete
-
     def _unknown(self, block: int) -> CorruptIndex:
         return CorruptIndex(f"the map of file {self.ino} is damaged at block {block}")
 
@@ -109,17 +105,21 @@ class FileMap:
         entries[at] = 0 if slot is None else slot + 1
         self._dirty.add(run)
 
-    def mapped(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
-        """(block, slot) of the mapped blocks in ``[first, stop)``, in order."""
+    def _within(self, first: int, stop: int | None) -> Iterator[tuple[int, int, int]]:
+        """(run, lo, hi) of each run present that ``[first, stop)`` touches,
+        in order: its entries ``[lo, hi)`` are those in the range."""
         for run in sorted(self.runs):
             base = run * MAP_RUN
             if stop is not None and base >= stop:
                 return
-            if base + MAP_RUN <= first:
-                continue
-            entries = self.runs[run]
-            lo = max(first - base, 0)
-            hi = MAP_RUN if stop is None else min(stop - base, MAP_RUN)
+            if base + MAP_RUN > first:
+                hi = MAP_RUN if stop is None else min(stop - base, MAP_RUN)
+                yield run, max(first - base, 0), hi
+
+    def mapped(self, first: int = 0, stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """(block, slot) of the mapped blocks in ``[first, stop)``, in order."""
+        for run, lo, hi in self._within(first, stop):
+            entries, base = self.runs[run], run * MAP_RUN
             for at in range(lo, hi):
                 slot = entries[at]
                 if slot:
@@ -142,13 +142,8 @@ class FileMap:
                 self._dirty.add(run)
             elif overlaps:
                 raise self._unknown(max(base, first))
-        for run in sorted(self.runs):
-            base = run * MAP_RUN
-            if (stop is not None and base >= stop) or base + MAP_RUN <= first:
-                continue
+        for run, lo, hi in self._within(first, stop):
             entries = self.runs[run]
-            lo = max(first - base, 0)
-            hi = MAP_RUN if stop is None else min(stop - base, MAP_RUN)
             part = entries[lo:hi]
             slots.extend(slot - 1 for slot in part if slot)
             entries[lo:hi] = array("I", bytes(4 * (hi - lo)))

@@ -89,6 +89,10 @@ def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
 # Each database's tag, so that a record copied under another database's key
 # does not verify.
 _META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS = range(1, 8)
+#: The databases of sealed records, by name (the slot table's entries are
+#: checked one by one instead: swapfs/slottable.py).
+_SEALED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
+           b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS}
 
 
 @dataclass(slots=True)
@@ -434,38 +438,37 @@ class Txn:
     def _put(self, db: Any, tag: int, key: bytes, payload: bytes) -> None:
         self.txn.put(key, seal(tag, key, payload), db=db)
 
-    def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
+    def _scan(self, db: Any, prefix: bytes, start: bytes = b""
               ) -> Iterator[tuple[bytes, bytes]]:
-        """(key, payload) of the records whose key starts with *prefix*, from
-        *start* (default: the prefix) on, in key order."""
+        """(key, raw value) of the entries whose key starts with *prefix*,
+        from *start* (default: the prefix) on, in key order."""
         with self.txn.cursor(db=db) as cur:
             if not cur.set_range(start or prefix):
                 return
             for key, raw in cur:
                 if not key.startswith(prefix):
                     return
-                try:
-                    yield key, unseal(tag, key, raw, f"key {key.hex()}")
-                except CorruptIndex:
-                    if not self.lenient:
-                        raise
+                yield key, raw
+
+    def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, payload) of the sealed records of :meth:`_scan`."""
+        for key, raw in self._scan(db, prefix, start):
+            try:
+                yield key, unseal(tag, key, raw, f"key {key.hex()}")
+            except CorruptIndex:
+                if not self.lenient:
+                    raise
 
     def corrupt_records(self) -> list[tuple[str, bytes]]:
         """(database, key) of every sealed record that does not verify."""
         found = []
-        for name, db, tag in ((b"meta", self.index.meta, _META),
-                              (b"inodes", self.index.inodes, _INODES),
-                              (b"dirents", self.index.dirents, _DIRENTS),
-                              (b"chains", self.index.chains, _CHAINS),
-                              (b"orphans", self.index.orphans, _ORPHANS),
-                              (b"priorities", self.index.priorities, _PRIORITIES),
-                              (b"filemaps", self.index.filemaps, _FILEMAPS)):
-            with self.txn.cursor(db=db) as cur:
-                for key, raw in cur:
-                    try:
-                        unseal(tag, key, raw, "")
-                    except CorruptIndex:
-                        found.append((name.decode(), key))
+        for name, tag in _SEALED.items():
+            for key, raw in self._scan(self.index.named[name], b""):
+                try:
+                    unseal(tag, key, raw, "")
+                except CorruptIndex:
+                    found.append((name.decode(), key))
         return found
 
     # -- space ----------------------------------------------------------------
@@ -573,23 +576,13 @@ class Txn:
 
     # -- the chains' slot tables (entries checksummed one by one) ---------------
 
-    def get_slot_run(self, chain_id: int, run: int) -> bytes | None:
-        raw = self.txn.get(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
-        return None if raw is None else bytes(raw)
-
     def put_slot_run(self, chain_id: int, run: int, entries: bytes | memoryview) -> None:
         self.txn.put(_CHAIN_RUN.pack(chain_id, run), entries, db=self.index.slots)
 
     def iter_slot_runs(self, chain_id: int) -> Iterator[tuple[int, bytes]]:
         """(run, raw entries) of the chain's slot table, in run order."""
-        prefix = _U32.pack(chain_id)
-        with self.txn.cursor(db=self.index.slots) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, raw in cur:
-                if not key.startswith(prefix):
-                    return
-                yield _CHAIN_RUN.unpack(key)[1], raw
+        for key, raw in self._scan(self.index.slots, _U32.pack(chain_id)):
+            yield _CHAIN_RUN.unpack(key)[1], raw
 
     def delete_slot_run(self, chain_id: int, run: int) -> None:
         self.txn.delete(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
@@ -609,18 +602,12 @@ class Txn:
     def iter_map_runs(self, ino: int) -> Iterator[tuple[int, bytes | None]]:
         """(run, entries) of file *ino*'s map in run order; entries is None
         for a run whose checksum does not verify."""
-        prefix = _U64.pack(ino)
-        with self.txn.cursor(db=self.index.filemaps) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key, raw in cur:
-                if not key.startswith(prefix):
-                    return
-                run = _INO_RUN.unpack(key)[1] if len(key) == _INO_RUN.size else -1
-                try:
-                    yield run, unseal(_FILEMAPS, key, raw, "")
-                except CorruptIndex:
-                    yield run, None
+        for key, raw in self._scan(self.index.filemaps, _U64.pack(ino)):
+            run = _INO_RUN.unpack(key)[1] if len(key) == _INO_RUN.size else -1
+            try:
+                yield run, unseal(_FILEMAPS, key, raw, "")
+            except CorruptIndex:
+                yield run, None
 
     def iter_mapped_inos(self) -> Iterator[int]:
         """Every inode number that has map runs, once each, in order."""

@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Collection, Iterator
 
 from swapfs.deduptable import DedupBudget, DedupTable
+from swapfs.digest import DIGEST_SIZE
 from swapfs.errors import SwapfsError
 from swapfs.index import Chain, CorruptIndex, Txn
 
@@ -139,8 +140,12 @@ class SlotTable:
         return self.dedup.find(digest)
 
     def find_prefix(self, prefix: bytes) -> tuple[bytes, int] | None:
-        """(digest, slot) of a block whose digest starts with *prefix*: a
-        scan of the table, for the rare caller that lacks the digest."""
+        """(digest, slot) of a block whose digest is, or starts with, *prefix*:
+        a whole digest through the dedup table, a shorter prefix by a scan
+        of the slot table (for the rare caller that lacks the digest)."""
+        if len(prefix) == DIGEST_SIZE:
+            slot = self.dedup.find(prefix)
+            return None if slot is None else (prefix, slot)
         for slot, digest, _ in self.used():
             if digest.startswith(prefix):
                 return digest, slot

@@ -54,8 +54,8 @@ from swapfs.blocks import (
 )
 from swapfs.cache import BlockCache, cache_key
 from swapfs.deduptable import DedupBudget
-from swapfs.digest import DIGEST_SIZE, block_digest, new_key
-from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.digest import block_digest, new_key
+from swapfs.errors import CorruptBlock, CorruptIndex, SwapfsError
 from swapfs.filemap import FileMap
 from swapfs.index import (
     FORMAT_VERSION,
@@ -706,16 +706,10 @@ class Volume:
             chain = txn.get_chain(chain_id)
             if chain is None:
                 return None
-            table = self._table(txn, chain_id)
-            slot = table.find(prefix)
-            digest = prefix
-            if slot is None and len(prefix) < DIGEST_SIZE:
-                slot, digest = None, b""
-                found = table.find_prefix(prefix)
-                if found is not None:
-                    digest, slot = found
-            if slot is None:
+            found = self._table(txn, chain_id).find_prefix(prefix)
+            if found is None:
                 return None
+            digest, slot = found
             data = self.store.read(chain_id, slot)
             try:
                 _verify(chain, slot, digest, data)
@@ -1028,8 +1022,8 @@ class _ChainWrite:
     def copy_map(self, source: Inode, inode: Inode) -> None:
         """Give *inode* the map of *source*: every slot gains the references."""
         fmap = self._fmap(source)
-        if fmap.damaged:
-            raise fmap._unknown(0)
+        if not fmap.complete:
+            raise CorruptIndex(f"the map of file {source.ino} is damaged: no clone of it")
         uses = collections.Counter(slot for _, slot in fmap.mapped())
         for slot, count in uses.items():
             self.table.ref(slot, count)
