@@ -22,7 +22,7 @@ priorities  ino (u64)                       the file's priority (i32); absent
                                             means 0 (``swapfs priority``)
 ==========  ==============================  ==================================
 
-Every value ends in a CRC-32 of its database's name, its key and itself
+Every value ends in a CRC-32 of its database's tag, its key and itself
 (:func:`seal`), except the runs of ``slots``, whose entries carry one each:
 a value that does not verify is :class:`CorruptIndex` (EIO), so a flipped
 bit reads as an error, never as other data. CRC-32 detects every error of

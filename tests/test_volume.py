@@ -591,6 +591,9 @@ def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
         with raises_errno(errno.ENOSPC):
             volume.write(file.ino, 0, block(3) + block(4))
     assert read_all(volume, file.ino) == bytes(2 * BS)
+    # What the aborted write changed in memory (the inode's count, the map,
+    # the slot table) is forgotten: the volume holds what the index commits.
+    assert volume.getattr(file.ino).blocks == 0 and volume.mapped(file.ino) == {}
     assert free_slots(volume, chain.chain) == {0, 1}
     assert volume.punch_pending() == 2
     assert disk_usage(state_dir) == 0
