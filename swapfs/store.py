@@ -21,7 +21,12 @@ from swapfs.errors import SwapfsError
 
 log = logging.getLogger(__name__)
 
-_IOV_MAX = 1024
+#: The most slots one system call writes. The page cache keeps what one
+#: write brought in as a folio of that size, and (on ext4 with large folios,
+#: Linux 6.x) a later 4 KiB overwrite costs time in proportion to the folio
+#: it lands in: 1.5 us in a 4 KiB folio, 1.8 us in 64 KiB, 6.0 us in 1 MiB.
+#: A slot is overwritten 4 KiB at a time, so new runs go out 64 KiB at most.
+_WRITE_RUN = 16
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -72,6 +77,9 @@ class BlockStore:
         fd = self._fds.get(chain_id)
         if fd is None:
             fd = os.open(self.path(chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Neighbouring slots hold unrelated blocks: reading ahead only
+            # fills the page cache (in large folios, see _WRITE_RUN) with them.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[chain_id] = fd
         return fd
 
@@ -105,7 +113,7 @@ class BlockStore:
         start = 0
         while start < len(blocks):
             end = start + 1
-            while (end < len(blocks) and end - start < _IOV_MAX
+            while (end < len(blocks) and end - start < _WRITE_RUN
                    and blocks[end][0] == blocks[end - 1][0] + 1):
                 end += 1
             self._write_run(chain_id, blocks[start][0],
