@@ -41,7 +41,10 @@ def _encode(entries: array) -> bytes:
     if _SWAP:
         entries = array("I", entries)
         entries.byteswap()
-    raw = entries.tobytes().rstrip(b"\0")
+    raw = entries.tobytes()
+    if entries[-1]:  # nothing to trim: the common case of a run in use
+        return raw
+    raw = raw.rstrip(b"\0")
     return raw + bytes(-len(raw) % 4)
 
 

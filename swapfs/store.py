@@ -109,6 +109,10 @@ class BlockStore:
 
     def write_many(self, chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write full blocks into their slots, one system call per run of slots."""
+        if len(blocks) == 1:  # a 4 KiB write's: the common case
+            ((slot, data),) = blocks
+            self._write_run(chain_id, slot, [data])
+            return
         blocks = sorted(blocks)
         start = 0
         while start < len(blocks):
