@@ -105,6 +105,8 @@ class ControlServer:
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()
         report["requests"] = dict(self.ops.requests)
+        report["write_blocks"] = {str(blocks): count for blocks, count
+                                  in sorted(self.ops.write_blocks.items())}
         if self.drivers is not None:
             named = report.get("transient_cache", {}).get("chains", {})
             report["transient_cache"] = {**self.drivers.stats(), "chains": named}

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyfuse3
 
+from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import SwapfsError
 from swapfs.index import Inode
 from swapfs.volume import Volume
@@ -95,6 +96,9 @@ class Operations(pyfuse3.Operations):
         #: Requests answered since this daemon started, by operation (``stats``):
         #: what the kernel asks for, which is not always what the caller did.
         self.requests: Counter[str] = Counter()
+        #: Write requests by size in 4 KiB blocks (``stats``): how much of a
+        #: request's fixed cost each block carries (docs/performance.md).
+        self.write_blocks: Counter[int] = Counter()
 
     # -- helpers ----------------------------------------------------------------
 
@@ -287,6 +291,7 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
+        self.write_blocks[-(-len(buf) // BLOCK_SIZE)] += 1
         try:
             return self.volume.write(fh, off, buf)
         except Exception as exc:

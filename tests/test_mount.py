@@ -236,6 +236,20 @@ def test_stats_count_requests_by_operation(mount: Mount) -> None:
     assert "rmdir" not in requests
 
 
+def test_stats_count_write_requests_by_size(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    fd = os.open(mount.path("c", "f"), os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
+    try:
+        buffer = aligned_buffer(3 * BLOCK)
+        buffer.write(randbytes(3 * BLOCK, 21))
+        assert os.pwritev(fd, [memoryview(buffer)[:BLOCK]], 0) == BLOCK
+        assert os.pwritev(fd, [buffer], 4 * BLOCK) == 3 * BLOCK
+        assert os.pwritev(fd, [buffer], 8 * BLOCK) == 3 * BLOCK
+    finally:
+        os.close(fd)
+    assert mount.stats()["write_blocks"] == {"1": 1, "3": 2}
+
+
 def test_dedup_within_a_chain_not_across_chains(mount: Mount) -> None:
     data = randbytes(32 * BLOCK, 4)
     repeated = data[:BLOCK] * 16
