@@ -331,7 +331,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     state, lease_seconds = config.state, config.lease_seconds
     clean_exit = False
     try:
-        volume = Volume(config.state, still_open=link.memo.open_files if link.memo else (),
+        volume = Volume(config.state, still_open=link.memo.open_inos() if link.memo else (),
                         claim=(lambda: link.claim_lease(state, lease_seconds))
                         if lease_seconds else None,
                         create=link.takeover is None,

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from mountd import fusedev
+from swapfs.fs import handle_ino
 
 _LENGTH = struct.Struct("<I")
 _MAX_RECORD = 1 << 24
@@ -37,7 +38,8 @@ class ConnectionMemo:
 
     fd: int
     init: bytes
-    open_files: dict[int, int] = field(default_factory=dict)  # ino -> open count
+    #: File handle -> open count (swapfs/fs.py: a handle names its inode).
+    open_files: dict[int, int] = field(default_factory=dict)
     takeovers: int = 0  # how many daemons took this connection over
 
     @classmethod
@@ -72,24 +74,32 @@ class ConnectionMemo:
 
     def save(self) -> None:
         record = json.dumps({"init": self.init.hex(), "takeovers": self.takeovers,
-                             "open": {str(ino): n for ino, n in self.open_files.items()}})
+                             "open": {str(fh): n for fh, n in self.open_files.items()}})
         data = record.encode()
         os.pwrite(self.fd, _LENGTH.pack(len(data)) + data, 0)
 
-    def set_open(self, open_files: dict[int, int], released: bool) -> None:
-        """Record the open count of every file; called on each open and release.
+    def open_inos(self) -> set[int]:
+        """The inodes the kernel holds open."""
+        return {handle_ino(fh) for fh in self.open_files}
+
+    def set_open(self, open_files: dict[int, int], after_reply: bool) -> None:
+        """Record the open handles; called on each open and release.
 
         A takeover re-executes the requests the dead daemon had not answered,
         so an open or release caught by a death must be recorded on the side
-        that is safe to repeat: a count too high only keeps an unlinked file
-        until the next fresh mount, a count too low would purge it while a
-        descriptor still reads it. So an open is saved before its reply (a
-        resent open counts twice), and a release only after its reply has
-        gone: saved from the trio loop's next turn, it is never undone by a
-        resend, and a death before it leaves the higher count.
+        that is safe to repeat. Each open has a handle of its own, saved
+        before the reply (a resent open counts twice: a count too high only
+        keeps an unlinked file until the next fresh mount), and so is each
+        release: a resent release finds its handle gone and changes nothing.
+        An older daemon's handle names only its inode, shared by all its
+        opens, so a resent release of it could not be told from another
+        one's; its release (*after_reply*) is saved only once the reply has
+        gone, from the trio loop's next turn, and a death before that leaves
+        the higher count, never one too low that would purge a file while a
+        descriptor still reads it.
         """
         self.open_files = dict(open_files)
-        if released:
+        if after_reply:
             trio.lowlevel.current_trio_token().run_sync_soon(self.save)
         else:
             self.save()

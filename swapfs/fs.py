@@ -37,7 +37,21 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 1.0
 
 
-def _file_info(ino: int, flags: int) -> pyfuse3.FileInfo:
+#: A file handle is the inode number in its low HANDLE_INO_BITS and a
+#: serial number above them, so that each open has a handle of its own and
+#: a release the kernel resends after a takeover is recognised as done
+#: (memo.py). A handle with serial 0 (the inode number alone) is an older
+#: daemon's, inherited from its memo.
+HANDLE_INO_BITS = 40
+_INO_MASK = (1 << HANDLE_INO_BITS) - 1
+
+
+def handle_ino(fh: int) -> int:
+    """The inode a file handle opened."""
+    return fh & _INO_MASK
+
+
+def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
     """The reply to an open: FOPEN_DIRECT_IO for an O_DIRECT open, else cached.
 
     A loop device with direct I/O (``swapfs swapon``) opens its file with
@@ -50,7 +64,7 @@ def _file_info(ino: int, flags: int) -> pyfuse3.FileInfo:
     the kernel refuses on a FOPEN_DIRECT_IO file unless libfuse negotiates
     FUSE_DIRECT_IO_ALLOW_MMAP (3.16 and later).
     """
-    return pyfuse3.FileInfo(fh=ino, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+    return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
 
 def _fuse_error(exc: Exception) -> pyfuse3.FUSEError:
@@ -86,12 +100,18 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume, open_files: dict[int, int] | None = None,
                  on_open_change: Callable[[dict[int, int], bool], None] | None = None
                  ) -> None:
-        """*open_files* (ino -> open count) is what a daemon that took over the
-        connection inherits from the dead one; *on_open_change* is told each
-        change, so that the next one can inherit it in turn."""
+        """*open_files* (file handle -> open count) is what a daemon that
+        took over the connection inherits from the dead one;
+        *on_open_change* is told each change (the handles, and whether the
+        change may be saved only after its reply: memo.py), so that the next
+        one can inherit it in turn."""
         super().__init__()
         self.volume = volume
-        self._open: dict[int, int] = dict(open_files or {})
+        self._handles: dict[int, int] = dict(open_files or {})
+        self._inos: Counter[int] = Counter()
+        for fh, count in self._handles.items():
+            self._inos[handle_ino(fh)] += count
+        self._serial = 0
         self._on_open_change = on_open_change
         #: Requests answered since this daemon started, by operation (``stats``):
         #: what the kernel asks for, which is not always what the caller did.
@@ -123,22 +143,44 @@ class Operations(pyfuse3.Operations):
 
     def open_files(self) -> int:
         """How many files the kernel holds open (a loop device holds its file)."""
-        return len(self._open)
+        return len(self._inos)
 
     def _is_open(self, ino: int) -> bool:
         """Is *ino* open, so that its data must outlive its name?"""
-        return self._open.get(ino, 0) > 0
+        return self._inos[ino] > 0
 
-    def _count_open(self, ino: int, change: int) -> int:
-        """Add *change* to *ino*'s open count; return what is left."""
-        left = self._open.get(ino, 0) + change
-        if left > 0:
-            self._open[ino] = left
-        else:
-            self._open.pop(ino, None)
+    def _opened(self, ino: int) -> int:
+        """A new handle for an open of *ino*, recorded before the reply."""
+        while True:
+            self._serial = self._serial % ((1 << (64 - HANDLE_INO_BITS)) - 1) + 1
+            fh = self._serial << HANDLE_INO_BITS | ino
+            if fh not in self._handles:
+                break
+        self._handles[fh] = 1
+        self._inos[ino] += 1
         if self._on_open_change is not None:
-            self._on_open_change(self._open, change < 0)
-        return left
+            self._on_open_change(self._handles, False)
+        return fh
+
+    def _released(self, fh: int) -> int:
+        """Drop handle *fh*; return how many opens of its inode are left. A
+        handle not held is a release already done (resent after a takeover)."""
+        ino = handle_ino(fh)
+        count = self._handles.get(fh, 0)
+        if count:
+            if count > 1:
+                self._handles[fh] = count - 1
+            else:
+                del self._handles[fh]
+            self._inos[ino] -= 1
+            if not self._inos[ino]:
+                del self._inos[ino]
+            if self._on_open_change is not None:
+                # An older daemon's handle names its inode only: a resent
+                # release of it cannot be told from another open's, so it
+                # is saved only once its reply is gone.
+                self._on_open_change(self._handles, fh == ino)
+        return self._inos[ino]
 
     # -- names ------------------------------------------------------------------
 
@@ -197,8 +239,7 @@ class Operations(pyfuse3.Operations):
         self.requests["create"] += 1
         with _errors():
             inode = self.volume.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        self._count_open(inode.ino, 1)
-        return _file_info(inode.ino, flags), self._attrs(inode)
+        return _file_info(self._opened(inode.ino), flags), self._attrs(inode)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -276,8 +317,7 @@ class Operations(pyfuse3.Operations):
         with _errors():
             if self.volume.getattr(inode).is_dir:
                 raise SwapfsError(errno.EISDIR)
-        self._count_open(inode, 1)
-        return _file_info(inode, flags)
+        return _file_info(self._opened(inode), flags)
 
     # read and write run for every page the kernel swaps: a plain try costs
     # nothing until it catches, unlike entering a context manager.
@@ -285,7 +325,7 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.requests["read"] += 1
         try:
-            return self.volume.read(fh, off, size)
+            return self.volume.read(fh & _INO_MASK, off, size)
         except Exception as exc:
             raise _fuse_error(exc) from exc
 
@@ -293,7 +333,7 @@ class Operations(pyfuse3.Operations):
         self.requests["write"] += 1
         self.write_blocks[-(-len(buf) // BLOCK_SIZE)] += 1
         try:
-            return self.volume.write(fh, off, buf)
+            return self.volume.write(fh & _INO_MASK, off, buf)
         except Exception as exc:
             raise _fuse_error(exc) from exc
 
@@ -306,7 +346,7 @@ class Operations(pyfuse3.Operations):
         """
         self.requests["fallocate"] += 1
         with _errors():
-            self.volume.fallocate(fh, mode, offset, length)
+            self.volume.fallocate(inode, mode, offset, length)
 
     async def flush(self, fh: int) -> None:
         self.requests["flush"] += 1
@@ -318,7 +358,8 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self.requests["release"] += 1
-        if self._count_open(fh, -1) > 0:
+        ino = handle_ino(fh)
+        if self._released(fh) > 0:
             return
-        if self.volume.is_orphan(fh):
-            self._purge(fh)
+        if self.volume.is_orphan(ino):
+            self._purge(ino)

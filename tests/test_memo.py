@@ -9,11 +9,16 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trio
 
 from mountd import fusedev
 from mountd.memo import ConnectionMemo, MemoError
+from swapfs.fs import Operations, handle_ino
+from swapfs.index import ROOT_INO
+from swapfs.volume import Volume
 
 
 def init_request(extra: bytes = b"") -> bytes:
@@ -65,3 +70,34 @@ def test_a_damaged_record_is_refused(memfd: int, raw: bytes) -> None:
     os.pwrite(memfd, raw, 0)
     with pytest.raises(MemoError):
         ConnectionMemo.load(memfd)
+
+
+def test_handles_make_a_resent_release_harmless(tmp_path: Path) -> None:
+    """Each open has its own handle, saved before the reply: releasing it
+    twice (the second a resend after a takeover) drops one open, not two.
+    An older daemon's handle (the inode number, shared by its opens) is
+    counted, and its release is saved only after the reply."""
+    volume = Volume(tmp_path / "state")
+    saved: list[tuple[dict[int, int], bool]] = []
+    try:
+        chain = volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        ino = volume.create(chain.ino, b"f", 0o600, 0, 0).ino
+        ops = Operations(volume, {ino: 2},
+                         lambda handles, late: saved.append((dict(handles), late)))
+
+        async def scenario() -> None:
+            info = await ops.open(ino, os.O_RDWR, None)  # type: ignore[arg-type]
+            fh = info.fh
+            assert fh != ino and handle_ino(fh) == ino
+            assert saved[-1] == ({ino: 2, fh: 1}, False)
+            await ops.release(fh)
+            assert saved[-1] == ({ino: 2}, False)
+            await ops.release(fh)  # resent: already done
+            assert len(saved) == 2 and ops.open_files() == 1
+            await ops.release(ino)  # the older daemon's handle
+            assert saved[-1] == ({ino: 1}, True)
+            assert ops.open_files() == 1
+
+        trio.run(scenario)
+    finally:
+        volume.close()

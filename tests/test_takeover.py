@@ -94,9 +94,6 @@ def test_file_unlinked_while_open_survives_takeover(mount: Mount) -> None:
     assert wait_until(lambda: mount.chain("c")["stored_bytes"] == 0)
 
 
-@pytest.mark.xfail(strict=True, reason="a release answered just before the SIGKILL is saved "
-                   "to the memo only on the loop's next turn, so the new daemon counts the "
-                   "file open until the next fresh mount, and refuses SIGTERM meanwhile")
 def test_a_release_just_before_a_takeover_is_not_lost(mount: Mount) -> None:
     """Close a file unlinked while open, then SIGKILL the daemon at once.
 
