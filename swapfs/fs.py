@@ -151,6 +151,8 @@ class Operations(pyfuse3.Operations):
 
     def _opened(self, ino: int) -> int:
         """A new handle for an open of *ino*, recorded before the reply."""
+        if ino > _INO_MASK:  # a trillion files made: no room left in a handle
+            raise pyfuse3.FUSEError(errno.EOVERFLOW)
         while True:
             self._serial = self._serial % ((1 << (64 - HANDLE_INO_BITS)) - 1) + 1
             fh = self._serial << HANDLE_INO_BITS | ino
