@@ -84,13 +84,15 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
             assert wait_until(taken_over, 60), (root / "standby.log").read_text()
             after = lease.read_lease(host_a.state)
             assert after is not None and after.host == "host-b"
-            # Host B serves the data, in its namespace, from a warm cache.
+            # Host B warms its cache from host A's manifest (before anything
+            # reads: a block read first is cached already, and not warmed),
+            # then serves the data in its namespace.
+            assert wait_until(lambda: status(host_a.state)["last_takeover"].get("warmed_bytes")
+                              == 16 * BLOCK)
             seen = subprocess.run(
                 ["nsenter", "-t", str(standby.pid), "-m", "cat", str(mnt_b / "c" / "f")],
                 capture_output=True, timeout=30, check=True).stdout
             assert seen == data
-            assert wait_until(lambda: status(host_a.state)["last_takeover"].get("warmed_bytes")
-                              == 16 * BLOCK)
             last = status(host_a.state)["last_takeover"]
             assert last["kind"] == "state" and last["strategy"] == "union"
             assert status(host_a.state)["keeper"] == "standby"
