@@ -36,7 +36,7 @@ from mountd.config import Config
 from mountd.control import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
-from swapfs import compiled, lease
+from swapfs import compiled, lease, mountcheck
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.control import SOURCE_PREFIX
@@ -160,7 +160,7 @@ class Link:
 def _connect(config: Config, socket_path: str, adopt: Adoption | None,
              death_noticed: float | None, standby: Standby | None = None) -> Link:
     """Mount, or take over the connection a dead daemon left to a keeper."""
-    assert config.mountpoint is not None
+    assert config.mountpoint is not None and config.state is not None
     if adopt is not None:
         (fuse_fd, memo_fd), kept_by = adopt
         memo = ConnectionMemo.load(memo_fd)
@@ -178,6 +178,7 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
         log.info("taking over the connection of %s (takeover %d)",
                  config.mountpoint, memo.takeovers + 1)
         return link
+    mountcheck.check_new_mount(config.mountpoint, config.state)
     if "init_request" not in (pyfuse3.init.__doc__ or ""):
         log.warning("this pyfuse3 cannot take an INIT request: libfuse mounts, and this "
                     "mount cannot be taken over if the daemon dies (install swapfs with "

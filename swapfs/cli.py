@@ -1,7 +1,8 @@
 """``swapfs``: the operator's command line.
 
 Exit codes: 0 success; 1 the operation failed (the message says why); 2 bad
-usage; ``fsck`` uses 0 clean, 1 repaired, 4 problems left, 8 check failed.
+usage; ``fsck`` uses 0 clean, 1 repaired, 4 problems left, 8 the check
+could not run or finish (no state, in use, unreadable).
 """
 
 import argparse
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import control, fsck, lease, spawn, swaparea
+from swapfs import control, fsck, lease, mountcheck, spawn, swaparea
 from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
@@ -46,6 +47,7 @@ class CommandError(Exception):
 
 def _mount(args: argparse.Namespace) -> int:
     state: Path = args.state.resolve()
+    mountcheck.check_new_mount(args.mountpoint, state)
     state.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mountd", "--state", str(state), args.mountpoint]
     if args.config:
@@ -71,7 +73,9 @@ def _start_background(command: list[str], log_path: Path, failure: str) -> int:
     try:
         return spawn.start_ready(command, log_path, READY_TIMEOUT)
     except spawn.NotReady as exc:
-        raise CommandError(f"{failure} ({exc})") from exc
+        for line in exc.lines:
+            logging.getLogger(__name__).debug("%s", line)
+        raise CommandError(f"{failure}: {exc}") from exc
 
 
 def _standby(args: argparse.Namespace) -> int:
@@ -113,7 +117,7 @@ def _wait_exit(pid: int, timeout: float) -> bool:
 
 
 def _umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.realpath(args.mountpoint)
+    mountpoint = mountcheck.check_own_mount(args.mountpoint)
     active = swaparea.active_areas([mountpoint])
     if active:
         raise CommandError(f"swap is active on {active[0].file} ({active[0].device}): "
@@ -322,9 +326,15 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _fsck(args: argparse.Namespace) -> int:
-    if not (args.state / "index.lmdb").exists():
-        raise CommandError(f"{args.state} holds no swapfs state")
-    report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade)
+    """Exit codes as e2fsck's; a check that cannot start (no state, in use,
+    unreadable) is an operational error, 8."""
+    try:
+        if not (args.state / "index.lmdb").exists():
+            raise CommandError(f"{args.state} holds no swapfs state")
+        report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade)
+    except (CommandError, SwapfsError, OSError) as exc:
+        print(f"swapfs fsck: {exc}", file=sys.stderr)
+        return fsck.EXIT_FAILED
     if args.json:
         print(json.dumps({
             "clean": report.clean, "exit_code": report.exit_code,

@@ -14,7 +14,8 @@ may hold references that nothing else shows.
 
 Exit codes of ``swapfs fsck`` follow e2fsck: 0 clean, 1 problems found and
 all repaired, 4 problems left (unrepairable or not asked to repair), 8 the
-check itself failed (an error no check foresaw, logged with its traceback).
+check could not run (no state, the state in use: ``swapfs fsck``) or
+stopped (an error no check foresaw, logged with its traceback).
 """
 
 import collections

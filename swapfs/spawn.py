@@ -3,8 +3,9 @@
 The daemon and the standby take ``--ready-fd N`` and write one byte to it
 once they serve (or watch); the command line and the standby start them
 in a session of their own, logging to a file, and return only then. A
-process that does not get ready within the timeout is killed and its
-log's last lines make the error.
+process that does not get ready within the timeout is killed; the last
+error it logged (not an earlier process's: the log is appended to) is the
+cause that the error names.
 """
 
 import os
@@ -14,16 +15,35 @@ from pathlib import Path
 
 
 class NotReady(Exception):
-    """The process exited or timed out before it said it was ready."""
+    """The process exited or timed out before it said it was ready.
+
+    Its message is one line; ``lines`` holds what the process logged.
+    """
+
+    def __init__(self, message: str, lines: list[str]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
+def _cause(lines: list[str]) -> str | None:
+    """The message of the last ERROR or CRITICAL line of a log, else its
+    last line (an error printed before logging was set up), if any."""
+    for line in reversed(lines):
+        for level in (" CRITICAL: ", " ERROR: "):
+            if level in line:
+                return line.split(level, 1)[1].strip()
+    return next((line.strip() for line in reversed(lines) if line.strip()), None)
 
 
 class Starting:
     """A process started with ``--ready-fd``, not yet known to be ready."""
 
-    def __init__(self, process: subprocess.Popen[bytes], ready_fd: int, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], ready_fd: int, log_path: Path,
+                 log_start: int = 0) -> None:
         self.process = process
         self.ready_fd = ready_fd
         self.log_path = log_path
+        self.log_start = log_start  # where this process's lines begin
 
     def wait_ready(self, timeout: float) -> int:
         """The pid once the process says it is ready; NotReady (and the process
@@ -35,9 +55,12 @@ class Starting:
             os.close(self.ready_fd)
         if not ready:
             self.stop()
-            tail = self.log_path.read_text(errors="replace").splitlines()[-5:]
-            raise NotReady(f"exit {self.process.returncode}; {self.log_path}:\n  "
-                           + "\n  ".join(tail))
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_start)
+                lines = log.read().decode(errors="replace").splitlines()
+            cause = _cause(lines) or (f"exit {self.process.returncode}"
+                                      if self.process.returncode else "no sign of life")
+            raise NotReady(f"{cause} (see {self.log_path})", lines)
         return self.process.pid
 
     def stop(self) -> None:
@@ -51,13 +74,14 @@ def start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) ->
     """Run *command* ``--ready-fd N`` in a session of its own, output to *log_path*."""
     read_end, write_end = os.pipe()
     with open(log_path, "ab") as log_file:
+        log_start = log_file.seek(0, os.SEEK_END)
         process = subprocess.Popen(
             [*command, "--ready-fd", str(write_end)], pass_fds=(*pass_fds, write_end),
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True,
         )
     os.close(write_end)
-    return Starting(process, read_end, log_path)
+    return Starting(process, read_end, log_path, log_start)
 
 
 def start_ready(command: list[str], log_path: Path, timeout: float,
