@@ -48,6 +48,11 @@ class Config:
     host_cache_bytes: int = 0
     #: Seconds a registered driver may stay silent before it is revoked.
     driver_timeout: float = 30
+    #: Seconds any other control connection may stay silent before it is closed
+    #: (a standby keeping the mount excepted).
+    control_idle_timeout: float = 60
+    #: Control connections served at once; more are answered EAGAIN and closed.
+    control_max_connections: int = 128
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
     vsock_port: int = 0
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
@@ -64,7 +69,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "failover_strategies": list,
     "lease_seconds": (int, float),
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
-    "dedup_table_bytes": int,
+    "dedup_table_bytes": int, "control_idle_timeout": (int, float),
+    "control_max_connections": int,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -107,6 +113,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("manifest_interval must be a positive number of seconds")
     if not 0 < config.driver_timeout < 1e9:
         raise ConfigError("driver_timeout must be a positive number of seconds")
+    if not 0 < config.control_idle_timeout < 1e9:
+        raise ConfigError("control_idle_timeout must be a positive number of seconds")
+    if not 1 <= config.control_max_connections <= 65536:
+        raise ConfigError("control_max_connections must be within 1..65536")
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:
         raise ConfigError("vsock_port must be within 0..4294967294")
     for name in config.failover_strategies:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mountd import keeper
+from mountd import keeper, lifecycle
 from mountd.drivers import OPS as DRIVER_OPS
 from mountd.drivers import DriverError, DriverManager, Session
 from swapfs import compiled
@@ -50,6 +50,10 @@ def _string(message: dict[str, Any], key: str) -> str:
     value = message.get(key)
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{key!r} must be a non-empty string")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:  # JSON allows lone surrogates (\ud800)
+        raise BadRequest(f"{key!r} is not valid Unicode: {exc.reason}") from None
     return value
 
 
@@ -58,8 +62,14 @@ class ControlServer:
 
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
                  protections: dict[str, bool], drivers: DriverManager | None = None,
-                 link: "Link | None" = None) -> None:
+                 link: "Link | None" = None, idle_timeout: float = 60.0,
+                 max_connections: int = 128) -> None:
         self.volume = volume
+        #: Seconds a connection that is neither a registered driver's nor a
+        #: keeper's may stay silent; how many connections are served at once.
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections = 0
         self.drivers = drivers
         self.mountpoint = mountpoint
         self.ops = ops
@@ -171,30 +181,47 @@ class ControlServer:
             return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc}"}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self.max_connections:
+            # Refused at once, so that a flood of connections cannot take the
+            # descriptors that requests and data files need; clients retry.
+            async with stream:
+                await _send(stream, {"ok": False, "errno": errno.EAGAIN,
+                                     "error": f"{self.connections} control connections "
+                                              "open already: try again"})
+            return
+        self.connections += 1
         session = Session()
         try:
             await self._serve_client(stream, session)
         finally:
-            if self.drivers is not None:
+            self.connections -= 1
+            if self.drivers is not None and session.name is not None:
                 self.drivers.close(session, "disconnected")
+                lifecycle.trim_heap()  # what its messages took goes back to the system
             if session.keeper_pid is not None:
                 self.detach_keeper(session.keeper_pid)
+
+    def _deadline(self, session: Session) -> float:
+        """When the connection's silence ends it (time.monotonic())."""
+        if session.keeper_pid is not None:
+            return math.inf  # a standby holds the connection to see the daemon die
+        if self.drivers is not None and session.name is not None:
+            return session.last_message + self.drivers.timeout
+        return session.last_message + self.idle_timeout
 
     async def _serve_client(self, stream: trio.SocketStream, session: Session) -> None:
         async with stream:
             buffer = b""
             while True:
-                # A registered driver that stays silent past the timeout is revoked.
-                deadline = (session.last_message + self.drivers.timeout
-                            if self.drivers is not None and session.name is not None
-                            else math.inf)
+                # A registered driver that stays silent past its timeout is
+                # revoked; any other client's connection is closed.
                 try:
-                    with trio.move_on_at(_trio_deadline(deadline)) as scope:
+                    with trio.move_on_at(_trio_deadline(self._deadline(session))) as scope:
                         data = await stream.receive_some(65536)
                 except trio.BrokenResourceError:
                     return
                 if scope.cancelled_caught:
-                    if self.drivers is not None:
+                    if self.drivers is not None and session.name is not None:
                         self.drivers.close(session, "silent past the timeout")
                     return
                 if not data:
@@ -252,7 +279,7 @@ class ControlServer:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)
         listener = trio.SocketListener(sock)
         try:
             task_status.started()
@@ -266,7 +293,7 @@ class ControlServer:
         inside a virtual machine reaches the daemon on its host."""
         sock = trio.socket.socket(socket.AF_VSOCK, trio.socket.SOCK_STREAM)
         await sock.bind((socket.VMADDR_CID_ANY, port))
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(self.serve_client, [listener])

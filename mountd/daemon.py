@@ -86,6 +86,7 @@ def libfuse_options(config: Config, socket_path: str) -> set[str]:
 
 def harden(config: Config) -> dict[str, bool]:
     """Apply the memory-pressure protections the configuration asks for."""
+    lifecycle.raise_open_files_limit()
     return {
         "memory_locked": config.lock_memory and lifecycle.lock_memory(),
         "io_flusher": config.io_flusher and lifecycle.set_io_flusher(),
@@ -357,7 +358,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             ops = Operations(volume, memo.open_files if memo else None,
                              memo.set_open if memo else None)
             control = ControlServer(volume, config.mountpoint, ops, protections, drivers,
-                                    link)
+                                    link, idle_timeout=config.control_idle_timeout,
+                                    max_connections=config.control_max_connections)
             if link.fuse_fd is None:
                 pyfuse3.init(ops, config.mountpoint, libfuse_options(config, socket_path))
             else:

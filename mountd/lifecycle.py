@@ -9,7 +9,13 @@ other. So the daemon
   reserved at 1 TiB, is locked page by page as it is used, not up front);
 * marks its threads as I/O flushers (``PR_SET_IO_FLUSHER``): their
   allocations never recurse into I/O and reclaim does not throttle them;
-* asks the OOM killer to spare it (``oom_score_adj`` -1000).
+* asks the OOM killer to spare it (``oom_score_adj`` -1000);
+* raises its limit of open files to the hard limit, so that control
+  connections (bounded: ``control_max_connections``) and the chains' data
+  files do not run out of descriptors at the soft limit's 1024;
+* gives the heap back to the system after a driver leaves
+  (``malloc_trim``): memory is locked, and what a driver's messages took
+  would otherwise stay locked after it is gone.
 
 Each step needs privileges (CAP_IPC_LOCK, CAP_SYS_RESOURCE); a step that
 fails is logged and the daemon goes on, so that an unprivileged mount for
@@ -20,6 +26,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import socket
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,26 @@ def protect_from_oom(score: int) -> bool:
         log.warning("cannot set oom_score_adj %d: %s", score, exc)
         return False
     return True
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open files limit to %d: %s", hard, exc)
+    return soft
+
+
+def trim_heap() -> None:
+    """Return the free memory at the top of the heap and in its holes to the
+    system (glibc's malloc_trim; nothing elsewhere)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def sd_notify(state: str) -> None:

@@ -15,10 +15,14 @@ import json
 import os
 import re
 import socket
+import time
 from typing import Any
 
 #: Longest request or reply line, in bytes.
 MAX_LINE = 1 << 20
+
+#: How long a client tries again while the daemon answers EAGAIN (busy).
+RETRY_SECONDS = 5.0
 
 #: Prefix of a swapfs mount's source; the control socket's path follows it.
 SOURCE_PREFIX = "swapfs:"
@@ -68,7 +72,26 @@ def socket_of(path: str) -> str:
 
 
 def request(socket_path: str, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request and return the daemon's successful reply."""
+    """Send one request and return the daemon's successful reply.
+
+    A daemon too busy to take the connection (its listen backlog full, or
+    as many connections open as it serves) answers EAGAIN: the request is
+    tried again, backing off, for up to RETRY_SECONDS.
+    """
+    deadline = time.monotonic() + RETRY_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            return _request_once(socket_path, message, timeout)
+        except ControlError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
+
+
+def _request_once(socket_path: str, message: dict[str, Any], timeout: float
+                  ) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

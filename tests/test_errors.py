@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,11 @@ BAD_REQUESTS = {
     "clone target not a string": b'{"op": "clone", "source": "c/f", "target": 7}\n',
     "clone empty not a bool": b'{"op": "clone", "source": "c/f", "target": "c/h", '
                               b'"empty": "yes"}\n',
+    "clone source a lone surrogate": b'{"op": "clone", "source": "c/\\ud800", '
+                                     b'"target": "c/h"}\n',
+    "clone target a lone surrogate": b'{"op": "clone", "source": "c/f", '
+                                     b'"target": "c/\\udfff"}\n',
+    "priority path a lone surrogate": b'{"op": "priority", "path": "\\ud83d"}\n',
 }
 
 
@@ -259,6 +265,7 @@ def test_malformed_control_requests_get_einval_and_the_daemon_serves_on(
     assert mount.status()["pid"] == pid
     assert mount.path("c", "f").read_bytes() == b"data" * 3000
     assert sorted(mount.chain("c")["files"]) == ["f", "g"]
+    assert "Traceback" not in (mount.state / "daemon.log").read_text()
 
 
 @pytest.mark.parametrize(("source", "target", "code"), [
@@ -331,3 +338,67 @@ def test_second_mount_of_a_state_in_use_is_refused(mount: Mount) -> None:
     # The first mount, and its control socket, are untouched.
     assert mount.status()["pid"] == mount.pid
     assert os.listdir(mount.mnt) == ["c"]
+
+
+# -- a busy control socket ------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_mount() -> Iterator[Mount]:
+    """A mount that serves 16 control connections at once and closes idle ones after 2 s."""
+    root = short_tempdir()
+    config = root / "swapfs.toml"
+    config.write_text("control_idle_timeout = 2\ncontrol_max_connections = 16\n")
+    with mounted(root=root, config=config) as mount:
+        yield mount
+
+
+def open_connections(mount: Mount, count: int) -> list[socket.socket]:
+    path = control.socket_of(str(mount.mnt))
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        held.append(sock)
+    return held
+
+
+def test_an_idle_control_connection_is_closed(busy_mount: Mount) -> None:
+    (sock,) = open_connections(busy_mount, 1)
+    with sock:
+        sock.settimeout(10)
+        assert sock.recv(100) == b""  # closed by the daemon after 2 s of silence
+
+
+def test_connections_past_the_limit_get_eagain_and_the_cli_retries(busy_mount: Mount) -> None:
+    mount = busy_mount
+    held = open_connections(mount, 16)
+    try:
+        reply = raw_request(mount, b'{"op": "status"}\n')
+        assert (reply["ok"], reply["errno"]) == (False, errno.EAGAIN)
+        # The command line tries again while the idle ones time out.
+        result = swapfs("stats", "--json", str(mount.mnt))
+        assert json.loads(result.stdout)["chains"] == {}
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_hundreds_of_idle_connections_do_not_disturb_io(busy_mount: Mount) -> None:
+    mount = busy_mount
+    os.mkdir(mount.path("c"))
+    data = random.Random(7).randbytes(256 * BLOCK)
+    held = open_connections(mount, 300)
+    try:
+        fds = len(os.listdir(f"/proc/{mount.pid}/fd"))
+        assert fds < 16 + 64, f"the daemon holds {fds} descriptors"
+        for name in ("f", "g"):  # the second chain file needs a descriptor of its own
+            mount.path("c", name).write_bytes(data)
+        assert read_direct(mount.path("c", "f"), 0, len(data)) == data
+        assert read_direct(mount.path("c", "g"), 0, len(data)) == data
+    finally:
+        for sock in held:
+            sock.close()
+    assert mount.stats()["chains"]["c"]["files"]["f"]["logical_bytes"] == len(data)
+    assert "Traceback" not in (mount.state / "daemon.log").read_text()
