@@ -342,6 +342,28 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
+@contextlib.contextmanager
+def ext4_image(directory: Path, size_mib: int) -> Iterator[Path]:
+    """A fresh ext4 file system of *size_mib* MiB, in an image file beside
+    *directory*, loop-mounted on it; always unmounted (and its loop device
+    freed) and the image removed afterwards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    image = directory.with_name(directory.name + ".ext4")
+    with open(image, "wb") as out:
+        out.truncate(size_mib << 20)
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=True)
+        try:
+            yield directory
+        finally:
+            result = subprocess.run(["umount", str(directory)], capture_output=True)
+            if result.returncode != 0:
+                subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+    finally:
+        image.unlink(missing_ok=True)
+
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
@@ -364,7 +386,7 @@ def os_error(call: Any, *args: Any) -> int:
 
 
 __all__ = [
-    "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail",
+    "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail", "ext4_image",
     "fallocate", "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "read_direct",
     "receive_with_fds", "remove_tree", "requires_mount", "short_tempdir", "swapfs", "tmpfs",
     "wait_until",
