@@ -22,10 +22,14 @@ class SwapfsError(Exception):
 
 
 class CorruptBlock(SwapfsError):
-    """A stored block whose data no longer matches its digest (answered EIO)."""
+    """A stored block whose data no longer matches its digest (answered EIO);
+    *slot* of chain *chain_id* when the damaged block is known."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, chain_id: int | None = None,
+                 slot: int | None = None) -> None:
         super().__init__(errno.EIO, message)
+        self.chain_id = chain_id
+        self.slot = slot
 
 
 class CorruptIndex(SwapfsError):

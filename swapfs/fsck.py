@@ -5,7 +5,9 @@ files' maps and every count from the entries it counts, and every digest
 from the data in its slot, then reports each difference. With ``repair`` it
 fixes what can be fixed without inventing data: refcounts, leaked and
 unpunched slots, maps past the end of a file, dangling directory entries,
-orphans and priorities of missing files. Damage it cannot undo (a record
+orphans and priorities of missing files; and it sets aside each block whose
+data no longer matches its digest (swapfs/slottable.py), so that no write
+dedups onto it. Damage it cannot undo (a record
 that does not verify, a map that lost a run, a block whose data no longer
 matches its digest) is reported and left alone; reads of what it touches
 keep answering EIO rather than returning wrong bytes. While any record is
@@ -214,6 +216,10 @@ class _Checker:
                          "missing or does not verify"
                          + (f" ({uses[slot]} blocks map it)" if uses.get(slot) else ""),
                          False)
+        for slot in sorted(set(txn.iter_damaged(chain_id)) - table.damaged):
+            if self.problem("stale-damaged-mark", f"chain {chain_id} slot {slot} is marked "
+                            "damaged but holds no block", not self.damaged):
+                txn.delete_damaged(chain_id, slot)
         for slot in sorted(set(uses) - set(range(chain.next_slot))):
             self.problem("missing-block", f"chain {chain_id} slot {slot} past the end is "
                          f"mapped {uses[slot]} times", False)
@@ -248,8 +254,15 @@ class _Checker:
                 continue  # nothing reads it: its data does not matter
             data = store.read(chain_id, slot)
             if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
+                # Its data is lost; set aside (with --repair), no write dedups onto it.
                 self.problem("corrupt-block", f"chain {chain_id} slot {slot} does not "
                              f"match digest {digest.hex()}", False)
+                table.set_aside(slot)
+            elif slot in table.damaged and self.problem(
+                    "stale-damaged-mark", f"chain {chain_id} slot {slot} is marked damaged "
+                    "but its data matches its digest", True):
+                table.damaged.discard(slot)
+                txn.delete_damaged(chain_id, slot)
         table.save(txn)
 
 

@@ -18,6 +18,9 @@ slots       chain id (u32) + run (u32)      a run of the chain's slot table
 filemaps    ino (u64) + run (u32)           a run of the file's block map
                                             (``swapfs/filemap.py``)
 orphans     ino (u64)                       nothing: unlinked, still open
+damaged     chain id (u32) + slot (u32)     nothing: a used slot whose data was
+                                            found not to match its digest, set
+                                            aside so that no write dedups onto it
 priorities  ino (u64)                       the file's priority (i32); absent
                                             means 0 (``swapfs priority``)
 ==========  ==============================  ==================================
@@ -88,11 +91,12 @@ def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
 
 # Each database's tag, so that a record copied under another database's key
 # does not verify.
-_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS = range(1, 8)
+_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS, _DAMAGED = range(1, 9)
 #: The databases of sealed records, by name (the slot table's entries are
 #: checked one by one instead: swapfs/slottable.py).
 _SEALED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
-           b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS}
+           b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS,
+           b"damaged": _DAMAGED}
 
 
 @dataclass(slots=True)
@@ -284,6 +288,7 @@ class Index:
         self.slots = self._open(b"slots")
         self.filemaps = self._open(b"filemaps")
         self.orphans = self._open(b"orphans")
+        self.damaged = self._open(b"damaged")
         self.priorities = self._open(b"priorities")
         #: Why writes are refused (see fence); None while they are allowed.
         self.fenced: str | None = None
@@ -588,8 +593,31 @@ class Txn:
         self.txn.delete(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
 
     def delete_slot_runs(self, chain_id: int) -> None:
+        """Delete the chain's slot table, and the marks of its damaged slots."""
         for run, _ in list(self.iter_slot_runs(chain_id)):
             self.delete_slot_run(chain_id, run)
+        for slot in list(self.iter_damaged(chain_id)):
+            self.delete_damaged(chain_id, slot)
+
+    # -- damaged slots ----------------------------------------------------------
+
+    def put_damaged(self, chain_id: int, slot: int) -> None:
+        self._put(self.index.damaged, _DAMAGED, _CHAIN_RUN.pack(chain_id, slot), b"")
+
+    def delete_damaged(self, chain_id: int, slot: int) -> None:
+        self.txn.delete(_CHAIN_RUN.pack(chain_id, slot), db=self.index.damaged)
+
+    def iter_damaged(self, chain_id: int) -> Iterator[int]:
+        """The chain's slots set aside as damaged. A mark that does not verify
+        is skipped, not raised: without it a write may dedup onto a damaged
+        slot, whose reads answer EIO, never other bytes (fsck reports it)."""
+        for key, raw in self._scan(self.index.damaged, _U32.pack(chain_id)):
+            try:
+                unseal(_DAMAGED, key, raw, "")
+            except CorruptIndex:
+                continue
+            if len(key) == _CHAIN_RUN.size:
+                yield _CHAIN_RUN.unpack(key)[1]
 
     # -- each file's block map ----------------------------------------------------
 

@@ -19,7 +19,11 @@ bytes of dedup table for each block stored.
 
 Dedup is advisory: a block whose digest the dedup table does not name is
 simply stored again. Correctness rests on the refcounts, which count map
-entries per slot.
+entries per slot. That is also how a damaged block heals: a used slot whose
+data was found not to match its digest is *set aside* (:meth:`SlotTable.set_aside`,
+kept in the index's ``damaged`` database): out of the dedup table, so that
+the next write of the same content stores a fresh copy, while the map
+entries that name it keep answering EIO. The mark goes when the slot is freed.
 """
 
 import errno
@@ -50,7 +54,7 @@ class SlotTable:
     """One chain's slot table, dedup table and free slots, in memory."""
 
     __slots__ = ("chain", "chain_id", "image", "next_slot", "stored", "dedup", "free",
-                 "bad", "_dirty")
+                 "bad", "damaged", "_dirty", "_damaged_dirty")
 
     def __init__(self, chain: Chain, budget: DedupBudget | None = None,
                  expect: int = 0) -> None:
@@ -69,7 +73,11 @@ class SlotTable:
         #: Slots whose entry is missing or does not verify: never read as
         #: data, never handed out.
         self.bad: set[int] = set()
+        #: Used slots set aside as damaged: their data does not match their
+        #: digest, so the dedup table does not name them.
+        self.damaged: set[int] = set()
         self._dirty: set[int] = set()
+        self._damaged_dirty: set[int] = set()  # slots whose mark changed
 
     @classmethod
     def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = (),
@@ -78,6 +86,7 @@ class SlotTable:
         holding disk space, reused first by the caller) stay out of ``free``;
         the dedup table takes its room from *budget*."""
         runs = -(-chain.next_slot // SLOT_RUN)
+        damaged = set(txn.iter_damaged(chain.id_))
         image = bytearray(runs * RUN_BYTES)
         found = set()
         for run, raw in txn.iter_slot_runs(chain.id_):
@@ -104,10 +113,16 @@ class SlotTable:
                 elif slot not in unpunched:
                     free.append(slot)  # ascending: a heap already
         view.release()
-        table = cls(chain, budget, len(used))
+        if damaged:  # set aside: used, but not for dedup
+            table_damaged = {slot for _, slot in used if slot in damaged}
+            indexed = [(digest, slot) for digest, slot in used if slot not in table_damaged]
+        else:
+            table_damaged, indexed = set(), used
+        table = cls(chain, budget, len(indexed))
         table.image, table.next_slot, table.free, table.bad = image, chain.next_slot, free, bad
+        table.damaged = table_damaged
         table.stored = len(used)
-        table.dedup.add_all(used)
+        table.dedup.add_all(indexed)
         return table
 
     @classmethod
@@ -194,6 +209,23 @@ class SlotTable:
         self.dedup.remove(digest, slot)
         self._set(slot, _FREE_DIGEST, 0)
         self.stored -= 1
+        if slot in self.damaged:  # freed: its space is punched, its mark goes
+            self.damaged.discard(slot)
+            self._damaged_dirty.add(slot)
+        return True
+
+    def set_aside(self, slot: int) -> bool:
+        """Mark a used slot damaged (its data does not match its digest): the
+        dedup table forgets it, so a write of the same content stores a fresh
+        copy. False if it is not a used slot with a valid entry, or is marked."""
+        if slot in self.bad or slot in self.damaged or slot >= self.next_slot:
+            return False
+        digest, refcount, _ = ENTRY.unpack_from(self.image, slot * ENTRY.size)
+        if not refcount:
+            return False
+        self.dedup.remove(digest, slot)
+        self.damaged.add(slot)
+        self._damaged_dirty.add(slot)
         return True
 
     def take_free(self) -> int | None:
@@ -218,8 +250,15 @@ class SlotTable:
         return slot
 
     def save(self, txn: Txn) -> None:
-        """Write the runs changed since the last save."""
+        """Write the runs changed since the last save, and the damaged marks."""
         view = memoryview(self.image)
         for run in sorted(self._dirty):
             txn.put_slot_run(self.chain_id, run, view[run * RUN_BYTES:(run + 1) * RUN_BYTES])
         self._dirty.clear()
+        if self._damaged_dirty:
+            for slot in sorted(self._damaged_dirty):
+                if slot in self.damaged:
+                    txn.put_damaged(self.chain_id, slot)
+                else:
+                    txn.delete_damaged(self.chain_id, slot)
+            self._damaged_dirty.clear()

@@ -108,6 +108,21 @@ def _growing(method: "Callable[Concatenate[Volume, P], R]"
     return run
 
 
+def _healing(method: "Callable[Concatenate[Volume, P], R]"
+             ) -> "Callable[Concatenate[Volume, P], R]":
+    """Set aside a block that a request found damaged (Volume.set_aside), then
+    answer EIO as before: the next write of its content stores a fresh copy."""
+    @functools.wraps(method)
+    def run(self: "Volume", *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except CorruptBlock as exc:
+            if exc.chain_id is not None and exc.slot is not None:
+                self.set_aside(exc.chain_id, exc.slot)
+            raise
+    return run
+
+
 class OldFormat(SwapfsError):
     """An index of an earlier format, opened without leave to convert it."""
 
@@ -487,6 +502,7 @@ class Volume:
             return None
         return replaced_open
 
+    @_healing
     @_growing
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
@@ -521,7 +537,9 @@ class Volume:
     # -- data -----------------------------------------------------------------
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
-        """Up to *size* bytes at *offset*; short at the end of the file."""
+        """Up to *size* bytes at *offset*; short at the end of the file. A
+        block found damaged is set aside (as :func:`_healing` does, without
+        its extra call on this hot path) and the read answers EIO."""
         if offset < 0 or size < 0:
             raise SwapfsError(errno.EINVAL)
         # A file in use has its inode, map and slot table in memory, which
@@ -534,7 +552,12 @@ class Volume:
                 inode = _file(txn, ino)
                 table = self._table(txn, inode.chain)
                 fmap = self._map(txn, inode)
-        return self._read(inode, fmap, table, offset, size)
+        try:
+            return self._read(inode, fmap, table, offset, size)
+        except CorruptBlock as exc:
+            if exc.chain_id is not None and exc.slot is not None:
+                self.set_aside(exc.chain_id, exc.slot)
+            raise
 
     def _read(self, inode: Inode, fmap: FileMap, table: SlotTable, offset: int,
               size: int) -> bytes:
@@ -614,6 +637,7 @@ class Volume:
                 return data
         return None
 
+    @_healing
     @_growing
     def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, extending the file past its end."""
@@ -640,6 +664,7 @@ class Volume:
             change.finish()
         return len(data)
 
+    @_healing
     @_growing
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a file: punch a hole, zero a range, or "allocate".
@@ -697,6 +722,24 @@ class Volume:
             txn.put_inode(inode)
             if change is not None:
                 change.finish()
+
+    def set_aside(self, chain_id: int, slot: int) -> None:
+        """Take a used slot whose data was found damaged out of dedup, for
+        good (swapfs/slottable.py). Recording it is best effort: if the index
+        cannot be written (fenced, full) the mark holds in memory only, and a
+        later write that dedups onto the slot reads EIO, never other bytes."""
+        try:
+            with self.index.begin(write=True) as txn:
+                table = self._table(txn, chain_id)
+                if not table.set_aside(slot):
+                    return
+                table.save(txn)
+        except (SwapfsError, lmdb.Error) as exc:
+            log.warning("chain %d slot %d is damaged; cannot record it: %s",
+                        chain_id, slot, exc)
+            return
+        log.warning("chain %d slot %d is damaged: set aside, the next write of its "
+                    "content stores a fresh copy", chain_id, slot)
 
     def find_block(self, chain_id: int, prefix: bytes) -> tuple[bytes, bytes] | None:
         """(digest, verified data) of a stored block of the chain whose digest
@@ -914,7 +957,7 @@ def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:
     """Raise EIO unless *data*, read from *slot*, is the block named *digest*."""
     if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
         log.error("chain %d slot %d does not match digest %s", chain.id_, slot, digest.hex())
-        raise CorruptBlock(f"chain {chain.id_} slot {slot} is corrupt")
+        raise CorruptBlock(f"chain {chain.id_} slot {slot} is corrupt", chain.id_, slot)
 
 
 def _load(store: BlockStore, chain: Chain, slot: int, digest: bytes) -> bytes:
