@@ -192,14 +192,18 @@ class _Checker:
                 self.problem("block-count", f"file {ino} counts {inode.blocks} blocks, its "
                              f"map holds {mapped}: a run of it may be lost", False)
             uses[inode.chain].update(slot for _, slot in fmap.mapped())
+        # Every record and map verified: the maps alone say which slots are
+        # used and how often, so a lost slot entry can be rebuilt.
+        maps_intact = not self.damaged
         for chain in list(txn.iter_chains()):
-            self.check_chain(chain, uses.pop(chain.id_, collections.Counter()))
+            self.check_chain(chain, uses.pop(chain.id_, collections.Counter()), maps_intact)
         for chain_id, counter in uses.items():
             if counter:
                 self.problem("missing-chain", f"files map {sum(counter.values())} blocks of "
                              f"missing chain {chain_id}", False)
 
-    def check_chain(self, chain: Chain, uses: collections.Counter[int]) -> None:
+    def check_chain(self, chain: Chain, uses: collections.Counter[int],
+                    maps_intact: bool) -> None:
         txn, store = self.txn, self.volume.store
         chain_id = chain.id_
         table = SlotTable.load(txn, chain)
@@ -211,11 +215,19 @@ class _Checker:
                                 beyond and not self.damaged):
                     txn.delete_slot_run(chain_id, run)
         for slot in sorted(table.bad):
-            self.damaged = True
-            self.problem("corrupt-slot", f"chain {chain_id} slot {slot}: its entry is "
-                         "missing or does not verify"
-                         + (f" ({uses[slot]} blocks map it)" if uses.get(slot) else ""),
-                         False)
+            # A lost entry is rebuilt from what is on disk: its digest from the
+            # slot's data (keyed, so only this chain's key makes it), its
+            # refcount from the maps, which must all have verified; a slot no
+            # map names is then provably free.
+            want = uses.get(slot, 0)
+            data = store.read(chain_id, slot) if want else b""
+            rebuildable = maps_intact and (not want or len(data) == BLOCK_SIZE)
+            if self.problem("corrupt-slot", f"chain {chain_id} slot {slot}: its entry is "
+                            "missing or does not verify"
+                            + (f" ({want} blocks map it)" if want else ""), rebuildable):
+                table.rebuild(slot, block_digest(chain.key, data) if want else None, want)
+            else:
+                self.damaged = True
         for slot in sorted(set(txn.iter_damaged(chain_id)) - table.damaged):
             if self.problem("stale-damaged-mark", f"chain {chain_id} slot {slot} is marked "
                             "damaged but holds no block", not self.damaged):

@@ -228,6 +228,18 @@ class SlotTable:
         self._damaged_dirty.add(slot)
         return True
 
+    def rebuild(self, slot: int, digest: bytes | None, refcount: int) -> None:
+        """A new entry for a slot whose entry was lost (fsck): *digest* and
+        *refcount* as the data file and the maps show them, or free (None)."""
+        self.bad.discard(slot)
+        if digest is None or not refcount:
+            self._set(slot, _FREE_DIGEST, 0)
+            return
+        self._set(slot, digest, refcount)
+        self.stored += 1
+        if slot not in self.damaged:
+            self.dedup.add(digest, slot)
+
     def take_free(self) -> int | None:
         """The lowest punched free slot, or None."""
         return heapq.heappop(self.free) if self.free else None

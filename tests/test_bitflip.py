@@ -121,7 +121,12 @@ def test_summary_sorts_trials_into_the_goals_they_miss():
     assert summary.reported == [1, 2, 5, 6, 7]
     assert summary.read_errors == [1, 3, 7]
     assert bitflip.missed_goals(summary) == {
-        "wrong": [2], "fsck_crashes": [4], "silent": [3, 7], "child_crashes": [5, 6]}
+        "wrong": [2], "fsck_crashes": [4], "silent": [3, 7], "child_crashes": [5, 6],
+        "worse": [6]}  # reads after the repair hung: no block read at all
+    more = _trial(8, reads="error", fsck="4", repair="4")
+    more.reads_after = Phase("error", {"right": 0, "errors": {"EIO": 2}, "unnamed": {},
+                                       "wrong": {}})
+    assert bitflip.summarize([more]).worse == [8]
     assert "#3 byte 30 bit 3" in bitflip.table(summary, trials)
 
 

@@ -384,3 +384,61 @@ def test_a_check_that_cannot_finish_exits_8(
     assert report.exit_code == fsck.EXIT_FAILED
     monkeypatch.undo()
     assert fsck.check(state_dir).clean, "nothing was committed"
+
+
+def flip_entry(wl: Workload, slot: int) -> Callable[[Txn], None]:
+    """Flip a bit of slot *slot*'s entry in the vms chain's slot table."""
+    def fault(txn: Txn) -> None:
+        chain_id = wl.chain.chain
+        raw = bytearray(dict(txn.iter_slot_runs(chain_id))[0])
+        raw[slot * 24 + 3] ^= 0x04
+        txn.put_slot_run(chain_id, 0, bytes(raw))
+    return fault
+
+
+def test_a_lost_slot_entry_is_rebuilt_from_the_data_and_the_maps(
+        state_dir: Path, wl: Workload) -> None:
+    with closing(Volume(state_dir)) as vol:
+        used = vol.mapped(wl.inos["vms/base"])[0]
+        free = min(vol.free_slots(wl.chain.chain))
+        refcounts = {slot: rc for slot, (_, rc) in vol.blocks(wl.chain.chain).items()}
+    inject(state_dir, flip_entry(wl, used))
+    inject(state_dir, flip_entry(wl, free))
+    report = fsck.check(state_dir)
+    assert kinds(report) == {"corrupt-slot"} and len(report.problems) == 2
+    assert report.exit_code == fsck.EXIT_UNREPAIRED
+    with closing(Volume(state_dir)) as vol, pytest.raises(SwapfsError) as info:
+        vol.read(wl.inos["vms/base"], 0, BS)
+    assert info.value.errno == errno.EIO
+    report = fsck.check(state_dir, repair=True)
+    assert {p.kind for p in report.problems} <= {"corrupt-slot", "unpunched-free-slot"}
+    assert report.exit_code == fsck.EXIT_REPAIRED
+    assert fsck.check(state_dir).clean
+    assert_contents(state_dir, wl)
+    with closing(Volume(state_dir)) as vol:
+        assert {slot: rc for slot, (_, rc) in vol.blocks(wl.chain.chain).items()} == refcounts
+        assert free in vol.free_slots(wl.chain.chain)
+
+
+def test_a_whole_lost_slot_run_is_rebuilt(state_dir: Path, wl: Workload) -> None:
+    inject(state_dir, lambda txn: txn.delete_slot_run(wl.chain.chain, 0))
+    assert fsck.check(state_dir).exit_code == fsck.EXIT_UNREPAIRED
+    assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_REPAIRED
+    assert fsck.check(state_dir).clean
+    assert_contents(state_dir, wl)
+
+
+def test_a_lost_slot_entry_is_left_alone_while_a_map_is_damaged(
+        state_dir: Path, wl: Workload) -> None:
+    """With a map run lost, the maps no longer say which slots are used:
+    nothing proves the slot free, so its entry is not rebuilt."""
+    ino = wl.inos["vms/base"]
+    with closing(Volume(state_dir)) as vol:
+        used = vol.mapped(ino)[0]
+        vol.write(ino, (MAP_RUN + 1) * BS, block(42))
+    inject(state_dir, flip_entry(wl, used))
+    inject(state_dir, lambda txn: txn.delete_map_run(ino, 1))
+    report = fsck.check(state_dir, repair=True)
+    assert "corrupt-slot" in kinds(report)
+    assert not any(p.repaired for p in report.problems if p.kind == "corrupt-slot")
+    assert report.exit_code == fsck.EXIT_UNREPAIRED

@@ -39,6 +39,7 @@ import errno
 import gc
 import json
 import logging
+import math
 import os
 import random
 import resource
@@ -81,6 +82,7 @@ GOALS = {
     "wrong": "no read returns wrong bytes, before or after repair",
     "fsck_crashes": "fsck never crashes",
     "silent": "fsck reports every flip that changed a read, before and after repair",
+    "worse": "a repair never leaves more blocks unreadable than before it",
     "child_crashes": "no child dies by a signal or hangs",
 }
 
@@ -160,6 +162,7 @@ class Summary:
     fsck_crashes: list[int]  # fsck, with or without repair, raised or died
     child_crashes: list[int]  # a step died by a signal or hung
     silent: list[int]  # a read changed (not right) but fsck said clean, before or after repair
+    worse: list[int]  # more blocks unreadable after the repair than before it
 
 
 class Reader(Protocol):
@@ -376,6 +379,7 @@ def summarize(trials: Iterable[Trial]) -> Summary:
         child_crashes=which(lambda t: any(p.outcome in ("signal", "hang")
                                           for p in t.phases())),
         silent=which(lambda t: _silent(t.reads, t.fsck) or _silent(t.reads_after, t.fsck_after)),
+        worse=which(lambda t: _unreadable(t.reads_after) > _unreadable(t.reads)),
     )
 
 
@@ -388,6 +392,14 @@ def _errored(reads: Phase) -> bool:
     """Some read answered an error, or the volume would not open."""
     return reads.outcome == "refused" or bool(_counts(reads, "errors") or
                                               _counts(reads, "unnamed"))
+
+
+def _unreadable(reads: Phase) -> float:
+    """How many blocks answered an error (all of them when the volume would
+    not open, or the step did not end)."""
+    if reads.outcome not in ("right", "error", "wrong"):
+        return math.inf
+    return sum(_counts(reads, "errors").values()) + sum(_counts(reads, "unnamed").values())
 
 
 def _silent(reads: Phase, check: Phase) -> bool:
