@@ -1,6 +1,6 @@
-"""One flipped bit in the index: the campaign of tools/bitflip.py against its
-goals, and the campaign's own classifier, so that a pass means the goals hold
-and not that the harness saw nothing."""
+"""One flipped bit in the index, or one damage to a data file: the campaigns
+of tools/bitflip.py against their goals, and the campaign's own classifier,
+so that a pass means the goals hold and not that the harness saw nothing."""
 
 import os
 import signal
@@ -24,6 +24,17 @@ def test_a_flipped_bit_never_reads_wrong_and_fsck_reports_it(tmp_path):
     summary = bitflip.summarize(trials)
     missed = bitflip.missed_goals(summary)
     assert not missed, bitflip.table(summary, trials)
+
+
+@pytest.mark.slow
+def test_damaged_data_files_never_read_wrong_and_fsck_reports_them(tmp_path):
+    """150 seeded damages to the data files (a flipped bit, a zeroed slot, a
+    file cut short): the same goals, and each damage reads as an error."""
+    _, trials = bitflip.campaign(tmp_path, trials=150, seed=4, jobs=2, data=True)
+    summary = bitflip.summarize(trials)
+    assert not bitflip.missed_goals(summary), bitflip.table(summary, trials)
+    assert {trial.kind.split()[1] for trial in trials} == {"flip", "zero", "cut"}
+    assert len(summary.read_errors) > 100  # the state's data files are nearly all in use
 
 
 class FakeVolume:

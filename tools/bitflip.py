@@ -1,5 +1,8 @@
 """A bit-flip campaign over the index: what one flipped bit does to reads and to fsck.
 
+With ``--data`` it damages the data files instead, one damage a trial: a
+flipped bit, a slot zeroed, or a data file cut short, at a random place.
+
 The goals for a damaged index: a read never returns wrong bytes (an error is
 fine), fsck reports every flip that changed a read, fsck never crashes, and
 nothing dies or hangs. This campaign measures them from outside, through
@@ -335,13 +338,32 @@ def flip(path: Path, offset: int, bit: int) -> None:
         file.write(bytes([byte ^ (1 << bit)]))
 
 
+def damage_data(state: Path, name: str, how: str, offset: int, bit: int) -> None:
+    """Damage the data file *name* of *state*: flip *bit* of the byte at
+    *offset*, zero the slot holding it, or cut the file there."""
+    path = state / "data" / name
+    if how == "flip":
+        flip(path, offset, bit)
+    elif how == "zero":
+        with open(path, "r+b") as file:
+            file.seek(offset - offset % BLOCK_SIZE)
+            file.write(bytes(BLOCK_SIZE))
+    else:
+        os.truncate(path, offset)
+
+
 def run_trial(number: int, offset: int, bit: int, pristine: Path, scratch: Path,
               want: dict[str, bytes], kind: str, timeout: float) -> Trial:
     """Flip *bit* of the index byte at *offset* in three copies of *pristine*
+    (or, for a *kind* ``data <how> <file>``, damage that data file there)
     and take each through its steps."""
     copies = [scratch / f"{number}-{name}" for name in ("reads", "fsck", "repair")]
     copy_state(pristine, copies[0])
-    flip(copies[0] / INDEX_FILE, offset, bit)
+    if kind.startswith("data "):
+        _, how, name = kind.split()
+        damage_data(copies[0], name, how, offset, bit)
+    else:
+        flip(copies[0] / INDEX_FILE, offset, bit)
     for copy in copies[1:]:
         copy_state(copies[0], copy)
     reads, checked, repaired = copies
@@ -413,8 +435,8 @@ def missed_goals(summary: Summary) -> dict[str, list[int]]:
 
 
 def campaign(scratch: Path, trials: int, seed: int, timeout: float = 10.0, jobs: int = 2,
-             pristine: Path | None = None, progress: Callable[[int], None] | None = None
-             ) -> tuple[int, list[Trial]]:
+             pristine: Path | None = None, progress: Callable[[int], None] | None = None,
+             data: bool = False) -> tuple[int, list[Trial]]:
     """Run *trials* seeded flips in *scratch*, shared among *jobs* workers:
     the number of pages in use, and every trial in order.
 
@@ -427,15 +449,26 @@ def campaign(scratch: Path, trials: int, seed: int, timeout: float = 10.0, jobs:
     if not pristine.exists():
         make(pristine)
     want = expected_contents()
-    pages = pages_in_use(pristine, scratch)
-    index = (pristine / INDEX_FILE).read_bytes()[:pages * PAGE_SIZE]
     rng = random.Random(seed)
-    flips = [(rng.randrange(pages * PAGE_SIZE), rng.randrange(8)) for _ in range(trials)]
+    if data:  # the data files' bytes, flipped, zeroed a slot at a time, or cut
+        files = {path.name: path.stat().st_size
+                 for path in sorted((pristine / "data").glob("*.blocks"))}
+        pages = sum(size // PAGE_SIZE for size in files.values())
+        names = list(files)
+        damages = []
+        for _ in range(trials):
+            name = rng.choice(names)
+            damages.append((rng.randrange(files[name]), rng.randrange(8),
+                            f"data {rng.choice(('flip', 'zero', 'cut'))} {name}"))
+    else:
+        pages = pages_in_use(pristine, scratch)
+        index = (pristine / INDEX_FILE).read_bytes()[:pages * PAGE_SIZE]
+        damages = [(offset, rng.randrange(8), page_kind(index, offset // PAGE_SIZE))
+                   for offset in (rng.randrange(pages * PAGE_SIZE) for _ in range(trials))]
 
     def trial(number: int) -> Trial:
-        offset, bit = flips[number]
-        return run_trial(number, offset, bit, pristine, scratch, want,
-                         page_kind(index, offset // PAGE_SIZE), timeout)
+        offset, bit, kind = damages[number]
+        return run_trial(number, offset, bit, pristine, scratch, want, kind, timeout)
 
     gc.freeze()  # a child's collections then copy none of this process's pages
     try:
@@ -504,6 +537,9 @@ def table(summary: Summary, trials: list[Trial]) -> str:
         ("fsck crashes", summary.fsck_crashes),
         ("child crashes or hangs", summary.child_crashes),
         ("a read changed, fsck said clean (before or after repair)", summary.silent),
+        ("more blocks unreadable after the repair than before", summary.worse),
+        ("fewer blocks unreadable after the repair than before",
+         [t.number for t in trials if _unreadable(t.reads_after) < _unreadable(t.reads)]),
     ]
     lines = [f"{'trials':58} {summary.trials:6}"]
     lines += [f"{label:58} {len(numbers):6}" for label, numbers in rows]
@@ -532,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pristine", type=Path,
                         help="the pristine state: made there if it does not exist, else "
                              "used as it is (to flip the same bits again)")
+    parser.add_argument("--data", action="store_true",
+                        help="damage the data files instead of the index: flip a bit, "
+                             "zero a slot or cut a file, at random")
     parser.add_argument("--json", action="store_true", help="print every trial as JSON")
     args = parser.parse_args(argv)
 
@@ -542,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swapfs-bitflip-") as scratch:
         pages, trials = campaign(Path(scratch), args.trials, args.seed, args.timeout,
-                                 args.jobs, args.pristine, progress)
+                                 args.jobs, args.pristine, progress, data=args.data)
     seconds = time.monotonic() - started
     if sys.stderr.isatty():
         print(file=sys.stderr)
@@ -553,8 +592,9 @@ def main(argv: list[str] | None = None) -> int:
                           "missed": missed_goals(summary), "summary": asdict(summary),
                           "records": [asdict(trial) for trial in trials]}, indent=1))
     else:
-        print(f"{args.trials} flips, seed {args.seed}, over {pages} pages of the index "
-              f"in use, in {seconds:.1f} s")
+        where = "the data files" if args.data else "the index in use"
+        print(f"{args.trials} {'damages' if args.data else 'flips'}, seed {args.seed}, "
+              f"over {pages} pages of {where}, in {seconds:.1f} s")
         print(table(summary, trials))
     return 1 if missed_goals(summary) else 0
 
