@@ -343,9 +343,11 @@ def _fsck(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         for problem in report.problems:
-            print(f"{problem.kind}: {problem.detail}"
+            print(("info: " if problem.info else "") + f"{problem.kind}: {problem.detail}"
                   + (" [repaired]" if problem.repaired else ""))
-        print(f"{report.blocks_checked} blocks checked, {len(report.problems)} problems")
+        notes = len(report.problems) - len(report.serious)
+        print(f"{report.blocks_checked} blocks checked, {len(report.serious)} problems"
+              + (f", {notes} for information" if notes else ""))
     return report.exit_code
 
 

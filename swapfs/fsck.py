@@ -14,10 +14,12 @@ keep answering EIO rather than returning wrong bytes. While any record is
 damaged, refcounts are only ever raised, never lowered: a damaged map run
 may hold references that nothing else shows.
 
-Exit codes of ``swapfs fsck`` follow e2fsck: 0 clean, 1 problems found and
-all repaired, 4 problems left (unrepairable or not asked to repair), 8 the
-check could not run (no state, the state in use: ``swapfs fsck``) or
-stopped (an error no check foresaw, logged with its traceback).
+Exit codes of ``swapfs fsck`` follow e2fsck: 0 clean (or only information:
+what the next mount fixes by itself, such as free slots a crash left
+unpunched), 1 problems found and all repaired, 4 problems left
+(unrepairable or not asked to repair), 8 the check could not run (no
+state, the state in use: ``swapfs fsck``) or stopped (an error no check
+foresaw, logged with its traceback).
 """
 
 import collections
@@ -49,11 +51,13 @@ CHECK_FAILED = "check-failed"
 
 @dataclass
 class Problem:
-    """One difference between the index and what it should say."""
+    """One difference between the index and what it should say. One that is
+    *info* only (the next mount fixes it by itself) counts for no exit code."""
 
     kind: str
     detail: str
     repaired: bool = False
+    info: bool = False
 
 
 @dataclass
@@ -62,16 +66,22 @@ class Report:
     blocks_checked: int = 0
 
     @property
+    def serious(self) -> list[Problem]:
+        """The problems that are not information only."""
+        return [problem for problem in self.problems if not problem.info]
+
+    @property
     def clean(self) -> bool:
-        return not self.problems
+        return not self.serious
 
     @property
     def exit_code(self) -> int:
-        if not self.problems:
+        serious = self.serious
+        if not serious:
             return EXIT_CLEAN
-        if any(problem.kind == CHECK_FAILED for problem in self.problems):
+        if any(problem.kind == CHECK_FAILED for problem in serious):
             return EXIT_FAILED
-        if all(problem.repaired for problem in self.problems):
+        if all(problem.repaired for problem in serious):
             return EXIT_REPAIRED
         return EXIT_UNREPAIRED
 
@@ -91,10 +101,10 @@ class _Checker:
         self.released: dict[int, collections.Counter[int]] = collections.defaultdict(
             collections.Counter)
 
-    def problem(self, kind: str, detail: str, repairable: bool) -> bool:
+    def problem(self, kind: str, detail: str, repairable: bool, info: bool = False) -> bool:
         """Record a problem; True when the caller should repair it now."""
         fix = self.repair and repairable
-        self.report.problems.append(Problem(kind, detail, repaired=fix))
+        self.report.problems.append(Problem(kind, detail, repaired=fix, info=info))
         log.info("%s: %s%s", kind, detail, " (repaired)" if fix else "")
         return fix
 
@@ -250,7 +260,7 @@ class _Checker:
                                  f"but mapped {want} times", False)
                 elif store.holds_data(chain_id, slot) and self.problem(
                         "unpunched-free-slot", f"chain {chain_id} free slot {slot} still "
-                        "occupies disk space", True):
+                        "occupies disk space (the next mount punches it)", True, info=True):
                     punch.append(slot)
                 continue
             self.report.blocks_checked += 1
