@@ -197,7 +197,8 @@ class ControlServer:
             self.connections -= 1
             if self.drivers is not None and session.name is not None:
                 self.drivers.close(session, "disconnected")
-                lifecycle.trim_heap()  # what its messages took goes back to the system
+                # What its messages took goes back to the system.
+                lifecycle.trim_heap(self.protections.get("memory_locked", False))
             if session.keeper_pid is not None:
                 self.detach_keeper(session.keeper_pid)
 

@@ -87,6 +87,7 @@ def libfuse_options(config: Config, socket_path: str) -> set[str]:
 def harden(config: Config) -> dict[str, bool]:
     """Apply the memory-pressure protections the configuration asks for."""
     lifecycle.raise_open_files_limit()
+    lifecycle.fix_mmap_threshold()
     return {
         "memory_locked": config.lock_memory and lifecycle.lock_memory(),
         "io_flusher": config.io_flusher and lifecycle.set_io_flusher(),

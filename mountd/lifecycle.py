@@ -90,12 +90,41 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def trim_heap() -> None:
+_M_MMAP_THRESHOLD = -3
+
+
+def fix_mmap_threshold(size: int = 128 << 10) -> None:
+    """Serve every allocation of *size* or more with a mapping of its own.
+
+    glibc raises this threshold as big blocks are freed, so that later big
+    blocks (a driver's 1 MiB report, its parse) come from the heap. Under
+    mlockall the heap cannot give freed pages in its middle back (they are
+    locked: madvise refuses), so what a burst of drivers took stayed. With
+    the threshold fixed, each big block is unmapped when freed."""
+    mallopt = getattr(_libc, "mallopt", None)
+    if mallopt is not None and not mallopt(_M_MMAP_THRESHOLD, size):
+        log.warning("cannot fix malloc's mmap threshold")
+
+
+def trim_heap(locked: bool) -> None:
     """Return the free memory at the top of the heap and in its holes to the
-    system (glibc's malloc_trim; nothing elsewhere)."""
+    system (glibc's malloc_trim; nothing elsewhere).
+
+    The holes are given back with madvise(MADV_DONTNEED), which locked pages
+    refuse: when the daemon's memory is *locked*, it is unlocked for the
+    trim (a few milliseconds) and locked again, present pages at once."""
     trim = getattr(_libc, "malloc_trim", None)
-    if trim is not None:
+    if trim is None:
+        return
+    if not locked:
         trim(0)
+        return
+    _libc.munlockall()
+    try:
+        trim(0)
+    finally:
+        if _libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
+            log.error("cannot lock memory again after a trim: %s", _errno_text())
 
 
 def sd_notify(state: str) -> None:
