@@ -495,7 +495,8 @@ def test_memory_goes_back_when_drivers_leave(mount: Mount) -> None:
     they are gone, much of the daemon's memory goes back (big blocks are
     unmapped, the heap trimmed), and the second burst takes no more than the
     first left over: what Python's allocator keeps is reused, not leaked."""
-    assert mount.pid is not None
+    pid = mount.pid
+    assert pid is not None
     padding = "p" * 240
     extents = [{**extent(number), "path": f"/opt/{padding}/lib{number}.so"}
                for number in range(2500)]
@@ -509,15 +510,15 @@ def test_memory_goes_back_when_drivers_leave(mount: Mount) -> None:
             for number, client in enumerate(clients):
                 reply = client.request(json.loads(message.replace('"d"', f'"d{number}"', 1)))
                 assert reply["ok"], reply
-            held = rss_bytes(mount.pid)
+            held = rss_bytes(pid)
         finally:
             for client in clients:
                 client.reader.close()
                 client.sock.close()
         assert wait_until(lambda: quick_pool(mount)["drivers"] == {})
-        return held, rss_bytes(mount.pid)
+        return held, rss_bytes(pid)
 
-    before = rss_bytes(mount.pid)
+    before = rss_bytes(pid)
     held, after = burst()
     assert held - after > (held - before) // 3, (before >> 20, held >> 20, after >> 20)
     _, again = burst()
