@@ -10,6 +10,7 @@ the first column of /proc/mounts), so a client needs only a path on the
 mount.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -96,7 +97,9 @@ def _request_once(socket_path: str, message: dict[str, Any], timeout: float
         sock.settimeout(timeout)
         try:
             sock.connect(socket_path)
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            # A busy daemon answers EAGAIN and hangs up at once: read that.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps(message).encode() + b"\n")
             reply = sock.makefile("rb").readline(MAX_LINE)
         except OSError as exc:
             raise ControlError(exc.errno or errno.EIO,
