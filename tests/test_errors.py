@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -401,4 +402,62 @@ def test_hundreds_of_idle_connections_do_not_disturb_io(busy_mount: Mount) -> No
         for sock in held:
             sock.close()
     assert mount.stats()["chains"]["c"]["files"]["f"]["logical_bytes"] == len(data)
+    assert "Traceback" not in (mount.state / "daemon.log").read_text()
+
+
+def malformed_lines(rng: random.Random, count: int) -> list[bytes]:
+    """Random bytes, and valid requests cut short, with bytes flipped, or with
+    a field of the wrong type."""
+    valid: list[dict[str, object]] = [
+        {"op": "status"}, {"op": "stats"}, {"op": "clone", "source": "c/f", "target": "c/x"},
+        {"op": "priority", "path": "c/f", "priority": 3},
+        {"op": "driver.register", "driver": "d", "extents": []}]
+    junk: list[object] = [None, True, -1, 1 << 70, 1.5, "", "\ud800", [], {}, [[[]]]]
+    lines = []
+    for _ in range(count):
+        how = rng.randrange(4)
+        if how == 0:
+            line = rng.randbytes(rng.randrange(1, 200)).replace(b"\n", b" ")
+        else:
+            message = dict(rng.choice(valid))
+            if how == 3:
+                message[rng.choice(list(message))] = rng.choice(junk)
+            line = json.dumps(message).encode()
+            if how == 1:
+                line = line[:rng.randrange(len(line))]
+            elif how == 2:
+                at = rng.randrange(len(line))
+                line = line[:at] + bytes([line[at] ^ (1 << rng.randrange(8))]) + line[at + 1:]
+                line = line.replace(b"\n", b" ")
+        lines.append(line + b"\n")
+    return lines
+
+
+def test_thousands_of_malformed_requests_while_io_runs(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    mount.path("c", "f").write_bytes(b"f" * BLOCK)
+    data = random.Random(9).randbytes(64 * BLOCK)
+    failures: list[BaseException] = []
+
+    def io() -> None:
+        try:
+            for round_ in range(20):
+                mount.path("c", "io").write_bytes(data[round_ * BLOCK:] + data[:round_ * BLOCK])
+                got = read_direct(mount.path("c", "io"), 0, len(data))
+                assert got == data[round_ * BLOCK:] + data[:round_ * BLOCK]
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=io)
+    worker.start()
+    try:
+        for line in malformed_lines(random.Random(10), 2000):
+            reply = raw_request(mount, line)
+            assert isinstance(reply.get("ok"), bool), reply
+            if not reply["ok"]:
+                assert isinstance(reply["errno"], int) and reply["errno"] != errno.EIO, reply
+    finally:
+        worker.join()
+    assert not failures, failures
+    assert mount.status()["pid"] == mount.pid
     assert "Traceback" not in (mount.state / "daemon.log").read_text()
