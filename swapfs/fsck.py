@@ -211,6 +211,21 @@ class _Checker:
             if counter:
                 self.problem("missing-chain", f"files map {sum(counter.values())} blocks of "
                              f"missing chain {chain_id}", False)
+        self.check_strays()
+
+    def check_strays(self) -> None:
+        """Slot runs and damaged marks under no chain: every key of those
+        databases is read, whatever its prefix (a chain's own are checked
+        with it)."""
+        txn = self.txn
+        chains = {chain.id_ for chain in txn.iter_chains()}
+        for name, kind in ((b"slots", "stray-slot-run"), (b"damaged", "stale-damaged-mark")):
+            for key in txn.keys_of(name):
+                if len(key) == 8 and int.from_bytes(key[:4], "big") in chains:
+                    continue
+                if self.problem(kind, f"{name.decode()} key {key.hex()} belongs to no chain",
+                                not self.damaged):
+                    txn.delete_key(name, key)
 
     def check_chain(self, chain: Chain, uses: collections.Counter[int],
                     maps_intact: bool) -> None:

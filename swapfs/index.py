@@ -599,6 +599,13 @@ class Txn:
         for slot in list(self.iter_damaged(chain_id)):
             self.delete_damaged(chain_id, slot)
 
+    def keys_of(self, name: bytes) -> list[bytes]:
+        """Every key of the database *name*, whatever it holds (fsck)."""
+        return [key for key, _ in self._scan(self.index.named[name], b"")]
+
+    def delete_key(self, name: bytes, key: bytes) -> None:
+        self.txn.delete(key, db=self.index.named[name])
+
     # -- damaged slots ----------------------------------------------------------
 
     def put_damaged(self, chain_id: int, slot: int) -> None:

@@ -445,3 +445,16 @@ def test_a_lost_slot_entry_is_left_alone_while_a_map_is_damaged(
     assert "corrupt-slot" in kinds(report)
     assert not any(p.repaired for p in report.problems if p.kind == "corrupt-slot")
     assert report.exit_code == fsck.EXIT_UNREPAIRED
+
+
+def test_keys_under_no_chain_are_found_whatever_their_prefix(
+        state_dir: Path, wl: Workload) -> None:
+    def fault(txn: Txn) -> None:
+        txn.put_slot_run(999, 0, bytes(4080))
+        txn.put_damaged(999, 5)
+    inject(state_dir, fault)
+    report = fsck.check(state_dir)
+    assert kinds(report) == {"stray-slot-run", "stale-damaged-mark"}
+    assert fsck.check(state_dir, repair=True).exit_code == fsck.EXIT_REPAIRED
+    assert fsck.check(state_dir).clean
+    assert_contents(state_dir, wl)
