@@ -14,9 +14,11 @@ directory that still has something mounted under it.
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import mmap
 import os
+import random
 import re
 import shutil
 import signal
@@ -329,11 +331,11 @@ def loop_device(path: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def tmpfs(directory: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of *size* mounted on *directory*, always unmounted afterwards."""
+def _mounted_on(directory: Path, *mount_args: str) -> Iterator[Path]:
+    """``mount *mount_args* directory``, always unmounted afterwards (lazily
+    if it is busy)."""
     directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                   check=True)
+    subprocess.run(["mount", *mount_args, str(directory)], check=True)
     try:
         yield directory
     finally:
@@ -342,26 +344,45 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
+def tmpfs(directory: Path, size: str) -> contextlib.AbstractContextManager[Path]:
+    """A tmpfs of *size* mounted on *directory*, always unmounted afterwards."""
+    return _mounted_on(directory, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+
+
 @contextlib.contextmanager
 def ext4_image(directory: Path, size_mib: int) -> Iterator[Path]:
     """A fresh ext4 file system of *size_mib* MiB, in an image file beside
     *directory*, loop-mounted on it; always unmounted (and its loop device
     freed) and the image removed afterwards."""
-    directory.mkdir(parents=True, exist_ok=True)
     image = directory.with_name(directory.name + ".ext4")
     with open(image, "wb") as out:
         out.truncate(size_mib << 20)
     try:
         subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-        subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=True)
-        try:
-            yield directory
-        finally:
-            result = subprocess.run(["umount", str(directory)], capture_output=True)
-            if result.returncode != 0:
-                subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+        with _mounted_on(directory, "-o", "loop", str(image)) as mounted_dir:
+            yield mounted_dir
     finally:
         image.unlink(missing_ok=True)
+
+
+def fill_until_enospc(path: Path, rng: random.Random, chunk: int, limit: int = 10_000
+                      ) -> list[bytes]:
+    """Write random chunks to *path* until its file system is full (ENOSPC,
+    and no other error); what was written."""
+    written: list[bytes] = []
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            data = rng.randbytes(chunk)
+            try:
+                os.pwrite(fd, data, len(written) * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                return written
+            written.append(data)
+            assert len(written) < limit, "the file system never filled up"
+    finally:
+        os.close(fd)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -387,7 +408,7 @@ def os_error(call: Any, *args: Any) -> int:
 
 __all__ = [
     "BLOCK", "SWAPFS", "Mount", "aligned_buffer", "alive", "daemon_log_tail", "ext4_image",
-    "fallocate", "is_mounted", "lazy_unmount", "loop_device", "mounted", "os_error", "read_direct",
-    "receive_with_fds", "remove_tree", "requires_mount", "short_tempdir", "swapfs", "tmpfs",
-    "wait_until",
+    "fallocate", "fill_until_enospc", "is_mounted", "lazy_unmount", "loop_device", "mounted",
+    "os_error", "read_direct", "receive_with_fds", "remove_tree", "requires_mount",
+    "short_tempdir", "swapfs", "tmpfs", "wait_until",
 ]

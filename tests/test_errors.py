@@ -22,6 +22,7 @@ from tests.mounting import (
     BLOCK,
     Mount,
     aligned_buffer,
+    fill_until_enospc,
     mounted,
     os_error,
     read_direct,
@@ -110,18 +111,9 @@ def test_full_backing_disk_gives_enospc_and_keeps_every_acknowledged_write() -> 
         with tmpfs(root / "s", "4m") as state, mounted(root, state) as mount:
             os.mkdir(mount.path("c"))
             rng = random.Random(3)
-            written: list[bytes] = []
-            fd = os.open(mount.path("c", "f"), os.O_RDWR | os.O_CREAT, 0o600)
+            written = fill_until_enospc(mount.path("c", "f"), rng, chunk, limit=1000)
+            fd = os.open(mount.path("c", "f"), os.O_RDWR)
             try:
-                while True:
-                    data = rng.randbytes(chunk)
-                    try:
-                        os.pwrite(fd, data, len(written) * chunk)
-                    except OSError as exc:
-                        assert exc.errno == errno.ENOSPC
-                        break
-                    written.append(data)
-                    assert len(written) < 1000, "the 4 MiB tmpfs never filled up"
                 assert len(written) > 10
                 assert os.fstat(fd).st_size == len(written) * chunk
                 # The failed write may have left room (slots it wrote but never

@@ -20,6 +20,7 @@ from tests.mounting import (
     BLOCK,
     Mount,
     ext4_image,
+    fill_until_enospc,
     mounted,
     read_direct,
     remove_tree,
@@ -46,24 +47,6 @@ def full_mount(request: pytest.FixtureRequest) -> Iterator[Mount]:
             yield mount
     finally:
         remove_tree(root)
-
-
-def fill_until_enospc(path: Path, rng: random.Random, chunk: int) -> list[bytes]:
-    """Write random chunks to *path* until the disk is full; what was written."""
-    written: list[bytes] = []
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        while True:
-            data = rng.randbytes(chunk)
-            try:
-                os.pwrite(fd, data, len(written) * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                return written
-            written.append(data)
-            assert len(written) < 10_000, "the disk never filled up"
-    finally:
-        os.close(fd)
 
 
 def fill_the_rest(disk: Path) -> Path:
