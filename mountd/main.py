@@ -69,6 +69,9 @@ def restart_args(args: argparse.Namespace, state: Path, mountpoint: str) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything the daemon creates (logs, sockets, the state's files) is
+    # its owner's alone: swapfs/statedir.py.
+    os.umask(0o077)
     args = parse_args(argv)
     try:
         config = load(args.config, {

@@ -48,7 +48,7 @@ class CommandError(Exception):
 def _mount(args: argparse.Namespace) -> int:
     state: Path = args.state.resolve()
     mountcheck.check_new_mount(args.mountpoint, state)
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mountd", "--state", str(state), args.mountpoint]
     if args.config:
         command += ["--config", str(args.config)]

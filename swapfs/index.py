@@ -258,9 +258,11 @@ class Index:
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
+        # The directory first: LMDB would make it with the files' mode, 0600.
+        path.mkdir(mode=0o700, exist_ok=True)
         self.env = lmdb.open(
             str(path), map_size=self.map_size, max_dbs=16, sync=False, metasync=False,
-            readahead=False, writemap=True,
+            readahead=False, writemap=True, mode=0o600,
         )
         try:
             self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)

@@ -73,7 +73,10 @@ class Starting:
 def start(command: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> Starting:
     """Run *command* ``--ready-fd N`` in a session of its own, output to *log_path*."""
     read_end, write_end = os.pipe()
-    with open(log_path, "ab") as log_file:
+    # The log is the state directory's: its owner's alone (swapfs/statedir.py).
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "ab") as log_file:
         log_start = log_file.seek(0, os.SEEK_END)
         process = subprocess.Popen(
             [*command, "--ready-fd", str(write_end)], pass_fds=(*pass_fds, write_end),

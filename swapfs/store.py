@@ -67,7 +67,7 @@ class BlockStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
 
     def path(self, chain_id: int) -> Path:

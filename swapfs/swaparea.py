@@ -11,6 +11,7 @@ and reads the kernel's tables (/proc/swaps, /proc/mounts, sysfs).
 import errno
 import logging
 import os
+import stat
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,7 +143,14 @@ def swap_on(path: str, priority: int | None = None, discard: bool = True) -> str
     path = os.path.realpath(path)
     if not _on_mounts(path, swapfs_mounts()):
         raise SwapfsError(errno.EINVAL, f"{path} is not on a swapfs mount")
-    size = os.stat(path).st_size
+    info = os.stat(path)
+    if info.st_mode & 0o077:
+        # util-linux's swapon warns; swap holds what processes had in
+        # memory, so this refuses: nobody else may read the file.
+        raise SwapfsError(errno.EACCES, f"{path} has insecure permissions "
+                          f"{stat.S_IMODE(info.st_mode):04o}: others could read swapped-out "
+                          "memory; chmod 0600 it first")
+    size = info.st_size
     if size < _MIN_SWAP_BYTES:
         raise SwapfsError(errno.EINVAL, f"{path} is too small for swap ({size} bytes)")
     busy = devices_of(path)

@@ -43,7 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import lmdb
 
-from swapfs import upgrade
+from swapfs import statedir, upgrade
 from swapfs.blocks import (
     BLOCK_SIZE,
     MAX_FILE_SIZE,
@@ -155,10 +155,11 @@ class Volume:
         """
         if not create and not (state / INDEX_NAME / "data.mdb").is_file():
             raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
-        state.mkdir(parents=True, exist_ok=True)
+        state.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
         self.state = state
         self._lock_fd = _lock_state(state)
         try:
+            statedir.secure(state)
             if claim is not None:
                 claim()
             self.index = Index(state / INDEX_NAME)
@@ -357,14 +358,16 @@ class Volume:
 
     @_growing
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
-        """Create an empty swap file in a chain."""
+        """Create an empty swap file in a chain, readable by its owner alone
+        (group and other bits cleared whatever *mode* asks: swap holds what
+        processes had in memory); clones keep its mode."""
         _check_name(name)
         if not stat.S_ISREG(mode) and stat.S_IFMT(mode) != 0:
             raise SwapfsError(errno.EPERM, "a chain holds regular files only")
         with self.index.begin(write=True) as txn:
             chain_dir = _chain_dir(txn, parent)
             _check_absent(txn, parent, name)
-            inode = _new_inode(txn, KIND_FILE, stat.S_IFREG | (mode & 0o7777), uid, gid,
+            inode = _new_inode(txn, KIND_FILE, stat.S_IFREG | (mode & 0o7700), uid, gid,
                                chain_dir.chain)
             txn.put_dirent(parent, name, inode.ino)
             _touch_dir(txn, parent)

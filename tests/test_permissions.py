@@ -1,0 +1,92 @@
+"""Nobody but root reads what swap holds.
+
+The state directory is 0700 and every file in it 0600, however it was made
+(swapfs/statedir.py); swap files are created 0600 and clones keep that;
+``swapfs swapon`` refuses a file that others could read. Tried as an
+ordinary user (``nobody``, through setpriv, so that the test adds no user
+to the system): the state, the control socket and the mount are each
+refused.
+"""
+
+import errno
+import os
+import stat
+import subprocess
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from swapfs import control, swaparea
+from swapfs.errors import SwapfsError
+from swapfs.index import ROOT_INO
+from swapfs.volume import Volume
+from tests.mounting import SWAPFS, Mount, requires_mount
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def loose_bits(root: Path) -> dict[str, str]:
+    """Every path under *root* (itself too) with group or other bits, and its mode."""
+    found = {}
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o077:
+            found[str(path.relative_to(root))] = f"{mode:04o}"
+    return found
+
+
+def test_a_state_made_loose_is_tightened_when_opened(state_dir: Path) -> None:
+    with closing(Volume(state_dir)) as vol:
+        chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        vol.write(vol.create(chain.ino, b"f", 0o644, 0, 0).ino, 0, b"secret" * 700)
+        assert stat.S_IMODE(vol.resolve("c/f").mode) == 0o600  # 0644 asked, 0600 made
+    assert loose_bits(state_dir) == {}
+    subprocess.run(["chmod", "-R", "go+rX", str(state_dir)], check=True)
+    assert loose_bits(state_dir)
+    with closing(Volume(state_dir)):
+        assert loose_bits(state_dir) == {}
+
+
+@requires_mount
+@pytest.mark.mount
+def test_an_ordinary_user_is_refused_everywhere(mount: Mount) -> None:
+    umask = os.umask(0o022)  # a usual umask: swapfs must not rely on it
+    try:
+        os.mkdir(mount.path("c"))
+        mount.path("c", "f").write_bytes(b"password=hunter2".ljust(4096, b"\0"))
+        mount.path("c", "f").chmod(0o644)  # even so: the mount serves root only
+        subprocess.run([*SWAPFS, "clone", str(mount.path("c", "f")),
+                        str(mount.path("c", "g"))], check=True)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(mount.path("c", "g").stat().st_mode) == 0o644  # a clone keeps it
+    assert loose_bits(mount.state) == {}
+
+    def as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*NOBODY, *command], capture_output=True, text=True)
+
+    for path in (mount.state, mount.state / "index.lmdb" / "data.mdb",
+                 mount.state / "daemon.log", mount.path("c", "f")):
+        result = as_nobody("cat", str(path))
+        assert result.returncode != 0 and "Permission denied" in result.stderr, path
+    socket_path = control.socket_of(str(mount.mnt))
+    connect = f"import socket; socket.socket(socket.AF_UNIX).connect({socket_path!r})"
+    result = as_nobody("/usr/bin/python3", "-c", connect)
+    assert result.returncode != 0 and "PermissionError" in result.stderr
+
+
+@requires_mount
+@pytest.mark.mount
+def test_swapon_refuses_a_file_others_can_read(mount: Mount) -> None:
+    os.mkdir(mount.path("c"))
+    path = mount.path("c", "swap")
+    path.touch()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    os.truncate(path, 64 << 20)
+    path.chmod(0o640)
+    with pytest.raises(SwapfsError) as caught:
+        swaparea.swap_on(str(path))
+    assert caught.value.errno == errno.EACCES and "0640" in str(caught.value)
+    assert swaparea.devices_of(os.path.realpath(path)) == []  # nothing was attached
+
