@@ -55,6 +55,8 @@ class Config:
     control_max_connections: int = 128
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
     vsock_port: int = 0
+    #: The guests (context ids) whose drivers the vsock port admits.
+    vsock_cids: list[int] = field(default_factory=list)
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
     failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     #: Seconds the state directory's lease lasts unless renewed (swapfs.lease);
@@ -70,7 +72,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "lease_seconds": (int, float),
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
     "dedup_table_bytes": int, "control_idle_timeout": (int, float),
-    "control_max_connections": int,
+    "control_max_connections": int, "vsock_cids": list,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -119,6 +121,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("control_max_connections must be within 1..65536")
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:
         raise ConfigError("vsock_port must be within 0..4294967294")
+    if any(not isinstance(cid, int) or isinstance(cid, bool) or not 3 <= cid <= 0xFFFFFFFE
+           for cid in config.vsock_cids):
+        raise ConfigError("vsock_cids must list guest context ids, each within 3..4294967294")
     for name in config.failover_strategies:
         if name not in STRATEGIES:
             raise ConfigError(f"failover_strategies: unknown strategy {name!r}; "

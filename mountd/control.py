@@ -13,14 +13,13 @@ import logging
 import math
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mountd import keeper, lifecycle
+from mountd import keeper, lifecycle, peercred
 from mountd.drivers import OPS as DRIVER_OPS
 from mountd.drivers import DriverError, DriverManager, Session
 from swapfs import compiled
@@ -37,8 +36,6 @@ log = logging.getLogger(__name__)
 #: A standby asks for the connection's descriptors with this op; the reply
 #: (the status, as JSON) carries them as SCM_RIGHTS. See mountd.keeper.
 KEEPER_ATTACH = "keeper.attach"
-_UCRED = struct.Struct("iII")  # pid, uid, gid
-
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -63,13 +60,16 @@ class ControlServer:
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
                  protections: dict[str, bool], drivers: DriverManager | None = None,
                  link: "Link | None" = None, idle_timeout: float = 60.0,
-                 max_connections: int = 128) -> None:
+                 max_connections: int = 128, vsock_cids: frozenset[int] = frozenset()
+                 ) -> None:
         self.volume = volume
         #: Seconds a connection that is neither a registered driver's nor a
         #: keeper's may stay silent; how many connections are served at once.
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = 0
+        #: The guests (vsock CIDs) whose drivers are admitted (mountd/peercred.py).
+        self.vsock_cids = vsock_cids
         self.drivers = drivers
         self.mountpoint = mountpoint
         self.ops = ops
@@ -157,6 +157,10 @@ class ControlServer:
         if not isinstance(message, dict):
             raise BadRequest("a request is a JSON object")
         op = message.get("op")
+        if session is not None and session.peer.is_vsock and op not in DRIVER_OPS:
+            log.warning("%r of %s refused: a guest sends driver messages only", op, session.peer)
+            return {"ok": False, "errno": errno.EACCES,
+                    "error": "permission denied: over vsock only driver messages are served"}
         if isinstance(op, str) and op in DRIVER_OPS:
             if self.drivers is None or session is None:
                 raise DriverError(errno.ENOTSUP, "this daemon takes no drivers")
@@ -189,8 +193,17 @@ class ControlServer:
                                      "error": f"{self.connections} control connections "
                                               "open already: try again"})
             return
+        peer = peercred.of_socket(stream.socket)
+        refused = peercred.refusal(peer, self.vsock_cids)
+        if refused is not None:
+            log.warning("control connection of %s refused: %s", peer, refused)
+            async with stream:
+                await _send(stream, {"ok": False, "errno": errno.EACCES,
+                                     "error": f"permission denied: {refused}"})
+            return
         self.connections += 1
         session = Session()
+        session.peer = peer
         try:
             await self._serve_client(stream, session)
         finally:
@@ -258,11 +271,10 @@ class ControlServer:
         Only on the host's Unix socket (root only, mode 0600): a driver on
         vsock, inside a guest, never gets near the connection."""
         sock = stream.socket
+        peer_pid = session.peer.pid
         try:
-            if sock.family != socket.AF_UNIX:
+            if session.peer.is_vsock or peer_pid is None:
                 raise SwapfsError(errno.EPERM, "keeper.attach is for the host's Unix socket")
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            peer_pid = _UCRED.unpack(creds)[0]
             fds = self.attach_keeper(peer_pid)
         except SwapfsError as exc:
             await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})

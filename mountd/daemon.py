@@ -360,7 +360,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                              memo.set_open if memo else None)
             control = ControlServer(volume, config.mountpoint, ops, protections, drivers,
                                     link, idle_timeout=config.control_idle_timeout,
-                                    max_connections=config.control_max_connections)
+                                    max_connections=config.control_max_connections,
+                                    vsock_cids=frozenset(config.vsock_cids))
             if link.fuse_fd is None:
                 pyfuse3.init(ops, config.mountpoint, libfuse_options(config, socket_path))
             else:

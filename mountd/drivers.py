@@ -25,6 +25,7 @@ import re
 import time
 from typing import Any
 
+from mountd.peercred import Peer
 from swapfs.codescan import PAGE_SIZE, Extent
 from swapfs.transient import Grant, TransientCache
 
@@ -133,6 +134,7 @@ class Session:
         self.processes = 0
         self.per_process_bytes = 0
         self.keeper_pid: int | None = None  # a standby holding the connection
+        self.peer = Peer()  # who connected (mountd/peercred.py)
 
 
 class DriverManager:

@@ -40,6 +40,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\nvsock_port = -1\n', "vsock_port must be within"),
     ('state = "/s"\nmountpoint = "/m"\ncontrol_idle_timeout = 0\n', "positive number of seconds"),
     ('state = "/s"\nmountpoint = "/m"\ncontrol_max_connections = 0\n', "within 1..65536"),
+    ('state = "/s"\nmountpoint = "/m"\nvsock_cids = [2]\n', "vsock_cids must list"),
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = "union"\n',
      "failover_strategies must be a list"),
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["union", "lru"]\n',

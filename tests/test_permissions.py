@@ -9,6 +9,7 @@ refused.
 """
 
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -17,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from mountd import peercred
+from mountd.control import ControlServer
+from mountd.drivers import DriverManager, Session
+from mountd.peercred import Peer
 from swapfs import control, swaparea
 from swapfs.errors import SwapfsError
+from swapfs.fs import Operations
 from swapfs.index import ROOT_INO
+from swapfs.transient import TransientCache
 from swapfs.volume import Volume
 from tests.mounting import SWAPFS, Mount, requires_mount
 
@@ -90,3 +97,56 @@ def test_swapon_refuses_a_file_others_can_read(mount: Mount) -> None:
     assert caught.value.errno == errno.EACCES and "0640" in str(caught.value)
     assert swaparea.devices_of(os.path.realpath(path)) == []  # nothing was attached
 
+
+
+@requires_mount
+@pytest.mark.mount
+def test_the_daemon_serves_root_only_even_on_a_socket_opened_to_all(mount: Mount) -> None:
+    """SO_PEERCRED, not the socket's mode alone: loosened by hand, the socket
+    still answers an ordinary user EACCES, and the log names the peer."""
+    socket_path = control.socket_of(str(mount.mnt))
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (mount.root, mount.state)}
+    for path in modes:
+        path.chmod(0o711)
+    os.chmod(socket_path, 0o666)
+    try:
+        request = ("import socket; s = socket.socket(socket.AF_UNIX); "
+                   f"s.connect({socket_path!r}); s.sendall(b'{{\"op\": \"stats\"}}\\n'); "
+                   "print(s.makefile().readline())")
+        result = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", request],
+                                capture_output=True, text=True)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+        os.chmod(socket_path, 0o600)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert (reply["ok"], reply["errno"]) == (False, errno.EACCES)
+    assert "uid 65534" in (mount.state / "daemon.log").read_text()
+    assert mount.stats()["chains"] == {}  # root is served as before
+
+
+def test_who_may_connect() -> None:
+    cids = frozenset({5})
+    assert peercred.refusal(Peer(pid=1, uid=0), cids) is None
+    assert peercred.refusal(Peer(pid=1, uid=1000), cids) == "only root is served"
+    assert peercred.refusal(Peer(cid=5), cids) is None
+    assert peercred.refusal(Peer(cid=6), cids) == "its CID is not in vsock_cids"
+    assert str(Peer(cid=6)) == "vsock CID 6" and str(Peer(pid=7, uid=8)) == "pid 7 uid 8"
+
+
+def test_a_guest_sends_driver_messages_only(state_dir: Path) -> None:
+    """Over vsock (a session whose peer is a CID; this machine has no vsock),
+    commands that change or reveal the host's state are EACCES."""
+    with closing(Volume(state_dir)) as volume:
+        drivers = DriverManager(TransientCache(1 << 20), 30)
+        server = ControlServer(volume, "/mnt", Operations(volume), {}, drivers,
+                               vsock_cids=frozenset({5}))
+        guest, host = Session(), Session()
+        guest.peer, host.peer = Peer(cid=5), Peer(pid=1, uid=0)
+        for op in ("status", "stats", "clone", "priority", "keeper.attach"):
+            reply = server.answer(json.dumps({"op": op}).encode(), guest)
+            assert (reply["ok"], reply["errno"]) == (False, errno.EACCES), op
+        assert server.answer(b'{"op": "stats"}', host)["ok"]
+        register = {"op": "driver.register", "driver": "guest-1", "extents": []}
+        assert server.answer(json.dumps(register).encode(), guest)["ok"]
