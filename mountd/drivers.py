@@ -27,12 +27,11 @@ from typing import Any
 
 from mountd.peercred import Peer
 from swapfs.codescan import PAGE_SIZE, Extent
+from swapfs.control import MAX_EXTENTS
 from swapfs.transient import Grant, TransientCache
 
 log = logging.getLogger(__name__)
 
-#: Most extents one message may report.
-MAX_EXTENTS = 8192
 #: A driver's name: short, printable, safe in logs.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 _MAX_PATH = 4096

@@ -21,6 +21,8 @@ from typing import Any
 
 #: Longest request or reply line, in bytes.
 MAX_LINE = 1 << 20
+#: Most extents one driver message may report (the daemon refuses more).
+MAX_EXTENTS = 8192
 
 #: How long a client tries again while the daemon answers EAGAIN (busy).
 RETRY_SECONDS = 5.0
@@ -35,6 +37,10 @@ class ControlError(Exception):
     def __init__(self, errno_: int, message: str) -> None:
         super().__init__(message)
         self.errno = errno_
+
+
+class ConnectionLost(ControlError):
+    """The daemon could not be reached, or went away before it answered."""
 
 
 def mount_root(path: str) -> str:
@@ -91,22 +97,52 @@ def request(socket_path: str, message: dict[str, Any], timeout: float = 60.0) ->
         pause = min(2 * pause, 0.25)
 
 
-def _request_once(socket_path: str, message: dict[str, Any], timeout: float
-                  ) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+class Connection:
+    """One control connection, kept open: requests and their replies, in turn
+    (a driver's connection is its registration). ControlError for a refusal
+    (with the daemon's errno) or a lost connection."""
+
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
         try:
-            sock.connect(socket_path)
+            self.sock.connect(socket_path)
+        except OSError as exc:
+            self.sock.close()
+            raise ConnectionLost(exc.errno or errno.EIO,
+                                 f"cannot connect to swapfs at {socket_path}: {exc}") from exc
+        self.reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send *message*; the daemon's successful reply."""
+        try:
             # A busy daemon answers EAGAIN and hangs up at once: read that.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(json.dumps(message).encode() + b"\n")
-            reply = sock.makefile("rb").readline(MAX_LINE)
+                self.sock.sendall(json.dumps(message).encode() + b"\n")
+            reply = self.reader.readline(MAX_LINE)
         except OSError as exc:
-            raise ControlError(exc.errno or errno.EIO,
-                               f"cannot talk to swapfs at {socket_path}: {exc}") from exc
-    if not reply:
-        raise ControlError(errno.ECONNRESET, "the daemon closed the connection")
-    answer = json.loads(reply)
-    if not answer.get("ok"):
-        raise ControlError(answer.get("errno", errno.EIO), answer.get("error", "failed"))
-    return dict(answer)
+            raise ConnectionLost(exc.errno or errno.EIO,
+                                 f"cannot talk to swapfs at {self.socket_path}: {exc}") from exc
+        if not reply:
+            raise ConnectionLost(errno.ECONNRESET, "the daemon closed the connection")
+        answer = json.loads(reply)
+        if not answer.get("ok"):
+            raise ControlError(answer.get("errno", errno.EIO), answer.get("error", "failed"))
+        return dict(answer)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def _request_once(socket_path: str, message: dict[str, Any], timeout: float
+                  ) -> dict[str, Any]:
+    with Connection(socket_path, timeout) as connection:
+        return connection.request(message)

@@ -28,9 +28,6 @@ from swapfs.codescan import SKIP_REASONS, Extent, Scan, scan
 
 log = logging.getLogger("swapfs-driver")
 
-#: Most extents one report carries (the daemon refuses more).
-MAX_EXTENTS = 8192
-
 _EXAMPLES = """\
 examples:
   swapfs-driver scan                      # every process on this host
@@ -67,45 +64,35 @@ class DriverFailed(Exception):
 
 
 class _Connection:
-    """One control connection, kept open: requests and their replies, in turn."""
+    """The driver's control connection: its registration while it is open."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise DriverFailed(f"cannot connect to {path}: {exc}") from exc
-        self.reader = self.sock.makefile("rb")
+            self.connection = control.Connection(path, timeout)
+        except control.ControlError as exc:
+            raise DriverFailed(str(exc)) from exc
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
-            self.sock.sendall(json.dumps(message).encode() + b"\n")
-            line = self.reader.readline(control.MAX_LINE)
-        except OSError as exc:
+            return self.connection.request(message)
+        except control.ConnectionLost as exc:
             raise DriverFailed(f"lost the daemon: {exc}") from exc
-        if not line:
-            raise DriverFailed("the daemon closed the connection")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise DriverFailed(f"the daemon refused {message['op']}: "
-                               f"{reply.get('error', 'failed')} (errno {reply.get('errno')})")
-        return dict(reply)
+        except control.ControlError as exc:
+            raise DriverFailed(f"the daemon refused {message['op']}: {exc} "
+                               f"(errno {exc.errno})") from exc
 
     def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+        self.connection.close()
 
 
 def report_extents(result: Scan) -> list[Extent]:
     """What to report: every extent, or one per physical extent if they are too many."""
-    if len(result.extents) <= MAX_EXTENTS:
+    if len(result.extents) <= control.MAX_EXTENTS:
         return result.extents
     unique = list({extent.physical_key: extent for extent in result.extents}.values())
-    if len(unique) > MAX_EXTENTS:
-        log.warning("%d physical extents: reporting the first %d", len(unique), MAX_EXTENTS)
-    return unique[:MAX_EXTENTS]
+    if len(unique) > control.MAX_EXTENTS:
+        log.warning("%d physical extents: reporting the first %d", len(unique), control.MAX_EXTENTS)
+    return unique[:control.MAX_EXTENTS]
 
 
 def _log_grant(what: str, name: str, reply: dict[str, Any], extents: list[Extent]) -> None:

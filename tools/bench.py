@@ -72,7 +72,6 @@ import os
 import platform
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -342,13 +341,8 @@ def synthetic_driver(mnt: Path, pool_bytes: int) -> Iterator[None]:
     extents = [{"pid": 1, "path": f"/synthetic/{n}", "device": "00:00", "inode": n,
                 "address": 0, "length": PAGE, "segment": 0, "part": "tail"}
                for n in range(pool_bytes // PAGE)]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(control.socket_of(str(mnt)))
-        sock.sendall(json.dumps({"op": "driver.register", "driver": "bench",
-                                 "extents": extents}).encode() + b"\n")
-        reply = json.loads(sock.makefile("rb").readline())
-        if not reply.get("ok"):
-            raise RuntimeError(f"the synthetic driver was refused: {reply}")
+    with control.Connection(control.socket_of(str(mnt))) as connection:
+        connection.request({"op": "driver.register", "driver": "bench", "extents": extents})
         yield
 
 
