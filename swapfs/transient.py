@@ -1,7 +1,7 @@
 """The transient cache: hot blocks held in space nobody uses.
 
 Drivers (``swapfs-driver``) report the unused bytes of code pages in their
-guest (:mod:`swapfs.codescan`). The cache manager aggregates the reports
+guest (:mod:`swapfs.guest.codescan`). The cache manager aggregates the reports
 into a pool whose capacity is their physical total, bounded by a
 configured maximum, and the read path keeps hot blocks there.
 
@@ -26,14 +26,25 @@ import secrets
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
-from swapfs.codescan import Extent
 
 #: A segment's identity: (driver, device, inode, program header, "head"/"tail").
 SegmentKey = tuple[str, str, int, int, str]
+
+
+class Region(Protocol):
+    """What the pool needs of one reported region of unused bytes (a guest's
+    ``codescan.Extent`` is one): which physical bytes, and how many. The
+    engine knows no more of the guest side than this."""
+
+    @property
+    def physical_key(self) -> tuple[str, int, int, str]: ...
+
+    @property
+    def length(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class TransientCache(BlockCache):
 
     # -- the manager's side ---------------------------------------------------------
 
-    def update(self, driver: str, extents: Iterable[Extent]) -> Grant:
+    def update(self, driver: str, extents: Iterable[Region]) -> Grant:
         """Replace *driver*'s report with *extents*; the pool follows at once."""
         keys: set[SegmentKey] = set()
         for extent in extents:

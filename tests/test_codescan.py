@@ -2,7 +2,7 @@
 
 The figures are checked against ones the tests compute on their own: the
 program headers as ``readelf -lW`` prints them and the mappings as the
-kernel lists them, never through swapfs.elf or swapfs.codescan.
+kernel lists them, never through swapfs.guest.elf or swapfs.guest.codescan.
 """
 
 import io
@@ -19,9 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import codescan
-from swapfs.codescan import Mapping, scan, unused_parts
-from swapfs.elf import PF_X, PT_LOAD, NotElf, ProgramHeader, TruncatedElf, read_program_headers
+from swapfs.guest import codescan
+from swapfs.guest.codescan import Mapping, scan, unused_parts
+from swapfs.guest.elf import (
+    PF_X,
+    PT_LOAD,
+    NotElf,
+    ProgramHeader,
+    TruncatedElf,
+    read_program_headers,
+)
 
 PAGE = mmap.PAGESIZE
 
@@ -315,7 +322,7 @@ def test_scan_command_prints_the_library_figures_as_json(
         sleepers: tuple[Path, list[int]]) -> None:
     _binary, pids = sleepers
     script = Path(sys.executable).parent / "swapfs-driver"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "swapfs.driver"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "swapfs.guest.driver"]
     output = subprocess.run([*command, "scan", "--json", "--pid", *map(str, pids)],
                             capture_output=True, text=True, check=True).stdout
     printed = json.loads(output)
@@ -327,7 +334,7 @@ def test_scan_command_prints_the_library_figures_as_json(
 
 
 def test_scan_command_prints_totals_for_people(capsys: pytest.CaptureFixture[str]) -> None:
-    from swapfs.driver import main
+    from swapfs.guest.driver import main
 
     assert main(["scan", "--pid", str(os.getpid())]) == 0
     text = capsys.readouterr().out

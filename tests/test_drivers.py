@@ -28,7 +28,7 @@ from mountd.control import vsock_available
 from mountd.drivers import NAME_PATTERN
 from swapfs import control
 from swapfs.blocks import BLOCK_SIZE
-from swapfs.codescan import PAGE_SIZE, scan
+from swapfs.guest.codescan import PAGE_SIZE, scan
 from tests.mounting import (
     Mount,
     aligned_buffer,
@@ -45,7 +45,7 @@ from tests.test_codescan import expected_figures, needs_readelf, wait_loaded
 pytestmark = [pytest.mark.mount, requires_mount]
 
 _SCRIPT = Path(sys.executable).parent / "swapfs-driver"
-DRIVER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "swapfs.driver"]
+DRIVER = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "swapfs.guest.driver"]
 
 
 def pool(mount: Mount) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 from swapfs.blocks import BLOCK_SIZE
-from swapfs.codescan import Extent
+from swapfs.guest.codescan import Extent
 from swapfs.index import ROOT_INO
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume

@@ -86,7 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import blake3  # noqa: E402
 
 from swapfs import control  # noqa: E402
-from swapfs.codescan import scan  # noqa: E402
+from swapfs.guest.codescan import scan  # noqa: E402
 from swapfs.index import FORMAT_VERSION  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
     FIO_TARGETS,

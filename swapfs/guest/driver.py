@@ -1,6 +1,6 @@
 """``swapfs-driver``: finds the unused space inside code pages on this host.
 
-``swapfs-driver scan`` prints one scan (:mod:`swapfs.codescan`) and needs no
+``swapfs-driver scan`` prints one scan (:mod:`swapfs.guest.codescan`) and needs no
 daemon: the figures it prints are the capacity a transient cache could get
 from this host.
 
@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any
 
 from swapfs import control
-from swapfs.codescan import SKIP_REASONS, Extent, Scan, scan
+from swapfs.guest.codescan import SKIP_REASONS, Extent, Scan, scan
 
 log = logging.getLogger("swapfs-driver")
 

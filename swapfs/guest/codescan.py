@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swapfs.elf import NotElf, ProgramHeader, TruncatedElf, read_program_headers
+from swapfs.guest.elf import NotElf, ProgramHeader, TruncatedElf, read_program_headers
 
 log = logging.getLogger(__name__)
 
