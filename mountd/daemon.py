@@ -33,15 +33,15 @@ import trio
 from mountd import fusedev, keeper, lifecycle
 from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
-from mountd.control import ControlServer, vsock_available
+from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
 from swapfs import compiled, lease, mountcheck
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
-from swapfs.control import SOURCE_PREFIX
 from swapfs.fs import Operations
 from swapfs.lease import Lease
+from swapfs.protocol import SOURCE_PREFIX
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume
 

@@ -26,8 +26,8 @@ import time
 from typing import Any
 
 from mountd.peercred import Peer
-from swapfs.control import MAX_EXTENTS
 from swapfs.guest.codescan import PAGE_SIZE, Extent
+from swapfs.protocol import MAX_EXTENTS
 from swapfs.transient import Grant, TransientCache
 
 log = logging.getLogger(__name__)

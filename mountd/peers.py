@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from swapfs import control, manifest
+from swapfs import manifest, protocol
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,11 @@ class Peer:
 def peers(own_state: Path) -> list[Peer]:
     """Every other daemon's last manifest (blocking: run it in a thread)."""
     found = []
-    for mountpoint, socket_path in sorted(control.swapfs_sockets().items()):
+    for mountpoint, socket_path in sorted(protocol.swapfs_sockets().items()):
         try:
-            state = Path(control.request(socket_path, {"op": "status"},
+            state = Path(protocol.request(socket_path, {"op": "status"},
                                          timeout=PEER_TIMEOUT)["state"])
-        except (control.ControlError, KeyError, ValueError) as exc:
+        except (protocol.ControlError, KeyError, ValueError) as exc:
             log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
             continue
         if state == own_state:

@@ -45,7 +45,7 @@ from typing import Any
 
 from mountd import keeper, lifecycle
 from mountd.logs import setup_logging
-from swapfs import control, lease, spawn
+from swapfs import lease, protocol, spawn
 
 log = logging.getLogger("mountd.standby")
 
@@ -95,7 +95,7 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One reply line and the descriptors that came with it."""
     data, fds = b"", []
     while not data.endswith(b"\n"):
-        chunk, ancillary, _flags, _addr = sock.recvmsg(control.MAX_LINE,
+        chunk, ancillary, _flags, _addr = sock.recvmsg(protocol.MAX_LINE,
                                                        socket.CMSG_SPACE(2 * 4))
         fds += keeper.fds_in(ancillary)
         if not chunk:
@@ -191,8 +191,8 @@ def _serving(starting: spawn.Starting) -> None:
 
 def keep(mountpoint: str, on_attached: Any = None) -> int:
     """Keep *mountpoint*'s connection until the mount ends."""
-    socket_path = control.socket_of(mountpoint)
-    lock = _lock(Path(control.request(socket_path, {"op": "status"})["state"]))
+    socket_path = protocol.socket_of(mountpoint)
+    lock = _lock(Path(protocol.request(socket_path, {"op": "status"})["state"]))
     status, fuse_fd, memo_fd, link = attach(socket_path)
     log.info("keeping %s (daemon %d)", mountpoint, status["pid"])
     spare = Spare(status, fuse_fd, memo_fd)
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except lease.LeaseError as exc:
         log.error("%s", exc)
         return 1
-    except control.ControlError as exc:
+    except protocol.ControlError as exc:
         log.error("%s", exc)
         return 1
     except StandbyError as exc:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import control, fsck, lease, mountcheck, spawn, swaparea
+from swapfs import fsck, lease, mountcheck, protocol, spawn, swaparea
 from swapfs.errors import SwapfsError
 
 EXAMPLES = """\
@@ -89,7 +89,7 @@ def _standby(args: argparse.Namespace) -> int:
     if args.foreground:
         os.execv(sys.executable, command)
     if args.state is None:
-        state = Path(control.request(control.socket_of(mountpoint), {"op": "status"})["state"])
+        state = Path(protocol.request(protocol.socket_of(mountpoint), {"op": "status"})["state"])
     pid = _start_background(command, state / "standby.log", "the standby did not start")
     if args.state is None:
         print(f"swapfs: standby {pid} keeps {mountpoint}")
@@ -128,8 +128,8 @@ def _umount(args: argparse.Namespace) -> int:
                            "detach it first")
     pid = None
     try:
-        pid = control.request(control.socket_of(mountpoint), {"op": "status"})["pid"]
-    except control.ControlError as exc:
+        pid = protocol.request(protocol.socket_of(mountpoint), {"op": "status"})["pid"]
+    except protocol.ControlError as exc:
         logging.getLogger(__name__).debug("no daemon answers: %s", exc)
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
@@ -143,10 +143,10 @@ def _clone(args: argparse.Namespace) -> int:
     source = os.path.realpath(args.source)
     target = os.path.join(os.path.realpath(os.path.dirname(args.target) or "."),
                           os.path.basename(args.target))
-    root = control.mount_root(source)
-    if control.mount_root(os.path.dirname(target)) != root:
+    root = protocol.mount_root(source)
+    if protocol.mount_root(os.path.dirname(target)) != root:
         raise CommandError("source and target must be on the same swapfs mount")
-    control.request(control.socket_of(root), {
+    protocol.request(protocol.socket_of(root), {
         "op": "clone", "source": os.path.relpath(source, root),
         "target": os.path.relpath(target, root), "empty": args.empty,
     })
@@ -155,11 +155,11 @@ def _clone(args: argparse.Namespace) -> int:
 
 def _priority(args: argparse.Namespace) -> int:
     path = os.path.realpath(args.file)
-    root = control.mount_root(path)
+    root = protocol.mount_root(path)
     message: dict[str, Any] = {"op": "priority", "path": os.path.relpath(path, root)}
     if args.priority is not None:
         message["priority"] = args.priority
-    reply = control.request(control.socket_of(root), message)
+    reply = protocol.request(protocol.socket_of(root), message)
     if args.priority is None:
         print(reply["priority"])
     return 0
@@ -181,16 +181,16 @@ def _status(args: argparse.Namespace) -> int:
     report = swaparea.status()
     for mount, entry in report["mounts"].items():
         try:
-            daemon = control.request(control.socket_of(mount), {"op": "status"})
+            daemon = protocol.request(protocol.socket_of(mount), {"op": "status"})
             daemon.pop("ok")
-            stats = control.request(control.socket_of(mount), {"op": "stats"})
+            stats = protocol.request(protocol.socket_of(mount), {"op": "stats"})
             entry["daemon"] = daemon
             entry["stored_bytes"] = sum(c["stored_bytes"] for c in stats["chains"].values())
             entry["logical_bytes"] = sum(c["logical_bytes"] for c in stats["chains"].values())
             entry["index_bytes"] = stats["index_bytes"]
             if "index" in stats:
                 entry["index"] = stats["index"]
-        except control.ControlError as exc:
+        except protocol.ControlError as exc:
             entry["daemon"] = {"error": str(exc)}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -316,7 +316,7 @@ def _print_pool(pool: dict[str, Any]) -> None:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    reply = control.request(control.socket_of(args.path), {"op": "stats"})
+    reply = protocol.request(protocol.socket_of(args.path), {"op": "stats"})
     reply.pop("ok")
     if args.json:
         print(json.dumps(reply, indent=2, sort_keys=True))
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="swapfs: %(message)s")
     try:
         return int(args.run(args))
-    except (CommandError, control.ControlError, SwapfsError, OSError) as exc:
+    except (CommandError, protocol.ControlError, SwapfsError, OSError) as exc:
         print(f"swapfs {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -12,8 +12,8 @@ import errno
 import os
 from pathlib import Path
 
-from swapfs.control import unescape
 from swapfs.errors import SwapfsError
+from swapfs.protocol import unescape
 
 
 def mounted_type(path: str) -> str | None:

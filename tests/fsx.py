@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from swapfs import control, fsck
+from swapfs import fsck, protocol
 from tests.mounting import BLOCK, Mount, aligned_buffer, fallocate, mounted, wait_until
 
 # fallocate(2) modes (linux/falloc.h).
@@ -156,7 +156,7 @@ class Fsx:
             op()
         except FsxFailure as exc:
             raise self._failure(str(exc)) from exc
-        except (AssertionError, OSError, control.ControlError) as exc:
+        except (AssertionError, OSError, protocol.ControlError) as exc:
             raise self._failure(f"{type(exc).__name__}: {exc}") from exc
         self.counts[name] += 1
 
@@ -317,8 +317,8 @@ class Fsx:
         empty = self.rng.random() < 0.25
         label = self._new_label()
         self._note(f"{label} of {source.shown}{' empty' if empty else ''}")
-        socket = control.socket_of(str(self.mount.mnt))
-        control.request(socket, {"op": "clone", "source": f"{CHAIN}/{source.name}",
+        socket = protocol.socket_of(str(self.mount.mnt))
+        protocol.request(socket, {"op": "clone", "source": f"{CHAIN}/{source.name}",
                                  "target": f"{CHAIN}/{label}", "empty": empty})
         data = bytearray(len(source.data)) if empty else bytearray(source.data)
         file = File(label, label, data)
@@ -523,7 +523,7 @@ class Fsx:
             done = os.preadv(file.direct, [buffer], 0)
             self._expect(file, 0, bytes(buffer[:done]), want, "O_DIRECT read")
         self._settle()
-        stats = control.request(control.socket_of(str(self.mount.mnt)), {"op": "stats"})
+        stats = protocol.request(protocol.socket_of(str(self.mount.mnt)), {"op": "stats"})
         chain = stats["chains"][CHAIN]
         stored = set()
         for file in self.files:

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from mountd import keeper
-from swapfs import control, fsck
+from swapfs import fsck, protocol
 
 BLOCK = 4096
 
@@ -183,7 +183,7 @@ class Mount:
         assert printed is not None and int(printed.group(1)) == self.pid, result.stdout
 
     def status(self) -> dict[str, Any]:
-        return control.request(control.socket_of(str(self.mnt)), {"op": "status"})
+        return protocol.request(protocol.socket_of(str(self.mnt)), {"op": "status"})
 
     def start_standby(self) -> int:
         """``swapfs standby``; its pid, which :meth:`close` kills if it outlives the mount."""
@@ -206,8 +206,8 @@ class Mount:
         def answered() -> bool:
             nonlocal status
             try:
-                status = control.request(socket_path, {"op": "status"}, timeout=5)
-            except control.ControlError:
+                status = protocol.request(socket_path, {"op": "status"}, timeout=5)
+            except protocol.ControlError:
                 return False
             return bool(status["pid"] != old)
 

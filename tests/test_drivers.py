@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mountd.control import vsock_available
+from mountd.controlserver import vsock_available
 from mountd.drivers import NAME_PATTERN
-from swapfs import control
+from swapfs import protocol
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.guest.codescan import PAGE_SIZE, scan
 from tests.mounting import (
@@ -56,7 +56,7 @@ def pool(mount: Mount) -> dict[str, Any]:
 
 def quick_pool(mount: Mount) -> dict[str, Any]:
     """The same straight from the control socket (no subprocess)."""
-    cache: dict[str, Any] = control.request(control.socket_of(str(mount.mnt)),
+    cache: dict[str, Any] = protocol.request(protocol.socket_of(str(mount.mnt)),
                                             {"op": "stats"})["transient_cache"]
     return cache
 
@@ -73,7 +73,7 @@ class Client:
     def __init__(self, mount: Mount) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(10)
-        self.sock.connect(control.socket_of(str(mount.mnt)))
+        self.sock.connect(protocol.socket_of(str(mount.mnt)))
         self.reader = self.sock.makefile("rb")
 
     def send(self, payload: bytes) -> dict[str, Any] | None:
@@ -158,7 +158,7 @@ def test_a_driver_feeds_the_pool_and_exits_revoke_it(mount: Mount, tmp_path: Pat
         per_process, physical, by_file = expected_figures(pids)
         with open(log, "wb") as output:
             driver = subprocess.Popen(
-                [*DRIVER, "run", "--socket", control.socket_of(str(mount.mnt)),
+                [*DRIVER, "run", "--socket", protocol.socket_of(str(mount.mnt)),
                  "--name", "host-a", "--interval", "0.2", "--pid", *map(str, pids)],
                 stdout=output, stderr=subprocess.STDOUT)
         assert wait_until(lambda: "host-a" in quick_pool(mount)["drivers"], 10), \
@@ -501,7 +501,7 @@ def test_memory_goes_back_when_drivers_leave(mount: Mount) -> None:
     extents = [{**extent(number), "path": f"/opt/{padding}/lib{number}.so"}
                for number in range(2500)]
     message = json.dumps({"op": "driver.register", "driver": "d", "extents": extents})
-    assert len(message) < control.MAX_LINE
+    assert len(message) < protocol.MAX_LINE
 
     def burst() -> tuple[int, int]:
         """Memory with 40 drivers registered, and once they are gone."""

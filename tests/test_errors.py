@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from swapfs import control, fsck
+from swapfs import fsck, protocol
 from swapfs.blocks import MAX_FILE_SIZE
 from swapfs.errors import SwapfsError
 from swapfs.filemap import MAP_RUN
@@ -203,7 +203,7 @@ def raw_request(mount: Mount, payload: bytes) -> dict[str, Any]:
     """Send raw bytes to the control socket; the first reply line, decoded."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
-        sock.connect(control.socket_of(str(mount.mnt)))
+        sock.connect(protocol.socket_of(str(mount.mnt)))
         # The daemon may answer and hang up before it has read everything.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(payload)
@@ -275,8 +275,8 @@ def test_refused_clones_get_their_errno(control_mount: Mount, source: str, targe
     request = json.dumps({"op": "clone", "source": source, "target": target}).encode()
     reply = raw_request(mount, request + b"\n")
     assert (reply["ok"], reply["errno"]) == (False, code)
-    with pytest.raises(control.ControlError) as caught:
-        control.request(control.socket_of(str(mount.mnt)),
+    with pytest.raises(protocol.ControlError) as caught:
+        protocol.request(protocol.socket_of(str(mount.mnt)),
                         {"op": "clone", "source": source, "target": target})
     assert caught.value.errno == code
     assert sorted(mount.chain("c")["files"]) == ["f", "g"]
@@ -287,13 +287,13 @@ def test_refused_clones_get_their_errno(control_mount: Mount, source: str, targe
 def test_one_connection_serves_many_requests_and_refuses_huge_lines(mount: Mount) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
-        sock.connect(control.socket_of(str(mount.mnt)))
+        sock.connect(protocol.socket_of(str(mount.mnt)))
         sock.sendall(b'{"op": "status"}\n{"op": "stats"}\n')
         lines = sock.makefile("rb")
         first, second = json.loads(lines.readline()), json.loads(lines.readline())
     assert first["ok"] and first["pid"] == mount.pid
     assert second["ok"] and second["chains"] == {}
-    reply = raw_request(mount, b"x" * (control.MAX_LINE + 70_000))
+    reply = raw_request(mount, b"x" * (protocol.MAX_LINE + 70_000))
     assert (reply["ok"], reply["errno"]) == (False, errno.E2BIG)
     assert mount.status()["pid"] == mount.pid
 
@@ -347,7 +347,7 @@ def busy_mount() -> Iterator[Mount]:
 
 
 def open_connections(mount: Mount, count: int) -> list[socket.socket]:
-    path = control.socket_of(str(mount.mnt))
+    path = protocol.socket_of(str(mount.mnt))
     held = []
     for _ in range(count):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -40,7 +40,7 @@ def test_the_loop_is_split_by_its_system_call() -> None:
     assert _group([*TASK, "unrolled_run (trio/_core/_run.py:2931)"]) == (
         FUSE_LOOP, CATEGORIES[-1].part)
     control = [*ROOT, "unrolled_run (trio/_core/_run.py:2866)",
-               "ControlServer.serve (mountd/control.py:60)"]
+               "ControlServer.serve (mountd/controlserver.py:60)"]
     assert _group(control)[0].startswith("daemon tasks")
 
 

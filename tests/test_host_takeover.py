@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from swapfs import control, lease
+from swapfs import lease, protocol
 from swapfs.manifest import read_manifest
 from tests.mounting import (
     BLOCK,
@@ -77,7 +77,7 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
 
             def taken_over() -> bool:
                 nonlocal taken
-                with contextlib.suppress(control.ControlError):
+                with contextlib.suppress(protocol.ControlError):
                     taken = status(host_a.state, timeout=2)
                 return bool(taken.get("lease")) and taken["lease"]["generation"] == 2
 
@@ -125,7 +125,7 @@ def test_standby_of_another_host_refuses_a_corrupt_lease(tmp_path: Any) -> None:
 
 
 def status(state: Any, timeout: float = 10) -> dict[str, Any]:
-    return control.request(str(state / "control.sock"), {"op": "status"}, timeout=timeout)
+    return protocol.request(str(state / "control.sock"), {"op": "status"}, timeout=timeout)
 
 
 def test_a_daemon_refuses_a_corrupt_lease_and_loses_nothing() -> None:

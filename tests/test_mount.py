@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import control
+from swapfs import protocol
 from swapfs.fs import CACHE_TIMEOUT
 from swapfs.store import punch_hole
 from swapfs.volume import Volume
@@ -578,10 +578,10 @@ def test_o_direct_reads_do_not_ask_for_attributes(mount: Mount) -> None:
     path = mount.path("c", "f")
     data = randbytes(8 * BLOCK, 19)
     write_file(path, data)
-    socket_path = control.socket_of(str(mount.mnt))  # finding it looks at the mount
+    socket_path = protocol.socket_of(str(mount.mnt))  # finding it looks at the mount
 
     def requests() -> Counter[str]:
-        return Counter(control.request(socket_path, {"op": "stats"})["requests"])
+        return Counter(protocol.request(socket_path, {"op": "stats"})["requests"])
 
     buffer = aligned_buffer(BLOCK)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)

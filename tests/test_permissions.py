@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from mountd import peercred
-from mountd.control import ControlServer
+from mountd.controlserver import ControlServer
 from mountd.drivers import DriverManager, Session
 from mountd.peercred import Peer
-from swapfs import control, swaparea
+from swapfs import protocol, swaparea
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
 from swapfs.index import ROOT_INO
@@ -77,7 +77,7 @@ def test_an_ordinary_user_is_refused_everywhere(mount: Mount) -> None:
                  mount.state / "daemon.log", mount.path("c", "f")):
         result = as_nobody("cat", str(path))
         assert result.returncode != 0 and "Permission denied" in result.stderr, path
-    socket_path = control.socket_of(str(mount.mnt))
+    socket_path = protocol.socket_of(str(mount.mnt))
     connect = f"import socket; socket.socket(socket.AF_UNIX).connect({socket_path!r})"
     result = as_nobody("/usr/bin/python3", "-c", connect)
     assert result.returncode != 0 and "PermissionError" in result.stderr
@@ -104,7 +104,7 @@ def test_swapon_refuses_a_file_others_can_read(mount: Mount) -> None:
 def test_the_daemon_serves_root_only_even_on_a_socket_opened_to_all(mount: Mount) -> None:
     """SO_PEERCRED, not the socket's mode alone: loosened by hand, the socket
     still answers an ordinary user EACCES, and the log names the peer."""
-    socket_path = control.socket_of(str(mount.mnt))
+    socket_path = protocol.socket_of(str(mount.mnt))
     modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (mount.root, mount.state)}
     for path in modes:
         path.chmod(0o711)

@@ -25,7 +25,7 @@ import pytest
 
 import tools.swapload
 from swapfs import swaparea
-from swapfs.control import ControlError
+from swapfs.protocol import ControlError
 from tests.mounting import BLOCK, Mount, alive, is_mounted, lazy_unmount, requires_mount, swapfs
 from tests.mounting import wait_until as wait_for
 from tests.test_swap import swap_file, swap_on

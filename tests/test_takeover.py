@@ -23,9 +23,9 @@ import pytest
 
 from mountd import fusedev
 from mountd.cachekeeper import OWN
-from swapfs import control
-from swapfs.control import swapfs_sockets
+from swapfs import protocol
 from swapfs.manifest import read_manifest
+from swapfs.protocol import swapfs_sockets
 from tests.mounting import (
     BLOCK,
     Mount,
@@ -219,7 +219,7 @@ def test_systemd_fd_store_restart() -> None:
             while receive_with_fds(notify)[0] != b"READY=1":
                 pass
             run_with_timeout("cmp", str(root / "data"), str(mnt / "c" / "f"))
-            status = control.request(str(state / "control.sock"), {"op": "status"})
+            status = protocol.request(str(state / "control.sock"), {"op": "status"})
             assert status["keeper"] == "systemd"
             assert status["last_takeover"]["number"] == 1
             daemons[1].send_signal(signal.SIGTERM)
@@ -416,8 +416,8 @@ def test_a_standby_that_dies_mid_takeover_leaves_no_keeper(mount: Mount, dies: s
 
         def serving() -> bool:
             try:
-                pid = control.request(socket_path, {"op": "status"}, timeout=5)["pid"]
-            except control.ControlError:
+                pid = protocol.request(socket_path, {"op": "status"}, timeout=5)["pid"]
+            except protocol.ControlError:
                 return False
             return bool(pid != status["pid"])
 

@@ -85,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blake3  # noqa: E402
 
-from swapfs import control  # noqa: E402
+from swapfs import protocol  # noqa: E402
 from swapfs.guest.codescan import scan  # noqa: E402
 from swapfs.index import FORMAT_VERSION  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
@@ -341,13 +341,13 @@ def synthetic_driver(mnt: Path, pool_bytes: int) -> Iterator[None]:
     extents = [{"pid": 1, "path": f"/synthetic/{n}", "device": "00:00", "inode": n,
                 "address": 0, "length": PAGE, "segment": 0, "part": "tail"}
                for n in range(pool_bytes // PAGE)]
-    with control.Connection(control.socket_of(str(mnt))) as connection:
+    with protocol.Connection(protocol.socket_of(str(mnt))) as connection:
         connection.request({"op": "driver.register", "driver": "bench", "extents": extents})
         yield
 
 
 def _pool_stats(mnt: Path) -> dict[str, Any]:
-    stats: dict[str, Any] = control.request(control.socket_of(str(mnt)),
+    stats: dict[str, Any] = protocol.request(protocol.socket_of(str(mnt)),
                                             {"op": "stats"})["transient_cache"]
     return stats
 
@@ -391,7 +391,7 @@ CONTENT_JOBS = ["randread-4k", "randread-4k-zipf"]
 
 
 def _content_stats(mnt: Path) -> dict[str, Any]:
-    stats: dict[str, Any] = control.request(control.socket_of(str(mnt)),
+    stats: dict[str, Any] = protocol.request(protocol.socket_of(str(mnt)),
                                             {"op": "stats"}).get("content_cache", {})
     return stats
 
@@ -439,7 +439,7 @@ def _takeover_config() -> str:
 
 
 def _status(mnt: Path) -> dict[str, Any]:
-    status: dict[str, Any] = control.request(control.socket_of(str(mnt)), {"op": "status"})
+    status: dict[str, Any] = protocol.request(protocol.socket_of(str(mnt)), {"op": "status"})
     return status
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swapfs import control
+from swapfs import protocol
 
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent
@@ -142,7 +142,7 @@ def swapfs_stats(mnt: Path, chain: str) -> dict[str, Any]:
 
 def daemon_pid(mnt: Path) -> int:
     """The pid of the daemon serving the swapfs mount *mnt*."""
-    return int(control.request(control.socket_of(str(mnt)), {"op": "status"})["pid"])
+    return int(protocol.request(protocol.socket_of(str(mnt)), {"op": "status"})["pid"])
 
 
 @contextlib.contextmanager
@@ -185,7 +185,7 @@ def swapfs_kept_file(size: int, config: str) -> Iterator[tuple[Path, Path, Path]
         standby = None
         try:
             with swapfs_mount(workdir, "--config", str(config_path), "--standby") as mnt:
-                status = control.request(control.socket_of(str(mnt)), {"op": "status"})
+                status = protocol.request(protocol.socket_of(str(mnt)), {"op": "status"})
                 standby = status.get("keeper_pid")
                 if status.get("keeper") != "standby" or standby is None:
                     raise RuntimeError(f"no standby keeps {mnt}: {status.get('keeper')}")

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swapfs import control  # noqa: E402
+from swapfs import protocol  # noqa: E402
 from tools.swapload import (  # noqa: E402
     MIB,
     MemoryCgroup,
@@ -75,7 +75,7 @@ def mounted(state: Path, mnt: Path) -> Iterator[Path]:
         try:
             swapfs("umount", str(mnt))
         except RuntimeError:
-            if not serving(control.socket_of(str(mnt)), timeout=1):
+            if not serving(protocol.socket_of(str(mnt)), timeout=1):
                 # Its daemon is dead and nobody took over: detach the dead mount.
                 subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
             raise
@@ -168,14 +168,14 @@ def swap_used(device: str) -> int:
 
 def takeovers_under_swap(mnt: Path, device: str, args: argparse.Namespace) -> list[Takeover]:
     """Part 3: the workload again, with a standby, while the daemon is killed."""
-    socket_path = control.socket_of(str(mnt))
+    socket_path = protocol.socket_of(str(mnt))
     started = swapfs("standby", str(mnt)).strip()
     print(f"    {started}", flush=True)
     standby = int(started.split()[2])  # "swapfs: standby PID keeps MNT"
     probe_path = mnt / "web" / "probe"
     probe_path.write_bytes(os.urandom(PAGE))
     with Probe(probe_path) as probe:
-        pid = int(control.request(socket_path, {"op": "status"})["pid"])
+        pid = int(protocol.request(socket_path, {"op": "status"})["pid"])
         killer = Killer(socket_path, pid, probe, {"build": 2, "verify": 4}, gap=1.0,
                         ready=lambda: swap_used(device) > 64 * MIB)
         killer.start()
@@ -203,9 +203,9 @@ def serving(socket_path: str, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            control.request(socket_path, {"op": "status"}, timeout=5)
+            protocol.request(socket_path, {"op": "status"}, timeout=5)
             return True
-        except control.ControlError:
+        except protocol.ControlError:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)

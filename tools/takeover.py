@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swapfs import control  # noqa: E402
+from swapfs import protocol  # noqa: E402
 
 BLOCK = 4096
 
@@ -124,7 +124,7 @@ class Takeover:
 
 
 def status(socket_path: str) -> dict[str, Any]:
-    return control.request(socket_path, {"op": "status"}, timeout=5)
+    return protocol.request(socket_path, {"op": "status"}, timeout=5)
 
 
 def kill_daemon(socket_path: str, pid: int, probe: Probe, phase: str = "",
@@ -148,7 +148,7 @@ def kill_daemon(socket_path: str, pid: int, probe: Probe, phase: str = "",
             latest = status(socket_path)
             if latest["pid"] != pid:
                 break
-        except control.ControlError:
+        except protocol.ControlError:
             pass
         if time.monotonic() > deadline:
             raise TakeoverError(f"no daemon took over from {pid}")

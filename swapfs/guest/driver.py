@@ -23,7 +23,7 @@ from dataclasses import asdict
 from types import FrameType
 from typing import Any
 
-from swapfs import control
+from swapfs import protocol
 from swapfs.guest.codescan import SKIP_REASONS, Extent, Scan, scan
 
 log = logging.getLogger("swapfs-driver")
@@ -68,16 +68,16 @@ class _Connection:
 
     def __init__(self, path: str, timeout: float) -> None:
         try:
-            self.connection = control.Connection(path, timeout)
-        except control.ControlError as exc:
+            self.connection = protocol.Connection(path, timeout)
+        except protocol.ControlError as exc:
             raise DriverFailed(str(exc)) from exc
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
             return self.connection.request(message)
-        except control.ConnectionLost as exc:
+        except protocol.ConnectionLost as exc:
             raise DriverFailed(f"lost the daemon: {exc}") from exc
-        except control.ControlError as exc:
+        except protocol.ControlError as exc:
             raise DriverFailed(f"the daemon refused {message['op']}: {exc} "
                                f"(errno {exc.errno})") from exc
 
@@ -87,12 +87,13 @@ class _Connection:
 
 def report_extents(result: Scan) -> list[Extent]:
     """What to report: every extent, or one per physical extent if they are too many."""
-    if len(result.extents) <= control.MAX_EXTENTS:
+    if len(result.extents) <= protocol.MAX_EXTENTS:
         return result.extents
     unique = list({extent.physical_key: extent for extent in result.extents}.values())
-    if len(unique) > control.MAX_EXTENTS:
-        log.warning("%d physical extents: reporting the first %d", len(unique), control.MAX_EXTENTS)
-    return unique[:control.MAX_EXTENTS]
+    if len(unique) > protocol.MAX_EXTENTS:
+        log.warning("%d physical extents: reporting the first %d", len(unique),
+                    protocol.MAX_EXTENTS)
+    return unique[:protocol.MAX_EXTENTS]
 
 
 def _log_grant(what: str, name: str, reply: dict[str, Any], extents: list[Extent]) -> None:
@@ -102,7 +103,7 @@ def _log_grant(what: str, name: str, reply: dict[str, Any], extents: list[Extent
 
 
 def _run(args: argparse.Namespace) -> int:
-    path = args.socket or control.socket_of(args.mount)
+    path = args.socket or protocol.socket_of(args.mount)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="swapfs-driver: %(message)s")
     try:
         return int(args.run(args))
-    except (DriverFailed, control.ControlError) as exc:
+    except (DriverFailed, protocol.ControlError) as exc:
         log.error("%s", exc)
         return 1
     except BrokenPipeError:  # the reader went away (| head): nothing left to say

@@ -2,7 +2,7 @@
 
 Requests are handled on the same trio thread as FUSE requests, and the
 Volume calls they make have no checkpoint, so a clone is atomic with
-respect to the I/O around it. Protocol: :mod:`swapfs.control`; drivers'
+respect to the I/O around it. Protocol: :mod:`swapfs.protocol`; drivers'
 messages (``driver.*``): :mod:`mountd.drivers`.
 """
 
@@ -23,9 +23,9 @@ from mountd import keeper, lifecycle, peercred
 from mountd.drivers import OPS as DRIVER_OPS
 from mountd.drivers import DriverError, DriverManager, Session
 from swapfs import compiled
-from swapfs.control import MAX_LINE
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
+from swapfs.protocol import MAX_LINE
 from swapfs.volume import Volume
 
 if TYPE_CHECKING:
