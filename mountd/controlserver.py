@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mountd import keeper, lifecycle, peercred
-from mountd.drivers import OPS as DRIVER_OPS
-from mountd.drivers import DriverError, DriverManager, Session
+from mountd.drivers import DriverManager, Session
 from swapfs import compiled
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
-from swapfs.protocol import MAX_LINE
+from swapfs.protocol import DRIVER_OPS, MAX_LINE, DriverError
 from swapfs.volume import Volume
 
 if TYPE_CHECKING:

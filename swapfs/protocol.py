@@ -13,16 +13,20 @@ mount.
 import contextlib
 import errno
 import json
+import mmap
 import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 #: Longest request or reply line, in bytes.
 MAX_LINE = 1 << 20
 #: Most extents one driver message may report (the daemon refuses more).
 MAX_EXTENTS = 8192
+#: The longest extent: the unused part of one page.
+PAGE_SIZE = mmap.PAGESIZE
 
 #: How long a client tries again while the daemon answers EAGAIN (busy).
 RETRY_SECONDS = 5.0
@@ -146,3 +150,118 @@ def _request_once(socket_path: str, message: dict[str, Any], timeout: float
                   ) -> dict[str, Any]:
     with Connection(socket_path, timeout) as connection:
         return connection.request(message)
+
+
+# -- driver messages --------------------------------------------------------------------
+#
+# A driver (swapfs-driver run, swapfs/guest/driver.py) keeps one connection
+# open and sends these; the daemon (mountd/drivers.py) checks each in full
+# with check_message before the pool is touched.
+
+@dataclass(frozen=True)
+class Extent:
+    """Unused bytes of a code page in one process."""
+
+    pid: int
+    path: str
+    device: str
+    inode: int
+    address: int  # virtual address of the unused bytes in that process
+    length: int
+    segment: int  # index of the program header in the file
+    part: str  # "head" or "tail"
+
+    @property
+    def physical_key(self) -> tuple[str, int, int, str]:
+        """The same bytes of the same file, whichever process maps them."""
+        return (self.device, self.inode, self.segment, self.part)
+
+
+#: A driver's name: short, printable, safe in logs.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+_MAX_PATH = 4096
+_MAX_DEVICE = 32
+_MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
+_MAX_U64 = (1 << 64) - 1
+_EXTENT_KEYS = frozenset(("pid", "path", "device", "inode", "address", "length",
+                          "segment", "part"))
+_MESSAGE_KEYS = {
+    "driver.register": frozenset(("op", "driver", "extents")),
+    "driver.update": frozenset(("op", "driver", "token", "extents")),
+    "driver.heartbeat": frozenset(("op", "driver", "token")),
+}
+DRIVER_OPS = frozenset(_MESSAGE_KEYS)
+
+
+class DriverError(Exception):
+    """A driver message refused; the connection is closed after the reply."""
+
+    def __init__(self, errno_: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _invalid(message: str) -> DriverError:
+    return DriverError(errno.EINVAL, message)
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _invalid(f"{what} must be an integer within {low}..{high}")
+    return value
+
+
+def _str(value: Any, what: str, longest: int) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= longest:
+        raise _invalid(f"{what} must be a string of 1..{longest} characters")
+    return value
+
+
+def parse_extent(value: Any, index: int) -> Extent:
+    """One reported extent, checked key by key."""
+    what = f"extents[{index}]"
+    if not isinstance(value, dict) or set(value) != _EXTENT_KEYS:
+        raise _invalid(f"{what} must be an object with exactly the keys "
+                       f"{', '.join(sorted(_EXTENT_KEYS))}")
+    part = value["part"]
+    if part not in ("head", "tail"):
+        raise _invalid(f"{what}.part must be \"head\" or \"tail\"")
+    return Extent(
+        pid=_int(value["pid"], f"{what}.pid", 0, _MAX_PID),
+        path=_str(value["path"], f"{what}.path", _MAX_PATH),
+        device=_str(value["device"], f"{what}.device", _MAX_DEVICE),
+        inode=_int(value["inode"], f"{what}.inode", 0, _MAX_U64),
+        address=_int(value["address"], f"{what}.address", 0, _MAX_U64),
+        length=_int(value["length"], f"{what}.length", 1, PAGE_SIZE),
+        segment=_int(value["segment"], f"{what}.segment", 0, 0xFFFF),
+        part=part,
+    )
+
+
+def parse_extents(value: Any) -> list[Extent]:
+    if not isinstance(value, list) or len(value) > MAX_EXTENTS:
+        raise _invalid(f"'extents' must be a list of at most {MAX_EXTENTS} extents")
+    extents = [parse_extent(item, index) for index, item in enumerate(value)]
+    lengths: dict[tuple[str, int, int, str], int] = {}
+    for extent in extents:
+        if lengths.setdefault(extent.physical_key, extent.length) != extent.length:
+            raise _invalid(f"extents of {extent.device} inode {extent.inode} segment "
+                           f"{extent.segment} {extent.part} disagree on their length")
+    return extents
+
+
+def check_message(message: dict[str, Any]) -> tuple[str, str, list[Extent] | None]:
+    """(op, driver name, extents or None) of a driver message, or DriverError."""
+    op = message.get("op")
+    if op not in _MESSAGE_KEYS:
+        raise _invalid(f"unknown driver op {op!r}"[:200])
+    if set(message) != _MESSAGE_KEYS[op]:
+        raise _invalid(f"{op} takes exactly the keys {', '.join(sorted(_MESSAGE_KEYS[op]))}")
+    name = message["driver"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise _invalid("'driver' must be 1..64 letters, digits or ._:@- "
+                       "(starting with a letter or digit)")
+    if "token" in message and not isinstance(message["token"], str):
+        raise DriverError(errno.EACCES, "'token' must be the string register gave")
+    extents = parse_extents(message["extents"]) if "extents" in message else None
+    return op, name, extents

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mountd.controlserver import vsock_available
-from mountd.drivers import NAME_PATTERN
 from swapfs import protocol
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.guest.codescan import PAGE_SIZE, scan
+from swapfs.protocol import NAME_PATTERN
 from tests.mounting import (
     Mount,
     aligned_buffer,

@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 
 from swapfs.blocks import BLOCK_SIZE
-from swapfs.guest.codescan import Extent
 from swapfs.index import ROOT_INO
+from swapfs.protocol import Extent
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from swapfs.guest.elf import NotElf, ProgramHeader, TruncatedElf, read_program_headers
+from swapfs.protocol import PAGE_SIZE, Extent
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 #: Why something was left out of a scan; every reason is always reported.
 SKIP_REASONS = ("vanished", "unreadable", "not_elf", "truncated")
@@ -64,25 +64,6 @@ class Mapping:
     def map_files_name(self) -> str:
         """Its entry in ``/proc/PID/map_files``."""
         return f"{self.start:x}-{self.end:x}"
-
-
-@dataclass(frozen=True)
-class Extent:
-    """Unused bytes of a code page in one process."""
-
-    pid: int
-    path: str
-    device: str
-    inode: int
-    address: int  # virtual address of the unused bytes in that process
-    length: int
-    segment: int  # index of the program header in the file
-    part: str  # "head" or "tail"
-
-    @property
-    def physical_key(self) -> tuple[str, int, int, str]:
-        """The same bytes of the same file, whichever process maps them."""
-        return (self.device, self.inode, self.segment, self.part)
 
 
 @dataclass

@@ -8,7 +8,8 @@ from this host.
 its report current: it rescans every interval and sends the new extents when
 they changed (a process started or exited), a heartbeat otherwise. Its
 connection is its registration: when it exits, however it exits, the daemon
-revokes its share at once. Protocol: :mod:`mountd.drivers`.
+revokes its share at once. Protocol: :mod:`swapfs.protocol` (the messages)
+and :mod:`mountd.drivers` (what the daemon does with them).
 """
 
 import argparse
@@ -24,7 +25,8 @@ from types import FrameType
 from typing import Any
 
 from swapfs import protocol
-from swapfs.guest.codescan import SKIP_REASONS, Extent, Scan, scan
+from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
+from swapfs.protocol import Extent
 
 log = logging.getLogger("swapfs-driver")
 
