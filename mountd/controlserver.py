@@ -187,22 +187,17 @@ class ControlServer:
         if self.connections >= self.max_connections:
             # Refused at once, so that a flood of connections cannot take the
             # descriptors that requests and data files need; clients retry.
-            async with stream:
-                await _send(stream, {"ok": False, "errno": errno.EAGAIN,
-                                     "error": f"{self.connections} control connections "
-                                              "open already: try again"})
+            await _refuse(stream, errno.EAGAIN,
+                          f"{self.connections} control connections open already: try again")
             return
         peer = peercred.of_socket(stream.socket)
         refused = peercred.refusal(peer, self.vsock_cids)
         if refused is not None:
             log.warning("control connection of %s refused: %s", peer, refused)
-            async with stream:
-                await _send(stream, {"ok": False, "errno": errno.EACCES,
-                                     "error": f"permission denied: {refused}"})
+            await _refuse(stream, errno.EACCES, f"permission denied: {refused}")
             return
         self.connections += 1
-        session = Session()
-        session.peer = peer
+        session = Session(peer)
         try:
             await self._serve_client(stream, session)
         finally:
@@ -330,6 +325,12 @@ def _trio_deadline(monotonic_deadline: float) -> float:
     if monotonic_deadline == math.inf:
         return math.inf
     return trio.current_time() + (monotonic_deadline - time.monotonic())
+
+
+async def _refuse(stream: trio.SocketStream, code: int, error: str) -> None:
+    """Answer a connection's first request *code* before reading it, and close it."""
+    async with stream:
+        await _send(stream, {"ok": False, "errno": code, "error": error})
 
 
 async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Session:
     """One control connection's driver, once it registered."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: Peer) -> None:
         self.name: str | None = None
         self.since = time.monotonic()
         self.last_message = self.since
@@ -42,7 +42,7 @@ class Session:
         self.processes = 0
         self.per_process_bytes = 0
         self.keeper_pid: int | None = None  # a standby holding the connection
-        self.peer = Peer()  # who connected (mountd/peercred.py)
+        self.peer = peer  # who connected (mountd/peercred.py)
 
 
 class DriverManager:

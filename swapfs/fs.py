@@ -108,9 +108,6 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self._handles: dict[int, int] = dict(open_files or {})
-        self._inos: Counter[int] = Counter()
-        for fh, count in self._handles.items():
-            self._inos[handle_ino(fh)] += count
         self._serial = 0
         self._on_open_change = on_open_change
         #: Requests answered since this daemon started, by operation (``stats``):
@@ -143,11 +140,16 @@ class Operations(pyfuse3.Operations):
 
     def open_files(self) -> int:
         """How many files the kernel holds open (a loop device holds its file)."""
-        return len(self._inos)
+        return len({handle_ino(fh) for fh in self._handles})
+
+    def _opens(self, ino: int) -> int:
+        """How many opens of *ino* the kernel holds (a few handles at most:
+        the loop devices' and a few tools'; no request of the data path asks)."""
+        return sum(count for fh, count in self._handles.items() if handle_ino(fh) == ino)
 
     def _is_open(self, ino: int) -> bool:
         """Is *ino* open, so that its data must outlive its name?"""
-        return self._inos[ino] > 0
+        return self._opens(ino) > 0
 
     def _opened(self, ino: int) -> int:
         """A new handle for an open of *ino*, recorded before the reply."""
@@ -159,7 +161,6 @@ class Operations(pyfuse3.Operations):
             if fh not in self._handles:
                 break
         self._handles[fh] = 1
-        self._inos[ino] += 1
         if self._on_open_change is not None:
             self._on_open_change(self._handles, False)
         return fh
@@ -168,21 +169,15 @@ class Operations(pyfuse3.Operations):
         """Drop handle *fh*; return how many opens of its inode are left. A
         handle not held is a release already done (resent after a takeover)."""
         ino = handle_ino(fh)
-        count = self._handles.get(fh, 0)
-        if count:
-            if count > 1:
-                self._handles[fh] = count - 1
-            else:
-                del self._handles[fh]
-            self._inos[ino] -= 1
-            if not self._inos[ino]:
-                del self._inos[ino]
-            if self._on_open_change is not None:
-                # An older daemon's handle names its inode only: a resent
-                # release of it cannot be told from another open's, so it
-                # is saved only once its reply is gone.
-                self._on_open_change(self._handles, fh == ino)
-        return self._inos[ino]
+        count = self._handles.pop(fh, 0)
+        if count > 1:
+            self._handles[fh] = count - 1
+        if count and self._on_open_change is not None:
+            # An older daemon's handle names its inode only: a resent
+            # release of it cannot be told from another open's, so it
+            # is saved only once its reply is gone.
+            self._on_open_change(self._handles, fh == ino)
+        return self._opens(ino)
 
     # -- names ------------------------------------------------------------------
 

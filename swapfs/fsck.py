@@ -298,8 +298,7 @@ class _Checker:
             elif slot in table.damaged and self.problem(
                     "stale-damaged-mark", f"chain {chain_id} slot {slot} is marked damaged "
                     "but its data matches its digest", True):
-                table.damaged.discard(slot)
-                txn.delete_damaged(chain_id, slot)
+                table.clear_mark(slot)
         table.save(txn)
 
 

@@ -209,9 +209,7 @@ class SlotTable:
         self.dedup.remove(digest, slot)
         self._set(slot, _FREE_DIGEST, 0)
         self.stored -= 1
-        if slot in self.damaged:  # freed: its space is punched, its mark goes
-            self.damaged.discard(slot)
-            self._damaged_dirty.add(slot)
+        self.clear_mark(slot)  # freed: its space is punched, its mark goes
         return True
 
     def set_aside(self, slot: int) -> bool:
@@ -227,6 +225,17 @@ class SlotTable:
         self.damaged.add(slot)
         self._damaged_dirty.add(slot)
         return True
+
+    def clear_mark(self, slot: int) -> None:
+        """Drop *slot*'s damaged mark, if it has one (freed, or its data found
+        to match after all); a used slot's digest goes back in the dedup table."""
+        if slot not in self.damaged:
+            return
+        self.damaged.discard(slot)
+        self._damaged_dirty.add(slot)
+        digest, refcount, _ = ENTRY.unpack_from(self.image, slot * ENTRY.size)
+        if refcount:
+            self.dedup.add(digest, slot)
 
     def rebuild(self, slot: int, digest: bytes | None, refcount: int) -> None:
         """A new entry for a slot whose entry was lost (fsck): *digest* and

@@ -89,12 +89,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _growing(method: "Callable[Concatenate[Volume, P], R]"
-             ) -> "Callable[Concatenate[Volume, P], R]":
-    """Run a method that writes the index again, once the index has grown,
+def _writes_index(method: "Callable[Concatenate[Volume, P], R]"
+                  ) -> "Callable[Concatenate[Volume, P], R]":
+    """Run a method that writes the index: again, once the index has grown,
     when its transaction found the index's map full (so nothing of it
     happened; Index.grow answers ENOSPC when the disk has no room); after
-    it, let the index keep room ahead of the next one."""
+    it, let the index keep room ahead of the next one. A block it found
+    damaged is set aside before the EIO goes out (Volume.found_damaged)."""
     @functools.wraps(method)
     def run(self: "Volume", *args: P.args, **kwargs: P.kwargs) -> R:
         while True:
@@ -103,23 +104,11 @@ def _growing(method: "Callable[Concatenate[Volume, P], R]"
             except lmdb.MapFullError:
                 self.index.grow()
                 continue
+            except CorruptBlock as exc:
+                self.found_damaged(exc)
+                raise
             self.index.keep_room()
             return result
-    return run
-
-
-def _healing(method: "Callable[Concatenate[Volume, P], R]"
-             ) -> "Callable[Concatenate[Volume, P], R]":
-    """Set aside a block that a request found damaged (Volume.set_aside), then
-    answer EIO as before: the next write of its content stores a fresh copy."""
-    @functools.wraps(method)
-    def run(self: "Volume", *args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(self, *args, **kwargs)
-        except CorruptBlock as exc:
-            if exc.chain_id is not None and exc.slot is not None:
-                self.set_aside(exc.chain_id, exc.slot)
-            raise
     return run
 
 
@@ -224,7 +213,7 @@ class Volume:
 
     # -- set-up ---------------------------------------------------------------
 
-    @_growing
+    @_writes_index
     def _format(self, create: bool, allow_upgrade: bool) -> None:
         with self.index.begin(write=True) as txn:
             version = upgrade.format_of(txn)
@@ -339,7 +328,7 @@ class Volume:
 
     # -- namespace --------------------------------------------------------------
 
-    @_growing
+    @_writes_index
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """Create a chain: a directory at the root, with a fresh key."""
         _check_name(name)
@@ -356,7 +345,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
-    @_growing
+    @_writes_index
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         """Create an empty swap file in a chain, readable by its owner alone
         (group and other bits cleared whatever *mode* asks: swap holds what
@@ -373,7 +362,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
-    @_growing
+    @_writes_index
     def clone(self, src: int, parent: int, name: bytes, empty: bool = False) -> Inode:
         """A new file in *src*'s chain: an instant copy of it, or empty of its size.
 
@@ -400,7 +389,7 @@ class Volume:
             _touch_dir(txn, parent)
         return inode
 
-    @_growing
+    @_writes_index
     def unlink(self, parent: int, name: bytes, still_open: bool) -> int:
         """Remove a file's name; its data goes now, or at :meth:`purge` if open.
 
@@ -421,7 +410,7 @@ class Volume:
         with self.index.begin() as txn:
             return txn.is_orphan(ino)
 
-    @_growing
+    @_writes_index
     def purge(self, ino: int) -> None:
         """Drop an unlinked file: unmap all its blocks, then forget it."""
         with self.index.begin(write=True) as txn:
@@ -435,7 +424,7 @@ class Volume:
             txn.delete_priority(ino)
         self._maps.pop(ino, None)
 
-    @_growing
+    @_writes_index
     def rmdir(self, parent: int, name: bytes) -> None:
         """Remove an empty chain, its key and its data file."""
         with self.index.begin(write=True) as txn:
@@ -455,7 +444,7 @@ class Volume:
         self._drop_table(inode.chain)
         self.store.remove(inode.chain)
 
-    @_growing
+    @_writes_index
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, target_open: bool) -> int | None:
         """Rename a file within its chain, or a chain at the root.
@@ -505,8 +494,7 @@ class Volume:
             return None
         return replaced_open
 
-    @_healing
-    @_growing
+    @_writes_index
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
                 atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
@@ -541,8 +529,7 @@ class Volume:
 
     def read(self, ino: int, offset: int, size: int) -> bytes:
         """Up to *size* bytes at *offset*; short at the end of the file. A
-        block found damaged is set aside (as :func:`_healing` does, without
-        its extra call on this hot path) and the read answers EIO."""
+        block found damaged is set aside and the read answers EIO."""
         if offset < 0 or size < 0:
             raise SwapfsError(errno.EINVAL)
         # A file in use has its inode, map and slot table in memory, which
@@ -558,8 +545,7 @@ class Volume:
         try:
             return self._read(inode, fmap, table, offset, size)
         except CorruptBlock as exc:
-            if exc.chain_id is not None and exc.slot is not None:
-                self.set_aside(exc.chain_id, exc.slot)
+            self.found_damaged(exc)
             raise
 
     def _read(self, inode: Inode, fmap: FileMap, table: SlotTable, offset: int,
@@ -640,8 +626,7 @@ class Volume:
                 return data
         return None
 
-    @_healing
-    @_growing
+    @_writes_index
     def write(self, ino: int, offset: int, data: bytes) -> int:
         """Write *data* at *offset*, extending the file past its end."""
         if offset < 0:
@@ -667,8 +652,7 @@ class Volume:
             change.finish()
         return len(data)
 
-    @_healing
-    @_growing
+    @_writes_index
     def fallocate(self, ino: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on a file: punch a hole, zero a range, or "allocate".
 
@@ -726,6 +710,11 @@ class Volume:
             if change is not None:
                 change.finish()
 
+    def found_damaged(self, exc: CorruptBlock) -> None:
+        """A request found the block *exc* names damaged: set it aside."""
+        if exc.chain_id is not None and exc.slot is not None:
+            self.set_aside(exc.chain_id, exc.slot)
+
     def set_aside(self, chain_id: int, slot: int) -> None:
         """Take a used slot whose data was found damaged out of dedup, for
         good (swapfs/slottable.py). Recording it is best effort: if the index
@@ -771,7 +760,7 @@ class Volume:
             _file(txn, ino)
             return txn.get_priority(ino)
 
-    @_growing
+    @_writes_index
     def set_priority(self, ino: int, priority: int) -> None:
         """Set a swap file's priority, a signed 32-bit number (default 0)."""
         if not -(1 << 31) <= priority < 1 << 31:

@@ -142,8 +142,7 @@ def test_a_guest_sends_driver_messages_only(state_dir: Path) -> None:
         drivers = DriverManager(TransientCache(1 << 20), 30)
         server = ControlServer(volume, "/mnt", Operations(volume), {}, drivers,
                                vsock_cids=frozenset({5}))
-        guest, host = Session(), Session()
-        guest.peer, host.peer = Peer(cid=5), Peer(pid=1, uid=0)
+        guest, host = Session(Peer(cid=5)), Session(Peer(pid=1, uid=0))
         for op in ("status", "stats", "clone", "priority", "keeper.attach"):
             reply = server.answer(json.dumps({"op": op}).encode(), guest)
             assert (reply["ok"], reply["errno"]) == (False, errno.EACCES), op
