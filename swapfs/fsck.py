@@ -2,7 +2,8 @@
 
 It verifies the checksum of every record, rebuilds every refcount from the
 files' maps and every count from the entries it counts, and every digest
-from the data in its slot, then reports each difference. With ``repair`` it
+from the data in its slot (opening it, in an encrypted state), then reports
+each difference. With ``repair`` it
 fixes what can be fixed without inventing data: refcounts, leaked and
 unpunched slots, maps past the end of a file, dangling directory entries,
 orphans and priorities of missing files; and it sets aside each block whose
@@ -30,13 +31,14 @@ from pathlib import Path
 
 import lmdb
 
-from swapfs.blocks import BLOCK_SIZE, blocks_for
-from swapfs.digest import block_digest
-from swapfs.errors import SwapfsError
+from swapfs.blocks import blocks_for
+from swapfs.errors import CorruptBlock, SwapfsError
 from swapfs.filemap import MAP_RUN, FileMap
 from swapfs.index import ROOT_INO, Chain, CorruptIndex, Txn
+from swapfs.keys import MasterKey
+from swapfs.sealing import ChainKeys
 from swapfs.slottable import RUN_BYTES, SLOT_RUN, SlotTable
-from swapfs.volume import OldFormat, Volume
+from swapfs.volume import OldFormat, Volume, load_block
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,14 @@ class _Checker:
         self.released: dict[int, collections.Counter[int]] = collections.defaultdict(
             collections.Counter)
 
+    def recover_digest(self, keys: ChainKeys, slot: int) -> bytes | None:
+        """The digest of the block in *slot*, from the slot alone; None if
+        nothing on disk proves it."""
+        store = self.volume.store
+        data = store.read(keys.chain_id, slot)
+        record = store.read_seals(keys.chain_id, [slot])[0] if keys.sealed else None
+        return keys.recover_digest(slot, data, record)
+
     def problem(self, kind: str, detail: str, repairable: bool, info: bool = False) -> bool:
         """Record a problem; True when the caller should repair it now."""
         fix = self.repair and repairable
@@ -115,9 +125,10 @@ class _Checker:
         self.check_data_files()
 
     def check_data_files(self) -> None:
-        """Every data file belongs to a chain (rmdir may die before deleting it)."""
+        """Every data and seal file belongs to a chain (rmdir may die before
+        deleting them)."""
         chains = {chain.id_ for chain in self.txn.iter_chains()}
-        for chain_id, path in sorted(self.volume.store.chain_files().items()):
+        for chain_id, path in self.volume.store.chain_files():
             if chain_id not in chains and self.problem(
                     "stray-data-file", f"{path} belongs to no chain", True):
                 self.remove.append(chain_id)
@@ -231,6 +242,7 @@ class _Checker:
                     maps_intact: bool) -> None:
         txn, store = self.txn, self.volume.store
         chain_id = chain.id_
+        keys = self.volume.chain_keys(chain)
         table = SlotTable.load(txn, chain)
         for run, raw in list(txn.iter_slot_runs(chain_id)):
             if run * SLOT_RUN >= chain.next_slot or len(raw) != RUN_BYTES:
@@ -241,16 +253,16 @@ class _Checker:
                     txn.delete_slot_run(chain_id, run)
         for slot in sorted(table.bad):
             # A lost entry is rebuilt from what is on disk: its digest from the
-            # slot's data (keyed, so only this chain's key makes it), its
-            # refcount from the maps, which must all have verified; a slot no
-            # map names is then provably free.
+            # slot's data (keyed, so only this chain's key makes it) or from
+            # its verified seal record, its refcount from the maps, which must
+            # all have verified; a slot no map names is then provably free.
             want = uses.get(slot, 0)
-            data = store.read(chain_id, slot) if want else b""
-            rebuildable = maps_intact and (not want or len(data) == BLOCK_SIZE)
+            digest = self.recover_digest(keys, slot) if want else None
+            rebuildable = maps_intact and (not want or digest is not None)
             if self.problem("corrupt-slot", f"chain {chain_id} slot {slot}: its entry is "
                             "missing or does not verify"
                             + (f" ({want} blocks map it)" if want else ""), rebuildable):
-                table.rebuild(slot, block_digest(chain.key, data) if want else None, want)
+                table.rebuild(slot, digest, want)
             else:
                 self.damaged = True
         for slot in sorted(set(txn.iter_damaged(chain_id)) - table.damaged):
@@ -289,27 +301,31 @@ class _Checker:
                     punch.append(slot)
             if not want:
                 continue  # nothing reads it: its data does not matter
-            data = store.read(chain_id, slot)
-            if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
+            try:
+                load_block(store, keys, slot, digest)
+            except CorruptBlock:
                 # Its data is lost; set aside (with --repair), no write dedups onto it.
                 self.problem("corrupt-block", f"chain {chain_id} slot {slot} does not "
                              f"match digest {digest.hex()}", False)
                 table.set_aside(slot)
-            elif slot in table.damaged and self.problem(
+                continue
+            if slot in table.damaged and self.problem(
                     "stale-damaged-mark", f"chain {chain_id} slot {slot} is marked damaged "
                     "but its data matches its digest", True):
                 table.clear_mark(slot)
         table.save(txn)
 
 
-def check(state: Path, repair: bool = False, upgrade: bool = False) -> Report:
-    """Check (and optionally repair) the state directory of an unmounted volume.
+def check(state: Path, repair: bool = False, upgrade: bool = False,
+          master: MasterKey | None = None) -> Report:
+    """Check (and optionally repair) the state directory of an unmounted volume,
+    opened with its *master* key if it is encrypted.
 
     An index of an earlier format is converted first with *upgrade* or
     *repair*; otherwise it is reported as ``old-format`` and left as it is.
     """
     try:
-        volume = Volume(state, recover=False, upgrade=upgrade or repair)
+        volume = Volume(state, recover=False, upgrade=upgrade or repair, master=master)
     except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
         return _unreadable(exc)
     try:

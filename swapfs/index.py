@@ -10,6 +10,10 @@ database    key                             value
 meta        ``b"format"``                   schema version (u64)
             ``b"next_ino"``                 next inode number to hand out (u64)
             ``b"next_chain"``               next chain id to hand out (u64)
+            ``b"cipher"``                   how blocks are stored: 0 as they
+                                            are, 1 sealed (``swapfs/sealing.py``)
+            ``b"key_id"``                   the master key's id, if sealed
+                                            (``swapfs/keys.py``)
 inodes      ino (u64)                       :class:`Inode` record
 dirents     parent ino (u64) + name         child ino (u64)
 chains      chain id (u32)                  :class:`Chain` record
@@ -61,7 +65,7 @@ from swapfs.store import preallocate
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 ROOT_INO = 1
 
 KIND_DIR = 1
@@ -137,7 +141,9 @@ class Chain:
     """A clone chain: the dedup domain whose blocks share one data file."""
 
     id_: int
-    key: bytes  # the chain's BLAKE3 key (32 bytes)
+    #: 32 bytes: the chain's BLAKE3 key in a plain state; in an encrypted
+    #: one, its secret wrapped by the master key (swapfs/keys.py).
+    key: bytes
     next_slot: int = 0  # slots below this have been handed out at least once
 
     _FORMAT = struct.Struct(">32sQ")

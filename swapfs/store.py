@@ -6,6 +6,12 @@ index decides which slots hold what. A slot that stays free is hole-punched
 (a second or two after it was freed, unless a new block took it first:
 ``swapfs/reclaim.py``), so that the disk usage of the state directory
 follows the blocks really stored.
+
+A chain of an encrypted state also has a seal file, ``data/<c>.seals``:
+slot *n*'s seal record (``swapfs/sealing.py``) at bytes
+``[n * 32, (n + 1) * 32)``. It is written with the slot's data, before the
+transaction naming the slot commits, and it is never punched: a free slot's
+stale record names a digest no map entry asks for.
 """
 
 import ctypes
@@ -13,11 +19,12 @@ import ctypes.util
 import errno
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import SwapfsError
+from swapfs.sealing import RECORD_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,18 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _consecutive(slots: list[int]) -> Iterator[tuple[int, int]]:
+    """(start, end) index ranges of *slots*, in their order, over which each
+    slot follows the one before it."""
+    start = 0
+    while start < len(slots):
+        end = start + 1
+        while end < len(slots) and slots[end] == slots[end - 1] + 1:
+            end += 1
+        yield start, end
+        start = end
+
+
 def slot_runs(slots: Iterable[int]) -> list[tuple[int, int]]:
     """Coalesce slot numbers into ``(first, count)`` runs of consecutive slots."""
     runs: list[tuple[int, int]] = []
@@ -69,18 +88,24 @@ class BlockStore:
         self.directory = directory
         directory.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
+        self._seal_fds: dict[int, int] = {}
 
     def path(self, chain_id: int) -> Path:
         return self.directory / f"{chain_id}.blocks"
 
+    def seal_path(self, chain_id: int) -> Path:
+        return self.directory / f"{chain_id}.seals"
+
     def _fd(self, chain_id: int) -> int:
         fd = self._fds.get(chain_id)
         if fd is None:
-            fd = os.open(self.path(chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            # Neighbouring slots hold unrelated blocks: reading ahead only
-            # fills the page cache (in large folios, see _WRITE_RUN) with them.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self._fds[chain_id] = fd
+            fd = self._fds[chain_id] = _open(self.path(chain_id))
+        return fd
+
+    def _seal_fd(self, chain_id: int) -> int:
+        fd = self._seal_fds.get(chain_id)
+        if fd is None:
+            fd = self._seal_fds[chain_id] = _open(self.seal_path(chain_id))
         return fd
 
     def read(self, chain_id: int, slot: int) -> bytes:
@@ -90,22 +115,28 @@ class BlockStore:
     def read_many(self, chain_id: int, slots: list[int]) -> list[bytes]:
         """The bytes of each slot, reading runs of consecutive slots at once."""
         fd = self._fd(chain_id)
-        out: list[bytes] = []
-        start = 0
         try:
             if len(slots) == 1:  # the common case of a 4 KiB read
                 return [os.pread(fd, BLOCK_SIZE, slots[0] * BLOCK_SIZE)]
-            while start < len(slots):
-                end = start + 1
-                while end < len(slots) and slots[end] == slots[end - 1] + 1:
-                    end += 1
-                run = os.pread(fd, (end - start) * BLOCK_SIZE, slots[start] * BLOCK_SIZE)
-                out.extend(run[offset:offset + BLOCK_SIZE]
-                           for offset in range(0, (end - start) * BLOCK_SIZE, BLOCK_SIZE))
-                start = end
+            return _read_runs(fd, slots, BLOCK_SIZE)
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
-        return out
+
+    def read_seals(self, chain_id: int, slots: list[int]) -> list[bytes]:
+        """The seal record of each slot (short where the seal file ends)."""
+        try:
+            return _read_runs(self._seal_fd(chain_id), slots, RECORD_SIZE)
+        except OSError as exc:
+            raise SwapfsError.of(exc) from exc
+
+    def write_seals(self, chain_id: int, records: list[tuple[int, bytes]]) -> None:
+        """Write the seal records of slots, one system call per run of slots."""
+        fd = self._seal_fd(chain_id)
+        records = sorted(records)
+        slots = [slot for slot, _record in records]
+        for start, end in _consecutive(slots):
+            _write_fully(fd, b"".join(record for _slot, record in records[start:end]),
+                         slots[start] * RECORD_SIZE)
 
     def write_many(self, chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write full blocks into their slots, one system call per run of slots."""
@@ -130,16 +161,10 @@ class BlockStore:
         want = len(buffers) * BLOCK_SIZE
         try:
             done = os.pwritev(fd, buffers, offset)
-            if done < want:  # a short write: finish it the plain way
-                rest = memoryview(b"".join(buffers))[done:]
-                while rest:
-                    written = os.pwrite(fd, rest, offset + done)
-                    if written == 0:
-                        raise SwapfsError(errno.ENOSPC)
-                    rest = rest[written:]
-                    done += written
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
+        if done < want:  # a short write: finish it the plain way
+            _write_fully(fd, memoryview(b"".join(buffers))[done:], offset + done)
 
     def punch(self, chain_id: int, slots: Iterable[int]) -> None:
         """Give the disk space of freed slots back to the file system.
@@ -170,25 +195,24 @@ class BlockStore:
                 return False
             raise SwapfsError.of(exc) from exc
 
-    def chain_files(self) -> dict[int, Path]:
-        """The data files present in the directory, by chain id."""
-        files = {}
-        for path in self.directory.glob("*.blocks"):
-            if path.stem.isdigit():
-                files[int(path.stem)] = path
-        return files
+    def chain_files(self) -> list[tuple[int, Path]]:
+        """(chain id, path) of the data and seal files present in the directory."""
+        return sorted((int(path.stem), path) for path in self.directory.iterdir()
+                      if path.suffix in (".blocks", ".seals") and path.stem.isdigit())
 
     def sync(self) -> None:
-        """Flush every data file to stable storage."""
-        for fd in self._fds.values():
+        """Flush every data and seal file to stable storage."""
+        for fd in (*self._fds.values(), *self._seal_fds.values()):
             os.fdatasync(fd)
 
     def remove(self, chain_id: int) -> None:
-        """Delete a chain's data file (the chain holds no more blocks)."""
-        fd = self._fds.pop(chain_id, None)
-        if fd is not None:
-            os.close(fd)
-        self.path(chain_id).unlink(missing_ok=True)
+        """Delete a chain's data and seal files (the chain holds no more blocks)."""
+        for fds, path in ((self._fds, self.path(chain_id)),
+                          (self._seal_fds, self.seal_path(chain_id))):
+            fd = fds.pop(chain_id, None)
+            if fd is not None:
+                os.close(fd)
+            path.unlink(missing_ok=True)
 
     def disk_bytes(self, chain_id: int) -> int:
         """Bytes the chain's data file really occupies on disk."""
@@ -198,6 +222,38 @@ class BlockStore:
             return 0
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for fds in (self._fds, self._seal_fds):
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+
+
+def _open(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Neighbouring slots hold unrelated blocks: reading ahead only fills the
+    # page cache (in large folios, see _WRITE_RUN) with them.
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd
+
+
+def _read_runs(fd: int, slots: list[int], size: int) -> list[bytes]:
+    """The *size* bytes of each slot, one pread per run of consecutive slots."""
+    out: list[bytes] = []
+    for start, end in _consecutive(slots):
+        run = os.pread(fd, (end - start) * size, slots[start] * size)
+        out.extend(run[offset:offset + size] for offset in range(0, (end - start) * size, size))
+    return out
+
+
+def _write_fully(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite all of *data*; SwapfsError (ENOSPC when nothing more fits)."""
+    rest = memoryview(data)
+    try:
+        while rest:
+            written = os.pwrite(fd, rest, offset)
+            if written == 0:
+                raise SwapfsError(errno.ENOSPC)
+            rest = rest[written:]
+            offset += written
+    except OSError as exc:
+        raise SwapfsError.of(exc) from exc

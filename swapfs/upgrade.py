@@ -10,7 +10,8 @@ it, the new one. :class:`swapfs.volume.Volume` converts at open, and
 Format 1 kept each file's map as one entry per logical block naming the
 block's digest, and each chain's blocks in a hash table keyed by digest
 (slot and refcount), with a separate list of free slots; no record carried
-a checksum. Format 2 is described in ``swapfs/index.py``.
+a checksum. Format 2 did not say how blocks are stored: all were stored
+as they are. Format 3 is described in ``swapfs/index.py``.
 """
 
 import logging
@@ -108,6 +109,13 @@ def from_format_1(txn: Txn) -> None:
     txn.put_meta(b"format", 2)
     log.info("converted the index from format 1 to format 2: %d files, %d chains",
              len(inodes), len(tables))
+
+
+def from_format_2(txn: Txn) -> None:
+    """Convert a format 2 index to format 3 within *txn*: a plain state."""
+    txn.put_meta(b"cipher", 0)
+    txn.put_meta(b"format", 3)
+    log.info("converted the index from format 2 to format 3 (unencrypted)")
 
 
 def _by_file(txn: Txn, maps: Any | None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:

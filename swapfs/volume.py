@@ -43,7 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import lmdb
 
-from swapfs import statedir, upgrade
+from swapfs import keys, statedir, upgrade
 from swapfs.blocks import (
     BLOCK_SIZE,
     MAX_FILE_SIZE,
@@ -54,7 +54,7 @@ from swapfs.blocks import (
 )
 from swapfs.cache import BlockCache, cache_key
 from swapfs.deduptable import DedupBudget
-from swapfs.digest import block_digest, new_key
+from swapfs.digest import new_key
 from swapfs.errors import CorruptBlock, CorruptIndex, SwapfsError
 from swapfs.filemap import FileMap
 from swapfs.index import (
@@ -68,6 +68,7 @@ from swapfs.index import (
     Txn,
 )
 from swapfs.reclaim import PendingPunches
+from swapfs.sealing import ChainKeys
 from swapfs.slottable import SlotTable
 from swapfs.store import BlockStore
 from swapfs.transient import TransientCache
@@ -119,13 +120,18 @@ class OldFormat(SwapfsError):
         super().__init__(errno.EINVAL, message)
 
 
+#: The ``cipher`` record of the index's meta database: how blocks are stored.
+PLAIN, AES_GCM_SYNTHETIC_NONCE = 0, 1
+
+
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
     def __init__(self, state: Path, recover: bool = True,
                  still_open: Collection[int] = (),
                  claim: Callable[[], None] | None = None, create: bool = True,
-                 upgrade: bool = True, dedup_table_bytes: int | None = None) -> None:
+                 upgrade: bool = True, dedup_table_bytes: int | None = None,
+                 master: keys.MasterKey | None = None, encrypt: bool | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -141,6 +147,12 @@ class Volume:
         converted (``swapfs/upgrade.py``). *dedup_table_bytes* bounds the
         memory of all chains' dedup tables (``swapfs/deduptable.py``; None:
         no bound).
+
+        An encrypted state opens only with its *master* key (ENOKEY without
+        one, EKEYREJECTED with another). A new state is encrypted if
+        *encrypt* says so, or, with *encrypt* None, if a *master* key is
+        given. With *encrypt* True or False, a state in the other mode is
+        refused (EINVAL): a state is wholly encrypted or wholly plain.
         """
         if not create and not (state / INDEX_NAME / "data.mdb").is_file():
             raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
@@ -163,7 +175,11 @@ class Volume:
             self.pool: TransientCache | None = None
             self.content_cache: BlockCache | None = None
             self._caches: tuple[BlockCache, ...] = ()
-            self._format(create, upgrade)
+            self.master = master
+            #: Each chain's keys, made when the chain is first used (chain_keys).
+            self._keys: dict[int, ChainKeys] = {}
+            self._format(create, upgrade, encrypt)
+            self.encrypted = self._check_key(encrypt)
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
@@ -214,27 +230,104 @@ class Volume:
     # -- set-up ---------------------------------------------------------------
 
     @_writes_index
-    def _format(self, create: bool, allow_upgrade: bool) -> None:
+    def _format(self, create: bool, allow_upgrade: bool, encrypt: bool | None) -> None:
         with self.index.begin(write=True) as txn:
             version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
                 return
-            if version == 1:
+            if version in (1, 2):
                 if not allow_upgrade:
-                    raise OldFormat(f"{self.state} holds an index of format 1: "
+                    raise OldFormat(f"{self.state} holds an index of format {version}: "
                                     "mount it, or run swapfs fsck --upgrade")
-                upgrade.from_format_1(txn)
+                if version == 1:
+                    upgrade.from_format_1(txn)
+                upgrade.from_format_2(txn)
                 return
             if version is not None:
                 raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
             if not create:
                 raise SwapfsError(errno.ENOENT, f"{self.state} holds an empty swapfs index")
+            if encrypt is None:
+                encrypt = self.master is not None
+            if encrypt:
+                if self.master is None:
+                    raise SwapfsError(errno.ENOKEY, f"cannot create an encrypted state in "
+                                      f"{self.state} without a master key")
+                txn.put_meta(b"cipher", AES_GCM_SYNTHETIC_NONCE)
+                txn.put_meta(b"key_id", self.master.key_id)
+            else:
+                txn.put_meta(b"cipher", PLAIN)
             txn.put_meta(b"format", FORMAT_VERSION)
             txn.put_meta(b"next_ino", ROOT_INO + 1)
             txn.put_meta(b"next_chain", 1)
             now = time.time_ns()
             txn.put_inode(Inode(ROOT_INO, KIND_DIR, stat.S_IFDIR | 0o755, os.getuid(),
                                 os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
+
+    def _check_key(self, encrypt: bool | None) -> bool:
+        """Is the state encrypted? Refuse it in the wrong mode or without its key."""
+        with self.index.begin() as txn:
+            cipher = txn.get_meta(b"cipher")
+            key_id = txn.get_meta(b"key_id")
+        if cipher not in (PLAIN, AES_GCM_SYNTHETIC_NONCE):
+            raise CorruptIndex(f"{self.state} stores blocks in an unknown way ({cipher})")
+        encrypted = cipher == AES_GCM_SYNTHETIC_NONCE
+        if encrypt is not None and encrypt != encrypted:
+            raise SwapfsError(errno.EINVAL, f"{self.state} holds "
+                              + ("encrypted swap, and encryption is off" if encrypted else
+                                 "unencrypted swap, and encryption is on")
+                              + "; a state is never mixed (docs/encryption.md)")
+        if not encrypted:
+            return False
+        if key_id is None:
+            raise CorruptIndex(f"{self.state} is encrypted but names no master key")
+        if self.master is None:
+            raise SwapfsError(errno.ENOKEY, f"{self.state} is encrypted, and no master key "
+                              f"was given (it needs key {keys.key_id_text(key_id)})")
+        if self.master.key_id != key_id:
+            raise SwapfsError(errno.EKEYREJECTED, f"{self.master.source} is key "
+                              f"{keys.key_id_text(self.master.key_id)}, and {self.state} "
+                              f"is encrypted with key {keys.key_id_text(key_id)}")
+        return True
+
+    def chain_keys(self, chain: Chain) -> ChainKeys:
+        """The keys that name and seal the blocks of *chain*."""
+        found = self._keys.get(chain.id_)
+        if found is None:
+            if self.encrypted:
+                assert self.master is not None
+                found = ChainKeys.from_secret(chain.id_,
+                                              self.master.unwrap(chain.id_, chain.key))
+            else:
+                found = ChainKeys(chain.id_, chain.key)
+            self._keys[chain.id_] = found
+        return found
+
+    def _new_chain_key(self, chain_id: int) -> bytes:
+        """A new chain's key as its record keeps it: wrapped if encrypted."""
+        if not self.encrypted:
+            return new_key()
+        assert self.master is not None
+        return self.master.wrap(chain_id, keys.new_chain_secret())
+
+    @_writes_index
+    def rekey(self, new: keys.MasterKey) -> int:
+        """Wrap every chain's secret under the master key *new* instead of
+        the one this volume was opened with, in one transaction; no block
+        is rewritten. Returns the number of chains."""
+        if not self.encrypted:
+            raise SwapfsError(errno.EINVAL, f"{self.state} is not encrypted")
+        assert self.master is not None
+        with self.index.begin(write=True) as txn:
+            chains = list(txn.iter_chains())
+            for chain in chains:
+                chain.key = new.wrap(chain.id_, self.master.unwrap(chain.id_, chain.key))
+                txn.put_chain(chain)
+            txn.put_meta(b"key_id", new.key_id)
+        self.master = new
+        for chain_id in list(self._tables):  # they hold the old chain records
+            self._drop_table(chain_id)
+        return len(chains)
 
     def _purge_orphans(self, still_open: Collection[int]) -> None:
         """Delete files unlinked while open that nothing holds open any more."""
@@ -337,7 +430,8 @@ class Volume:
             if parent != ROOT_INO:
                 raise SwapfsError(errno.EPERM, "chains cannot be nested")
             _check_absent(txn, parent, name)
-            chain = Chain(txn.next_id(b"next_chain"), new_key())
+            chain_id = txn.next_id(b"next_chain")
+            chain = Chain(chain_id, self._new_chain_key(chain_id))
             txn.put_chain(chain)
             inode = _new_inode(txn, KIND_DIR, stat.S_IFDIR | (mode & 0o7777), uid, gid,
                                chain.id_)
@@ -550,7 +644,7 @@ class Volume:
 
     def _read(self, inode: Inode, fmap: FileMap, table: SlotTable, offset: int,
               size: int) -> bytes:
-        ino, chain = inode.ino, table.chain
+        ino, chain = inode.ino, self.chain_keys(table.chain)
         end = min(offset + size, inode.size)
         if offset >= end:
             return b""
@@ -579,20 +673,20 @@ class Volume:
             out[lo - offset:hi - offset] = data[lo - block_start:hi - block_start]
         return bytes(out)
 
-    def _load(self, ino: int, chain: Chain, slot: int, digest: bytes) -> bytes:
+    def _load(self, ino: int, chain: ChainKeys, slot: int, digest: bytes) -> bytes:
         """A block's verified data: from the first cache that has it, else from
         the store (and then offered to every cache, which decides to admit it)."""
         if not self._caches:
-            return _load(self.store, chain, slot, digest)
-        key = cache_key(chain.id_, digest)  # built once, used by every cache
+            return load_block(self.store, chain, slot, digest)
+        key = cache_key(chain.chain_id, digest)  # built once, used by every cache
         data = self._cached(key, ino)
         if data is None:
-            data = _load(self.store, chain, slot, digest)
+            data = load_block(self.store, chain, slot, digest)
             for cache in self._caches:
                 cache.offer(key, data, ino)
         return data
 
-    def _load_many(self, ino: int, chain: Chain, blocks: list[tuple[int, bytes]]
+    def _load_many(self, ino: int, chain: ChainKeys, blocks: list[tuple[int, bytes]]
                    ) -> list[bytes]:
         """Verified data of each (slot, digest): cached blocks as in
         :meth:`_load`, the others from the store, reading runs of consecutive
@@ -601,15 +695,19 @@ class Volume:
         datas: list[bytes] = [b""] * len(blocks)
         misses = []  # (position, digest, cache key or b"" without caches, slot)
         for position, (slot, digest) in enumerate(blocks):
-            key = cache_key(chain.id_, digest) if caches else b""
+            key = cache_key(chain.chain_id, digest) if caches else b""
             hit = self._cached(key, ino) if caches else None
             if hit is None:
                 misses.append((position, digest, key, slot))
             else:
                 datas[position] = hit
-        read = self.store.read_many(chain.id_, [slot for *_, slot in misses])
-        for (position, digest, key, slot), data in zip(misses, read, strict=True):
-            _verify(chain, slot, digest, data)
+        slots = [slot for *_, slot in misses]
+        read = self.store.read_many(chain.chain_id, slots)
+        records: list[bytes] | list[None] = (self.store.read_seals(chain.chain_id, slots)
+                                             if chain.sealed else [None] * len(slots))
+        for (position, digest, key, slot), data, record in zip(misses, read, records,
+                                                               strict=True):
+            data = chain.open(slot, digest, data, record)
             datas[position] = data
             for cache in caches:
                 cache.offer(key, data, ino)
@@ -745,12 +843,10 @@ class Volume:
             if found is None:
                 return None
             digest, slot = found
-            data = self.store.read(chain_id, slot)
             try:
-                _verify(chain, slot, digest, data)
+                return digest, load_block(self.store, self.chain_keys(chain), slot, digest)
             except CorruptBlock:
                 return None
-            return digest, data
 
     # -- file priorities ----------------------------------------------------------
 
@@ -945,18 +1041,12 @@ def _touch_dir(txn: Txn, ino: int) -> None:
     txn.put_inode(inode)
 
 
-def _verify(chain: Chain, slot: int, digest: bytes, data: bytes) -> None:
-    """Raise EIO unless *data*, read from *slot*, is the block named *digest*."""
-    if len(data) != BLOCK_SIZE or block_digest(chain.key, data) != digest:
-        log.error("chain %d slot %d does not match digest %s", chain.id_, slot, digest.hex())
-        raise CorruptBlock(f"chain {chain.id_} slot {slot} is corrupt", chain.id_, slot)
-
-
-def _load(store: BlockStore, chain: Chain, slot: int, digest: bytes) -> bytes:
-    """A stored block's data, verified against its digest (EIO if it differs)."""
-    data = store.read(chain.id_, slot)
-    _verify(chain, slot, digest, data)
-    return data
+def load_block(store: BlockStore, chain: ChainKeys, slot: int, digest: bytes) -> bytes:
+    """The block named *digest* that *slot* holds, checked and, in an
+    encrypted chain, opened (CorruptBlock, EIO, unless it is that block)."""
+    data = store.read(chain.chain_id, slot)
+    record = store.read_seals(chain.chain_id, [slot])[0] if chain.sealed else None
+    return chain.open(slot, digest, data, record)
 
 
 class _ChainWrite:
@@ -972,7 +1062,7 @@ class _ChainWrite:
     and the volume forgets the in-memory state this transaction changed.
     """
 
-    __slots__ = ("volume", "store", "txn", "chain", "table", "freed", "taken", "inos",
+    __slots__ = ("volume", "store", "txn", "chain", "keys", "table", "freed", "taken", "inos",
                  "_saved")
 
     def __init__(self, volume: Volume, txn: Txn, table: SlotTable) -> None:
@@ -980,6 +1070,7 @@ class _ChainWrite:
         self.store = volume.store
         self.txn = txn
         self.chain = table.chain
+        self.keys = volume.chain_keys(table.chain)
         self.table = table
         self.freed: list[int] = []
         self.taken: list[int] = []
@@ -995,7 +1086,7 @@ class _ChainWrite:
         slot = self._fmap(inode).get(block)
         if slot is None:
             return ZERO_BLOCK
-        return _load(self.store, self.chain, slot, self.table.digest(slot))
+        return load_block(self.store, self.keys, slot, self.table.digest(slot))
 
     def set_block(self, inode: Inode, block: int, data: bytes) -> None:
         self.set_blocks(inode, [(block, data)])
@@ -1003,13 +1094,15 @@ class _ChainWrite:
     def set_blocks(self, inode: Inode, blocks: list[tuple[int, bytes]]) -> None:
         """Point logical blocks of *inode* at new data, deduplicated within the chain.
 
-        New blocks take free slots (or grow the data file), and their data is
-        written, in runs of consecutive slots, before the index names them.
+        New blocks take free slots (or grow the data file), and their data
+        (sealed, in an encrypted state) is written, in runs of consecutive
+        slots, before the index names them.
         Old blocks lose their references last, so a block that this very
         call both drops and writes again keeps its slot.
         """
-        fmap, table, key = self._fmap(inode), self.table, self.chain.key
+        fmap, table, chain_keys = self._fmap(inode), self.table, self.keys
         new_data: list[tuple[int, bytes]] = []  # (slot, data) to write
+        seals: list[tuple[int, bytes]] = []  # (slot, seal record), if encrypted
         dropped: list[int] = []  # old slots losing one reference each
         for block, data in blocks:
             old = fmap.get(block)
@@ -1019,13 +1112,16 @@ class _ChainWrite:
                     inode.blocks -= 1
                     dropped.append(old)
                 continue
-            digest = block_digest(key, data)
+            digest = chain_keys.digest(data)
             if old is not None and table.digest(old) == digest:
                 continue
             slot = table.find(digest)
             if slot is None:
                 slot = self.allocate()
                 table.claim(slot, digest)
+                if chain_keys.sealed:
+                    data, record = chain_keys.seal(digest, data)
+                    seals.append((slot, record))
                 new_data.append((slot, data))
             else:
                 table.ref(slot)
@@ -1036,6 +1132,8 @@ class _ChainWrite:
                 dropped.append(old)
         # The data reaches its slots before the transaction naming them commits.
         self.store.write_many(self.chain.id_, new_data)
+        if seals:
+            self.store.write_seals(self.chain.id_, seals)
         for slot in dropped:
             if table.unref(slot):
                 self.freed.append(slot)

@@ -1,8 +1,9 @@
 """Shared fixtures.
 
 Engine fixtures (no FUSE): ``state_dir`` is a fresh state directory and
-``volume`` a :class:`~swapfs.volume.Volume` open on it, closed after the test.
-Tests that close and reopen a volume take ``state_dir`` and open their own.
+``volume`` a :class:`~swapfs.volume.Volume` open on it, closed after the
+test, once unencrypted and once encrypted with ``master_key``. Tests that
+close and reopen a volume take ``state_dir`` and open their own.
 """
 
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from swapfs import keys
 from swapfs.volume import Volume
 from tests.mounting import Mount, mounted
 
@@ -21,8 +23,15 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def volume(state_dir: Path) -> Iterator[Volume]:
-    vol = Volume(state_dir)
+def master_key(tmp_path: Path) -> keys.MasterKey:
+    """A fresh master key, in a key file of its own (``master_key.source``)."""
+    return keys.generate(tmp_path / "master.key")
+
+
+@pytest.fixture(params=["plain", "encrypted"])
+def volume(request: pytest.FixtureRequest, state_dir: Path,
+           master_key: keys.MasterKey) -> Iterator[Volume]:
+    vol = Volume(state_dir, master=master_key if request.param == "encrypted" else None)
     yield vol
     vol.close()
 

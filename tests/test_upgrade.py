@@ -1,7 +1,7 @@
-"""Upgrading an index in place: a state directory made by format 1 (the
-fixture in tests/fixtures) opens with today's code, reads back every byte,
-and checks clean; a kill at any point of the conversion leaves one format
-or the other, never a mix, and either reads back the same bytes."""
+"""Upgrading an index in place: state directories made by formats 1 and 2
+(the fixtures in tests/fixtures) open with today's code, read back every
+byte, and check clean; a kill at any point of the conversion leaves one
+format or the other, never a mix, and either reads back the same bytes."""
 
 import signal
 import subprocess
@@ -15,17 +15,19 @@ import pytest
 
 from swapfs import fsck
 from swapfs.blocks import BLOCK_SIZE
+from swapfs.index import FORMAT_VERSION
 from swapfs.volume import OldFormat, Volume
 from tests.fixtures.make_state import expected_contents
 
-FIXTURE = Path(__file__).parent / "fixtures" / "format1-state.tar.gz"
+FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def unpack(tmp_path: Path) -> Path:
-    """The fixture's state directory, with its punched slots holes again (tar
-    stored them as zeros; a stored block is never all zeros)."""
-    with tarfile.open(FIXTURE) as tar:
+def unpack(tmp_path: Path, version: int = 1) -> Path:
+    """The state directory of format *version*'s fixture, with its punched
+    slots holes again (tar stored them as zeros; a stored block is never all
+    zeros)."""
+    with tarfile.open(FIXTURES / f"format{version}-state.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
     state = tmp_path / "state"
     for data in (state / "data").iterdir():
@@ -53,17 +55,19 @@ def assert_contents(state: Path) -> None:
         assert vol.priorities() == {vol.resolve("other/solo2").ino: 7}
 
 
-def test_a_format_1_state_opens_converted_and_checks_clean(tmp_path: Path) -> None:
-    state = unpack(tmp_path)
-    assert raw_format(state) == 1
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_state_opens_converted_and_checks_clean(tmp_path: Path, version: int) -> None:
+    state = unpack(tmp_path, version)
+    assert raw_format(state) == version
     assert_contents(state)
-    assert raw_format(state) == 2
+    assert raw_format(state) == FORMAT_VERSION
     report = fsck.check(state)
     assert report.clean, report.problems
     with closing(Volume(state)) as vol:
         chains = vol.stats()["chains"]
         assert chains["vms"]["unique_blocks"] == 826  # what format 1's fsck counted
         assert chains["other"]["unique_blocks"] == 2
+        assert not vol.encrypted  # an old state was never encrypted
         # and it keeps working: a write, a clone, a discard
         base = vol.resolve("vms/base")
         vol.write(base.ino, 0, b"\x01" * BLOCK_SIZE)
@@ -84,7 +88,7 @@ def test_fsck_leaves_an_old_format_alone_unless_told(tmp_path: Path) -> None:
         [sys.executable, "-m", "swapfs.cli", "fsck", "--upgrade", "--state", str(state)],
         cwd=REPO, capture_output=True, text=True)
     assert upgraded.returncode == fsck.EXIT_CLEAN, upgraded.stderr
-    assert raw_format(state) == 2
+    assert raw_format(state) == FORMAT_VERSION
     assert_contents(state)
 
 
@@ -121,7 +125,7 @@ def test_a_kill_during_the_conversion_leaves_one_format(
     child = subprocess.run([sys.executable, "-c", _KILLER, str(state), target, name,
                             str(nth)], cwd=REPO, capture_output=True, text=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
-    assert raw_format(state) == (2 if converted else 1)
+    assert raw_format(state) == (FORMAT_VERSION if converted else 1)
     assert_contents(state)  # converts now if it was not
-    assert raw_format(state) == 2
+    assert raw_format(state) == FORMAT_VERSION
     assert fsck.check(state).clean
