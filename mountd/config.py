@@ -59,6 +59,12 @@ class Config:
     vsock_cids: list[int] = field(default_factory=list)
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
     failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    #: Encrypt a new state directory's swap at rest; an existing state in the
+    #: other mode is refused (docs/encryption.md).
+    encrypt: bool = True
+    #: The master key file; empty: the systemd credential ``swapfs.key``,
+    #: else /etc/swapfs/master.key.
+    key_file: str = ""
     #: Seconds the state directory's lease lasts unless renewed (swapfs.lease);
     #: 0: no lease, for a state directory on storage only this host reaches.
     lease_seconds: float = 0
@@ -72,7 +78,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "lease_seconds": (int, float),
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
     "dedup_table_bytes": int, "control_idle_timeout": (int, float),
-    "control_max_connections": int, "vsock_cids": list,
+    "control_max_connections": int, "vsock_cids": list, "encrypt": bool, "key_file": str,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 

@@ -36,7 +36,7 @@ from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.memo import ConnectionMemo
-from swapfs import compiled, lease, mountcheck
+from swapfs import compiled, keys, lease, mountcheck
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.fs import Operations
@@ -334,11 +334,16 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     state, lease_seconds = config.state, config.lease_seconds
     clean_exit = False
     try:
+        master = (keys.load(Path(config.key_file) if config.key_file else None)
+                  if config.encrypt else None)
         volume = Volume(config.state, still_open=link.memo.open_inos() if link.memo else (),
                         claim=(lambda: link.claim_lease(state, lease_seconds))
                         if lease_seconds else None,
                         create=link.takeover is None,
-                        dedup_table_bytes=config.dedup_table_bytes)
+                        dedup_table_bytes=config.dedup_table_bytes,
+                        master=master, encrypt=config.encrypt)
+        log.info("%s: %s", state, f"encrypted, master key {master.source}"
+                 if volume.encrypted and master is not None else "unencrypted")
         if link.takeover is not None and link.memo is not None:
             link.memo.takeovers += 1  # counted once the state is open: failed starts do not
             link.memo.save()

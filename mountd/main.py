@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--content-cache-bytes", type=int,
                         help="the content cache's budget of host memory; 0 disables it")
+    parser.add_argument("--key-file", help="the master key file (overrides the configuration's)")
+    parser.add_argument("--no-encrypt", dest="encrypt", action="store_false", default=None,
+                        help="serve (or create) an unencrypted state")
     parser.add_argument("--ready-fd", type=int, default=-1,
                         help="write one byte to this fd once the mount serves")
     parser.add_argument("--adopt-fds", help=argparse.SUPPRESS)  # FUSE,MEMO: from a standby
@@ -65,6 +68,10 @@ def restart_args(args: argparse.Namespace, state: Path, mountpoint: str) -> list
         argv += ["--log-level", args.log_level]
     if args.content_cache_bytes is not None:
         argv += ["--content-cache-bytes", str(args.content_cache_bytes)]
+    if args.key_file:
+        argv += ["--key-file", os.path.abspath(args.key_file)]
+    if args.encrypt is False:
+        argv.append("--no-encrypt")
     return argv
 
 
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "state": args.state, "mountpoint": args.mountpoint,
             "allow_other": args.allow_other, "log_level": args.log_level,
             "content_cache_bytes": args.content_cache_bytes,
+            "key_file": args.key_file, "encrypt": args.encrypt,
         })
     except ConfigError as exc:
         print(f"swapfs-mountd: {exc}", file=sys.stderr)

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import fsck, lease, mountcheck, protocol, spawn, swaparea
+from swapfs import fsck, keys, lease, mountcheck, protocol, spawn, swaparea
 from swapfs.errors import SwapfsError
+from swapfs.volume import Volume
 
 EXAMPLES = """\
 examples:
+  swapfs keygen /etc/swapfs/master.key
   swapfs mount --state /var/lib/swapfs/a /mnt/swapfs --standby
   swapfs standby --state /shared/swapfs/a --config /etc/swapfs/a.toml /mnt/swapfs
   mkdir /mnt/swapfs/web
@@ -34,6 +36,7 @@ examples:
   swapfs umount /mnt/swapfs
   swapfs fsck --state /var/lib/swapfs/a --repair
   swapfs lease --state /var/lib/swapfs/a --json
+  swapfs rekey --state /var/lib/swapfs/a --new-key-file /etc/swapfs/next.key
 """
 
 #: How long ``mount`` waits for the daemon to serve, and ``umount`` for it to exit.
@@ -58,6 +61,10 @@ def _mount(args: argparse.Namespace) -> int:
         command += ["--log-level", "debug"]
     if args.content_cache_bytes is not None:
         command += ["--content-cache-bytes", str(args.content_cache_bytes)]
+    if args.key_file:
+        command += ["--key-file", str(args.key_file.resolve())]
+    if not args.encrypt:
+        command.append("--no-encrypt")
     if args.foreground:
         os.execv(sys.executable, command)
     pid = _start_background(command, state / "daemon.log", "the daemon did not start")
@@ -331,7 +338,8 @@ def _fsck(args: argparse.Namespace) -> int:
     try:
         if not (args.state / "index.lmdb").exists():
             raise CommandError(f"{args.state} holds no swapfs state")
-        report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade)
+        report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade,
+                            master=keys.load(args.key_file))
     except (CommandError, SwapfsError, OSError) as exc:
         print(f"swapfs fsck: {exc}", file=sys.stderr)
         return fsck.EXIT_FAILED
@@ -392,6 +400,28 @@ def _lease(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    args.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    master = keys.generate(args.file)
+    print(f"swapfs: wrote master key {keys.key_id_text(master.key_id)} to {args.file}")
+    return 0
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    """Rewrap every chain key of an unmounted state under a new master key."""
+    old, new = keys.load(args.key_file), keys.read(args.new_key_file)
+    if old is None:
+        raise CommandError("no master key: give --key-file")
+    volume = Volume(args.state, recover=False, create=False, upgrade=False, master=old)
+    try:
+        chains = volume.rekey(new)
+    finally:
+        volume.close()
+    print(f"swapfs: {args.state}: {chains} chain keys rewrapped, master key "
+          f"{keys.key_id_text(old.key_id)} -> {keys.key_id_text(new.key_id)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swapfs", description="Swap files deduplicated per clone chain.",
@@ -411,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--content-cache-bytes", type=int, metavar="N",
                        help="the content cache's budget of host memory in bytes "
                             "(default 64 MiB; 0 disables it)")
+    mount.add_argument("--key-file", type=Path, metavar="FILE",
+                       help="the master key (default: the systemd credential swapfs.key, "
+                            f"else {keys.DEFAULT_KEY_FILE})")
+    mount.add_argument("--no-encrypt", dest="encrypt", action="store_false",
+                       help="serve (or create) an unencrypted state")
     mount.set_defaults(run=_mount)
 
     standby = commands.add_parser(
@@ -478,7 +513,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--upgrade", action="store_true",
                        help="convert an index of an earlier format, then check it")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--key-file", type=Path, metavar="FILE",
+                       help="the master key of an encrypted state (default as for mount)")
     check.set_defaults(run=_fsck)
+
+    keygen = commands.add_parser("keygen", help="write a new random master key (mode 0600)")
+    keygen.add_argument("file", type=Path)
+    keygen.set_defaults(run=_keygen)
+
+    rekey = commands.add_parser(
+        "rekey", help="rewrap the chain keys of an unmounted state under a new master key "
+                      "(no data is rewritten)")
+    rekey.add_argument("--state", required=True, type=Path, help="state directory")
+    rekey.add_argument("--key-file", type=Path, metavar="FILE",
+                       help="the current master key (default as for mount)")
+    rekey.add_argument("--new-key-file", required=True, type=Path, metavar="FILE",
+                       help="the new master key (swapfs keygen makes one)")
+    rekey.set_defaults(run=_rekey)
 
     held = commands.add_parser(
         "lease", help="show (or break) the lease that fences a state directory across hosts",

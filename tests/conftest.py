@@ -4,8 +4,13 @@ Engine fixtures (no FUSE): ``state_dir`` is a fresh state directory and
 ``volume`` a :class:`~swapfs.volume.Volume` open on it, closed after the
 test, once unencrypted and once encrypted with ``master_key``. Tests that
 close and reopen a volume take ``state_dir`` and open their own.
+
+Every daemon and check a test starts finds a master key the way systemd's
+``LoadCredentialEncrypted=`` hands one over (``$CREDENTIALS_DIRECTORY``), so
+mounts are encrypted, as new states are by default.
 """
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +19,21 @@ import pytest
 from swapfs import keys
 from swapfs.volume import Volume
 from tests.mounting import Mount, mounted
+
+
+@pytest.fixture(autouse=True, scope="session")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's credentials directory, holding its master key."""
+    directory = tmp_path_factory.mktemp("credentials")
+    directory.chmod(0o700)
+    keys.generate(directory / keys.CREDENTIAL)
+    before = os.environ.get("CREDENTIALS_DIRECTORY")
+    os.environ["CREDENTIALS_DIRECTORY"] = str(directory)
+    yield directory
+    if before is None:
+        del os.environ["CREDENTIALS_DIRECTORY"]
+    else:
+        os.environ["CREDENTIALS_DIRECTORY"] = before
 
 
 @pytest.fixture

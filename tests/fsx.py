@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from swapfs import fsck, protocol
+from swapfs import protocol
 from tests.mounting import BLOCK, Mount, aligned_buffer, fallocate, mounted, wait_until
 
 # fallocate(2) modes (linux/falloc.h).
@@ -584,7 +584,7 @@ class Fsx:
     def _fsck(self, allowed: Collection[str] = ()) -> None:
         """The offline check of the state, which must find no problem but the
         *allowed* kinds (a clean one exits 0)."""
-        report = fsck.check(self.mount.state)
+        report = self.mount.fsck()
         problems = [vars(problem) for problem in report.problems
                     if problem.kind not in allowed]
         if problems or (not allowed and report.exit_code != 0):

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from mountd import keeper
-from swapfs import fsck, protocol
+from swapfs import fsck, keys, protocol
 
 BLOCK = 4096
 
@@ -265,7 +265,7 @@ class Mount:
 
     def fsck(self, repair: bool = False) -> fsck.Report:
         """The offline check of the state (the daemon must have exited)."""
-        return fsck.check(self.state, repair=repair)
+        return fsck.check(self.state, repair=repair, master=keys.load())
 
     # -- queries ------------------------------------------------------------------
 

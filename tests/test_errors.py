@@ -49,7 +49,8 @@ def test_corrupt_block_reads_eio_and_other_blocks_still_read(mount: Mount) -> No
     # One write of 8 distinct blocks into an empty chain fills slots 0..7 in order.
     blocks_file = mount.state / "data" / f"{chain_id}.blocks"
     raw = bytearray(blocks_file.read_bytes())
-    assert raw[3 * BLOCK:4 * BLOCK] == data[3 * BLOCK:4 * BLOCK]
+    assert len(raw) == 8 * BLOCK
+    assert raw[3 * BLOCK:4 * BLOCK] != data[3 * BLOCK:4 * BLOCK]  # encrypted at rest
     raw[3 * BLOCK + 100] ^= 0x01
     blocks_file.write_bytes(bytes(raw))
     mount.mount()

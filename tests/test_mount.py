@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import protocol
+from swapfs import keys, protocol
 from swapfs.fs import CACHE_TIMEOUT
 from swapfs.store import punch_hole
 from swapfs.volume import Volume
@@ -455,7 +455,7 @@ def test_a_new_block_takes_the_slot_freed_last(mount: Mount) -> None:
     assert path.read_bytes() == b"".join(expected)
     mount.umount()  # with slots 1 and 2 still pending: the unmount punches them
     assert mount.fsck().clean
-    with contextlib.closing(Volume(mount.state, recover=False)) as volume:
+    with contextlib.closing(Volume(mount.state, recover=False, master=keys.load())) as volume:
         inode = volume.resolve("c/f")
         assert volume.mapped(inode.ino)[2] == 5
         assert volume.free_slots(inode.chain) == {1, 2}
