@@ -62,8 +62,8 @@ class Config:
     #: Encrypt a new state directory's swap at rest; an existing state in the
     #: other mode is refused (docs/encryption.md).
     encrypt: bool = True
-    #: The master key file; empty: the systemd credential ``swapfs.key``,
-    #: else /etc/swapfs/master.key.
+    #: The master key file; empty: the systemd credential ``swapfs.key`` if
+    #: the daemon has one, else /etc/swapfs/master.key.
     key_file: str = ""
     #: Seconds the state directory's lease lasts unless renewed (swapfs.lease);
     #: 0: no lease, for a state directory on storage only this host reaches.

@@ -9,9 +9,10 @@ unwrap, and rotating the master key rewraps the secrets without touching a
 block of data. From a chain's secret come its digest key (the keyed BLAKE3
 that names blocks for dedup) and its data key (``swapfs/sealing.py``).
 
-The master key comes from systemd's credentials first (``swapfs.key`` in
-``$CREDENTIALS_DIRECTORY``, as ``LoadCredentialEncrypted=`` provides it),
-else from a key file. A key file that its group or others may read or
+The master key comes from the key file named in the configuration, else
+from systemd's credentials (``swapfs.key`` in ``$CREDENTIALS_DIRECTORY``,
+as ``LoadCredentialEncrypted=`` provides it), else from
+``/etc/swapfs/master.key``. A key file that its group or others may read or
 write is refused, as ssh refuses such a private key: a key anyone else can
 read protects nothing.
 """
@@ -97,14 +98,14 @@ def key_id_text(key_id: int) -> str:
 
 
 def load(key_file: Path | None = None) -> MasterKey | None:
-    """The master key: the systemd credential if the daemon was given one,
-    else *key_file* (an error if it is missing), else the default key file
-    if it exists; None when there is none."""
+    """The master key: from *key_file* if one is named (an error if it is
+    missing), else the systemd credential if the process was given one, else
+    the default key file if it exists; None when there is none."""
+    if key_file is not None:
+        return read(key_file)
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials and (Path(credentials) / CREDENTIAL).exists():
         return read(Path(credentials) / CREDENTIAL)
-    if key_file is not None:
-        return read(key_file)
     if DEFAULT_KEY_FILE.exists():
         return read(DEFAULT_KEY_FILE)
     return None

@@ -214,10 +214,12 @@ class BlockStore:
                 os.close(fd)
             path.unlink(missing_ok=True)
 
-    def disk_bytes(self, chain_id: int) -> int:
-        """Bytes the chain's data file really occupies on disk."""
+    def disk_bytes(self, chain_id: int, seals: bool = False) -> int:
+        """Bytes the chain's data file (or with *seals*, its seal file) really
+        occupies on disk."""
         try:
-            return os.stat(self.path(chain_id)).st_blocks * 512
+            path = self.seal_path(chain_id) if seals else self.path(chain_id)
+            return os.stat(path).st_blocks * 512
         except FileNotFoundError:
             return 0
 

@@ -184,6 +184,12 @@ class Volume:
                 self._purge_orphans(still_open)
                 self._punch_free()
         except BaseException:
+            # Refused (wrong key, wrong mode, old format) or failed: nothing
+            # stays open, so that the state can be opened again.
+            if hasattr(self, "store"):
+                self.store.close()
+            if hasattr(self, "index"):
+                self.index.close()
             os.close(self._lock_fd)
             raise
 
@@ -926,6 +932,7 @@ class Volume:
                     "zero_blocks": sum(f["zero_blocks"] for f in files.values()),
                     "dedup_ratio": logical / stored if stored else 1.0,
                     "disk_bytes": self.store.disk_bytes(chain.id_),
+                    "seal_bytes": self.store.disk_bytes(chain.id_, seals=True),
                     "dedup_table": {"bytes": table.dedup.size_bytes,
                                     "entries": table.dedup.entries,
                                     "unindexed": table.dedup.unindexed},
@@ -937,7 +944,7 @@ class Volume:
             stored = sum(self._table(txn, chain.id_).stored for chain in txn.iter_chains())
             index = txn.space().figures(logical, stored)
         report: dict[str, Any] = {"chains": chains, "index_bytes": self.index.file_bytes(),
-                                  "index": index}
+                                  "index": index, "encrypted": self.encrypted}
         names = {chain["id"]: name for name, chain in chains.items()}
         for name, cache in (("transient_cache", self.pool),
                             ("content_cache", self.content_cache)):
