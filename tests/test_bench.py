@@ -5,8 +5,8 @@ measured in the same run. What is checked is that every row is there, that
 the ratios are computed against the ceilings of the same run (the stock and
 the patched pyfuse3, the kernel), that the state directory of
 swapfs-nodiscard is on a file system without ``discard``, that the targets
-table reports what the rows say, and that the benchmark leaves nothing
-behind.
+table and the encryption table report what the rows say, and that the
+benchmark leaves nothing behind.
 """
 
 import json
@@ -48,7 +48,8 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     jobs = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
     ceilings = {"python-fuse-stock": "vs_python_fuse_stock",
                 "python-fuse-patched": "vs_python_fuse_patched", "kernel": "vs_kernel"}
-    for target in ["swapfs", "swapfs-nodiscard", *ceilings, "zram", "root-disk"]:
+    swapfs_targets = ["swapfs", "swapfs-unencrypted", "swapfs-nodiscard"]
+    for target in [*swapfs_targets, *ceilings, "zram", "root-disk"]:
         for job in jobs:
             row = rows[target, job]
             assert f"| {target} | {job} |" in table
@@ -57,14 +58,14 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
             assert row["iops"] > 0 and row["mbps"] > 0 and row["p99_us"] >= row["p50_us"]
             for ceiling, key in ceilings.items():
                 assert row[key] == pytest.approx(row["iops"] / rows[ceiling, job]["iops"])
-    for job in jobs:  # the ceilings and both swapfs targets must have run
-        for target in ["swapfs", "swapfs-nodiscard", *ceilings]:
+    for job in jobs:  # the ceilings and the swapfs targets must have run
+        for target in [*swapfs_targets, *ceilings]:
             assert "unavailable" not in rows[target, job]
         for ceiling, key in ceilings.items():
             assert rows[ceiling, job][key] == pytest.approx(1.0)
 
     state_fs = results["state_fs"]  # "SOURCE FSTYPE OPTIONS" of each state directory
-    assert set(state_fs) == {"swapfs", "swapfs-nodiscard"}
+    assert set(state_fs) == set(swapfs_targets)
     source, fstype, options = state_fs["swapfs-nodiscard"].split()
     assert source.startswith("/dev/loop") and fstype == "ext4"
     assert "discard" not in options.split(",")
@@ -81,15 +82,15 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     assert space["maps_per_logical_block"] == space["maps_bytes"] / space["logical_blocks"]
     assert f"| {space['data']} | {space['logical_blocks']} | {space['stored_blocks']} |" in table
     e2e = {row["target"]: row for row in results["e2e"]}
-    assert set(e2e) == {"swapfs", "swapfs-nodiscard", "zram", "root-disk"}
-    for target in ("swapfs", "swapfs-nodiscard"):
+    assert set(e2e) == {*swapfs_targets, "zram", "root-disk"}
+    for target in swapfs_targets:
         assert e2e[target]["swapped_out_bytes"] > 0
         assert e2e[target]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
 
     goals = {row["key"]: row for row in results["goals"]}
     assert list(goals) == [*jobs, "out_vs_root_disk", "in_vs_root_disk"]
     for key, goal in goals.items():
-        for target in ("swapfs", "swapfs-nodiscard"):
+        for target in swapfs_targets:
             figure = goal["measured"][target]
             if key in jobs:
                 assert figure["ratio"] == rows[target, key]["vs_python_fuse_stock"]
@@ -97,6 +98,19 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
                 assert figure["ratio"] == e2e[target][key]
             assert figure["met"] == (figure["ratio"] >= goal["goal"])
         assert f"| {goal['what']} | >= {goal['goal']:.1f}x |" in table
+    encryption = {row["what"]: row for row in results["encryption"]}
+    assert list(encryption) == [f"fio {job} dedupe-50" for job in jobs] + [
+        "end-to-end swap-out", "end-to-end swap-in"]
+    for job in jobs:
+        row = encryption[f"fio {job} dedupe-50"]
+        assert (row["encrypted"], row["unencrypted"]) == (
+            rows["swapfs", job]["mbps"], rows["swapfs-unencrypted", job]["mbps"])
+    for what, key in (("swap-out", "swap_out_mbps"), ("swap-in", "swap_in_mbps")):
+        row = encryption[f"end-to-end {what}"]
+        assert row["ratio"] == pytest.approx(e2e["swapfs"][key] / e2e["swapfs-unencrypted"][key])
+    for row in encryption.values():
+        assert row["met"] == (row["ratio"] >= 0.9)
+        assert f"| {row['what']} | {row['encrypted']:.1f} |" in table
     off, on = results["pool"]  # the transient cache: off, then on
     assert (off["pool_bytes"], off["hit_rate"], off["speedup"]) == (0, 0.0, 1.0)
     assert on["pool_bytes"] > 0 and on["hit_rate"] > 0

@@ -37,6 +37,18 @@ def test_damaged_data_files_never_read_wrong_and_fsck_reports_them(tmp_path):
     assert len(summary.read_errors) > 100  # the state's data files are nearly all in use
 
 
+@pytest.mark.slow
+def test_damaged_data_and_seal_files_of_an_encrypted_state(tmp_path):
+    """100 seeded damages to an encrypted state's data and seal files: the
+    same goals; each damage reads as an error."""
+    _, trials = bitflip.campaign(tmp_path, trials=100, seed=6, jobs=2, data=True,
+                                 encrypt=True)
+    summary = bitflip.summarize(trials)
+    assert not bitflip.missed_goals(summary), bitflip.table(summary, trials)
+    assert {trial.kind.split()[2].split(".")[1] for trial in trials} == {"blocks", "seals"}
+    assert len(summary.read_errors) > 90
+
+
 class FakeVolume:
     """A file of three blocks and a short one that reads back as *answers*
     says: block number -> bytes to return, or an exception to raise."""

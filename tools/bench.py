@@ -107,7 +107,9 @@ DATA = {"dedupe-0": (0, 0), "dedupe-50": (50, 0), "dedupe-90": (90, 0), "zeros":
 CEILINGS = {"python-fuse-stock": "vs_python_fuse_stock",
             "python-fuse-patched": "vs_python_fuse_patched",
             "kernel": "vs_kernel"}
-SWAPFS_TARGETS = ["swapfs", "swapfs-nodiscard"]
+SWAPFS_TARGETS = ["swapfs", "swapfs-unencrypted", "swapfs-nodiscard"]
+#: Encryption at rest should keep at least this share of the unencrypted throughput.
+ENCRYPTION_GOAL = 0.9
 PAGE = 4096
 
 #: The issue's targets: (what, fio job or e2e key, at least this ratio). The fio
@@ -591,6 +593,30 @@ def goal_rows(fio: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[dict
     return rows
 
 
+def encryption_rows(fio: list[dict[str, Any]], e2e: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:
+    """Throughput encrypted ("swapfs") against unencrypted, measured in the
+    same run: each fio job and data kind, then swap-out and swap-in."""
+    rows: list[dict[str, Any]] = []
+    plain = {(row["job"], row["data"]): row for row in fio
+             if row["target"] == "swapfs-unencrypted" and "mbps" in row}
+    for row in fio:
+        base = plain.get((row["job"], row["data"]))
+        if row["target"] == "swapfs" and "mbps" in row and base and base["mbps"]:
+            rows.append({"what": f"fio {row['job']} {row['data']}", "encrypted": row["mbps"],
+                         "unencrypted": base["mbps"], "ratio": row["mbps"] / base["mbps"]})
+    runs = {row["target"]: row for row in e2e if "swap_out_mbps" in row}
+    if "swapfs" in runs and "swapfs-unencrypted" in runs:
+        for key, what in (("swap_out_mbps", "swap-out"), ("swap_in_mbps", "swap-in")):
+            base = runs["swapfs-unencrypted"][key]
+            rows.append({"what": f"end-to-end {what}", "encrypted": runs["swapfs"][key],
+                         "unencrypted": base,
+                         "ratio": runs["swapfs"][key] / base if base else None})
+    for row in rows:
+        row["met"] = row["ratio"] is not None and row["ratio"] >= ENCRYPTION_GOAL
+    return rows
+
+
 # -- output --------------------------------------------------------------------------
 
 
@@ -701,6 +727,14 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{'-' if takeover is None else f'{takeover:.2f}'} | "
                 f"{'-' if first is None else f'{first:.2f}'} | "
                 f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
+    if results.get("encryption"):
+        lines += ["", "Encryption at rest: swapfs (encrypted) against swapfs-unencrypted, "
+                  f"MB/s, in this run (goal >= {ENCRYPTION_GOAL}x):", "",
+                  "| what | encrypted | unencrypted | ratio |", "|---|---:|---:|---:|"]
+        for row in results["encryption"]:
+            lines.append(f"| {row['what']} | {row['encrypted']:.1f} | "
+                         f"{row['unencrypted']:.1f} | {_ratio(row['ratio'])} "
+                         f"{'met' if row['met'] else 'not met'} |")
     lines += _goals_markdown(results.get("goals", []))
     return "\n".join(lines) + "\n"
 
@@ -860,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
                "index_format": FORMAT_VERSION,
                "state_fs": state_fs, "fio": fio_rows, "space": space, "e2e": e2e,
                "pool": pool, "content": content, "takeover": takeover,
-               "goals": goal_rows(fio_rows, e2e)}
+               "goals": goal_rows(fio_rows, e2e), "encryption": encryption_rows(fio_rows, e2e)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (args.out / "results.md").write_text(table)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swapfs import protocol
+from swapfs import keys, protocol
 
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent
@@ -119,10 +119,16 @@ def _state_dir(workdir: Path, size: int, nodiscard: bool) -> Iterator[Path]:
 @contextlib.contextmanager
 def swapfs_mount(workdir: Path, *flags: str, state: Path | None = None) -> Iterator[Path]:
     """A fresh swapfs mount; *flags* go to ``swapfs mount``; the state
-    directory is *state*, by default ``state`` in *workdir*."""
+    directory is *state*, by default ``state`` in *workdir*. Unless *flags*
+    say ``--no-encrypt`` it is encrypted, with a master key of its own."""
     mnt = workdir / "mnt"
     mnt.mkdir()
     state = state or workdir / "state"
+    if "--no-encrypt" not in flags:
+        key = workdir / "master.key"
+        if not key.exists():
+            keys.generate(key)
+        flags = (*flags, "--key-file", str(key))
     _run(*SWAPFS, "mount", *flags, "--state", str(state), str(mnt))
     try:
         yield mnt
@@ -211,8 +217,8 @@ def _stop(pid: int, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def _swapfs_device(size: int, nodiscard: bool) -> Iterator[Device]:
-    with _swapfs_file(size, nodiscard=nodiscard) as (mnt, path, state), \
+def _swapfs_device(size: int, nodiscard: bool, *flags: str) -> Iterator[Device]:
+    with _swapfs_file(size, *flags, nodiscard=nodiscard) as (mnt, path, state), \
             loop_device(path) as device:
         yield Device(device, stats=lambda: swapfs_stats(mnt, "bench"), pid=daemon_pid(mnt),
                      state_mount=mount_of(state))
@@ -222,6 +228,13 @@ def _swapfs_device(size: int, nodiscard: bool) -> Iterator[Device]:
 def swapfs_file(size: int) -> Iterator[Device]:
     """A file in a fresh chain on a fresh swapfs mount, behind a loop device."""
     with _swapfs_device(size, nodiscard=False) as device:
+        yield device
+
+
+@contextlib.contextmanager
+def swapfs_unencrypted_file(size: int) -> Iterator[Device]:
+    """As :func:`swapfs_file`, on an unencrypted state: the cost of encryption."""
+    with _swapfs_device(size, False, "--no-encrypt") as device:
         yield device
 
 
@@ -349,6 +362,7 @@ def zram_device(size: int) -> Iterator[Device]:
 
 FIO_TARGETS = {
     "swapfs": swapfs_file,
+    "swapfs-unencrypted": swapfs_unencrypted_file,
     "swapfs-nodiscard": swapfs_nodiscard_file,
     "python-fuse-stock": python_fuse_stock_file,
     "python-fuse-patched": python_fuse_patched_file,
@@ -391,6 +405,12 @@ def swapfs_swap(size: int, *flags: str, nodiscard: bool = False) -> Iterator[Swa
 
 
 @contextlib.contextmanager
+def swapfs_unencrypted_swap(size: int) -> Iterator[SwapTarget]:
+    with swapfs_swap(size, "--no-encrypt") as swap:
+        yield swap
+
+
+@contextlib.contextmanager
 def swapfs_nodiscard_swap(size: int) -> Iterator[SwapTarget]:
     with swapfs_swap(size, nodiscard=True) as swap:
         yield swap
@@ -422,6 +442,7 @@ def root_disk_swap(size: int) -> Iterator[SwapTarget]:
 
 SWAP_TARGETS = {
     "swapfs": swapfs_swap,
+    "swapfs-unencrypted": swapfs_unencrypted_swap,
     "swapfs-nodiscard": swapfs_nodiscard_swap,
     "zram": zram_swap,
     "root-disk": root_disk_swap,

@@ -2,6 +2,8 @@
 
 With ``--data`` it damages the data files instead, one damage a trial: a
 flipped bit, a slot zeroed, or a data file cut short, at a random place.
+With ``--encrypt`` the state is encrypted at rest, and ``--data`` damages its
+seal files too.
 
 The goals for a damaged index: a read never returns wrong bytes (an error is
 fine), fsck reports every flip that changed a read, fsck never crashes, and
@@ -61,9 +63,10 @@ from typing import Any, NoReturn, Protocol
 
 import lmdb
 
-from swapfs import fsck
+from swapfs import fsck, keys
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import SwapfsError
+from swapfs.keys import MasterKey
 from swapfs.volume import Volume
 from tests.fixtures.make_state import expected_contents, make
 
@@ -203,10 +206,10 @@ def read_file(volume: Reader, path: str, want: bytes, reads: Reads) -> None:
             reads.wrong[path] = reads.wrong.get(path, 0) + 1
 
 
-def read_all(state: Path, want: dict[str, bytes]) -> Phase:
+def read_all(state: Path, want: dict[str, bytes], master: MasterKey | None = None) -> Phase:
     """Open the volume in *state* and read every file of *want*."""
     try:
-        volume = Volume(state)
+        volume = Volume(state, master=master)
     except Exception as exc:  # a refusal is an answer, not wrong bytes
         return Phase("refused", f"{_error_name(exc)}: {exc}")
     reads = Reads()
@@ -216,10 +219,10 @@ def read_all(state: Path, want: dict[str, bytes]) -> Phase:
     return reads.phase()
 
 
-def check(state: Path, repair: bool) -> Phase:
+def check(state: Path, repair: bool, master: MasterKey | None = None) -> Phase:
     """fsck's exit code and the kinds of problem it found, or its refusal."""
     try:
-        report = fsck.check(state, repair=repair)
+        report = fsck.check(state, repair=repair, master=master)
     except SwapfsError as exc:
         return Phase("refused", f"{_error_name(exc)}: {exc}")
     return Phase(str(report.exit_code),
@@ -353,7 +356,8 @@ def damage_data(state: Path, name: str, how: str, offset: int, bit: int) -> None
 
 
 def run_trial(number: int, offset: int, bit: int, pristine: Path, scratch: Path,
-              want: dict[str, bytes], kind: str, timeout: float) -> Trial:
+              want: dict[str, bytes], kind: str, timeout: float,
+              master: MasterKey | None = None) -> Trial:
     """Flip *bit* of the index byte at *offset* in three copies of *pristine*
     (or, for a *kind* ``data <how> <file>``, damage that data file there)
     and take each through its steps."""
@@ -368,14 +372,14 @@ def run_trial(number: int, offset: int, bit: int, pristine: Path, scratch: Path,
         copy_state(copies[0], copy)
     reads, checked, repaired = copies
     try:
-        read = forked(lambda: read_all(reads, want), timeout)
-        fsck_ = forked(lambda: check(checked, repair=False), timeout)
-        repair = forked(lambda: check(repaired, repair=True), timeout)
+        read = forked(lambda: read_all(reads, want, master), timeout)
+        fsck_ = forked(lambda: check(checked, False, master), timeout)
+        repair = forked(lambda: check(repaired, True, master), timeout)
         if repair.outcome == "0":  # nothing changed: steps 1 and 2 have taken this state
             after = read, fsck_
         else:
-            after = (forked(lambda: read_all(repaired, want), timeout),
-                     forked(lambda: check(repaired, repair=False), timeout))
+            after = (forked(lambda: read_all(repaired, want, master), timeout),
+                     forked(lambda: check(repaired, False, master), timeout))
         return Trial(number, offset, bit, offset // PAGE_SIZE, kind, read, fsck_, repair, *after)
     finally:
         for copy in copies:
@@ -436,23 +440,28 @@ def missed_goals(summary: Summary) -> dict[str, list[int]]:
 
 def campaign(scratch: Path, trials: int, seed: int, timeout: float = 10.0, jobs: int = 2,
              pristine: Path | None = None, progress: Callable[[int], None] | None = None,
-             data: bool = False) -> tuple[int, list[Trial]]:
+             data: bool = False, encrypt: bool = False) -> tuple[int, list[Trial]]:
     """Run *trials* seeded flips in *scratch*, shared among *jobs* workers:
     the number of pages in use, and every trial in order.
 
     The seed fixes where the bits flip; the pristine state differs from one
     make to the next (every chain's key is random), and with it the figures.
     A *pristine* state that exists is used as it is (made there otherwise),
-    so that a seed flips the same bits of the same index again.
+    so that a seed flips the same bits of the same index again. With
+    *encrypt* the state is encrypted, its master key kept next to it.
     """
     pristine = pristine or scratch / "pristine"
+    key_file = pristine.parent / f"{pristine.name}.key"
+    master = None
+    if encrypt:
+        master = keys.read(key_file) if key_file.exists() else keys.generate(key_file)
     if not pristine.exists():
-        make(pristine)
+        make(pristine, master)
     want = expected_contents()
     rng = random.Random(seed)
     if data:  # the data files' bytes, flipped, zeroed a slot at a time, or cut
         files = {path.name: path.stat().st_size
-                 for path in sorted((pristine / "data").glob("*.blocks"))}
+                 for path in sorted((pristine / "data").iterdir())}
         pages = sum(size // PAGE_SIZE for size in files.values())
         names = list(files)
         damages = []
@@ -468,7 +477,7 @@ def campaign(scratch: Path, trials: int, seed: int, timeout: float = 10.0, jobs:
 
     def trial(number: int) -> Trial:
         offset, bit, kind = damages[number]
-        return run_trial(number, offset, bit, pristine, scratch, want, kind, timeout)
+        return run_trial(number, offset, bit, pristine, scratch, want, kind, timeout, master)
 
     gc.freeze()  # a child's collections then copy none of this process's pages
     try:
@@ -571,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="store_true",
                         help="damage the data files instead of the index: flip a bit, "
                              "zero a slot or cut a file, at random")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="an encrypted state (with --data, its seal files are damaged too)")
     parser.add_argument("--json", action="store_true", help="print every trial as JSON")
     args = parser.parse_args(argv)
 
@@ -581,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swapfs-bitflip-") as scratch:
         pages, trials = campaign(Path(scratch), args.trials, args.seed, args.timeout,
-                                 args.jobs, args.pristine, progress, data=args.data)
+                                 args.jobs, args.pristine, progress, data=args.data,
+                                 encrypt=args.encrypt)
     seconds = time.monotonic() - started
     if sys.stderr.isatty():
         print(file=sys.stderr)

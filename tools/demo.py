@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The swapfs demo: a clone chain, then real kernel swap under memory pressure.
 
-1. It mounts swapfs on a temporary state directory, writes a parent's swap
+1. It mounts swapfs on a temporary state directory, encrypted at rest with
+   a master key made for the demo, writes a parent's swap
    file, clones it into VMs (instantly: no data is copied), lets each VM
    diverge a little, and shows what the chain stores.
 2. It puts a swap file of the chain into service (loop device, mkswap,
@@ -66,8 +67,8 @@ def swapfs(*args: str) -> str:
 
 
 @contextlib.contextmanager
-def mounted(state: Path, mnt: Path) -> Iterator[Path]:
-    swapfs("mount", "--state", str(state), str(mnt))
+def mounted(state: Path, mnt: Path, key: Path) -> Iterator[Path]:
+    swapfs("mount", "--state", str(state), "--key-file", str(key), str(mnt))
     try:
         yield mnt
     finally:
@@ -221,13 +222,22 @@ def report(name: str, result: WorkloadResult, stored: int | None) -> str:
 
 
 def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    state, mnt = workdir / "state", workdir / "mnt"
+    state, mnt, key = workdir / "state", workdir / "mnt", workdir / "master.key"
     mnt.mkdir()
     figures: dict[str, Any] = {}
-    step(f"mounting swapfs: state {state}, mount point {mnt}")
-    with mounted(state, mnt):
+    swapfs("keygen", str(key))
+    step(f"mounting swapfs: state {state}, mount point {mnt}, encrypted at rest with "
+         f"master key {key}")
+    with mounted(state, mnt, key):
         clone_chain(mnt, vms=4)
         print(swapfs("stats", str(mnt)))
+        in_clear = [page("parent", 0), page("libshared", 0)]
+        found = sum(path.read_bytes().count(known) for known in in_clear
+                    for path in (state / "data").iterdir())
+        step(f"the state directory holds {found} of those pages in the clear "
+             "(encrypted at rest)")
+        if found:
+            raise RuntimeError("stored pages are on disk unencrypted")
 
         swap_file = mnt / "web" / "swap0.swap"
         swap_file.touch()
@@ -263,8 +273,8 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                              args.swap_mib * MIB) as swap_name:
             baseline = swap_run(swap_name, args.workers, args.table_mib, args.limit_mib)
         figures["root disk"] = (baseline, baseline.peak_swap_used_bytes, None)
-    fsck = subprocess.run([*SWAPFS, "fsck", "--state", str(state)], capture_output=True,
-                          text=True)
+    fsck = subprocess.run([*SWAPFS, "fsck", "--state", str(state), "--key-file", str(key)],
+                          capture_output=True, text=True)
     step(f"fsck: {fsck.stdout.strip()} (exit {fsck.returncode})")
     if fsck.returncode != 0:
         raise RuntimeError("fsck found problems")
