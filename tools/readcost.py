@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swapfs import keys
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.index import ROOT_INO
@@ -72,12 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--content-mib", type=int, default=64, help="the content cache")
     parser.add_argument("--reads", type=int, default=100000, help="reads per timing")
     parser.add_argument("--repeat", type=int, default=3, help="timings per figure; best kept")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="an encrypted state (a master key made for the run)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     blocks = args.file_mib * MIB // BLOCK_SIZE
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="swapfs-readcost-") as state:
-        volume = Volume(Path(state))
+        master = keys.generate(Path(state) / "master.key") if args.encrypt else None
+        volume = Volume(Path(state) / "state", master=master)
         chain = volume.mkdir(ROOT_INO, b"chain", 0o755, 0, 0)
         inode = volume.create(chain.ino, b"file", 0o600, 0, 0)
         for block in range(blocks):

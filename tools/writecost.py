@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swapfs import keys
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.index import ROOT_INO
 from swapfs.volume import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Volume
@@ -127,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--discards", type=int, default=16, help="1 MiB discards timed")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the state directory is made")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="an encrypted state (a master key made for the run)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     blocks = args.file_mib * MIB // BLOCK_SIZE
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="swapfs-writecost-", dir=args.dir) as state:
-        volume = Volume(Path(state))
+        master = keys.generate(Path(state) / "master.key") if args.encrypt else None
+        volume = Volume(Path(state) / "state", master=master)
         try:
             data = Blocks(args.dedupe, seed=1)
             chain = volume.mkdir(ROOT_INO, b"chain", 0o755, 0, 0)
