@@ -24,7 +24,15 @@ from mountd.drivers import DriverManager, Session
 from swapfs import compiled
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
-from swapfs.protocol import DRIVER_OPS, MAX_LINE, DriverError
+from swapfs.protocol import (
+    DRIVER_OPS,
+    MAX_LINE,
+    NAME_PATTERN,
+    DriverError,
+    decode_bytes,
+    encode_bytes,
+)
+from swapfs.records import MAX_VALUE, RecordError
 from swapfs.volume import Volume
 
 if TYPE_CHECKING:
@@ -79,6 +87,7 @@ class ControlServer:
             "stats": self.stats,
             "clone": self.clone,
             "priority": self.priority,
+            "secret": self.secret,
         }
 
     def status(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -133,6 +142,34 @@ class ControlServer:
                  " (empty)" if empty else "")
         return {"ino": inode.ino, "size": inode.size}
 
+    def secret(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The host's side of a driver's sealed records (``swapfs secret``):
+        ``action`` put (``value``, base64), get or rm of record ``name`` of
+        the registered driver ``driver``."""
+        if self.drivers is None:
+            raise SwapfsError(errno.ENOTSUP, "this daemon takes no drivers")
+        action, driver, name = message.get("action"), message.get("driver"), message.get("name")
+        for what, value in (("driver", driver), ("name", name)):
+            if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+                raise BadRequest(f"{what!r} must be 1..64 letters, digits or ._:@-")
+        assert isinstance(driver, str) and isinstance(name, str)
+        try:
+            if action == "put":
+                try:
+                    value = decode_bytes(message.get("value"), "value", MAX_VALUE)
+                except DriverError as exc:
+                    raise BadRequest(str(exc)) from None
+                figures = self.drivers.host_put(driver, name, value)
+                log.info("record %s shared with driver %s", name, driver)
+                return figures
+            if action == "get":
+                return {"value": encode_bytes(self.drivers.host_get(driver, name))}
+            if action == "rm":
+                return self.drivers.host_rm(driver, name)
+        except RecordError as exc:
+            raise SwapfsError(exc.errno, str(exc)) from None
+        raise BadRequest("'action' must be put, get or rm")
+
     def priority(self, message: dict[str, Any]) -> dict[str, Any]:
         """A file's priority; with ``"priority": N``, set it first."""
         inode = self.volume.resolve(_string(message, "path"))
@@ -165,6 +202,8 @@ class ControlServer:
                 raise DriverError(errno.ENOTSUP, "this daemon takes no drivers")
             try:
                 return {"ok": True, **self.drivers.handle(session, message)}
+            except RecordError as exc:  # an answer: the driver stays connected
+                return {"ok": False, "errno": exc.errno, "error": str(exc)}
             except (DriverError, KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # a bug must not take the mount down with it
@@ -231,6 +270,11 @@ class ControlServer:
                 if scope.cancelled_caught:
                     if self.drivers is not None and session.name is not None:
                         self.drivers.close(session, "silent past the timeout")
+                        # Told: its next request reads this.
+                        await _send(stream, {"ok": False, "errno": errno.ETIMEDOUT,
+                                             "error": "driver revoked: silent past the "
+                                                      "timeout; its share and records "
+                                                      "are gone"})
                     return
                 if not data:
                     return

@@ -3,12 +3,17 @@
 A driver (``swapfs-driver run``) keeps one control connection open for as
 long as it runs. The session belongs to that connection:
 
-- ``{"op": "driver.register", "driver": NAME, "extents": [...]}`` reports
-  the driver's extents and answers with its grant (cache id, the driver's
-  share, the pool's capacity, an access token);
+- ``{"op": "driver.register", "driver": NAME, "extents": [...],
+  "public_key": K}`` reports the driver's extents and (optionally, for
+  records) its half of the record key's agreement, and answers with its
+  grant (cache id, the driver's share, the pool's capacity, an access
+  token) and the daemon's half;
 - ``{"op": "driver.update", "driver": NAME, "token": T, "extents": [...]}``
   replaces the report (processes started or exited) and answers the same;
-- ``{"op": "driver.heartbeat", "driver": NAME, "token": T}`` says it is alive.
+- ``{"op": "driver.heartbeat", "driver": NAME, "token": T}`` says it is alive;
+- ``driver.secret.put`` (``name``, ``sealed``), ``driver.secret.get`` and
+  ``driver.secret.rm`` (``name``) keep, return and delete the driver's
+  sealed records (:mod:`swapfs.records`), on its own connection only.
 
 Every message is validated in full (``swapfs.protocol.check_message``,
 which the driver's side shares) before the pool is touched: anything
@@ -16,7 +21,9 @@ malformed is refused with EINVAL, a wrong token with EACCES, a name another
 live connection holds with EBUSY, and the connection is closed; the pool is
 unchanged. When the connection closes (the driver exited or crashed) or
 stays silent longer than the timeout, the driver is revoked at once: its
-segments leave the pool and exactly the blocks they held are dropped.
+segments leave the pool and exactly the blocks they held are dropped, and
+its records are wiped. A reply to a report that shrank the share below its
+records names the records wiped (``wiped``).
 """
 
 import errno
@@ -26,7 +33,8 @@ import time
 from typing import Any
 
 from mountd.peercred import Peer
-from swapfs.protocol import DriverError, check_message
+from swapfs.protocol import DriverError, check_message, encode_bytes
+from swapfs.records import KeyExchange, RecordError, RecordKey
 from swapfs.transient import Grant, TransientCache
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,8 @@ class Session:
         self.per_process_bytes = 0
         self.keeper_pid: int | None = None  # a standby holding the connection
         self.peer = peer  # who connected (mountd/peercred.py)
+        #: The key the driver and the daemon agreed for its records.
+        self.record_key: RecordKey | None = None
 
 
 class DriverManager:
@@ -55,7 +65,8 @@ class DriverManager:
 
     def handle(self, session: Session, message: dict[str, Any]) -> dict[str, Any]:
         """The reply to one driver message on *session*'s connection."""
-        op, name, extents = check_message(message)
+        checked = check_message(message)
+        op, name, extents = checked.op, checked.driver, checked.extents
         if op == "driver.register":
             if session.name is not None and session.name != name:
                 raise DriverError(errno.EINVAL,
@@ -68,9 +79,19 @@ class DriverManager:
             if (session.name != name or token is None
                     or not hmac.compare_digest(token, message["token"])):
                 raise DriverError(errno.EACCES, f"bad token for driver {name!r}")
+        if op.startswith("driver.secret."):
+            return self._record(op, name, checked.record, checked.sealed)
         if extents is None:
             return {}
         first = session.name is None
+        reply: dict[str, Any] = {}
+        if checked.public_key is not None:
+            half = KeyExchange()
+            try:
+                session.record_key = half.agree(name, checked.public_key, half.public)
+            except RecordError as exc:
+                raise DriverError(exc.errno, str(exc)) from None
+            reply["daemon_public_key"] = encode_bytes(half.public)
         grant = self.cache.update(name, extents)
         session.name = name
         self.sessions[name] = session
@@ -83,11 +104,50 @@ class DriverManager:
         else:
             log.debug("driver %s updated: %d extents, %d bytes; pool %d bytes", name,
                       len(extents), grant.capacity_bytes, self.cache.capacity_bytes)
-        return self._grant(grant)
+        if grant.wiped:
+            log.warning("driver %s: its share shrank; records wiped: %s", name,
+                        ", ".join(grant.wiped))
+        return {**reply, **self._grant(grant)}
 
     def _grant(self, grant: Grant) -> dict[str, Any]:
         return {"cache_id": grant.cache_id, "capacity_bytes": grant.capacity_bytes,
-                "pool_capacity_bytes": self.cache.capacity_bytes, "token": grant.token}
+                "pool_capacity_bytes": self.cache.capacity_bytes, "token": grant.token,
+                "wiped": list(grant.wiped)}
+
+    def _record(self, op: str, driver: str, name: str | None, sealed: bytes | None
+                ) -> dict[str, Any]:
+        """A driver's own record: kept, returned (still sealed) or deleted.
+        RecordError (no such record, no room) is an answer, not a fault: the
+        connection stays open."""
+        assert name is not None
+        records = self.cache.records
+        if op == "driver.secret.put":
+            assert sealed is not None
+            self.cache.put_record(driver, name, sealed)
+        elif op == "driver.secret.get":
+            return {"sealed": encode_bytes(records.get(driver, name))}
+        else:
+            self.cache.remove_record(driver, name)
+        return records.stats(driver)
+
+    def _key(self, driver: str) -> RecordKey:
+        session = self.sessions.get(driver)
+        if session is None or session.record_key is None:
+            raise RecordError(errno.ENOENT, f"no driver {driver!r} is registered")
+        return session.record_key
+
+    def host_put(self, driver: str, name: str, value: bytes) -> dict[str, int]:
+        """The host shares *value* with *driver* as its record *name*."""
+        self.cache.put_record(driver, name, self._key(driver).seal(name, value))
+        return self.cache.records.stats(driver)
+
+    def host_get(self, driver: str, name: str) -> bytes:
+        """The value of *driver*'s record *name*, opened by the daemon."""
+        return self._key(driver).open(name, self.cache.records.get(driver, name))
+
+    def host_rm(self, driver: str, name: str) -> dict[str, int]:
+        self.cache.remove_record(driver, name)
+        return self.cache.records.stats(driver)
 
     def close(self, session: Session, why: str) -> None:
         """*session*'s connection ended: revoke its driver, if it registered."""
@@ -96,9 +156,11 @@ class DriverManager:
             return
         del self.sessions[name]
         session.name = None
-        self.cache.revoke(name)
-        log.info("driver %s revoked (%s); pool %d bytes", name, why,
-                 self.cache.capacity_bytes)
+        session.record_key = None
+        wiped = self.cache.revoke(name)
+        log.info("driver %s revoked (%s); pool %d bytes%s", name, why,
+                 self.cache.capacity_bytes,
+                 f"; {len(wiped)} records wiped" if wiped else "")
 
     def stats(self) -> dict[str, Any]:
         """The pool's figures, each driver's with its session's."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from swapfs import fsck, keys, lease, mountcheck, protocol, spawn, swaparea
 from swapfs.errors import SwapfsError
+from swapfs.records import MAX_VALUE
 from swapfs.volume import Volume
 
 EXAMPLES = """\
@@ -169,6 +170,23 @@ def _priority(args: argparse.Namespace) -> int:
     reply = protocol.request(protocol.socket_of(root), message)
     if args.priority is None:
         print(reply["priority"])
+    return 0
+
+
+def _secret(args: argparse.Namespace) -> int:
+    """The host's side of a driver's sealed records: share one with it, read
+    one it kept, or delete one."""
+    message: dict[str, Any] = {"op": "secret", "action": args.action, "driver": args.driver,
+                               "name": args.record}
+    if args.action == "put":
+        value = sys.stdin.buffer.read(MAX_VALUE + 1)
+        if len(value) > MAX_VALUE:
+            raise CommandError(f"a record holds at most {MAX_VALUE} bytes")
+        message["value"] = protocol.encode_bytes(value)
+    reply = protocol.request(protocol.socket_of(args.mountpoint), message)
+    if args.action == "get":
+        sys.stdout.buffer.write(protocol.decode_bytes(reply["value"], "value", MAX_VALUE))
+        sys.stdout.flush()
     return 0
 
 
@@ -479,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     priority.add_argument("priority", nargs="?", type=int, metavar="N",
                           help="the new priority, a signed 32-bit integer")
     priority.set_defaults(run=_priority)
+
+    secret = commands.add_parser(
+        "secret", help="share a sealed record with a running driver, read or delete one "
+                       "(docs/records.md)")
+    secret.add_argument("action", choices=("put", "get", "rm"))
+    secret.add_argument("mountpoint", help="the mount point or any path on it")
+    secret.add_argument("record", metavar="NAME", help="the record's name")
+    secret.add_argument("--driver", required=True, help="the driver's name")
+    secret.set_defaults(run=_secret)
 
     swapon = commands.add_parser("swapon", help="put a swap file into service")
     swapon.add_argument("file")

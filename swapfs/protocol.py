@@ -10,6 +10,8 @@ the first column of /proc/mounts), so a client needs only a path on the
 mount.
 """
 
+import base64
+import binascii
 import contextlib
 import errno
 import json
@@ -20,6 +22,8 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from swapfs.records import MAX_SEALED, PUBLIC_KEY_SIZE
 
 #: Longest request or reply line, in bytes.
 MAX_LINE = 1 << 20
@@ -189,8 +193,27 @@ _MESSAGE_KEYS = {
     "driver.register": frozenset(("op", "driver", "extents")),
     "driver.update": frozenset(("op", "driver", "token", "extents")),
     "driver.heartbeat": frozenset(("op", "driver", "token")),
+    # Sealed records (swapfs/records.py): "sealed" is base64.
+    "driver.secret.put": frozenset(("op", "driver", "token", "name", "sealed")),
+    "driver.secret.get": frozenset(("op", "driver", "token", "name")),
+    "driver.secret.rm": frozenset(("op", "driver", "token", "name")),
 }
+#: Keys an op may leave out: a driver that keeps no records agrees no key.
+_OPTIONAL_KEYS = {"driver.register": frozenset(("public_key",))}
 DRIVER_OPS = frozenset(_MESSAGE_KEYS)
+
+
+@dataclass(frozen=True)
+class DriverMessage:
+    """A driver message, checked: what each op carries, None where it carries
+    nothing of that."""
+
+    op: str
+    driver: str
+    extents: list[Extent] | None = None
+    public_key: bytes | None = None  # driver.register
+    record: str | None = None  # driver.secret.*
+    sealed: bytes | None = None  # driver.secret.put
 
 
 class DriverError(Exception):
@@ -250,13 +273,16 @@ def parse_extents(value: Any) -> list[Extent]:
     return extents
 
 
-def check_message(message: dict[str, Any]) -> tuple[str, str, list[Extent] | None]:
-    """(op, driver name, extents or None) of a driver message, or DriverError."""
+def check_message(message: dict[str, Any]) -> DriverMessage:
+    """A driver message checked in full, or DriverError."""
     op = message.get("op")
     if op not in _MESSAGE_KEYS:
         raise _invalid(f"unknown driver op {op!r}"[:200])
-    if set(message) != _MESSAGE_KEYS[op]:
-        raise _invalid(f"{op} takes exactly the keys {', '.join(sorted(_MESSAGE_KEYS[op]))}")
+    required, optional = _MESSAGE_KEYS[op], _OPTIONAL_KEYS.get(op, frozenset())
+    if not required <= set(message) <= required | optional:
+        raise _invalid(f"{op} takes exactly the keys {', '.join(sorted(required))}"
+                       + (f" (and optionally {', '.join(sorted(optional))})" if optional
+                          else ""))
     name = message["driver"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise _invalid("'driver' must be 1..64 letters, digits or ._:@- "
@@ -264,4 +290,35 @@ def check_message(message: dict[str, Any]) -> tuple[str, str, list[Extent] | Non
     if "token" in message and not isinstance(message["token"], str):
         raise DriverError(errno.EACCES, "'token' must be the string register gave")
     extents = parse_extents(message["extents"]) if "extents" in message else None
-    return op, name, extents
+    public_key = record = sealed = None
+    if "public_key" in message:
+        public_key = decode_bytes(message["public_key"], "public_key", PUBLIC_KEY_SIZE)
+        if len(public_key) != PUBLIC_KEY_SIZE:
+            raise _invalid(f"'public_key' must be {PUBLIC_KEY_SIZE} bytes, base64")
+    if "name" in message:
+        record = message["name"]
+        if not isinstance(record, str) or not NAME_PATTERN.fullmatch(record):
+            raise _invalid("'name' must be 1..64 letters, digits or ._:@- "
+                           "(starting with a letter or digit)")
+    if "sealed" in message:
+        sealed = decode_bytes(message["sealed"], "sealed", MAX_SEALED)
+    return DriverMessage(op, name, extents, public_key, record, sealed)
+
+
+def encode_bytes(data: bytes) -> str:
+    """Bytes as a JSON string: base64."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_bytes(value: Any, what: str, longest: int) -> bytes:
+    """The bytes a base64 JSON string holds, at most *longest*; DriverError
+    (EINVAL) otherwise."""
+    if not isinstance(value, str) or len(value) > 4 * (-(-longest // 3)):
+        raise _invalid(f"{what!r} must be base64 of at most {longest} bytes")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"{what!r} is not base64") from None
+    if len(data) > longest:
+        raise _invalid(f"{what!r} must be base64 of at most {longest} bytes")
+    return data

@@ -15,6 +15,10 @@ its segments leave and exactly the blocks whose slots they held are
 dropped. The space of a gone segment is not reused; the address space is
 only numbers.
 
+**Sealed records.** A driver may also keep small sealed records in its
+share (:mod:`swapfs.records`). They take whole slots of the pool, which
+keeps that many fewer for blocks, and they go (wiped) with the share.
+
 **The blocks.** Keeping the blocks (heat, owners, admission on second
 miss, LRU eviction, revocation of the blocks in lost slots) is
 :class:`swapfs.cache.BlockCache`, which this class extends with the
@@ -30,6 +34,7 @@ from typing import Any, Protocol
 
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
+from swapfs.records import Records
 
 #: A segment's identity: (driver, device, inode, program header, "head"/"tail").
 SegmentKey = tuple[str, str, int, int, str]
@@ -55,6 +60,7 @@ class Grant:
     driver: str
     capacity_bytes: int  # the driver's share: its own segments' total
     token: str  # proves later reports come from the same driver
+    wiped: tuple[str, ...] = ()  # its records the share no longer holds
 
 
 class TransientCache(BlockCache):
@@ -68,6 +74,8 @@ class TransientCache(BlockCache):
         self._arena_end = 0
         self._drivers: dict[str, set[SegmentKey]] = {}
         self._tokens: dict[str, str] = {}
+        #: The drivers' sealed records, in slots taken from the pool.
+        self.records = Records()
 
     # -- the manager's side ---------------------------------------------------------
 
@@ -84,14 +92,28 @@ class TransientCache(BlockCache):
             del self._segments[key]
         self._drivers[driver] = keys
         token = self._tokens.setdefault(driver, secrets.token_hex(16))
+        wiped = self.records.wipe(driver, self.driver_bytes(driver) // BLOCK_SIZE)
         self._relayout()
-        return Grant(self.cache_id, driver, self.driver_bytes(driver), token)
+        return Grant(self.cache_id, driver, self.driver_bytes(driver), token, tuple(wiped))
 
-    def revoke(self, driver: str) -> None:
-        """A driver disconnected or fell silent: its segments leave the pool."""
+    def revoke(self, driver: str) -> list[str]:
+        """A driver disconnected or fell silent: its segments leave the pool,
+        its records are wiped (their names returned)."""
         for key in self._drivers.pop(driver, set()):
             del self._segments[key]
         self._tokens.pop(driver, None)
+        wiped = self.records.wipe(driver)
+        self._relayout()
+        return wiped
+
+    def put_record(self, driver: str, name: str, sealed: bytes) -> None:
+        """Keep a sealed record in *driver*'s share (RecordError ENOSPC when
+        its records would outgrow the share)."""
+        self.records.put(driver, name, sealed, self.driver_bytes(driver) // BLOCK_SIZE)
+        self._relayout()
+
+    def remove_record(self, driver: str, name: str) -> None:
+        self.records.remove(driver, name)
         self._relayout()
 
     def token_of(self, driver: str) -> str | None:
@@ -113,7 +135,8 @@ class TransientCache(BlockCache):
             first = -(-run_start // BLOCK_SIZE)
             usable.extend(range(first, run_end // BLOCK_SIZE))
             run_start, run_end = start, start + length
-        self.set_slots(usable[:self.max_slots])
+        usable = usable[:self.max_slots]
+        self.set_slots(usable[:max(0, len(usable) - self.records.slots())])
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -123,6 +146,8 @@ class TransientCache(BlockCache):
             "cache_id": self.cache_id,
             "physical_bytes": sum(length for _start, length in self._segments.values()),
             "max_bytes": self.max_slots * BLOCK_SIZE,
-            "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver)}
+            "record_slots": self.records.slots(),
+            "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver),
+                                 **self.records.stats(driver)}
                         for driver, keys in sorted(self._drivers.items())},
         }

@@ -5,6 +5,7 @@ The pool's figures are checked against ones the test works out on its own
 ``swapfs-driver run`` command, the processes real copies of sleep.
 """
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -294,6 +295,8 @@ def test_a_silent_driver_is_revoked_after_the_timeout(short_timeout_mount: Mount
             assert chatty.request({"op": "driver.heartbeat", "driver": "chatty",
                                    "token": token})["ok"]
             assert asking.request({"op": "status"})["ok"]  # any message keeps it alive
+        told = json.loads(silent.reader.readline())  # the daemon says why, then hangs up
+        assert told["errno"] == errno.ETIMEDOUT and "revoked" in told["error"]
         assert silent.closed_by_daemon()
         assert time.monotonic() - started < 5
         stats = quick_pool(mount)
@@ -353,14 +356,21 @@ _bad_names = st.one_of(st.just(""), st.just("a" * 65), st.just("-a"),
 def bad_message(draw: st.DrawFn, token: str) -> bytes:
     kind = draw(st.sampled_from(["bytes", "json", "bad extent", "bad name", "extra key",
                                  "missing key", "bad token", "too many", "taken name",
-                                 "over-long", "not a list"]))
-    op = draw(st.sampled_from(["driver.register", "driver.update", "driver.heartbeat"]))
+                                 "over-long", "not a list", "bad record", "bad bytes"]))
+    op = draw(st.sampled_from(["driver.register", "driver.update", "driver.heartbeat",
+                               "driver.secret.put", "driver.secret.get", "driver.secret.rm"]))
     message: dict[str, Any] = {"op": op, "driver": "fresh", "token": token,
                                "extents": [extent(n) for n in range(draw(st.integers(0, 3)))]}
     if op == "driver.register":
         del message["token"]
-    if op == "driver.heartbeat":
+        message["public_key"] = base64.b64encode(bytes(range(32))).decode()
+    if op in ("driver.heartbeat", "driver.secret.put", "driver.secret.get",
+              "driver.secret.rm"):
         del message["extents"]
+    if op.startswith("driver.secret."):
+        message["name"] = "record"
+    if op == "driver.secret.put":
+        message["sealed"] = base64.b64encode(bytes(60)).decode()
     if kind == "bytes":
         return draw(st.binary(max_size=200)).replace(b"\n", b"") + b"\n"
     if kind == "json":
@@ -382,6 +392,14 @@ def bad_message(draw: st.DrawFn, token: str) -> bytes:
         del message[draw(st.sampled_from(sorted(message)))]
     elif kind == "taken name":
         message["driver"] = "keeper"  # held by another connection, whatever the token
+    elif kind == "bad record" and "name" in message:
+        message["name"] = draw(_bad_names)
+    elif kind == "bad bytes" and ("sealed" in message or "public_key" in message):
+        key = "sealed" if "sealed" in message else "public_key"
+        message[key] = draw(st.one_of(
+            _not_an_int.filter(lambda v: not isinstance(v, str)),
+            st.just("not base64!"), st.just("A" * 6000),
+            st.just(base64.b64encode(bytes(31)).decode())))
     else:  # a bad token (for register: an extra key)
         message["token"] = draw(st.text(max_size=40).filter(lambda t: t != token))
     return json.dumps(message).encode() + b"\n"

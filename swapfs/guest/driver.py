@@ -10,23 +10,35 @@ they changed (a process started or exited), a heartbeat otherwise. Its
 connection is its registration: when it exits, however it exits, the daemon
 revokes its share at once. Protocol: :mod:`swapfs.protocol` (the messages)
 and :mod:`mountd.drivers` (what the daemon does with them).
+
+While it runs, its *agent socket* (``/run/swapfs-driver/NAME.sock``, its
+owner's alone) takes ``swapfs-driver secret put|get|rm NAME``: small records
+the driver seals with the key it agreed with the daemon at registration and
+keeps in its share of the pool (:mod:`swapfs.records`). Only the driver's
+own user reaches the socket, and only the driver holds the key on this side,
+so the records are its own. They live as long as its registration.
 """
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from dataclasses import asdict
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from swapfs import protocol
 from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
-from swapfs.protocol import Extent
+from swapfs.protocol import NAME_PATTERN, DriverError, Extent, decode_bytes, encode_bytes
+from swapfs.records import MAX_SEALED, MAX_VALUE, KeyExchange, RecordError, RecordKey
 
 log = logging.getLogger("swapfs-driver")
 
@@ -35,7 +47,12 @@ examples:
   swapfs-driver scan                      # every process on this host
   swapfs-driver scan --json --pid 1 812   # only these processes, as JSON
   swapfs-driver run --mount /mnt/swapfs   # register with that mount's daemon
+  swapfs-driver secret put db-password < file   # a record, while run runs
+  swapfs-driver secret get db-password
 """
+#: Where a running driver's agent socket is, by default (its name appended).
+AGENT_DIR = Path("/run/swapfs-driver")
+_UCRED = struct.Struct("iII")
 
 
 def _mib(size: int) -> str:
@@ -62,26 +79,33 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 class DriverFailed(Exception):
-    """The daemon refused the driver or went away."""
+    """The daemon refused the driver or went away (*errno* says how)."""
+
+    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 class _Connection:
-    """The driver's control connection: its registration while it is open."""
+    """The driver's control connection: its registration while it is open.
+    The report loop and the agent socket share it, one request at a time."""
 
     def __init__(self, path: str, timeout: float) -> None:
+        self._lock = threading.Lock()
         try:
             self.connection = protocol.Connection(path, timeout)
         except protocol.ControlError as exc:
-            raise DriverFailed(str(exc)) from exc
+            raise DriverFailed(str(exc), exc.errno) from exc
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
-            return self.connection.request(message)
+            with self._lock:
+                return self.connection.request(message)
         except protocol.ConnectionLost as exc:
-            raise DriverFailed(f"lost the daemon: {exc}") from exc
+            raise DriverFailed(f"lost the daemon: {exc}", exc.errno) from exc
         except protocol.ControlError as exc:
             raise DriverFailed(f"the daemon refused {message['op']}: {exc} "
-                               f"(errno {exc.errno})") from exc
+                               f"(errno {exc.errno})", exc.errno) from exc
 
     def close(self) -> None:
         self.connection.close()
@@ -102,6 +126,102 @@ def _log_grant(what: str, name: str, reply: dict[str, Any], extents: list[Extent
     log.info("%s %s: %d extents, share %d bytes, pool %d bytes (cache %s)", what, name,
              len(extents), reply["capacity_bytes"], reply["pool_capacity_bytes"],
              reply["cache_id"])
+    if reply.get("wiped"):
+        log.warning("the share shrank below the records: the daemon wiped %s",
+                    ", ".join(reply["wiped"]))
+
+
+def agent_path(name: str) -> Path:
+    return AGENT_DIR / f"{name}.sock"
+
+
+class Agent:
+    """The running driver's own socket for ``swapfs-driver secret``.
+
+    One JSON line a connection, as the control socket's: ``{"op": "put" |
+    "get" | "rm", "name": N}`` (``"value"`` in base64 for put). Values are
+    sealed and opened here, so only ciphertext goes to the daemon. Served
+    one at a time, on a thread of its own; a peer of another user is
+    refused (EACCES) even if the socket's mode were loosened.
+    """
+
+    def __init__(self, path: Path, driver: str, token: str, key: RecordKey,
+                 connection: _Connection) -> None:
+        self.path, self.driver, self.token = path, driver, token
+        self.key, self.connection = key, connection
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a socket a driver of this name left when it died
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="agent", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with client:
+                client.settimeout(5.0)
+                with contextlib.suppress(OSError):
+                    reply = self._answer_client(client)
+                    client.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _answer_client(self, client: socket.socket) -> dict[str, Any]:
+        # Read before answering, even a refusal: closing with the request
+        # unread would reset the connection, and lose the answer.
+        line = client.makefile("rb").readline(protocol.MAX_LINE)
+        _pid, uid, _gid = _UCRED.unpack(
+            client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid != os.getuid():
+            log.warning("agent: uid %d refused: the records are uid %d's", uid, os.getuid())
+            return _failure(errno.EACCES, "permission denied: not this driver's user")
+        try:
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError("a request is a JSON object")
+            return {"ok": True, **self.answer(message)}
+        except (ValueError, RecursionError) as exc:
+            return _failure(errno.EINVAL, f"not a request: {exc}"[:200])
+        except (DriverError, RecordError, DriverFailed) as exc:
+            return _failure(exc.errno, str(exc))
+
+    def answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        op, name = message.get("op"), message.get("name")
+        if op not in ("put", "get", "rm"):
+            raise DriverError(errno.EINVAL, "'op' must be put, get or rm")
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise DriverError(errno.EINVAL, "'name' must be 1..64 letters, digits or ._:@-")
+        request = {"op": f"driver.secret.{op}", "driver": self.driver, "token": self.token,
+                   "name": name}
+        if op == "put":
+            value = decode_bytes(message.get("value"), "value", MAX_VALUE)
+            request["sealed"] = encode_bytes(self.key.seal(name, value))
+        reply = self.connection.request(request)
+        if op == "get":
+            sealed = decode_bytes(reply.get("sealed"), "sealed", MAX_SEALED)
+            return {"value": encode_bytes(self.key.open(name, sealed))}
+        return {key: reply[key] for key in ("records", "record_bytes", "record_slots")}
+
+
+def _failure(code: int, error: str) -> dict[str, Any]:
+    return {"ok": False, "errno": code, "error": error}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,12 +235,19 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     connection = _Connection(path, timeout=max(30.0, 2 * args.interval))
+    agent = None
     try:
         extents = report_extents(scan(args.pid))
+        half = KeyExchange()
         reply = connection.request({"op": "driver.register", "driver": args.name,
-                                    "extents": [asdict(extent) for extent in extents]})
+                                    "extents": [asdict(extent) for extent in extents],
+                                    "public_key": encode_bytes(half.public)})
         token = reply["token"]
+        daemon_public = decode_bytes(reply["daemon_public_key"], "daemon_public_key", 32)
+        key = half.agree(args.name, half.public, daemon_public)
         _log_grant("registered", args.name, reply, extents)
+        agent = Agent(Path(args.agent) if args.agent else agent_path(args.name), args.name,
+                      token, key, connection)
         while not stop.wait(args.interval):
             fresh = report_extents(scan(args.pid))
             if fresh != extents:
@@ -133,7 +260,28 @@ def _run(args: argparse.Namespace) -> int:
                 connection.request({"op": "driver.heartbeat", "driver": args.name,
                                     "token": token})
     finally:
+        if agent is not None:
+            agent.close()
         connection.close()
+    return 0
+
+
+def _secret(args: argparse.Namespace) -> int:
+    """``secret put|get|rm NAME`` through the running driver's agent socket."""
+    path = args.agent or str(agent_path(args.name))
+    message: dict[str, Any] = {"op": args.action, "name": args.record}
+    if args.action == "put":
+        value = sys.stdin.buffer.read(MAX_VALUE + 1)
+        if len(value) > MAX_VALUE:
+            raise DriverFailed(f"a record holds at most {MAX_VALUE} bytes", errno.E2BIG)
+        message["value"] = encode_bytes(value)
+    try:
+        reply = protocol.request(path, message)
+    except protocol.ControlError as exc:
+        raise DriverFailed(f"secret {args.action} {args.record}: {exc}", exc.errno) from exc
+    if args.action == "get":
+        sys.stdout.buffer.write(decode_bytes(reply["value"], "value", MAX_VALUE))
+        sys.stdout.flush()
     return 0
 
 
@@ -177,7 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help="seconds between rescans (default: 5)")
     run_parser.add_argument("--pid", type=int, nargs="+", metavar="PID",
                             help="scan only these processes (default: all)")
+    run_parser.add_argument("--agent", help=f"the agent socket for 'secret' (default: "
+                                            f"{AGENT_DIR}/NAME.sock)")
     run_parser.set_defaults(run=_run)
+    secret_parser = commands.add_parser(
+        "secret", help="keep, read or delete a sealed record in the running driver's share",
+        description="Keep a small confidential record (at most 4 KiB, from standard input), "
+                    "read it back (to standard output) or delete it, through the running "
+                    "driver of this name. Records are sealed with the key the driver agreed "
+                    "with the daemon, and last only as long as its registration.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    secret_parser.add_argument("action", choices=("put", "get", "rm"))
+    secret_parser.add_argument("record", metavar="NAME", help="the record's name")
+    secret_parser.add_argument("--name", default=socket.gethostname()[:64] or "driver",
+                               help="the running driver's name (default: the host name)")
+    secret_parser.add_argument("--agent", help="its agent socket (default: "
+                                               f"{AGENT_DIR}/NAME.sock)")
+    secret_parser.set_defaults(run=_secret)
     return parser
 
 
