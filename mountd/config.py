@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mountd import peercred
 from swapfs.failover import STRATEGIES
 
 
@@ -53,6 +54,9 @@ class Config:
     control_idle_timeout: float = 60
     #: Control connections served at once; more are answered EAGAIN and closed.
     control_max_connections: int = 128
+    #: A group served on the control socket besides root (a name or a number);
+    #: empty: root only.
+    control_group: str = ""
     #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
     vsock_port: int = 0
     #: The guests (context ids) whose drivers the vsock port admits.
@@ -79,6 +83,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
     "dedup_table_bytes": int, "control_idle_timeout": (int, float),
     "control_max_connections": int, "vsock_cids": list, "encrypt": bool, "key_file": str,
+    "control_group": str,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -125,6 +130,11 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("control_idle_timeout must be a positive number of seconds")
     if not 1 <= config.control_max_connections <= 65536:
         raise ConfigError("control_max_connections must be within 1..65536")
+    if config.control_group:
+        try:
+            peercred.group_id(config.control_group)
+        except KeyError:
+            raise ConfigError(f"control_group: no group {config.control_group!r}") from None
     if not 0 <= config.vsock_port <= 0xFFFFFFFE:
         raise ConfigError("vsock_port must be within 0..4294967294")
     if any(not isinstance(cid, int) or isinstance(cid, bool) or not 3 <= cid <= 0xFFFFFFFE

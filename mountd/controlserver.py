@@ -67,8 +67,8 @@ class ControlServer:
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
                  protections: dict[str, bool], drivers: DriverManager | None = None,
                  link: "Link | None" = None, idle_timeout: float = 60.0,
-                 max_connections: int = 128, vsock_cids: frozenset[int] = frozenset()
-                 ) -> None:
+                 max_connections: int = 128, vsock_cids: frozenset[int] = frozenset(),
+                 group: int | None = None) -> None:
         self.volume = volume
         #: Seconds a connection that is neither a registered driver's nor a
         #: keeper's may stay silent; how many connections are served at once.
@@ -77,6 +77,8 @@ class ControlServer:
         self.connections = 0
         #: The guests (vsock CIDs) whose drivers are admitted (mountd/peercred.py).
         self.vsock_cids = vsock_cids
+        #: The group (``control_group``) served besides root, if any.
+        self.group = group
         self.drivers = drivers
         self.mountpoint = mountpoint
         self.ops = ops
@@ -230,7 +232,7 @@ class ControlServer:
                           f"{self.connections} control connections open already: try again")
             return
         peer = peercred.of_socket(stream.socket)
-        refused = peercred.refusal(peer, self.vsock_cids)
+        refused = peercred.refusal(peer, self.vsock_cids, self.group)
         if refused is not None:
             log.warning("control connection of %s refused: %s", peer, refused)
             await _refuse(stream, errno.EACCES, f"permission denied: {refused}")
@@ -329,7 +331,11 @@ class ControlServer:
             os.unlink(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
-        os.chmod(path, 0o600)
+        if self.group is None:
+            os.chmod(path, 0o600)
+        else:
+            os.chown(path, -1, self.group)
+            os.chmod(path, 0o660)
         sock.listen(socket.SOMAXCONN)
         listener = trio.SocketListener(sock)
         try:

@@ -30,7 +30,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from mountd import fusedev, keeper, lifecycle
+from mountd import fusedev, keeper, lifecycle, peercred
 from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
@@ -60,17 +60,23 @@ PUNCH_INTERVAL = 1.0
 PUNCH_BATCH = 32
 
 
-def control_socket_path(state: Path) -> str:
+def control_socket_path(state: Path, shared: bool = False) -> str:
     """Where the control socket of *state* lives: inside it if the path fits.
 
     The path also goes into the mount's source (a FUSE mount option), where
     commas and white space would need escaping; such paths move to /run too.
+    So does the socket of a daemon that serves a group besides root
+    (*shared*): the state directory is root's alone, /run/swapfs may be
+    entered by all, and the socket itself is 0660.
     """
     path = str(state / "control.sock")
-    if len(path) <= _SUN_PATH_MAX and not any(c in path for c in ", \t\n\\"):
+    if (not shared and len(path) <= _SUN_PATH_MAX
+            and not any(c in path for c in ", \t\n\\")):
         return path
     digest = hashlib.sha256(str(state).encode()).hexdigest()[:16]
     os.makedirs("/run/swapfs", exist_ok=True)
+    if shared:
+        os.chmod("/run/swapfs", 0o755)
     return f"/run/swapfs/{digest}.sock"
 
 
@@ -328,7 +334,9 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         log.warning("this pyfuse3 has no fallocate operation: discards free nothing "
                     "(install swapfs with tools/setup.sh; see docs/pyfuse3-patch.md)")
     protections = harden(config)
-    socket_path = config.control_socket or control_socket_path(config.state)
+    group = peercred.group_id(config.control_group) if config.control_group else None
+    socket_path = config.control_socket or control_socket_path(config.state,
+                                                               group is not None)
     link = _connect(config, socket_path, adopt, death_noticed, standby)
     link.restart_argv = restart_argv
     state, lease_seconds = config.state, config.lease_seconds
@@ -366,7 +374,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             control = ControlServer(volume, config.mountpoint, ops, protections, drivers,
                                     link, idle_timeout=config.control_idle_timeout,
                                     max_connections=config.control_max_connections,
-                                    vsock_cids=frozenset(config.vsock_cids))
+                                    vsock_cids=frozenset(config.vsock_cids), group=group)
             if link.fuse_fd is None:
                 pyfuse3.init(ops, config.mountpoint, libfuse_options(config, socket_path))
             else:

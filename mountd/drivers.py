@@ -32,6 +32,7 @@ import logging
 import time
 from typing import Any
 
+from mountd import peercred
 from mountd.peercred import Peer
 from swapfs.protocol import DriverError, check_message, encode_bytes
 from swapfs.records import KeyExchange, RecordError, RecordKey
@@ -83,6 +84,10 @@ class DriverManager:
             return self._record(op, name, checked.record, checked.sealed)
         if extents is None:
             return {}
+        foreign = peercred.foreign_process(session.peer, {extent.pid for extent in extents})
+        if foreign is not None:
+            raise DriverError(errno.EACCES, f"{session.peer} may report only its own "
+                                            f"processes, not pid {foreign}")
         first = session.name is None
         reply: dict[str, Any] = {}
         if checked.public_key is not None:

@@ -28,7 +28,7 @@ from swapfs.fs import Operations
 from swapfs.index import ROOT_INO
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume
-from tests.mounting import SWAPFS, Mount, requires_mount
+from tests.mounting import SWAPFS, Mount, mounted, requires_mount
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
@@ -149,3 +149,61 @@ def test_a_guest_sends_driver_messages_only(state_dir: Path) -> None:
         assert server.answer(b'{"op": "stats"}', host)["ok"]
         register = {"op": "driver.register", "driver": "guest-1", "extents": []}
         assert server.answer(json.dumps(register).encode(), guest)["ok"]
+
+
+#: As another user: connect to the control socket (argv[1]) and send each
+#: request of argv[2:], "PID" replaced by this process's pid; print each
+#: reply, or "refused" if the connection was.
+_CLIENT = """
+import json, os, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+try:
+    sock.connect(sys.argv[1])
+except PermissionError:
+    print("refused")
+    sys.exit()
+reader = sock.makefile()
+for request in sys.argv[2:]:
+    sock.sendall(request.replace('"PID"', str(os.getpid())).encode() + b"\\n")
+    print(reader.readline().strip())
+"""
+
+
+def _extent(pid: object) -> dict[str, object]:
+    return {"pid": pid, "path": "/bin/prog", "device": "fe:00", "inode": 7,
+            "address": 4096, "length": 4096, "segment": 0, "part": "tail"}
+
+
+@requires_mount
+@pytest.mark.mount
+def test_a_control_group_is_served_and_its_drivers_report_only_their_own(
+        tmp_path: Path) -> None:
+    """With ``control_group``, its members are served (the socket moves to
+    /run/swapfs, 0660), others are not; a member's driver may not claim
+    root's processes, only its own."""
+    config = tmp_path / "group.toml"
+    config.write_text('control_group = "4242"\n')
+    member = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=4242", "--"]
+    with mounted(config=config) as mount:
+        socket_path = protocol.socket_of(str(mount.mnt))
+        info = os.stat(socket_path)
+        assert socket_path.startswith("/run/swapfs/")
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 4242)
+
+        def ask(user: list[str], *requests: dict[str, object]) -> list[str]:
+            return subprocess.run(
+                [*user, "/usr/bin/python3", "-c", _CLIENT, socket_path,
+                 *(json.dumps(request) for request in requests)],
+                capture_output=True, text=True, check=True).stdout.splitlines()
+
+        assert ask(NOBODY, {"op": "stats"}) == ["refused"]
+        (stats,) = ask(member, {"op": "stats"})
+        assert json.loads(stats)["ok"] is True
+        (claim,) = ask(member, {"op": "driver.register", "driver": "claims-root",
+                                "extents": [_extent(1)]})
+        assert json.loads(claim)["errno"] == errno.EACCES and "pid 1" in claim
+        (own,) = ask(member, {"op": "driver.register", "driver": "its-own",
+                              "extents": [_extent("PID")]})
+        assert json.loads(own)["ok"] is True, own
+        log = (mount.state / "daemon.log").read_text()
+        assert "uid 65534 may report only its own processes, not pid 1" in log
