@@ -20,6 +20,7 @@ OPS = 3000
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_operations_match_the_model(mount: Mount, seed: int) -> None:
+    assert mount.stats()["encrypted"]  # as new states are by default
     run = fsx.run(mount, seed, OPS)
     # Not vacuous: every kind of operation ran, and every restart.
     assert set(run.counts) >= set(fsx.WEIGHTS), set(fsx.WEIGHTS) - set(run.counts)
