@@ -151,7 +151,7 @@ def test_a_guest_sends_driver_messages_only(state_dir: Path) -> None:
         assert server.answer(json.dumps(register).encode(), guest)["ok"]
 
 
-#: As another user: connect to the control socket (argv[1]) and send each
+#: As another user: connect to a Unix socket (argv[1]) and send each
 #: request of argv[2:], "PID" replaced by this process's pid; print each
 #: reply, or "refused" if the connection was.
 _CLIENT = """
@@ -167,6 +167,15 @@ for request in sys.argv[2:]:
     sock.sendall(request.replace('"PID"', str(os.getpid())).encode() + b"\\n")
     print(reader.readline().strip())
 """
+
+
+def ask_as(user: list[str], socket_path: str, *requests: dict[str, object]) -> list[str]:
+    """The replies to *requests* sent as *user* (a setpriv prefix), with the
+    system's Python alone; ["refused"] if the connection was."""
+    return subprocess.run(
+        [*user, "/usr/bin/python3", "-c", _CLIENT, socket_path,
+         *(json.dumps(request) for request in requests)],
+        capture_output=True, text=True, check=True).stdout.splitlines()
 
 
 def _extent(pid: object) -> dict[str, object]:
@@ -190,20 +199,15 @@ def test_a_control_group_is_served_and_its_drivers_report_only_their_own(
         assert socket_path.startswith("/run/swapfs/")
         assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 4242)
 
-        def ask(user: list[str], *requests: dict[str, object]) -> list[str]:
-            return subprocess.run(
-                [*user, "/usr/bin/python3", "-c", _CLIENT, socket_path,
-                 *(json.dumps(request) for request in requests)],
-                capture_output=True, text=True, check=True).stdout.splitlines()
-
-        assert ask(NOBODY, {"op": "stats"}) == ["refused"]
-        (stats,) = ask(member, {"op": "stats"})
+        assert ask_as(NOBODY, socket_path, {"op": "stats"}) == ["refused"]
+        (stats,) = ask_as(member, socket_path, {"op": "stats"})
         assert json.loads(stats)["ok"] is True
-        (claim,) = ask(member, {"op": "driver.register", "driver": "claims-root",
-                                "extents": [_extent(1)]})
+        (claim,) = ask_as(member, socket_path, {"op": "driver.register",
+                                                "driver": "claims-root",
+                                                "extents": [_extent(1)]})
         assert json.loads(claim)["errno"] == errno.EACCES and "pid 1" in claim
-        (own,) = ask(member, {"op": "driver.register", "driver": "its-own",
-                              "extents": [_extent("PID")]})
+        (own,) = ask_as(member, socket_path, {"op": "driver.register", "driver": "its-own",
+                                              "extents": [_extent("PID")]})
         assert json.loads(own)["ok"] is True, own
         log = (mount.state / "daemon.log").read_text()
         assert "uid 65534 may report only its own processes, not pid 1" in log

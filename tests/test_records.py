@@ -7,6 +7,7 @@ memory to show that it holds only ciphertext.
 """
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from swapfs.records import MAX_VALUE, KeyExchange, RecordError, Records
 from swapfs.transient import TransientCache
 from tests.mounting import SWAPFS, Mount, requires_mount, swapfs, wait_until
 from tests.test_drivers import DRIVER, quick_pool
-from tests.test_permissions import NOBODY
+from tests.test_permissions import NOBODY, ask_as
 
 
 class Segment:
@@ -132,24 +133,6 @@ def secret(agent: Path, *args: str, value: bytes = b"") -> subprocess.CompletedP
                           capture_output=True, timeout=30)
 
 
-#: As nobody, with the system's Python alone: ask an agent socket for "db".
-_ASK = """
-import socket, sys
-sock = socket.socket(socket.AF_UNIX)
-try:
-    sock.connect(sys.argv[1])
-except PermissionError:
-    print("connect refused")
-    sys.exit()
-sock.sendall(b'{"op": "get", "name": "db"}' + bytes([10]))
-print(sock.makefile().readline().strip())
-"""
-
-
-def ask_as_nobody(agent: Path) -> str:
-    return subprocess.run([*NOBODY, "/usr/bin/python3", "-c", _ASK, str(agent)],
-                          capture_output=True, text=True, timeout=30).stdout.strip() or "(no reply)"
-
 
 def memory_holds(pid: int, needle: bytes) -> bool:
     """Does any anonymous mapping of process *pid* (heap, stacks, arenas)
@@ -188,9 +171,11 @@ def test_a_drivers_records_are_its_own(mount: Mount, agents: Path) -> None:
 
         other_driver = secret(agent_b, "get", "db")
         assert other_driver.returncode == 1 and b"no record" in other_driver.stderr
-        assert ask_as_nobody(agent_a) == "connect refused"  # the socket is 0600
+        get_db: dict[str, object] = {"op": "get", "name": "db"}
+        assert ask_as(NOBODY, str(agent_a), get_db) == ["refused"]  # the socket is 0600
         agent_a.chmod(0o666)  # loosened by hand: the agent checks the peer itself
-        assert '"errno": 13' in ask_as_nobody(agent_a)
+        (answer,) = ask_as(NOBODY, str(agent_a), get_db)
+        assert json.loads(answer)["errno"] == errno.EACCES
         agent_a.chmod(0o600)
         assert not memory_holds(mount.pid or 0, value)  # the daemon keeps ciphertext
         assert memory_holds(mount.pid or 0, str(mount.mnt).encode())  # the scan sees
