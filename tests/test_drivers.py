@@ -388,8 +388,8 @@ def bad_message(draw: st.DrawFn, token: str) -> bytes:
         message["driver"] = draw(_bad_names)
     elif kind == "extra key":
         message[draw(st.text(max_size=8).filter(lambda key: key not in message))] = 1
-    elif kind == "missing key":
-        del message[draw(st.sampled_from(sorted(message)))]
+    elif kind == "missing key":  # a required one: a driver that keeps no records
+        del message[draw(st.sampled_from(sorted(set(message) - {"public_key"})))]
     elif kind == "taken name":
         message["driver"] = "keeper"  # held by another connection, whatever the token
     elif kind == "bad record" and "name" in message:
