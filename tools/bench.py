@@ -834,8 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the core rows, a few minutes")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output directory")
     parser.add_argument("--runtime", type=int, help="seconds per fio run")
-    parser.add_argument("--targets", help="comma-separated fio targets "
-                        f"({', '.join(FIO_TARGETS)})")
+    parser.add_argument("--targets", help="comma-separated targets "
+                        f"({', '.join(FIO_TARGETS)}); those that swap run end to end too")
     parser.add_argument("--data", help="comma-separated data sets "
                         f"({', '.join(DATA)}; --quick: dedupe-50)")
     parser.add_argument("--fill-only", action="store_true",
@@ -861,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(plan.targets) - set(FIO_TARGETS)
         if unknown:
             parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+        plan.e2e_targets = [name for name in plan.e2e_targets if name in plan.targets]
     if args.data:
         plan.data = [name for name in args.data.split(",") if name]
         unknown = set(plan.data) - set(DATA)
