@@ -11,13 +11,21 @@ A chain of an encrypted state also has a seal file, ``data/<c>.seals``:
 slot *n*'s seal record (``swapfs/sealing.py``) at bytes
 ``[n * 32, (n + 1) * 32)``. It is written with the slot's data, before the
 transaction naming the slot commits, and it is never punched: a free slot's
-stale record names a digest no map entry asks for.
+stale record names a digest no map entry asks for. It is used through a
+shared memory map, so that a record costs a copy of 32 bytes rather than a
+system call: with a pread and a pwrite per record, an encrypted 4 KiB read
+cost 5.5 us against 4.5 unencrypted, and a write of 56 scattered blocks
+1.7 us more a block; mapped, 4.5 and 1.0 (tools/readcost.py,
+tools/writecost.py). The file grows in steps that are allocated before
+they are mapped: a full disk then fails the growth with ENOSPC, never a
+store into the map with SIGBUS.
 """
 
 import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,6 +42,8 @@ log = logging.getLogger(__name__)
 #: it lands in: 1.5 us in a 4 KiB folio, 1.8 us in 64 KiB, 6.0 us in 1 MiB.
 #: A slot is overwritten 4 KiB at a time, so new runs go out 64 KiB at most.
 _WRITE_RUN = 16
+#: The seal file grows by the records of this many slots at a time (128 KiB).
+_SEAL_STEP = 4096
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -88,7 +98,7 @@ class BlockStore:
         self.directory = directory
         directory.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
-        self._seal_fds: dict[int, int] = {}
+        self._seals: dict[int, _SealMap] = {}
 
     def path(self, chain_id: int) -> Path:
         return self.directory / f"{chain_id}.blocks"
@@ -102,11 +112,14 @@ class BlockStore:
             fd = self._fds[chain_id] = _open(self.path(chain_id))
         return fd
 
-    def _seal_fd(self, chain_id: int) -> int:
-        fd = self._seal_fds.get(chain_id)
-        if fd is None:
-            fd = self._seal_fds[chain_id] = _open(self.seal_path(chain_id))
-        return fd
+    def _seal_map(self, chain_id: int) -> "_SealMap":
+        seals = self._seals.get(chain_id)
+        if seals is None:
+            try:
+                seals = self._seals[chain_id] = _SealMap(self.seal_path(chain_id))
+            except OSError as exc:
+                raise SwapfsError.of(exc) from exc
+        return seals
 
     def read(self, chain_id: int, slot: int) -> bytes:
         """The slot's bytes; short when the data file ends inside the slot."""
@@ -123,20 +136,16 @@ class BlockStore:
             raise SwapfsError.of(exc) from exc
 
     def read_seals(self, chain_id: int, slots: list[int]) -> list[bytes]:
-        """The seal record of each slot (short where the seal file ends)."""
-        try:
-            return _read_runs(self._seal_fd(chain_id), slots, RECORD_SIZE)
-        except OSError as exc:
-            raise SwapfsError.of(exc) from exc
+        """The seal record of each slot (empty where the seal file ends)."""
+        seals = self._seal_map(chain_id)
+        return [seals.read(slot) for slot in slots]
 
     def write_seals(self, chain_id: int, records: list[tuple[int, bytes]]) -> None:
-        """Write the seal records of slots, one system call per run of slots."""
-        fd = self._seal_fd(chain_id)
-        records = sorted(records)
-        slots = [slot for slot, _record in records]
-        for start, end in _consecutive(slots):
-            _write_fully(fd, b"".join(record for _slot, record in records[start:end]),
-                         slots[start] * RECORD_SIZE)
+        """Write the seal records of slots (ENOSPC if the file cannot grow)."""
+        seals = self._seal_map(chain_id)
+        seals.reserve(max(slot for slot, _record in records) + 1)
+        for slot, record in records:
+            seals.write(slot, record)
 
     def write_many(self, chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write full blocks into their slots, one system call per run of slots."""
@@ -202,17 +211,19 @@ class BlockStore:
 
     def sync(self) -> None:
         """Flush every data and seal file to stable storage."""
-        for fd in (*self._fds.values(), *self._seal_fds.values()):
-            os.fdatasync(fd)
+        for fd in (*self._fds.values(), *(seals.fd for seals in self._seals.values())):
+            os.fdatasync(fd)  # the maps' dirty pages too
 
     def remove(self, chain_id: int) -> None:
         """Delete a chain's data and seal files (the chain holds no more blocks)."""
-        for fds, path in ((self._fds, self.path(chain_id)),
-                          (self._seal_fds, self.seal_path(chain_id))):
-            fd = fds.pop(chain_id, None)
-            if fd is not None:
-                os.close(fd)
-            path.unlink(missing_ok=True)
+        fd = self._fds.pop(chain_id, None)
+        if fd is not None:
+            os.close(fd)
+        seals = self._seals.pop(chain_id, None)
+        if seals is not None:
+            seals.close()
+        self.path(chain_id).unlink(missing_ok=True)
+        self.seal_path(chain_id).unlink(missing_ok=True)
 
     def disk_bytes(self, chain_id: int, seals: bool = False) -> int:
         """Bytes the chain's data file (or with *seals*, its seal file) really
@@ -224,10 +235,57 @@ class BlockStore:
             return 0
 
     def close(self) -> None:
-        for fds in (self._fds, self._seal_fds):
-            for fd in fds.values():
-                os.close(fd)
-            fds.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for seals in self._seals.values():
+            seals.close()
+        self._seals.clear()
+
+
+class _SealMap:
+    """A chain's seal file, mapped: its records read and written in memory."""
+
+    __slots__ = ("fd", "map", "size")
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.map = mmap.mmap(self.fd, self.size) if self.size else None
+
+    def read(self, slot: int) -> bytes:
+        end = (slot + 1) * RECORD_SIZE
+        if end > self.size or self.map is None:
+            return b""
+        return self.map[end - RECORD_SIZE:end]
+
+    def reserve(self, slots: int) -> None:
+        """Make room for the records of *slots* slots: allocate the file's
+        next steps on disk (SwapfsError ENOSPC if it is full), then map them."""
+        want = slots * RECORD_SIZE
+        if want <= self.size:
+            return
+        size = -(-slots // _SEAL_STEP) * _SEAL_STEP * RECORD_SIZE
+        try:
+            _fallocate(self.fd, 0, self.size, size - self.size)  # allocates, and extends
+        except OSError as exc:
+            raise SwapfsError.of(exc) from exc
+        if self.map is None:
+            self.map = mmap.mmap(self.fd, size)
+        else:
+            self.map.resize(size)
+        self.size = size
+
+    def write(self, slot: int, record: bytes) -> None:
+        """Store one record; its slot is within what :meth:`reserve` made room for."""
+        assert self.map is not None
+        offset = slot * RECORD_SIZE
+        self.map[offset:offset + RECORD_SIZE] = record
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        os.close(self.fd)
 
 
 def _open(path: Path) -> int:
