@@ -16,13 +16,20 @@ install -m 0644 systemd/swapfs@.service systemd/swapfs-swap@.service systemd/swa
     /etc/systemd/system/
 install -d -m 0755 /etc/swapfs
 install -m 0644 systemd/example.toml /etc/swapfs/example.toml.sample
+# New states are encrypted at rest: the host's master key, made once and
+# never overwritten (docs/encryption.md).
+if [ ! -e /etc/swapfs/master.key ]; then
+    /usr/local/bin/swapfs keygen /etc/swapfs/master.key
+fi
 install -d -m 0755 /usr/local/share/doc/swapfs
 install -m 0644 README.md docs/*.md /usr/local/share/doc/swapfs/
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 cat <<'DONE'
-swapfs installed. To run a mount under systemd:
+swapfs installed; new states are encrypted with /etc/swapfs/master.key (keep a copy
+of it somewhere safe: without it an encrypted state cannot be read). To run a mount
+under systemd:
   cp /etc/swapfs/example.toml.sample /etc/swapfs/main.toml   # then edit it
   systemctl enable --now swapfs@main.service
   systemctl enable --now "swapfs-swap@$(systemd-escape --path /mnt/swapfs/web/vm1.swap).service"
