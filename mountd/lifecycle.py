@@ -90,20 +90,29 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def fix_mmap_threshold(size: int = 128 << 10) -> None:
-    """Serve every allocation of *size* or more with a mapping of its own.
+def fix_mmap_threshold(size: int = 128 << 10, keep: int = 32 << 20) -> None:
+    """Serve every allocation of *size* or more with a mapping of its own,
+    and let the top of the heap keep up to *keep* free bytes.
 
-    glibc raises this threshold as big blocks are freed, so that later big
-    blocks (a driver's 1 MiB report, its parse) come from the heap. Under
-    mlockall the heap cannot give freed pages in its middle back (they are
-    locked: madvise refuses), so what a burst of drivers took stayed. With
-    the threshold fixed, each big block is unmapped when freed."""
+    glibc raises the mmap threshold as big blocks are freed, so that later
+    big blocks (a driver's 1 MiB report, its parse) come from the heap.
+    Under mlockall the heap cannot give freed pages in its middle back (they
+    are locked: madvise refuses), so what a burst of drivers took stayed.
+    With the threshold fixed, each big block is unmapped when freed.
+
+    Fixing it also fixes the trim threshold at its default, 128 KiB: the heap
+    shrank after every write of 1 MiB (its 256 blocks, and as many sealed
+    copies), and the next write faulted all those pages in again, locked.
+    *keep* spares those faults; what a burst leaves is still given back when
+    a driver leaves (:func:`trim_heap`)."""
     mallopt = getattr(_libc, "mallopt", None)
-    if mallopt is not None and not mallopt(_M_MMAP_THRESHOLD, size):
-        log.warning("cannot fix malloc's mmap threshold")
+    if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, size)
+                               and mallopt(_M_TRIM_THRESHOLD, keep)):
+        log.warning("cannot set malloc's mmap and trim thresholds")
 
 
 def trim_heap(locked: bool) -> None:
