@@ -137,8 +137,11 @@ class DriverManager:
 
     def _key(self, driver: str) -> RecordKey:
         session = self.sessions.get(driver)
-        if session is None or session.record_key is None:
+        if session is None:
             raise RecordError(errno.ENOENT, f"no driver {driver!r} is registered")
+        if session.record_key is None:
+            raise RecordError(errno.ENOKEY, f"driver {driver!r} agreed no record key "
+                                            "when it registered")
         return session.record_key
 
     def host_put(self, driver: str, name: str, value: bytes) -> dict[str, int]:

@@ -284,6 +284,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
         for file_name, entry in sorted(chain["files"].items()):
             print(f"  {file_name:<30} {_size(entry['logical_bytes']):>11} {'':>11} "
                   f"{entry['zero_blocks']:>12} {'':>7} {entry['priority']:>8}")
+    print("encrypted at rest" if stats.get("encrypted") else "not encrypted")
     index = stats.get("index")
     print(f"index: {_size(stats['index_bytes'])}"
           + (f"; {_per_block(index)}" if index is not None else ""))
@@ -336,6 +337,8 @@ def _print_pool(pool: dict[str, Any]) -> None:
         if "processes" in driver:
             extra = (f", {driver['processes']} processes, {driver['extents']} extents, "
                      f"idle {driver['idle_seconds']:.1f} s")
+        if driver.get("records"):
+            extra += f", {driver['records']} sealed records"
         print(f"  driver {name}: {_size(driver['bytes'])} in {driver['segments']} "
               f"segments{extra}")
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from mountd.drivers import DriverManager, Session
+from mountd.peercred import Peer
 from swapfs import protocol
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.records import MAX_VALUE, KeyExchange, RecordError, Records
@@ -97,6 +99,25 @@ def test_records_take_pool_slots_and_are_wiped_in_place() -> None:
         Records().put("a", "x", b"short", 10)  # not sealed
 
 
+def test_the_host_needs_the_key_a_driver_agreed() -> None:
+    manager = DriverManager(TransientCache(64 * BLOCK_SIZE), 30.0)
+    plain, keyed = Session(Peer(pid=1, uid=0)), Session(Peer(pid=2, uid=0))
+    manager.handle(plain, {"op": "driver.register", "driver": "plain", "extents": []})
+    guest = KeyExchange()
+    reply = manager.handle(keyed, {"op": "driver.register", "driver": "keyed", "extents": [],
+                                   "public_key": protocol.encode_bytes(guest.public)})
+    key = guest.agree("keyed", guest.public,
+                      protocol.decode_bytes(reply["daemon_public_key"], "key", 32))
+    for driver, code in (("plain", errno.ENOKEY), ("absent", errno.ENOENT)):
+        with pytest.raises(RecordError) as caught:
+            manager.host_put(driver, "x", b"1")
+        assert caught.value.errno == code
+    manager.cache.update("keyed", [Segment(5, BLOCK_SIZE)])
+    manager.host_put("keyed", "note", b"from the host")
+    assert key.open("note", manager.cache.records.get("keyed", "note")) == b"from the host"
+    assert manager.host_get("keyed", "note") == b"from the host"
+
+
 # -- through a mount ----------------------------------------------------------------
 
 
@@ -168,6 +189,8 @@ def test_a_drivers_records_are_its_own(mount: Mount, agents: Path) -> None:
         assert stats["drivers"]["vm-a"]["records"] == 1
         assert stats["drivers"]["vm-a"]["record_slots"] == stats["record_slots"] == 1
         assert stats["capacity_bytes"] == before["capacity_bytes"] - BLOCK_SIZE
+        text = swapfs("stats", str(mount.mnt)).stdout
+        assert "encrypted at rest" in text and "1 sealed records" in text, text
 
         other_driver = secret(agent_b, "get", "db")
         assert other_driver.returncode == 1 and b"no record" in other_driver.stderr
