@@ -27,8 +27,8 @@ from swapfs.fs import Operations
 from swapfs.protocol import (
     DRIVER_OPS,
     MAX_LINE,
-    NAME_PATTERN,
     DriverError,
+    check_name,
     decode_bytes,
     encode_bytes,
 )
@@ -150,17 +150,16 @@ class ControlServer:
         the registered driver ``driver``."""
         if self.drivers is None:
             raise SwapfsError(errno.ENOTSUP, "this daemon takes no drivers")
-        action, driver, name = message.get("action"), message.get("driver"), message.get("name")
-        for what, value in (("driver", driver), ("name", name)):
-            if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-                raise BadRequest(f"{what!r} must be 1..64 letters, digits or ._:@-")
-        assert isinstance(driver, str) and isinstance(name, str)
+        action = message.get("action")
+        try:
+            driver = check_name(message.get("driver"), "driver")
+            name = check_name(message.get("name"), "name")
+            value = (decode_bytes(message.get("value"), "value", MAX_VALUE)
+                     if action == "put" else b"")
+        except DriverError as exc:
+            raise BadRequest(str(exc)) from None
         try:
             if action == "put":
-                try:
-                    value = decode_bytes(message.get("value"), "value", MAX_VALUE)
-                except DriverError as exc:
-                    raise BadRequest(str(exc)) from None
                 figures = self.drivers.host_put(driver, name, value)
                 log.info("record %s shared with driver %s", name, driver)
                 return figures

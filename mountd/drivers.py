@@ -84,7 +84,8 @@ class DriverManager:
             return self._record(op, name, checked.record, checked.sealed)
         if extents is None:
             return {}
-        foreign = peercred.foreign_process(session.peer, {extent.pid for extent in extents})
+        pids = {extent.pid for extent in extents}
+        foreign = peercred.foreign_process(session.peer, pids)
         if foreign is not None:
             raise DriverError(errno.EACCES, f"{session.peer} may report only its own "
                                             f"processes, not pid {foreign}")
@@ -101,7 +102,7 @@ class DriverManager:
         session.name = name
         self.sessions[name] = session
         session.extents = len(extents)
-        session.processes = len({extent.pid for extent in extents})
+        session.processes = len(pids)
         session.per_process_bytes = sum(extent.length for extent in extents)
         if first:
             log.info("driver %s registered: %d extents, %d bytes; pool %d bytes", name,

@@ -15,11 +15,10 @@ Each refusal is EACCES, and the log names the peer.
 import grp
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-_UCRED = struct.Struct("iII")  # pid, uid, gid
+from swapfs.protocol import unix_peer
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,7 @@ class ConnectedSocket(Protocol):
 def of_socket(sock: ConnectedSocket) -> Peer:
     """The peer of a connected Unix or vsock stream socket."""
     if sock.family == socket.AF_UNIX:
-        pid, uid, gid = _UCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        pid, uid, gid = unix_peer(sock)
         return Peer(pid=pid, uid=uid, gid=gid)
     cid, _port = sock.getpeername()
     return Peer(cid=int(cid))

@@ -36,7 +36,6 @@ from swapfs.errors import CorruptBlock, SwapfsError
 from swapfs.filemap import MAP_RUN, FileMap
 from swapfs.index import ROOT_INO, Chain, CorruptIndex, Txn
 from swapfs.keys import MasterKey
-from swapfs.sealing import ChainKeys
 from swapfs.slottable import RUN_BYTES, SLOT_RUN, SlotTable
 from swapfs.volume import OldFormat, Volume, load_block
 
@@ -102,14 +101,6 @@ class _Checker:
         #: Per chain, slots whose references a repair removed from a map.
         self.released: dict[int, collections.Counter[int]] = collections.defaultdict(
             collections.Counter)
-
-    def recover_digest(self, keys: ChainKeys, slot: int) -> bytes | None:
-        """The digest of the block in *slot*, from the slot alone; None if
-        nothing on disk proves it."""
-        store = self.volume.store
-        data = store.read(keys.chain_id, slot)
-        record = store.read_seals(keys.chain_id, [slot])[0] if keys.sealed else None
-        return keys.recover_digest(slot, data, record)
 
     def problem(self, kind: str, detail: str, repairable: bool, info: bool = False) -> bool:
         """Record a problem; True when the caller should repair it now."""
@@ -257,7 +248,8 @@ class _Checker:
             # its verified seal record, its refcount from the maps, which must
             # all have verified; a slot no map names is then provably free.
             want = uses.get(slot, 0)
-            digest = self.recover_digest(keys, slot) if want else None
+            digest = (keys.recover_digest(slot, *store.read_slot(chain_id, slot, keys.sealed))
+                      if want else None)
             rebuildable = maps_intact and (not want or digest is not None)
             if self.problem("corrupt-slot", f"chain {chain_id} slot {slot}: its entry is "
                             "missing or does not verify"

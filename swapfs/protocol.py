@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,18 @@ class ControlError(Exception):
 
 class ConnectionLost(ControlError):
     """The daemon could not be reached, or went away before it answered."""
+
+
+_UCRED = struct.Struct("iII")
+
+
+def unix_peer(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix
+    socket, as the kernel recorded it (SO_PEERCRED): the daemon checks its
+    clients with it, and a driver the clients of its agent socket."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return int(pid), int(uid), int(gid)
 
 
 def mount_root(path: str) -> str:
@@ -181,8 +194,16 @@ class Extent:
         return (self.device, self.inode, self.segment, self.part)
 
 
-#: A driver's name: short, printable, safe in logs.
+#: A driver's or a record's name: short, printable, safe in logs.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+
+
+def check_name(value: Any, what: str) -> str:
+    """*value* if it is a valid name; DriverError (EINVAL) otherwise."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise _invalid(f"{what!r} must be 1..64 letters, digits or ._:@- "
+                       "(starting with a letter or digit)")
+    return value
 _MAX_PATH = 4096
 _MAX_DEVICE = 32
 _MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
@@ -283,10 +304,7 @@ def check_message(message: dict[str, Any]) -> DriverMessage:
         raise _invalid(f"{op} takes exactly the keys {', '.join(sorted(required))}"
                        + (f" (and optionally {', '.join(sorted(optional))})" if optional
                           else ""))
-    name = message["driver"]
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise _invalid("'driver' must be 1..64 letters, digits or ._:@- "
-                       "(starting with a letter or digit)")
+    name = check_name(message["driver"], "driver")
     if "token" in message and not isinstance(message["token"], str):
         raise DriverError(errno.EACCES, "'token' must be the string register gave")
     extents = parse_extents(message["extents"]) if "extents" in message else None
@@ -296,10 +314,7 @@ def check_message(message: dict[str, Any]) -> DriverMessage:
         if len(public_key) != PUBLIC_KEY_SIZE:
             raise _invalid(f"'public_key' must be {PUBLIC_KEY_SIZE} bytes, base64")
     if "name" in message:
-        record = message["name"]
-        if not isinstance(record, str) or not NAME_PATTERN.fullmatch(record):
-            raise _invalid("'name' must be 1..64 letters, digits or ._:@- "
-                           "(starting with a letter or digit)")
+        record = check_name(message["name"], "name")
     if "sealed" in message:
         sealed = decode_bytes(message["sealed"], "sealed", MAX_SEALED)
     return DriverMessage(op, name, extents, public_key, record, sealed)

@@ -28,7 +28,6 @@ told. They are a way to hand a secret over, never a place to keep one.
 
 import errno
 import os
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -112,75 +111,68 @@ def slots_of(sealed: bytes | bytearray) -> int:
     return -(-len(sealed) // BLOCK_SIZE)
 
 
-@dataclass
-class _Shelf:
-    records: dict[str, bytearray]
-    slots: int = 0
+def _slots(records: dict[str, bytearray]) -> int:
+    return sum(slots_of(record) for record in records.values())
 
 
 class Records:
     """Every driver's sealed records, as the daemon keeps them."""
 
     def __init__(self) -> None:
-        self._shelves: dict[str, _Shelf] = {}
+        #: Driver -> record name -> sealed record, oldest first.
+        self._shelves: dict[str, dict[str, bytearray]] = {}
 
     def put(self, driver: str, name: str, sealed: bytes, room_slots: int) -> None:
         """Keep (or replace) a record, if the driver's records then take at
         most *room_slots* slots (ENOSPC otherwise)."""
         if not _NONCE + _TAG <= len(sealed) <= MAX_SEALED:
             raise RecordError(errno.EINVAL, "not a sealed record")
-        shelf = self._shelves.setdefault(driver, _Shelf({}))
-        old = shelf.records.get(name)
-        slots = shelf.slots - (slots_of(old) if old is not None else 0) + slots_of(sealed)
+        shelf = self._shelves.setdefault(driver, {})
+        old = shelf.get(name)
+        slots = _slots(shelf) - (slots_of(old) if old is not None else 0) + slots_of(sealed)
         if slots > room_slots:
             raise RecordError(errno.ENOSPC, f"driver {driver!r}'s records would take "
                               f"{slots} slots of its share's {room_slots}")
         if old is not None:
             _zero(old)
-        shelf.records[name] = bytearray(sealed)
-        shelf.slots = slots
+        shelf[name] = bytearray(sealed)
 
     def get(self, driver: str, name: str) -> bytes:
-        shelf = self._shelves.get(driver)
-        if shelf is None or name not in shelf.records:
+        record = self._shelves.get(driver, {}).get(name)
+        if record is None:
             raise RecordError(errno.ENOENT, f"driver {driver!r} has no record {name!r}")
-        return bytes(shelf.records[name])
+        return bytes(record)
 
     def remove(self, driver: str, name: str) -> None:
-        shelf = self._shelves.get(driver)
-        record = None if shelf is None else shelf.records.pop(name, None)
-        if shelf is None or record is None:
+        record = self._shelves.get(driver, {}).pop(name, None)
+        if record is None:
             raise RecordError(errno.ENOENT, f"driver {driver!r} has no record {name!r}")
-        shelf.slots -= slots_of(record)
         _zero(record)
 
     def wipe(self, driver: str, keep_slots: int = 0) -> list[str]:
         """Wipe the driver's newest records until the rest take at most
         *keep_slots* slots (all with 0); the names wiped."""
-        shelf = self._shelves.get(driver)
+        shelf = self._shelves.get(driver, {})
         wiped: list[str] = []
-        while shelf is not None and shelf.records and shelf.slots > keep_slots:
-            name, record = shelf.records.popitem()
-            shelf.slots -= slots_of(record)
+        while shelf and _slots(shelf) > keep_slots:
+            name, record = shelf.popitem()
             _zero(record)
             wiped.append(name)
-        if shelf is not None and not shelf.records:
-            del self._shelves[driver]
+        if not shelf:
+            self._shelves.pop(driver, None)
         return wiped
 
     def slots(self, driver: str | None = None) -> int:
         """Slots the records take: one driver's, or all."""
         if driver is not None:
-            shelf = self._shelves.get(driver)
-            return 0 if shelf is None else shelf.slots
-        return sum(shelf.slots for shelf in self._shelves.values())
+            return _slots(self._shelves.get(driver, {}))
+        return sum(_slots(shelf) for shelf in self._shelves.values())
 
     def stats(self, driver: str) -> dict[str, int]:
-        shelf = self._shelves.get(driver)
-        records = {} if shelf is None else shelf.records
+        records = self._shelves.get(driver, {})
         return {"records": len(records),
                 "record_bytes": sum(len(record) for record in records.values()),
-                "record_slots": self.slots(driver)}
+                "record_slots": _slots(records)}
 
 
 def _zero(record: bytearray) -> None:

@@ -13,12 +13,12 @@ slot *n*'s seal record (``swapfs/sealing.py``) at bytes
 transaction naming the slot commits, and it is never punched: a free slot's
 stale record names a digest no map entry asks for. It is used through a
 shared memory map, so that a record costs a copy of 32 bytes rather than a
-system call: with a pread and a pwrite per record, an encrypted 4 KiB read
-cost 5.5 us against 4.5 unencrypted, and a write of 56 scattered blocks
-1.7 us more a block; mapped, 4.5 and 1.0 (tools/readcost.py,
-tools/writecost.py). The file grows in steps that are allocated before
-they are mapped: a full disk then fails the growth with ENOSPC, never a
-store into the map with SIGBUS.
+system call. With a pread per record, an encrypted 4 KiB read cost 7.7 us;
+mapped, 6.2 (unencrypted: 5.4; tools/readcost.py, pure Python, the two
+trees alternating in one sitting). Writes of 56 scattered blocks cost the
+same either way (13.1 and 13.0 us a block, tools/writecost.py). The file
+grows in steps that are allocated before they are mapped: a full disk then
+fails the growth with ENOSPC, never a store into the map with SIGBUS.
 """
 
 import ctypes
@@ -27,7 +27,7 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from swapfs.blocks import BLOCK_SIZE
@@ -68,18 +68,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _consecutive(slots: list[int]) -> Iterator[tuple[int, int]]:
-    """(start, end) index ranges of *slots*, in their order, over which each
-    slot follows the one before it."""
-    start = 0
-    while start < len(slots):
-        end = start + 1
-        while end < len(slots) and slots[end] == slots[end - 1] + 1:
-            end += 1
-        yield start, end
-        start = end
-
-
 def slot_runs(slots: Iterable[int]) -> list[tuple[int, int]]:
     """Coalesce slot numbers into ``(first, count)`` runs of consecutive slots."""
     runs: list[tuple[int, int]] = []
@@ -109,7 +97,11 @@ class BlockStore:
     def _fd(self, chain_id: int) -> int:
         fd = self._fds.get(chain_id)
         if fd is None:
-            fd = self._fds[chain_id] = _open(self.path(chain_id))
+            fd = os.open(self.path(chain_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Neighbouring slots hold unrelated blocks: reading ahead only
+            # fills the page cache (in large folios, see _WRITE_RUN) with them.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._fds[chain_id] = fd
         return fd
 
     def _seal_map(self, chain_id: int) -> "_SealMap":
@@ -121,19 +113,32 @@ class BlockStore:
                 raise SwapfsError.of(exc) from exc
         return seals
 
-    def read(self, chain_id: int, slot: int) -> bytes:
-        """The slot's bytes; short when the data file ends inside the slot."""
-        return self.read_many(chain_id, [slot])[0]
+    def read_slot(self, chain_id: int, slot: int, sealed: bool) -> tuple[bytes, bytes | None]:
+        """What one slot holds: its bytes (short where the data file ends)
+        and, if its chain is *sealed*, its seal record (empty where the seal
+        file ends)."""
+        data = self.read_many(chain_id, [slot])[0]
+        return data, self._seal_map(chain_id).read(slot) if sealed else None
 
     def read_many(self, chain_id: int, slots: list[int]) -> list[bytes]:
         """The bytes of each slot, reading runs of consecutive slots at once."""
         fd = self._fd(chain_id)
+        out: list[bytes] = []
+        start = 0
         try:
             if len(slots) == 1:  # the common case of a 4 KiB read
                 return [os.pread(fd, BLOCK_SIZE, slots[0] * BLOCK_SIZE)]
-            return _read_runs(fd, slots, BLOCK_SIZE)
+            while start < len(slots):
+                end = start + 1
+                while end < len(slots) and slots[end] == slots[end - 1] + 1:
+                    end += 1
+                run = os.pread(fd, (end - start) * BLOCK_SIZE, slots[start] * BLOCK_SIZE)
+                out.extend(run[offset:offset + BLOCK_SIZE]
+                           for offset in range(0, (end - start) * BLOCK_SIZE, BLOCK_SIZE))
+                start = end
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
+        return out
 
     def read_seals(self, chain_id: int, slots: list[int]) -> list[bytes]:
         """The seal record of each slot (empty where the seal file ends)."""
@@ -170,10 +175,16 @@ class BlockStore:
         want = len(buffers) * BLOCK_SIZE
         try:
             done = os.pwritev(fd, buffers, offset)
+            if done < want:  # a short write: finish it the plain way
+                rest = memoryview(b"".join(buffers))[done:]
+                while rest:
+                    written = os.pwrite(fd, rest, offset + done)
+                    if written == 0:
+                        raise SwapfsError(errno.ENOSPC)
+                    rest = rest[written:]
+                    done += written
         except OSError as exc:
             raise SwapfsError.of(exc) from exc
-        if done < want:  # a short write: finish it the plain way
-            _write_fully(fd, memoryview(b"".join(buffers))[done:], offset + done)
 
     def punch(self, chain_id: int, slots: Iterable[int]) -> None:
         """Give the disk space of freed slots back to the file system.
@@ -286,34 +297,3 @@ class _SealMap:
         if self.map is not None:
             self.map.close()
         os.close(self.fd)
-
-
-def _open(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    # Neighbouring slots hold unrelated blocks: reading ahead only fills the
-    # page cache (in large folios, see _WRITE_RUN) with them.
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    return fd
-
-
-def _read_runs(fd: int, slots: list[int], size: int) -> list[bytes]:
-    """The *size* bytes of each slot, one pread per run of consecutive slots."""
-    out: list[bytes] = []
-    for start, end in _consecutive(slots):
-        run = os.pread(fd, (end - start) * size, slots[start] * size)
-        out.extend(run[offset:offset + size] for offset in range(0, (end - start) * size, size))
-    return out
-
-
-def _write_fully(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite all of *data*; SwapfsError (ENOSPC when nothing more fits)."""
-    rest = memoryview(data)
-    try:
-        while rest:
-            written = os.pwrite(fd, rest, offset)
-            if written == 0:
-                raise SwapfsError(errno.ENOSPC)
-            rest = rest[written:]
-            offset += written
-    except OSError as exc:
-        raise SwapfsError.of(exc) from exc

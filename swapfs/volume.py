@@ -1051,9 +1051,7 @@ def _touch_dir(txn: Txn, ino: int) -> None:
 def load_block(store: BlockStore, chain: ChainKeys, slot: int, digest: bytes) -> bytes:
     """The block named *digest* that *slot* holds, checked and, in an
     encrypted chain, opened (CorruptBlock, EIO, unless it is that block)."""
-    data = store.read(chain.chain_id, slot)
-    record = store.read_seals(chain.chain_id, [slot])[0] if chain.sealed else None
-    return chain.open(slot, digest, data, record)
+    return chain.open(slot, digest, *store.read_slot(chain.chain_id, slot, chain.sealed))
 
 
 class _ChainWrite:

@@ -83,12 +83,12 @@ def test_records_take_pool_slots_and_are_wiped_in_place() -> None:
     with pytest.raises(RecordError) as caught:  # a's share is 3 slots
         cache.put_record("a", "three", guest.seal("three", b"3"))
     assert caught.value.errno == errno.ENOSPC
-    held = cache.records._shelves["a"].records["two"]  # the daemon's very bytes
+    held = cache.records._shelves["a"]["two"]  # the daemon's very bytes
     grant = cache.update("a", [Segment(9, BLOCK_SIZE)])  # the share shrinks to 1 slot
     assert grant.wiped == ("two",)
     assert held == bytes(len(held))  # overwritten before it was dropped
     assert cache.records.get("a", "one")
-    held = cache.records._shelves["a"].records["one"]
+    held = cache.records._shelves["a"]["one"]
     assert cache.revoke("a") == ["one"]
     assert held == bytes(len(held))
     with pytest.raises(RecordError) as caught:

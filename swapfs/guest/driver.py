@@ -27,9 +27,9 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -37,7 +37,7 @@ from typing import Any
 
 from swapfs import protocol
 from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
-from swapfs.protocol import NAME_PATTERN, DriverError, Extent, decode_bytes, encode_bytes
+from swapfs.protocol import DriverError, Extent, decode_bytes, encode_bytes
 from swapfs.records import MAX_SEALED, MAX_VALUE, KeyExchange, RecordError, RecordKey
 
 log = logging.getLogger("swapfs-driver")
@@ -52,7 +52,9 @@ examples:
 """
 #: Where a running driver's agent socket is, by default (its name appended).
 AGENT_DIR = Path("/run/swapfs-driver")
-_UCRED = struct.Struct("iII")
+#: A driver's name unless given: the host's.
+_DEFAULT_NAME = socket.gethostname()[:64] or "driver"
+_AGENT_HELP = f"its agent socket (default: {AGENT_DIR}/NAME.sock)"
 
 
 def _mib(size: int) -> str:
@@ -187,8 +189,7 @@ class Agent:
         # Read before answering, even a refusal: closing with the request
         # unread would reset the connection, and lose the answer.
         line = client.makefile("rb").readline(protocol.MAX_LINE)
-        _pid, uid, _gid = _UCRED.unpack(
-            client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        _pid, uid, _gid = protocol.unix_peer(client)
         if uid != os.getuid():
             log.warning("agent: uid %d refused: the records are uid %d's", uid, os.getuid())
             return _failure(errno.EACCES, "permission denied: not this driver's user")
@@ -203,11 +204,10 @@ class Agent:
             return _failure(exc.errno, str(exc))
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
-        op, name = message.get("op"), message.get("name")
+        op = message.get("op")
         if op not in ("put", "get", "rm"):
             raise DriverError(errno.EINVAL, "'op' must be put, get or rm")
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise DriverError(errno.EINVAL, "'name' must be 1..64 letters, digits or ._:@-")
+        name = protocol.check_name(message.get("name"), "name")
         request = {"op": f"driver.secret.{op}", "driver": self.driver, "token": self.token,
                    "name": name}
         if op == "put":
@@ -299,49 +299,50 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="log every skipped entry")
     commands = parser.add_subparsers(dest="command", required=True)
-    scan_parser = commands.add_parser(
-        "scan", help="print one scan, without any daemon",
-        description="Print the unused bytes of code pages: per process (every process counts "
-                    "its own mappings) and physical (a file mapped by many processes counted "
-                    "once), and what was skipped.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], summary: str,
+                description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description,
+                                  epilog=_EXAMPLES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    scan_parser = command(
+        "scan", _scan, "print one scan, without any daemon",
+        "Print the unused bytes of code pages: per process (every process counts its own "
+        "mappings) and physical (a file mapped by many processes counted once), and what "
+        "was skipped.")
     scan_parser.add_argument("--json", action="store_true",
                              help="print the totals and every extent as JSON")
     scan_parser.add_argument("--pid", type=int, nargs="+", metavar="PID",
                              help="scan only these processes (default: all)")
-    scan_parser.set_defaults(run=_scan)
-    run_parser = commands.add_parser(
-        "run", help="register with a daemon and keep the report current",
-        description="Register this host's unused code-page space with a swapfs daemon and "
-                    "keep the report current as processes start and exit; the daemon "
-                    "revokes it as soon as this command exits.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_parser = command(
+        "run", _run, "register with a daemon and keep the report current",
+        "Register this host's unused code-page space with a swapfs daemon and keep the "
+        "report current as processes start and exit; the daemon revokes it as soon as this "
+        "command exits.")
     where = run_parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="the daemon's control socket")
     where.add_argument("--mount", help="a path on the daemon's mount")
-    run_parser.add_argument("--name", default=socket.gethostname()[:64] or "driver",
+    run_parser.add_argument("--name", default=_DEFAULT_NAME,
                             help="this driver's name (default: the host name)")
     run_parser.add_argument("--interval", type=_interval, default=5.0,
                             help="seconds between rescans (default: 5)")
     run_parser.add_argument("--pid", type=int, nargs="+", metavar="PID",
                             help="scan only these processes (default: all)")
-    run_parser.add_argument("--agent", help=f"the agent socket for 'secret' (default: "
-                                            f"{AGENT_DIR}/NAME.sock)")
-    run_parser.set_defaults(run=_run)
-    secret_parser = commands.add_parser(
-        "secret", help="keep, read or delete a sealed record in the running driver's share",
-        description="Keep a small confidential record (at most 4 KiB, from standard input), "
-                    "read it back (to standard output) or delete it, through the running "
-                    "driver of this name. Records are sealed with the key the driver agreed "
-                    "with the daemon, and last only as long as its registration.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_parser.add_argument("--agent", help=_AGENT_HELP + ", for 'secret'")
+    secret_parser = command(
+        "secret", _secret, "keep, read or delete a sealed record in the running driver's share",
+        "Keep a small confidential record (at most 4 KiB, from standard input), read it back "
+        "(to standard output) or delete it, through the running driver of this name. Records "
+        "are sealed with the key the driver agreed with the daemon, and last only as long as "
+        "its registration.")
     secret_parser.add_argument("action", choices=("put", "get", "rm"))
     secret_parser.add_argument("record", metavar="NAME", help="the record's name")
-    secret_parser.add_argument("--name", default=socket.gethostname()[:64] or "driver",
+    secret_parser.add_argument("--name", default=_DEFAULT_NAME,
                                help="the running driver's name (default: the host name)")
-    secret_parser.add_argument("--agent", help="its agent socket (default: "
-                                               f"{AGENT_DIR}/NAME.sock)")
-    secret_parser.set_defaults(run=_secret)
+    secret_parser.add_argument("--agent", help=_AGENT_HELP)
     return parser
 
 
