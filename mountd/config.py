@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mountd import peercred
+from mountd.access import Binding
 from swapfs.failover import STRATEGIES
+from swapfs.protocol import NAME_PATTERN
 
 
 class ConfigError(Exception):
@@ -54,6 +56,12 @@ class Config:
     control_idle_timeout: float = 60
     #: Control connections served at once; more are answered EAGAIN and closed.
     control_max_connections: int = 128
+    #: Of those, how many only root may open (mountd/limits.py).
+    control_root_reserve: int = 8
+    #: Control connections one Unix user other than root may hold at once.
+    control_max_per_uid: int = 16
+    #: Control connections one guest (vsock CID) may hold at once.
+    control_max_per_cid: int = 4
     #: A group served on the control socket besides root (a name or a number);
     #: empty: root only.
     control_group: str = ""
@@ -61,6 +69,9 @@ class Config:
     vsock_port: int = 0
     #: The guests (context ids) whose drivers the vsock port admits.
     vsock_cids: list[int] = field(default_factory=list)
+    #: Driver name -> the one peer that may register it (``[drivers.NAME]``
+    #: with ``cid`` or ``uid``; mountd/access.py).
+    drivers: dict[str, Binding] = field(default_factory=dict)
     #: The fail-over planner's strategies, tried in this order (docs/failover.md).
     failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     #: Encrypt a new state directory's swap at rest; an existing state in the
@@ -83,7 +94,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
     "dedup_table_bytes": int, "control_idle_timeout": (int, float),
     "control_max_connections": int, "vsock_cids": list, "encrypt": bool, "key_file": str,
-    "control_group": str,
+    "control_group": str, "control_root_reserve": int, "control_max_per_uid": int,
+    "control_max_per_cid": int, "drivers": dict,
 }
 _LEVELS = ("debug", "info", "warning", "error")
 
@@ -130,6 +142,11 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("control_idle_timeout must be a positive number of seconds")
     if not 1 <= config.control_max_connections <= 65536:
         raise ConfigError("control_max_connections must be within 1..65536")
+    if not 0 <= config.control_root_reserve < config.control_max_connections:
+        raise ConfigError("control_root_reserve must be within 0..control_max_connections-1")
+    for key in ("control_max_per_uid", "control_max_per_cid"):
+        if not 1 <= getattr(config, key) <= 65536:
+            raise ConfigError(f"{key} must be within 1..65536")
     if config.control_group:
         try:
             peercred.group_id(config.control_group)
@@ -140,6 +157,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     if any(not isinstance(cid, int) or isinstance(cid, bool) or not 3 <= cid <= 0xFFFFFFFE
            for cid in config.vsock_cids):
         raise ConfigError("vsock_cids must list guest context ids, each within 3..4294967294")
+    config.drivers = {name: _binding(name, value, config.vsock_cids)
+                      for name, value in values.get("drivers", {}).items()}
     for name in config.failover_strategies:
         if name not in STRATEGIES:
             raise ConfigError(f"failover_strategies: unknown strategy {name!r}; "
@@ -151,3 +170,23 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         # guard (a third of the lease): the daemon would fence itself at once.
         raise ConfigError("lease_seconds must be 0 (no lease) or within 4..86400 seconds")
     return config
+
+
+def _binding(name: str, value: Any, vsock_cids: list[int]) -> Binding:
+    """A ``[drivers.NAME]`` table: exactly one of ``cid`` (a guest in
+    vsock_cids) or ``uid``."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"drivers.{name}: a driver name is 1..64 letters, digits or "
+                          "._:@- (starting with a letter or digit)")
+    if not isinstance(value, dict) or len(value) != 1 or set(value) - {"cid", "uid"}:
+        raise ConfigError(f"drivers.{name} must set exactly one of cid or uid")
+    ((key, number),) = value.items()
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise ConfigError(f"drivers.{name}.{key} must be an int, not {number!r}")
+    if key == "cid":
+        if number not in vsock_cids:
+            raise ConfigError(f"drivers.{name}.cid: CID {number} is not in vsock_cids")
+        return Binding(cid=number)
+    if not 0 <= number <= 0xFFFFFFFE:
+        raise ConfigError(f"drivers.{name}.uid must be within 0..4294967294")
+    return Binding(uid=number)

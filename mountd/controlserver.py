@@ -3,7 +3,14 @@
 Requests are handled on the same trio thread as FUSE requests, and the
 Volume calls they make have no checkpoint, so a clone is atomic with
 respect to the I/O around it. Protocol: :mod:`swapfs.protocol`; drivers'
-messages (``driver.*``): :mod:`mountd.drivers`.
+messages (``driver.*``): :mod:`mountd.drivers`; who may ask what:
+:mod:`mountd.access`, checked for every request before it is dispatched;
+how many connections each peer may hold: :mod:`mountd.limits`.
+
+A connection refused (a peer not admitted, or past its bound) is answered
+only after its first request line was read, or a short time passed: a
+client that sends its request right after connecting then always reads
+the refusal, instead of a broken pipe on its send.
 """
 
 import contextlib
@@ -19,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mountd import keeper, lifecycle, peercred
+from mountd import access, keeper, lifecycle, peercred
 from mountd.drivers import DriverManager, Session
+from mountd.limits import ConnectionLimits
 from swapfs import compiled
 from swapfs.errors import SwapfsError
 from swapfs.fs import Operations
@@ -44,10 +52,24 @@ log = logging.getLogger(__name__)
 #: (the status, as JSON) carries them as SCM_RIGHTS. See mountd.keeper.
 KEEPER_ATTACH = "keeper.attach"
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+#: A refused connection's first request line is read for at most this long,
+#: and this many bytes, before the refusal is sent.
+REFUSAL_READ_SECONDS = 1.0
+REFUSAL_READ_BYTES = 65536
+#: Refused connections whose first line is read at once; past that a refusal
+#: is sent at once (a client that reads after a broken pipe still gets it).
+MAX_REFUSING = 16
 
 
 class BadRequest(Exception):
     """A request that is not valid JSON or lacks what its operation needs."""
+
+
+class Refused(Exception):
+    """A request its peer may not make (:mod:`mountd.access`): EACCES, and
+    the connection is closed after the reply."""
+
+    errno = errno.EACCES
 
 
 def _string(message: dict[str, Any], key: str) -> str:
@@ -67,14 +89,15 @@ class ControlServer:
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
                  protections: dict[str, bool], drivers: DriverManager | None = None,
                  link: "Link | None" = None, idle_timeout: float = 60.0,
-                 max_connections: int = 128, vsock_cids: frozenset[int] = frozenset(),
+                 limits: ConnectionLimits | None = None,
+                 vsock_cids: frozenset[int] = frozenset(),
                  group: int | None = None) -> None:
         self.volume = volume
         #: Seconds a connection that is neither a registered driver's nor a
         #: keeper's may stay silent; how many connections are served at once.
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.connections = 0
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.refusing = 0  # refused connections whose first line is being read
         #: The guests (vsock CIDs) whose drivers are admitted (mountd/peercred.py).
         self.vsock_cids = vsock_cids
         #: The group (``control_group``) served besides root, if any.
@@ -182,24 +205,12 @@ class ControlServer:
             log.info("priority of %s set to %d", message["path"], value)
         return {"priority": self.volume.priority(inode.ino)}
 
-    def answer(self, line: bytes, session: Session | None = None) -> dict[str, Any]:
-        """The reply to one request line (raises BadRequest for malformed ones,
-        DriverError for refused driver messages)."""
-        try:
-            message = json.loads(line)
-        except (ValueError, RecursionError) as exc:
-            # ValueError covers bad UTF-8, bad JSON and over-long integers;
-            # RecursionError deeply nested arrays or objects.
-            raise BadRequest(f"not JSON: {exc}") from exc
-        if not isinstance(message, dict):
-            raise BadRequest("a request is a JSON object")
-        op = message.get("op")
-        if session is not None and session.peer.is_vsock and op not in DRIVER_OPS:
-            log.warning("%r of %s refused: a guest sends driver messages only", op, session.peer)
-            return {"ok": False, "errno": errno.EACCES,
-                    "error": "permission denied: over vsock only driver messages are served"}
-        if isinstance(op, str) and op in DRIVER_OPS:
-            if self.drivers is None or session is None:
+    def answer(self, message: dict[str, Any], session: Session) -> dict[str, Any]:
+        """The reply to one request that :func:`authorize` let through (raises
+        BadRequest for malformed ones, DriverError for refused driver messages)."""
+        op = message["op"]
+        if op in DRIVER_OPS:
+            if self.drivers is None:
                 raise DriverError(errno.ENOTSUP, "this daemon takes no drivers")
             try:
                 return {"ok": True, **self.drivers.handle(session, message)}
@@ -210,38 +221,37 @@ class ControlServer:
             except Exception as exc:  # a bug must not take the mount down with it
                 log.exception("driver message %r failed", op)
                 raise DriverError(errno.EIO, f"internal error: {exc}") from exc
-        handler = self.handlers.get(op) if isinstance(op, str) else None
-        if handler is None:
-            raise BadRequest(f"unknown op {op!r}"[:200])
         try:
-            return {"ok": True, **handler(message)}
+            return {"ok": True, **self.handlers[op](message)}
         except SwapfsError as exc:
             return {"ok": False, "errno": exc.errno, "error": str(exc)}
         except (BadRequest, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a bug must not take the mount down with it
-            log.exception("control request %r failed", message.get("op"))
+            log.exception("control request %r failed", op)
             return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc}"}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
-        if self.connections >= self.max_connections:
-            # Refused at once, so that a flood of connections cannot take the
-            # descriptors that requests and data files need; clients retry.
-            await _refuse(stream, errno.EAGAIN,
-                          f"{self.connections} control connections open already: try again")
-            return
         peer = peercred.of_socket(stream.socket)
-        refused = peercred.refusal(peer, self.vsock_cids, self.group)
+        kinds = access.kinds_of(peer, self.vsock_cids, self.group)
+        refused = access.connection_refusal(peer, kinds, self.group)
         if refused is not None:
             log.warning("control connection of %s refused: %s", peer, refused)
-            await _refuse(stream, errno.EACCES, f"permission denied: {refused}")
+            await self._refuse(stream, errno.EACCES, f"permission denied: {refused}")
             return
-        self.connections += 1
-        session = Session(peer)
+        busy = self.limits.refusal(peer)
+        if busy is not None:
+            # Refused, so that a flood of connections cannot take the
+            # descriptors that requests and data files need; clients retry.
+            log.debug("control connection of %s refused: %s", peer, busy)
+            await self._refuse(stream, errno.EAGAIN, f"{busy}: try again")
+            return
+        self.limits.add(peer)
+        session = Session(peer, kinds)
         try:
             await self._serve_client(stream, session)
         finally:
-            self.connections -= 1
+            self.limits.remove(peer)
             if self.drivers is not None and session.name is not None:
                 self.drivers.close(session, "disconnected")
                 # What its messages took goes back to the system.
@@ -282,19 +292,26 @@ class ControlServer:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    session.last_message = time.monotonic()  # any message counts
-                    if _op_of(line) == KEEPER_ATTACH:
-                        await self._attach(stream, session)
-                        continue
                     try:
-                        reply = self.answer(line, session)
+                        message = parse(line)
+                        action = authorize(message, session)
+                        # Only a request its peer may make keeps the connection alive.
+                        session.last_message = time.monotonic()
+                        if action == KEEPER_ATTACH:
+                            await self._attach(stream, session)
+                            continue
+                        reply = self.answer(message, session)
                     except BadRequest as exc:
-                        log.warning("bad control request: %s", exc)
+                        log.warning("bad control request of %s: %s", session.peer, exc)
                         await _send(stream, {"ok": False, "errno": errno.EINVAL,
                                              "error": str(exc)})
                         return
+                    except Refused as exc:
+                        await _send(stream, {"ok": False, "errno": exc.errno,
+                                             "error": str(exc)})
+                        return
                     except DriverError as exc:
-                        log.warning("driver message refused: %s", exc)
+                        log.warning("driver message of %s refused: %s", session.peer, exc)
                         await _send(stream, {"ok": False, "errno": exc.errno,
                                              "error": str(exc)})
                         return
@@ -305,15 +322,11 @@ class ControlServer:
                     return
 
     async def _attach(self, stream: trio.SocketStream, session: Session) -> None:
-        """Answer ``keeper.attach``: the reply carries the descriptors.
-
-        Only on the host's Unix socket (root only, mode 0600): a driver on
-        vsock, inside a guest, never gets near the connection."""
-        sock = stream.socket
+        """Answer ``keeper.attach`` (root's alone: :func:`authorize` made
+        sure of it): the reply carries the descriptors."""
         peer_pid = session.peer.pid
+        assert peer_pid is not None  # root is a Unix peer
         try:
-            if session.peer.is_vsock or peer_pid is None:
-                raise SwapfsError(errno.EPERM, "keeper.attach is for the host's Unix socket")
             fds = self.attach_keeper(peer_pid)
         except SwapfsError as exc:
             await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})
@@ -321,7 +334,25 @@ class ControlServer:
         session.keeper_pid = peer_pid
         reply = json.dumps({"ok": True, **self.status({})}).encode() + b"\n"
         with contextlib.suppress(OSError):  # a standby gone already: it detaches below
-            await sock.sendmsg([reply], keeper.rights(fds))
+            await stream.socket.sendmsg([reply], keeper.rights(fds))
+
+    async def _refuse(self, stream: trio.SocketStream, code: int, error: str) -> None:
+        """Answer a connection's first request *code*, and close it.
+
+        The request is read first (up to REFUSAL_READ_BYTES, for up to
+        REFUSAL_READ_SECONDS): closed with it unread, the connection would
+        make the client's send fail with a broken pipe, or its read with a
+        reset, as often as not before it read the answer. At most
+        MAX_REFUSING connections wait so; others are answered at once."""
+        async with stream:
+            if self.refusing < MAX_REFUSING:
+                self.refusing += 1
+                try:
+                    with trio.move_on_after(REFUSAL_READ_SECONDS):
+                        await _first_line(stream)
+                finally:
+                    self.refusing -= 1
+            await _send(stream, {"ok": False, "errno": code, "error": error})
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
                     = trio.TASK_STATUS_IGNORED) -> None:
@@ -355,13 +386,33 @@ class ControlServer:
         await trio.serve_listeners(self.serve_client, [listener])
 
 
-def _op_of(line: bytes) -> object:
-    """The op of a request line, or None if it is not a JSON object."""
+def authorize(message: dict[str, Any], session: Session) -> str:
+    """The action *message* asks for, once it is sure *session*'s peer may
+    ask it (:data:`mountd.access.PERMISSIONS`): BadRequest for an unknown
+    op, Refused, logged with the peer, for one it may not ask."""
+    action = access.action_of(message)
+    if action is None:
+        raise BadRequest(f"unknown op {message.get('op')!r}"[:200])
+    kinds = session.kinds | ({access.Kind.DRIVER} if session.name is not None
+                             else frozenset())
+    if not access.allowed(action, kinds):
+        who = ", ".join(sorted(kind.value for kind in access.PERMISSIONS[action]))
+        log.warning("%s of %s refused: it is for %s only", action, session.peer, who)
+        raise Refused(f"permission denied: {action} is for {who} only")
+    return action
+
+
+def parse(line: bytes) -> dict[str, Any]:
+    """A request line as a JSON object, or BadRequest."""
     try:
         message = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return message.get("op") if isinstance(message, dict) else None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and over-long integers;
+        # RecursionError deeply nested arrays or objects.
+        raise BadRequest(f"not JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise BadRequest("a request is a JSON object")
+    return message
 
 
 def vsock_available() -> bool:
@@ -376,10 +427,15 @@ def _trio_deadline(monotonic_deadline: float) -> float:
     return trio.current_time() + (monotonic_deadline - time.monotonic())
 
 
-async def _refuse(stream: trio.SocketStream, code: int, error: str) -> None:
-    """Answer a connection's first request *code* before reading it, and close it."""
-    async with stream:
-        await _send(stream, {"ok": False, "errno": code, "error": error})
+async def _first_line(stream: trio.SocketStream) -> None:
+    """Read until a newline, REFUSAL_READ_BYTES or the end of the stream."""
+    received = 0
+    with contextlib.suppress(trio.BrokenResourceError):
+        while received < REFUSAL_READ_BYTES:
+            data = await stream.receive_some(REFUSAL_READ_BYTES - received)
+            if not data or b"\n" in data:
+                return
+            received += len(data)
 
 
 async def _send(stream: trio.SocketStream, reply: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
+from mountd.limits import ConnectionLimits
 from mountd.memo import ConnectionMemo
 from swapfs import compiled, keys, lease, mountcheck
 from swapfs.blocks import BLOCK_SIZE
@@ -367,13 +368,17 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval,
                                    config.failover_strategies, config.host_cache_bytes)
             link.cache_keeper = manifest
-            drivers = DriverManager(cache, config.driver_timeout)
+            drivers = DriverManager(cache, config.driver_timeout, config.drivers)
             memo = link.memo
             ops = Operations(volume, memo.open_files if memo else None,
                              memo.set_open if memo else None)
             control = ControlServer(volume, config.mountpoint, ops, protections, drivers,
                                     link, idle_timeout=config.control_idle_timeout,
-                                    max_connections=config.control_max_connections,
+                                    limits=ConnectionLimits(
+                                        config.control_max_connections,
+                                        config.control_root_reserve,
+                                        config.control_max_per_uid,
+                                        config.control_max_per_cid),
                                     vsock_cids=frozenset(config.vsock_cids), group=group)
             if link.fuse_fd is None:
                 pyfuse3.init(ops, config.mountpoint, libfuse_options(config, socket_path))

@@ -17,8 +17,10 @@ long as it runs. The session belongs to that connection:
 
 Every message is validated in full (``swapfs.protocol.check_message``,
 which the driver's side shares) before the pool is touched: anything
-malformed is refused with EINVAL, a wrong token with EACCES, a name another
-live connection holds with EBUSY, and the connection is closed; the pool is
+malformed is refused with EINVAL, a wrong token with EACCES, a name bound
+to another peer (``[drivers.NAME]`` in the configuration,
+:func:`mountd.access.name_refusal`) with EACCES, a name another live
+connection holds with EBUSY, and the connection is closed; the pool is
 unchanged. When the connection closes (the driver exited or crashed) or
 stays silent longer than the timeout, the driver is revoked at once: its
 segments leave the pool and exactly the blocks they held are dropped, and
@@ -32,7 +34,8 @@ import logging
 import time
 from typing import Any
 
-from mountd import peercred
+from mountd import access, peercred
+from mountd.access import Binding, Kind
 from mountd.peercred import Peer
 from swapfs.protocol import DriverError, check_message, encode_bytes
 from swapfs.records import KeyExchange, RecordError, RecordKey
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 class Session:
     """One control connection's driver, once it registered."""
 
-    def __init__(self, peer: Peer) -> None:
+    def __init__(self, peer: Peer, kinds: frozenset[Kind] = frozenset()) -> None:
         self.name: str | None = None
         self.since = time.monotonic()
         self.last_message = self.since
@@ -52,6 +55,7 @@ class Session:
         self.per_process_bytes = 0
         self.keeper_pid: int | None = None  # a standby holding the connection
         self.peer = peer  # who connected (mountd/peercred.py)
+        self.kinds = kinds  # what it is (mountd/access.py), a registration aside
         #: The key the driver and the daemon agreed for its records.
         self.record_key: RecordKey | None = None
 
@@ -59,9 +63,12 @@ class Session:
 class DriverManager:
     """The drivers of one daemon, and the pool they feed."""
 
-    def __init__(self, cache: TransientCache, timeout: float) -> None:
+    def __init__(self, cache: TransientCache, timeout: float,
+                 bindings: dict[str, Binding] | None = None) -> None:
         self.cache = cache
         self.timeout = timeout
+        #: Driver names bound to one peer each (the configuration's [drivers]).
+        self.bindings = bindings or {}
         self.sessions: dict[str, Session] = {}
 
     def handle(self, session: Session, message: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +76,9 @@ class DriverManager:
         checked = check_message(message)
         op, name, extents = checked.op, checked.driver, checked.extents
         if op == "driver.register":
+            refused = access.name_refusal(name, session.peer, self.bindings)
+            if refused is not None:
+                raise DriverError(errno.EACCES, f"{session.peer} may not register: {refused}")
             if session.name is not None and session.name != name:
                 raise DriverError(errno.EINVAL,
                                   f"this connection is driver {session.name!r} already")

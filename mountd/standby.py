@@ -66,29 +66,39 @@ def attach(socket_path: str) -> tuple[dict[str, Any], int, int, socket.socket]:
 
     Returns the daemon's status, the (fuse, memo) descriptors, which the
     caller now owns, and the connection, to keep open while the daemon
-    lives: its end tells the daemon its keeper is gone. Raises StandbyError
-    when refused.
+    lives: its end tells the daemon its keeper is gone. A daemon that
+    answers EAGAIN (every connection it serves taken; some are kept for
+    root, so that is root's own clients) is asked again, backing off, for
+    up to protocol.RETRY_SECONDS. Raises StandbyError when refused.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(30)
-        sock.connect(socket_path)
-        sock.sendall(json.dumps({"op": "keeper.attach"}).encode() + b"\n")
-        data, fds = _receive(sock)
-    except OSError as exc:
-        sock.close()
-        raise StandbyError(f"cannot reach the daemon at {socket_path}: {exc}") from exc
-    try:
-        reply = json.loads(data) if data else {"ok": False, "error": "the daemon hung up"}
-    except ValueError:
-        reply = {"ok": False, "error": "the daemon's reply was not JSON"}
-    if not reply.get("ok") or len(fds) != 2:
+    deadline = time.monotonic() + protocol.RETRY_SECONDS
+    pause = 0.01
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(30)
+            sock.connect(socket_path)
+            # A refusal may come before the request is read: read it anyway.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps({"op": "keeper.attach"}).encode() + b"\n")
+            data, fds = _receive(sock)
+        except OSError as exc:
+            sock.close()
+            raise StandbyError(f"cannot reach the daemon at {socket_path}: {exc}") from exc
+        try:
+            reply = json.loads(data) if data else {"ok": False, "error": "the daemon hung up"}
+        except ValueError:
+            reply = {"ok": False, "error": "the daemon's reply was not JSON"}
+        if reply.get("ok") and len(fds) == 2:
+            sock.settimeout(None)
+            return reply, fds[0], fds[1], sock
         sock.close()
         for fd in fds:
             os.close(fd)
-        raise StandbyError(reply.get("error", "the daemon sent no descriptors"))
-    sock.settimeout(None)
-    return reply, fds[0], fds[1], sock
+        if reply.get("errno") != errno.EAGAIN or time.monotonic() + pause > deadline:
+            raise StandbyError(reply.get("error", "the daemon sent no descriptors"))
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:

@@ -11,24 +11,29 @@ refused.
 import errno
 import json
 import os
+import re
+import socket
 import stat
 import subprocess
+from collections.abc import Iterator, Mapping
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mountd import peercred
-from mountd.controlserver import ControlServer
+from mountd import access, controlserver, peercred, standby
+from mountd.access import Binding, Kind
+from mountd.controlserver import BadRequest, Refused
 from mountd.drivers import DriverManager, Session
 from mountd.peercred import Peer
 from swapfs import protocol, swaparea
 from swapfs.errors import SwapfsError
-from swapfs.fs import Operations
 from swapfs.index import ROOT_INO
+from swapfs.protocol import DriverError
 from swapfs.transient import TransientCache
 from swapfs.volume import Volume
-from tests.mounting import SWAPFS, Mount, mounted, requires_mount
+from tests.mounting import SWAPFS, Mount, mounted, remove_tree, requires_mount, short_tempdir
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
@@ -99,79 +104,282 @@ def test_swapon_refuses_a_file_others_can_read(mount: Mount) -> None:
 
 
 
+#: As nobody: connect to the socket (argv[1]) argv[2] times, each time send
+#: a stats request and print the reply. A refusal sent before the request
+#: was read would make the send fail with a broken pipe, as often as not.
+_REFUSED_CLIENT = """
+import socket, sys
+for _ in range(int(sys.argv[2])):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(sys.argv[1])
+        sock.sendall(b'{"op": "stats"}\\n')
+        print(sock.makefile().readline().strip())
+"""
+
+
 @requires_mount
 @pytest.mark.mount
 def test_the_daemon_serves_root_only_even_on_a_socket_opened_to_all(mount: Mount) -> None:
     """SO_PEERCRED, not the socket's mode alone: loosened by hand, the socket
-    still answers an ordinary user EACCES, and the log names the peer."""
+    still answers an ordinary user EACCES, every time (the daemon reads the
+    request before it refuses), and the log names the peer."""
     socket_path = protocol.socket_of(str(mount.mnt))
     modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (mount.root, mount.state)}
     for path in modes:
         path.chmod(0o711)
     os.chmod(socket_path, 0o666)
     try:
-        request = ("import socket; s = socket.socket(socket.AF_UNIX); "
-                   f"s.connect({socket_path!r}); s.sendall(b'{{\"op\": \"stats\"}}\\n'); "
-                   "print(s.makefile().readline())")
-        result = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", request],
-                                capture_output=True, text=True)
+        result = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", _REFUSED_CLIENT,
+                                 socket_path, "40"], capture_output=True, text=True)
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
         os.chmod(socket_path, 0o600)
     assert result.returncode == 0, result.stderr
-    reply = json.loads(result.stdout)
-    assert (reply["ok"], reply["errno"]) == (False, errno.EACCES)
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(reply["ok"], reply["errno"]) for reply in replies] == [(False, errno.EACCES)] * 40
     assert "uid 65534" in (mount.state / "daemon.log").read_text()
     assert mount.stats()["chains"] == {}  # root is served as before
 
 
+# -- who may do what ----------------------------------------------------------------------
+
+ROOT = Peer(pid=1, uid=0, gid=0, groups=frozenset())
+MEMBER = Peer(pid=2, uid=1000, gid=1000, groups=frozenset({4242}))
+STRANGER = Peer(pid=3, uid=1001, gid=1001, groups=frozenset({42420}))
+GUEST = Peer(cid=5)
+
+
 def test_who_may_connect() -> None:
     cids = frozenset({5})
-    assert peercred.refusal(Peer(pid=1, uid=0), cids) is None
-    assert peercred.refusal(Peer(pid=1, uid=1000), cids) == "only root is served"
-    assert peercred.refusal(Peer(cid=5), cids) is None
-    assert peercred.refusal(Peer(cid=6), cids) == "its CID is not in vsock_cids"
+    for peer, group, kinds, why in (
+            (ROOT, None, {Kind.ROOT}, None),
+            (MEMBER, None, set(), "only root is served"),
+            (MEMBER, 4242, {Kind.GROUP}, None),
+            (STRANGER, 4242, set(), "only root is served and group 4242"),
+            (GUEST, None, {Kind.GUEST}, None),
+            (Peer(cid=6), 4242, set(), "its CID is not in vsock_cids"),
+            # uid 0 inside a guest is not the host's root
+            (Peer(cid=6, uid=0), None, set(), "its CID is not in vsock_cids")):
+        assert access.kinds_of(peer, cids, group) == kinds, peer
+        assert access.connection_refusal(peer, frozenset(kinds), group) == why, peer
     assert str(Peer(cid=6)) == "vsock CID 6" and str(Peer(pid=7, uid=8)) == "pid 7 uid 8"
 
 
-def test_a_guest_sends_driver_messages_only(state_dir: Path) -> None:
-    """Over vsock (a session whose peer is a CID; this machine has no vsock),
-    commands that change or reveal the host's state are EACCES."""
-    with closing(Volume(state_dir)) as volume:
-        drivers = DriverManager(TransientCache(1 << 20), 30)
-        server = ControlServer(volume, "/mnt", Operations(volume), {}, drivers,
-                               vsock_cids=frozenset({5}))
-        guest, host = Session(Peer(cid=5)), Session(Peer(pid=1, uid=0))
-        for op in ("status", "stats", "clone", "priority", "keeper.attach"):
-            reply = server.answer(json.dumps({"op": op}).encode(), guest)
-            assert (reply["ok"], reply["errno"]) == (False, errno.EACCES), op
-        assert server.answer(b'{"op": "stats"}', host)["ok"]
-        register = {"op": "driver.register", "driver": "guest-1", "extents": []}
-        assert server.answer(json.dumps(register).encode(), guest)["ok"]
+#: Who may ask what, written out here so that a change to mountd/access.py's
+#: table must be made twice: root's alone are what hands over the mount
+#: (keeper.attach), reaches a tenant's data (clone, the host's secret) or
+#: changes it (a priority set).
+EXPECTED = {
+    "status": {"root", "group"},
+    "stats": {"root", "group"},
+    "priority": {"root", "group"},
+    "priority.set": {"root"},
+    "clone": {"root"},
+    "secret": {"root"},
+    "keeper.attach": {"root"},
+    "driver.register": {"root", "group", "guest"},
+    "driver.update": {"driver"},
+    "driver.heartbeat": {"driver"},
+    "driver.secret.put": {"driver"},
+    "driver.secret.get": {"driver"},
+    "driver.secret.rm": {"driver"},
+}
+
+#: One request of each action (for a file c/f and a driver "its-own").
+REQUESTS: dict[str, dict[str, Any]] = {
+    "status": {"op": "status"},
+    "stats": {"op": "stats"},
+    "priority": {"op": "priority", "path": "c/f"},
+    "priority.set": {"op": "priority", "path": "c/f", "priority": 5},
+    "clone": {"op": "clone", "source": "c/f", "target": "c/stolen"},
+    "secret": {"op": "secret", "action": "get", "driver": "its-own", "name": "note"},
+    "keeper.attach": {"op": "keeper.attach"},
+    "driver.register": {"op": "driver.register", "driver": "its-own", "extents": []},
+    "driver.update": {"op": "driver.update", "driver": "its-own", "token": "TOKEN",
+                      "extents": []},
+    "driver.heartbeat": {"op": "driver.heartbeat", "driver": "its-own", "token": "TOKEN"},
+    "driver.secret.put": {"op": "driver.secret.put", "driver": "its-own", "token": "TOKEN",
+                          "name": "note", "sealed": protocol.encode_bytes(bytes(60))},
+    "driver.secret.get": {"op": "driver.secret.get", "driver": "its-own", "token": "TOKEN",
+                          "name": "note"},
+    "driver.secret.rm": {"op": "driver.secret.rm", "driver": "its-own", "token": "TOKEN",
+                         "name": "note"},
+}
+
+
+def test_the_table_says_who_may_do_what() -> None:
+    assert {action: {kind.value for kind in kinds}
+            for action, kinds in access.PERMISSIONS.items()} == EXPECTED
+    assert set(REQUESTS) == set(EXPECTED)
+    for action, request in REQUESTS.items():
+        assert access.action_of(request) == action
+
+
+def test_every_action_as_every_kind_of_peer() -> None:
+    """authorize() before dispatch: each action against each kind of peer,
+    a registered driver's session too; a refusal is EACCES and logged."""
+    registered = Session(MEMBER, frozenset({Kind.GROUP}))
+    registered.name = "its-own"
+    sessions = {"root": Session(ROOT, frozenset({Kind.ROOT})),
+                "group": Session(MEMBER, frozenset({Kind.GROUP})),
+                "guest": Session(GUEST, frozenset({Kind.GUEST})),
+                "driver": registered}
+    for action, request in REQUESTS.items():
+        for kind, session in sessions.items():
+            may = kind in EXPECTED[action] or (kind == "driver" and "group" in EXPECTED[action])
+            if may:
+                assert controlserver.authorize(request, session) == action, (action, kind)
+            else:
+                with pytest.raises(Refused) as caught:
+                    controlserver.authorize(request, session)
+                assert caught.value.errno == errno.EACCES, (action, kind)
+    with pytest.raises(BadRequest):
+        controlserver.authorize({"op": "nothing"}, sessions["root"])
+
+
+def test_group_membership_is_exact() -> None:
+    """Primary and supplementary groups count; 42420 is not 4242."""
+    assert peercred.in_group(Peer(pid=2, uid=1, gid=4242, groups=frozenset()), 4242)
+    assert peercred.in_group(Peer(pid=2, uid=1, gid=7, groups=frozenset({9, 4242})), 4242)
+    assert not peercred.in_group(Peer(pid=2, uid=1, gid=42420,
+                                      groups=frozenset({42420, 424})), 4242)
+    assert not peercred.in_group(Peer(pid=2, uid=1, gid=7, groups=frozenset({42420})), 4242)
+    assert not peercred.in_group(GUEST, 4242)
+    assert peercred.status_groups("Uid:\t0\nGroups:\t42420 424 \nNgid:\t0\n") \
+        == frozenset({42420, 424})
+    assert peercred.status_groups("Groups:\t\n") == frozenset()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv needs root")
+def test_the_groups_come_from_the_socket_and_from_proc() -> None:
+    """SO_PEERGROUPS, read at connect: a process whose groups are 42420 and
+    100 (primary 65534) is a member of those and not of 4242; /proc, read
+    where the kernel has no SO_PEERGROUPS, says the same."""
+    directory = short_tempdir()  # in /tmp: uid 65534 may enter it once it is 0755
+    directory.chmod(0o755)
+    path = str(directory / "s.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    client = None
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o666)
+        listener.listen(1)
+        connect = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
+                   f"s.connect({path!r}); sys.stdin.read()")
+        client = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534",
+                                   "--groups=42420,100", "--", "/usr/bin/python3", "-c",
+                                   connect], stdin=subprocess.PIPE)
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            peer = peercred.of_socket(conn)
+            assert (peer.pid, peer.uid, peer.gid) == (client.pid, 65534, 65534)
+            assert peer.groups == frozenset({42420, 100})
+            from_proc = Peer(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=None)
+            for who in (peer, from_proc):
+                assert peercred.in_group(who, 42420) and peercred.in_group(who, 100)
+                assert peercred.in_group(who, 65534)  # the primary group
+                assert not peercred.in_group(who, 4242)
+    finally:
+        listener.close()
+        if client is not None:
+            assert client.stdin is not None
+            client.stdin.close()
+            client.wait(timeout=30)
+        remove_tree(directory)
+
+
+def test_a_driver_name_bound_to_a_peer_is_refused_from_any_other() -> None:
+    bindings = {"vm1": Binding(cid=5), "backup": Binding(uid=1000)}
+    manager = DriverManager(TransientCache(1 << 20), 30, bindings)
+
+    def register(peer: Peer, name: str) -> int:
+        try:
+            manager.handle(Session(peer), {"op": "driver.register", "driver": name,
+                                           "extents": []})
+        except DriverError as exc:
+            return exc.errno
+        manager.close(manager.sessions[name], "test")
+        return 0
+
+    assert register(GUEST, "vm1") == 0
+    assert register(Peer(cid=6), "vm1") == errno.EACCES  # another guest
+    assert register(ROOT, "vm1") == errno.EACCES  # root too: vm1 is that guest's
+    assert register(MEMBER, "backup") == 0
+    assert register(STRANGER, "backup") == errno.EACCES
+    assert register(Peer(cid=1000), "backup") == errno.EACCES  # a CID is not a uid
+    assert register(ROOT, "unbound") == 0  # root may name any unbound driver
+    assert register(MEMBER, "unbound") == errno.EACCES
+    assert register(GUEST, "unbound") == errno.EACCES
+    assert manager.sessions == {}
+
+
+def test_the_docs_show_the_table() -> None:
+    """docs/configuration.md's table of who may do what is the code's."""
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = text.split("## Who may do what", 1)[1].split("\n## ", 1)[0]
+    kinds = ["root", "group", "guest", "driver"]
+    documented = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        match = re.fullmatch(r"`([a-z.]+)`.*", cells[0]) if len(cells) == 5 else None
+        if match:
+            documented[match.group(1)] = {kind for kind, cell in zip(kinds, cells[1:], strict=True)
+                                          if cell == "yes"}
+    assert documented == EXPECTED
 
 
 #: As another user: connect to a Unix socket (argv[1]) and send each
-#: request of argv[2:], "PID" replaced by this process's pid; print each
+#: request of argv[2:], "PID" replaced by this process's pid and "TOKEN" by
+#: the last token a reply gave; print each reply, then "descriptors: N" if
+#: it carried descriptors, "closed" if the connection ended instead of a
 #: reply, or "refused" if the connection was.
 _CLIENT = """
-import json, os, socket, sys
+import array, json, os, socket, sys
 sock = socket.socket(socket.AF_UNIX)
 try:
     sock.connect(sys.argv[1])
 except PermissionError:
     print("refused")
     sys.exit()
-reader = sock.makefile()
+token = ""
 for request in sys.argv[2:]:
-    sock.sendall(request.replace('"PID"', str(os.getpid())).encode() + b"\\n")
-    print(reader.readline().strip())
+    request = request.replace('"PID"', str(os.getpid()))
+    request = request.replace('"TOKEN"', json.dumps(token))
+    try:
+        sock.sendall(request.encode() + b"\\n")
+    except BrokenPipeError:
+        pass
+    line, fds = b"", []
+    try:
+        while not line.endswith(b"\\n"):
+            data, ancillary, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(64))
+            for level, kind, payload in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    fds += array.array("i", payload[:len(payload) - len(payload) % 4])
+            if not data:
+                break
+            line += data
+    except ConnectionResetError:
+        pass
+    if not line:
+        print("closed")
+        break
+    print(line.decode().strip())
+    token = json.loads(line).get("token", token)
+    if fds:
+        print("descriptors: %d" % len(fds))
+        for fd in fds:
+            os.close(fd)
 """
 
 
-def ask_as(user: list[str], socket_path: str, *requests: dict[str, object]) -> list[str]:
-    """The replies to *requests* sent as *user* (a setpriv prefix), with the
-    system's Python alone; ["refused"] if the connection was."""
+def ask_as(user: list[str], socket_path: str, *requests: Mapping[str, object]
+           ) -> list[str]:
+    """The replies to *requests* sent as *user* (a setpriv prefix) on one
+    connection, with the system's Python alone; ["refused"] if the connection
+    was (see _CLIENT for the other lines)."""
     return subprocess.run(
         [*user, "/usr/bin/python3", "-c", _CLIENT, socket_path,
          *(json.dumps(request) for request in requests)],
@@ -183,31 +391,210 @@ def _extent(pid: object) -> dict[str, object]:
             "address": 4096, "length": 4096, "segment": 0, "part": "tail"}
 
 
+MEMBER_USER = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=4242", "--"]
+#: The group mount: 16 control connections, 4 of them root's alone.
+GROUP_CONFIG = """\
+control_group = "4242"
+control_max_connections = 16
+control_root_reserve = 4
+control_max_per_uid = 16
+
+[drivers.its-own]
+uid = 65534
+
+[drivers.claims-root]
+uid = 65534
+
+[drivers.roots]
+uid = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def group_mount() -> Iterator[Mount]:
+    """A mount that serves group 4242 besides root, with a file c/f."""
+    root = short_tempdir()
+    try:
+        config = root / "group.toml"
+        config.write_text(GROUP_CONFIG)
+        with mounted(root=root, config=config) as mount:
+            os.mkdir(mount.path("c"))
+            mount.path("c", "f").write_bytes(b"root's swap".ljust(4096, b"\0"))
+            yield mount
+    finally:
+        remove_tree(root)
+
+
+def refused(lines: list[str]) -> bool:
+    """Was the first request refused EACCES, with no descriptor, and the
+    connection closed after it?"""
+    if len(lines) != 2 or lines[1] != "closed":
+        return False
+    reply = json.loads(lines[0])
+    return reply["ok"] is False and reply["errno"] == errno.EACCES
+
+
 @requires_mount
 @pytest.mark.mount
 def test_a_control_group_is_served_and_its_drivers_report_only_their_own(
-        tmp_path: Path) -> None:
+        group_mount: Mount) -> None:
     """With ``control_group``, its members are served (the socket moves to
     /run/swapfs, 0660), others are not; a member's driver may not claim
     root's processes, only its own."""
-    config = tmp_path / "group.toml"
-    config.write_text('control_group = "4242"\n')
-    member = ["setpriv", "--reuid=65534", "--regid=65534", "--groups=4242", "--"]
-    with mounted(config=config) as mount:
-        socket_path = protocol.socket_of(str(mount.mnt))
-        info = os.stat(socket_path)
-        assert socket_path.startswith("/run/swapfs/")
-        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 4242)
+    mount = group_mount
+    socket_path = protocol.socket_of(str(mount.mnt))
+    info = os.stat(socket_path)
+    assert socket_path.startswith("/run/swapfs/")
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, 4242)
 
-        assert ask_as(NOBODY, socket_path, {"op": "stats"}) == ["refused"]
-        (stats,) = ask_as(member, socket_path, {"op": "stats"})
-        assert json.loads(stats)["ok"] is True
-        (claim,) = ask_as(member, socket_path, {"op": "driver.register",
-                                                "driver": "claims-root",
-                                                "extents": [_extent(1)]})
-        assert json.loads(claim)["errno"] == errno.EACCES and "pid 1" in claim
-        (own,) = ask_as(member, socket_path, {"op": "driver.register", "driver": "its-own",
-                                              "extents": [_extent("PID")]})
-        assert json.loads(own)["ok"] is True, own
-        log = (mount.state / "daemon.log").read_text()
-        assert "uid 65534 may report only its own processes, not pid 1" in log
+    assert ask_as(NOBODY, socket_path, {"op": "stats"}) == ["refused"]
+    (stats,) = ask_as(MEMBER_USER, socket_path, {"op": "stats"})
+    assert json.loads(stats)["ok"] is True
+    (claim,) = ask_as(MEMBER_USER, socket_path, {"op": "driver.register",
+                                                 "driver": "claims-root",
+                                                 "extents": [_extent(1)]})
+    assert json.loads(claim)["errno"] == errno.EACCES and "pid 1" in claim
+    (own,) = ask_as(MEMBER_USER, socket_path, {"op": "driver.register", "driver": "its-own",
+                                               "extents": [_extent("PID")]})
+    assert json.loads(own)["ok"] is True, own
+    log = (mount.state / "daemon.log").read_text()
+    assert "uid 65534 may report only its own processes, not pid 1" in log
+
+
+@requires_mount
+@pytest.mark.mount
+def test_a_group_member_gets_neither_the_connection_nor_roots_data(
+        group_mount: Mount) -> None:
+    """The defect: a member was handed /dev/fuse by keeper.attach, cloned
+    root's swap file and passed secret's check. Each of root's actions is
+    now EACCES, carries no descriptor, closes the connection and is logged."""
+    mount = group_mount
+    socket_path = protocol.socket_of(str(mount.mnt))
+    for action in ("keeper.attach", "secret", "clone", "priority.set"):
+        lines = ask_as(MEMBER_USER, socket_path, REQUESTS[action], {"op": "status"})
+        assert refused(lines), (action, lines)
+        assert not any(line.startswith("descriptors") for line in lines)
+        assert f"{action} of pid " in (mount.state / "daemon.log").read_text()
+    put = {"op": "secret", "action": "put", "driver": "its-own", "name": "x",
+           "value": protocol.encode_bytes(b"from nobody")}
+    assert refused(ask_as(MEMBER_USER, socket_path, put, {"op": "status"}))
+    assert not mount.path("c", "stolen").exists()
+    assert mount.status()["keeper"] is None  # nobody keeps the mount
+    reply = protocol.request(socket_path, {"op": "priority", "path": "c/f"})
+    assert reply["priority"] == 0
+
+
+@requires_mount
+@pytest.mark.mount
+def test_every_action_as_every_kind_of_peer_on_the_socket(group_mount: Mount) -> None:
+    """Root, a member, a member's registered driver and another user (the
+    socket loosened by hand), each action on a connection of its own: a
+    refusal is EACCES and ends the connection; what the table allows is
+    answered (ok, or an error that is not EACCES) and the connection stays."""
+    mount = group_mount
+    socket_path = protocol.socket_of(str(mount.mnt))
+
+    def allowed(lines: list[str]) -> bool:
+        reply = json.loads(lines[0])
+        return (len(lines) >= 2 and lines[1] != "closed"
+                and (reply["ok"] or reply["errno"] != errno.EACCES))
+
+    status = {"op": "status"}
+    for action, request in REQUESTS.items():
+        if action == "keeper.attach":
+            continue  # as root below: it makes the caller the mount's keeper
+        lines = ask_as(MEMBER_USER, socket_path, request, status)
+        assert (allowed if "group" in EXPECTED[action] else refused)(lines), (action, lines)
+        register = REQUESTS["driver.register"]
+        lines = ask_as(MEMBER_USER, socket_path, register, request, status)[1:]
+        member_or_driver = {"group", "driver"} & EXPECTED[action]
+        assert (allowed if member_or_driver else refused)(lines), (action, lines)
+
+    os.chmod(socket_path, 0o666)
+    try:
+        for request in REQUESTS.values():
+            (line,) = ask_as(NOBODY, socket_path, request)
+            assert json.loads(line)["errno"] == errno.EACCES, request
+    finally:
+        os.chmod(socket_path, 0o660)
+
+    for action, request in REQUESTS.items():
+        if action == "keeper.attach" or EXPECTED[action] == {"driver"}:
+            continue
+        with protocol.Connection(socket_path) as connection:
+            if action == "driver.register":
+                request = {**request, "driver": "roots"}
+            try:
+                connection.request(request)
+            except protocol.ControlError as exc:
+                assert exc.errno != errno.EACCES, (action, exc)
+            assert connection.request(status)["ok"]
+    with protocol.Connection(socket_path) as connection:
+        token = connection.request({**REQUESTS["driver.register"], "driver": "roots"})["token"]
+        for action in ("driver.update", "driver.heartbeat", "driver.secret.put",
+                       "driver.secret.get", "driver.secret.rm"):
+            request = {**REQUESTS[action], "driver": "roots", "token": token}
+            try:
+                connection.request(request)
+            except protocol.ControlError as exc:
+                assert exc.errno != errno.EACCES, (action, exc)
+        # A name bound to another peer: refused even to root.
+        with pytest.raises(protocol.ControlError) as caught:
+            protocol.request(socket_path, REQUESTS["driver.register"])
+        assert caught.value.errno == errno.EACCES
+    _, fuse_fd, memo_fd, link = standby.attach(socket_path)
+    os.close(fuse_fd)
+    os.close(memo_fd)
+    link.close()
+    unbound = {**REQUESTS["driver.register"], "driver": "unbound"}
+    assert refused(ask_as(MEMBER_USER, socket_path, unbound, status))
+
+
+#: As a group member: open control connections until one is refused, each
+#: asked for status first; print how many were served and the refusal's
+#: errno, then hold them until stdin closes.
+_HOLDER = """
+import json, socket, sys
+held = []
+while True:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sys.argv[1])
+    sock.sendall(b'{"op": "status"}\\n')
+    reply = json.loads(sock.makefile().readline())
+    if not reply["ok"]:
+        break
+    held.append(sock)
+print(len(held), reply["errno"], flush=True)
+sys.stdin.read()
+"""
+
+
+@requires_mount
+@pytest.mark.mount
+def test_one_peer_holding_every_connection_it_may_cannot_keep_root_out(
+        group_mount: Mount) -> None:
+    """A member holds all the connections peers other than root may hold
+    (16 - 4); root's status and a standby's attach still get in."""
+    mount = group_mount
+    socket_path = protocol.socket_of(str(mount.mnt))
+    holder = subprocess.Popen([*MEMBER_USER, "/usr/bin/python3", "-c", _HOLDER, socket_path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().split() == ["12", str(errno.EAGAIN)]
+        with protocol.Connection(socket_path) as connection:  # one try, no retry
+            assert connection.request({"op": "status"})["pid"] == mount.pid
+        status, fuse_fd, memo_fd, link = standby.attach(socket_path)
+        try:
+            assert status["pid"] == mount.pid
+            assert os.path.samefile(f"/proc/self/fd/{fuse_fd}", "/dev/fuse")
+        finally:
+            os.close(fuse_fd)
+            os.close(memo_fd)
+            link.close()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    log = (mount.state / "daemon.log").read_text()
+    assert "standby" in log
