@@ -206,7 +206,8 @@ def check_name(value: Any, what: str) -> str:
     return value
 _MAX_PATH = 4096
 _MAX_DEVICE = 32
-_MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
+#: Process ids are 1..PID_MAX_LIMIT-1 (the kernel's PID_MAX_LIMIT is 1 << 22).
+_MAX_PID = (1 << 22) - 1
 _MAX_U64 = (1 << 64) - 1
 _EXTENT_KEYS = frozenset(("pid", "path", "device", "inode", "address", "length",
                           "segment", "part"))
@@ -270,8 +271,8 @@ def parse_extent(value: Any, index: int) -> Extent:
     part = value["part"]
     if part not in ("head", "tail"):
         raise _invalid(f"{what}.part must be \"head\" or \"tail\"")
-    return Extent(
-        pid=_int(value["pid"], f"{what}.pid", 0, _MAX_PID),
+    extent = Extent(
+        pid=_int(value["pid"], f"{what}.pid", 1, _MAX_PID),
         path=_str(value["path"], f"{what}.path", _MAX_PATH),
         device=_str(value["device"], f"{what}.device", _MAX_DEVICE),
         inode=_int(value["inode"], f"{what}.inode", 0, _MAX_U64),

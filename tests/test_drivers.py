@@ -307,8 +307,9 @@ def test_a_silent_driver_is_revoked_after_the_timeout(short_timeout_mount: Mount
 
 # --- malformed messages -----------------------------------------------------------------------
 
-_INT_FIELDS = {"pid": 1 << 22, "inode": (1 << 64) - 1, "address": (1 << 64) - 1,
-               "length": PAGE_SIZE, "segment": 0xFFFF}
+#: Each integer field's bounds (tests/test_driver_messages.py tries each edge).
+_INT_FIELDS = {"pid": (1, (1 << 22) - 1), "inode": (0, (1 << 64) - 1),
+               "address": (0, (1 << 64) - 1), "length": (1, PAGE_SIZE), "segment": (0, 0xFFFF)}
 
 _not_an_int = st.one_of(st.none(), st.booleans(), st.floats(), st.text(max_size=5),
                         st.lists(st.integers(), max_size=2))
@@ -333,9 +334,9 @@ def bad_extent(draw: st.DrawFn) -> Any:
         return draw(st.one_of(st.lists(st.integers(), max_size=3), st.text(max_size=5),
                               st.integers()))
     if field in _INT_FIELDS:
-        low = 1 if field == "length" else 0
+        low, high = _INT_FIELDS[field]
         good[field] = draw(st.one_of(_not_an_int, st.integers(max_value=low - 1),
-                                     st.integers(min_value=_INT_FIELDS[field] + 1)))
+                                     st.integers(min_value=high + 1)))
     elif field == "part":
         good[field] = draw(_json.filter(lambda value: value not in ("head", "tail")))
     else:  # path, device: strings of bounded length
