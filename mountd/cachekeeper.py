@@ -13,8 +13,9 @@ of the other daemons on this host (:mod:`mountd.peers`), the budget the
 host's (``host_cache_bytes``; by default this cache's capacity plus what
 the others hold, so that the others keep what they have). The plan that
 won is kept in :attr:`CacheKeeper.last_plan` for ``swapfs status``. A
-manifest that cannot be read (truncated, garbage, another version) gives a
-cold cache and one warning, never a failed start. Format: :mod:`swapfs.manifest`.
+manifest that cannot be read (truncated, garbage, another version, not a
+regular file, more blocks than the budget holds) gives a cold cache and one
+warning, never a failed start. Format: :mod:`swapfs.manifest`.
 """
 
 import logging
@@ -54,10 +55,18 @@ class CacheKeeper:
         #: The warm-up's plan: strategy, budget, blocks per source, bytes warmed.
         self.last_plan: dict[str, Any] | None = None
 
+    @property
+    def max_blocks(self) -> int:
+        """The most blocks a manifest may hold to be read, this state's or a
+        peer's: what the host's budget holds, or this cache if it is larger."""
+        assert self.cache is not None
+        return max(self.cache.capacity_bytes, self.host_cache_bytes) // BLOCK_SIZE
+
     def read(self) -> list[manifest.CacheEntry]:
-        """The last manifest's entries; none (with one warning) if it is unusable."""
+        """The last manifest's entries; none (with one warning) if it is
+        unusable or larger than :attr:`max_blocks`."""
         try:
-            return manifest.read_manifest(self.path)
+            return manifest.read_manifest(self.path, self.max_blocks)
         except FileNotFoundError:
             return []
         except (OSError, manifest.ManifestError) as exc:
@@ -89,7 +98,8 @@ class CacheKeeper:
         if self.cache is None:
             return 0
         own = self.read()
-        others = await trio.to_thread.run_sync(peers.peers, self.volume.state)
+        others = await trio.to_thread.run_sync(peers.peers, self.volume.state,
+                                               self.max_blocks)
         plan, entries = await trio.to_thread.run_sync(self.plan, own, others)
         loaded = 0
         for start in range(0, len(entries), WARM_BATCH):
@@ -117,7 +127,12 @@ class CacheKeeper:
             self._store(self.snapshot())
 
     def _store(self, raw: bytes) -> None:
-        """Write *raw* as the manifest (a failure is logged: the cache goes on)."""
+        """Write *raw* as the manifest (a failure is logged: the cache goes on),
+        unless the volume may no longer write: once its lease lapsed, another
+        host may own the state directory, manifest included."""
+        if not self.volume.index.writable():
+            log.debug("the cache manifest %s is not written: the state is fenced", self.path)
+            return
         try:
             manifest.write_manifest(self.path, raw)
         except OSError as exc:

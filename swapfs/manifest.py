@@ -25,6 +25,7 @@ an index out of range, a checksum that differs) is :class:`ManifestError`.
 """
 
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -131,9 +132,55 @@ def parse(raw: bytes) -> list[CacheEntry]:
     return entries
 
 
-def read_manifest(path: Path) -> list[CacheEntry]:
-    """The entries of the manifest at *path* (OSError, ManifestError)."""
-    return parse(path.read_bytes())
+def max_size(max_blocks: int) -> int:
+    """The most bytes a manifest of at most *max_blocks* blocks can take: each
+    block in a chain and an owner set of its own, with four files of its own
+    (up to MAX_FILES)."""
+    return (_HEADER.size + CHECKSUM_SIZE
+            + max_blocks * (_CHAIN.size + _OWNERS.size + _RECORD.size)
+            + min(MAX_OWNERS * max_blocks, MAX_FILES) * _FILE.size)
+
+
+def read_manifest(path: Path, max_blocks: int, owner: int | None = None) -> list[CacheEntry]:
+    """The entries of the manifest at *path*, if it has at most *max_blocks*
+    blocks (what the reader's cache budget could hold) and, with *owner*,
+    belongs to that user (OSError, ManifestError).
+
+    A daemon reads manifests as root with its memory locked, and a peer's
+    state directory is not its own: so the file is opened without following
+    a symlink (``/dev/zero`` would never end), must be a regular file, and is
+    refused from its size, or after reading one byte past the most it may
+    hold, never read whole.
+    """
+    limit = max_size(max_blocks)
+    # O_NONBLOCK: a FIFO must not hold the open until a writer comes.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError(f"{path} is not a regular file")
+        if owner is not None and info.st_uid != owner:
+            raise ManifestError(f"{path} belongs to uid {info.st_uid}, not {owner}")
+        if info.st_size > limit:
+            raise ManifestError(f"{path} is {info.st_size} bytes, more than a manifest of "
+                                f"{max_blocks} blocks ({limit} bytes)")
+        chunks, left = [], limit + 1
+        while left:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > limit:
+        raise ManifestError(f"{path} grew past {limit} bytes while it was read")
+    entries = parse(raw)
+    if len(entries) > max_blocks:
+        raise ManifestError(f"{path} holds {len(entries)} blocks, more than the "
+                            f"{max_blocks} this cache budget holds")
+    return entries
 
 
 def write_manifest(path: Path, raw: bytes) -> None:

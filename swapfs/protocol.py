@@ -77,17 +77,41 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
-def swapfs_sockets() -> dict[str, str]:
-    """Mount point -> control socket of every swapfs mount in this namespace
-    (of two mounts on one point, the upper one)."""
-    sockets = {}
-    with open("/proc/self/mountinfo") as table:
-        for line in table:
+@dataclass(frozen=True)
+class SwapfsMount:
+    """A ``fuse.swapfs`` line of the mount table."""
+
+    mountpoint: str
+    socket: str  # the control socket its source names
+    user_id: int | None  # who mounted it (FUSE's ``user_id=`` option); None if unsaid
+
+
+def swapfs_mounts(table: str = "/proc/self/mountinfo") -> list[SwapfsMount]:
+    """Every ``fuse.swapfs`` mount in this namespace, in the table's order,
+    whoever made it: any user can make one with fusermount3 and name any
+    socket in its source."""
+    mounts = []
+    with open(table) as lines:
+        for line in lines:
             fields = line.split()
             tail = fields[fields.index("-") + 1:]
-            if tail[0] == "fuse.swapfs" and tail[1].startswith(SOURCE_PREFIX):
-                sockets[unescape(fields[4])] = unescape(tail[1])[len(SOURCE_PREFIX):]
-    return sockets
+            if tail[0] != "fuse.swapfs" or not tail[1].startswith(SOURCE_PREFIX):
+                continue
+            options = dict(option.partition("=")[::2] for option in tail[2].split(","))
+            user_id = options.get("user_id", "")
+            mounts.append(SwapfsMount(unescape(fields[4]),
+                                      unescape(tail[1])[len(SOURCE_PREFIX):],
+                                      int(user_id) if user_id.isdigit() else None))
+    return mounts
+
+
+def swapfs_sockets() -> dict[str, str]:
+    """Mount point -> control socket of every swapfs mount root made in this
+    namespace (of two mounts on one point, the upper one). A mount another
+    user made is not swapfs's, whatever it calls itself: its socket is never
+    trusted, nor even asked."""
+    return {mount.mountpoint: mount.socket for mount in swapfs_mounts()
+            if mount.user_id == 0}
 
 
 def socket_of(path: str) -> str:

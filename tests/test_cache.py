@@ -4,6 +4,8 @@ The read path is driven through a Volume with the content cache on; every
 figure expected here can be counted on paper.
 """
 
+import errno
+import os
 import random
 import stat
 from pathlib import Path
@@ -15,7 +17,7 @@ from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import MAX_OWNERS, BlockCache, CacheEntry, cache_key
 from swapfs.errors import CorruptBlock
 from swapfs.index import ROOT_INO
-from swapfs.manifest import ManifestError, parse, serialize
+from swapfs.manifest import ManifestError, max_size, parse, read_manifest, serialize
 from swapfs.volume import Volume
 from swapfs.warm import hottest_first, warm
 
@@ -266,3 +268,78 @@ def test_garbage_is_refused(tmp_path: Path) -> None:
     for size in (0, 64, 4096):
         with pytest.raises(ManifestError):
             parse(random.Random(size).randbytes(size))
+
+
+# -- reading a manifest from disk: as root, locked in memory, maybe a peer's ------------
+
+
+def worst_case(blocks: int) -> list[CacheEntry]:
+    """Blocks that take the most bytes each: a chain, an owner set and four
+    files of their own."""
+    return [CacheEntry(n, n.to_bytes(16, "big"), 1, tuple(range(4 * n, 4 * n + 4)))
+            for n in range(blocks)]
+
+
+def test_the_size_bound_is_what_the_worst_manifest_of_that_many_blocks_takes(
+        tmp_path: Path) -> None:
+    path = tmp_path / "cache.manifest"
+    for blocks in (0, 1, 7, 300):
+        raw = serialize(worst_case(blocks), {})
+        assert len(raw) == max_size(blocks)
+        path.write_bytes(raw)
+        assert read_manifest(path, blocks) == worst_case(blocks)
+        if blocks:
+            with pytest.raises(ManifestError, match="more than a manifest"):
+                read_manifest(path, blocks - 1)
+
+
+def test_a_small_manifest_of_too_many_blocks_is_refused(tmp_path: Path) -> None:
+    """One chain, one owner set: 24 bytes a block, within the size bound of
+    fewer blocks, still more blocks than the budget holds."""
+    path = tmp_path / "cache.manifest"
+    path.write_bytes(serialize([CacheEntry(1, n.to_bytes(16, "big"), 1, (5,))
+                                for n in range(100)], {}))
+    assert len(read_manifest(path, 100)) == 100
+    with pytest.raises(ManifestError, match="holds 100 blocks, more than the 99"):
+        read_manifest(path, 99)
+
+
+def test_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    """Not even to a good manifest; /dev/zero would be read forever."""
+    good = tmp_path / "good"
+    good.write_bytes(serialize(sample_entries(), {}))
+    for target in (good, Path("/dev/zero")):
+        link = tmp_path / "cache.manifest"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        with pytest.raises(OSError) as refused:
+            read_manifest(link, 1 << 20)
+        assert refused.value.errno == errno.ELOOP
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "cache.manifest"
+    os.mkfifo(fifo)  # nobody ever opens it to write: an open that waited would never end
+    for path in (fifo, Path("/dev/zero"), Path("/dev/null")):
+        with pytest.raises(ManifestError, match="not a regular file"):
+            read_manifest(path, 1 << 20)
+
+
+def test_an_oversize_file_is_refused_unread(tmp_path: Path) -> None:
+    """300 MiB (sparse: nothing to write) against a budget of 16384 blocks:
+    refused from its size; were it read, the refusal would take the 300 MiB."""
+    path = tmp_path / "cache.manifest"
+    with open(path, "wb") as big:
+        big.truncate(300 << 20)
+    with pytest.raises(ManifestError, match=f"is {300 << 20} bytes, more than"):
+        read_manifest(path, 16384)
+
+
+def test_a_manifest_of_another_owner_is_refused_when_the_owner_is_asked(
+        tmp_path: Path) -> None:
+    path = tmp_path / "cache.manifest"
+    path.write_bytes(serialize(sample_entries(), {}))
+    os.chown(path, 65534, 65534)
+    assert len(read_manifest(path, 10)) == len(sample_entries())  # owner not asked
+    with pytest.raises(ManifestError, match="belongs to uid 65534, not 0"):
+        read_manifest(path, 10, owner=0)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from swapfs import lease, protocol
-from swapfs.manifest import read_manifest
+from swapfs.manifest import parse
 from tests.mounting import (
     BLOCK,
     alive,
@@ -56,7 +56,7 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
             for _ in range(2):  # into the content cache, then read from it
                 read_direct(host_a.path("c", "f"), 0, len(data))
             manifest = host_a.state / "cache.manifest"
-            assert wait_until(lambda: manifest.exists() and len(read_manifest(manifest)) == 16)
+            assert wait_until(lambda: manifest.exists() and len(parse(manifest.read_bytes())) == 16)
             held = lease.read_lease(host_a.state)
             assert held is not None and held.generation == 1
 
