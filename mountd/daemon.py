@@ -37,7 +37,7 @@ from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.limits import ConnectionLimits
 from mountd.memo import ConnectionMemo
-from swapfs import compiled, keys, lease, mountcheck
+from swapfs import compiled, keys, lease, mountcheck, nodump
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.cache import BlockCache
 from swapfs.fs import Operations
@@ -99,6 +99,7 @@ def harden(config: Config) -> dict[str, bool]:
         "memory_locked": config.lock_memory and lifecycle.lock_memory(),
         "io_flusher": config.io_flusher and lifecycle.set_io_flusher(),
         "oom_protected": lifecycle.protect_from_oom(config.oom_score_adj),
+        "core_dumps_off": nodump.forbid_core_dumps(),  # keys and plaintext pages
     }
 
 

@@ -17,6 +17,10 @@ other. So the daemon
   (``malloc_trim``): memory is locked, and what a driver's messages took
   would otherwise stay locked after it is gone.
 
+It also keeps its memory (keys, plaintext pages) out of core dumps with
+:func:`swapfs.nodump.forbid_core_dumps`, which lives below the daemon so
+that the guest driver, which must not import the daemon, uses it too.
+
 Each step needs privileges (CAP_IPC_LOCK, CAP_SYS_RESOURCE); a step that
 fails is logged and the daemon goes on, so that an unprivileged mount for
 testing still works.

@@ -45,7 +45,7 @@ from typing import Any
 
 from mountd import keeper, lifecycle
 from mountd.logs import setup_logging
-from swapfs import lease, protocol, spawn
+from swapfs import lease, nodump, protocol, spawn
 
 log = logging.getLogger("mountd.standby")
 
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     # run when that mount's daemon dies, which is when it must.
     lifecycle.lock_memory()
     lifecycle.protect_from_oom(-1000)
+    nodump.forbid_core_dumps()  # it holds the connection that carries the pages
 
     def ready() -> None:
         if args.ready_fd >= 0:

@@ -1,4 +1,4 @@
-"""The systemd units pass ``systemd-analyze verify``.
+"""The systemd units pass ``systemd-analyze verify``, and none dumps core.
 
 The units name the installed commands in /usr/local/bin (tools/install.sh
 puts them there). This machine need not have them installed, so the test
@@ -47,3 +47,11 @@ def test_units_run_the_installed_commands() -> None:
                 command = line.split("=", 1)[1].split()[0]
                 assert command.startswith("/usr/local/bin/")
                 assert f'{command.rsplit("/", 1)[1]} = "' in pyproject
+
+
+def test_no_unit_dumps_core() -> None:
+    """The daemon holds the master key and plaintext pages (swapfs/nodump.py)."""
+    services = [unit for unit in UNITS.iterdir() if unit.suffix == ".service"]
+    assert services
+    for unit in services:
+        assert "LimitCORE=0" in unit.read_text().splitlines(), unit.name

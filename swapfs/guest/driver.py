@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from swapfs import protocol
+from swapfs import nodump, protocol
 from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
 from swapfs.protocol import DriverError, Extent, decode_bytes, encode_bytes
 from swapfs.records import MAX_SEALED, MAX_VALUE, KeyExchange, RecordError, RecordKey
@@ -225,6 +225,7 @@ def _failure(code: int, error: str) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    nodump.forbid_core_dumps()  # it holds the key it agrees with the daemon
     path = args.socket or protocol.socket_of(args.mount)
     stop = threading.Event()
 
@@ -268,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _secret(args: argparse.Namespace) -> int:
     """``secret put|get|rm NAME`` through the running driver's agent socket."""
+    nodump.forbid_core_dumps()  # it holds a record's plaintext
     path = args.agent or str(agent_path(args.name))
     message: dict[str, Any] = {"op": args.action, "name": args.record}
     if args.action == "put":
