@@ -292,34 +292,41 @@ class ControlServer:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
-                    try:
-                        message = parse(line)
-                        action = authorize(message, session)
-                        # Only a request its peer may make keeps the connection alive.
-                        session.last_message = time.monotonic()
-                        if action == KEEPER_ATTACH:
-                            await self._attach(stream, session)
-                            continue
-                        reply = self.answer(message, session)
-                    except BadRequest as exc:
-                        log.warning("bad control request of %s: %s", session.peer, exc)
-                        await _send(stream, {"ok": False, "errno": errno.EINVAL,
-                                             "error": str(exc)})
+                    if not await self._request(stream, session, line):
                         return
-                    except Refused as exc:
-                        await _send(stream, {"ok": False, "errno": exc.errno,
-                                             "error": str(exc)})
-                        return
-                    except DriverError as exc:
-                        log.warning("driver message of %s refused: %s", session.peer, exc)
-                        await _send(stream, {"ok": False, "errno": exc.errno,
-                                             "error": str(exc)})
-                        return
-                    await _send(stream, reply)
                 if len(buffer) > MAX_LINE:
                     await _send(stream, {"ok": False, "errno": errno.E2BIG,
                                          "error": "request too long"})
                     return
+
+    async def _request(self, stream: trio.SocketStream, session: Session, line: bytes) -> bool:
+        """Answer one request line; False if the connection must end.
+
+        A method of its own so that the request, parsed, is let go once
+        answered: a driver's report can take megabytes, and its connection
+        stays open for as long as the driver runs."""
+        try:
+            message = parse(line)
+            action = authorize(message, session)
+            # Only a request its peer may make keeps the connection alive.
+            session.last_message = time.monotonic()
+            if action == KEEPER_ATTACH:
+                await self._attach(stream, session)
+                return True
+            reply = self.answer(message, session)
+        except BadRequest as exc:
+            log.warning("bad control request of %s: %s", session.peer, exc)
+            await _send(stream, {"ok": False, "errno": errno.EINVAL, "error": str(exc)})
+            return False
+        except Refused as exc:
+            await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})
+            return False
+        except DriverError as exc:
+            log.warning("driver message of %s refused: %s", session.peer, exc)
+            await _send(stream, {"ok": False, "errno": exc.errno, "error": str(exc)})
+            return False
+        await _send(stream, reply)
+        return True
 
     async def _attach(self, stream: trio.SocketStream, session: Session) -> None:
         """Answer ``keeper.attach`` (root's alone: :func:`authorize` made
