@@ -14,7 +14,9 @@ from systemd's credentials (``swapfs.key`` in ``$CREDENTIALS_DIRECTORY``,
 as ``LoadCredentialEncrypted=`` provides it), else from
 ``/etc/swapfs/master.key``. A key file that its group or others may read or
 write is refused, as ssh refuses such a private key: a key anyone else can
-read protects nothing.
+read protects nothing. So is one that another user owns (not the process's
+effective uid, root for the daemon): its owner could change its mode, or
+swap in a key of their own.
 """
 
 import errno
@@ -114,8 +116,9 @@ def load(key_file: Path | None = None) -> MasterKey | None:
 def read(path: Path) -> MasterKey:
     """The master key in *path*: 32 bytes, raw or as 64 hexadecimal digits.
 
-    EACCES when the file's group or others have any access to it, ENOKEY
-    when it is missing, EINVAL when it does not hold a key.
+    EACCES when the file's group or others have any access to it or
+    another user owns it, ENOKEY when it is missing, EINVAL when it does not
+    hold a key.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -128,6 +131,10 @@ def read(path: Path) -> MasterKey:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise SwapfsError(errno.EINVAL, f"{path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise SwapfsError(errno.EACCES, f"{path} is owned by uid {info.st_uid}, not "
+                              f"{os.geteuid()}: a key another user owns protects nothing; "
+                              f"chown {os.geteuid()} it")
         if info.st_mode & 0o077:
             raise SwapfsError(errno.EACCES, f"{path} is accessible by group or others "
                               f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 600 it")

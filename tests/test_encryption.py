@@ -220,6 +220,13 @@ def test_key_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     link.symlink_to(path)
     assert errno_of(keys.read, link) == errno.ELOOP
     assert errno_of(keys.read, tmp_path / "absent") == errno.ENOKEY
+    if os.geteuid() == 0:  # a key file another user owns: they could replace it
+        os.chown(path, 65534, -1)
+        assert errno_of(keys.read, path) == errno.EACCES
+        with pytest.raises(SwapfsError, match="owned by uid 65534"):
+            keys.read(path)
+        os.chown(path, 0, -1)
+        assert keys.read(path).key_id == master.key_id
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     keys.generate(credentials / keys.CREDENTIAL)
