@@ -38,6 +38,7 @@ examples:
   swapfs fsck --state /var/lib/swapfs/a --repair
   swapfs lease --state /var/lib/swapfs/a --json
   swapfs rekey --state /var/lib/swapfs/a --new-key-file /etc/swapfs/next.key
+  swapfs rekey --state /var/lib/swapfs/a --new-key-file /etc/swapfs/next.key --reseal
 """
 
 #: How long ``mount`` waits for the daemon to serve, and ``umount`` for it to exit.
@@ -429,16 +430,22 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _rekey(args: argparse.Namespace) -> int:
-    """Rewrap every chain key of an unmounted state under a new master key."""
-    old, new = keys.load(args.key_file), keys.read(args.new_key_file)
+    """Rewrap every chain key of an unmounted state under a new master key;
+    with --reseal, replace the chain keys and seal every block again."""
+    old = keys.load(args.key_file)
     if old is None:
         raise CommandError("no master key: give --key-file")
-    volume = Volume(args.state, recover=False, create=False, upgrade=False, master=old)
+    if args.new_key_file is None and not args.reseal:
+        raise CommandError("give --new-key-file (or --reseal, to keep the master key)")
+    new = old if args.new_key_file is None else keys.read(args.new_key_file)
+    volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal, master=old)
     try:
-        chains = volume.rekey(new)
+        chains = volume.reseal(new) if args.reseal else volume.rekey(new)
     finally:
         volume.close()
-    print(f"swapfs: {args.state}: {chains} chain keys rewrapped, master key "
+    done = ("chain keys replaced and every block sealed again" if args.reseal
+            else "chain keys rewrapped")
+    print(f"swapfs: {args.state}: {chains} {done}, master key "
           f"{keys.key_id_text(old.key_id)} -> {keys.key_id_text(new.key_id)}")
     return 0
 
@@ -553,12 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rekey = commands.add_parser(
         "rekey", help="rewrap the chain keys of an unmounted state under a new master key "
-                      "(no data is rewritten)")
+                      "(no data is rewritten); with --reseal, replace them and seal every "
+                      "block again")
     rekey.add_argument("--state", required=True, type=Path, help="state directory")
     rekey.add_argument("--key-file", type=Path, metavar="FILE",
                        help="the current master key (default as for mount)")
-    rekey.add_argument("--new-key-file", required=True, type=Path, metavar="FILE",
-                       help="the new master key (swapfs keygen makes one)")
+    rekey.add_argument("--new-key-file", type=Path, metavar="FILE",
+                       help="the new master key (swapfs keygen makes one); with --reseal, "
+                            "the current one if not given")
+    rekey.add_argument("--reseal", action="store_true",
+                       help="new chain secrets, every block sealed again under them, the "
+                            "index rebuilt compacted: nothing the old keys open remains in "
+                            "the state (docs/encryption.md)")
     rekey.set_defaults(run=_rekey)
 
     held = commands.add_parser(

@@ -11,9 +11,12 @@ meta        ``b"format"``                   schema version (u64)
             ``b"next_ino"``                 next inode number to hand out (u64)
             ``b"next_chain"``               next chain id to hand out (u64)
             ``b"cipher"``                   how blocks are stored: 0 as they
-                                            are, 1 sealed (``swapfs/sealing.py``)
+                                            are, 2 sealed (``swapfs/sealing.py``;
+                                            1 in format 3 only)
             ``b"key_id"``                   the master key's id, if sealed
                                             (``swapfs/keys.py``)
+            ``b"uuid"``                     the state's UUID (16 bytes), to
+                                            which the key wrap is bound
 inodes      ino (u64)                       :class:`Inode` record
 dirents     parent ino (u64) + name         child ino (u64)
 chains      chain id (u32)                  :class:`Chain` record
@@ -65,7 +68,7 @@ from swapfs.store import preallocate
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 ROOT_INO = 1
 
 KIND_DIR = 1
@@ -509,6 +512,13 @@ class Txn:
 
     def put_meta(self, name: bytes, value: int) -> None:
         self._put(self.index.meta, _META, name, _U64.pack(value))
+
+    def get_state_id(self) -> bytes | None:
+        """The state's UUID (format 4 on), which the chain keys' wrap is bound to."""
+        return self._get(self.index.meta, _META, b"uuid", "the state's UUID")
+
+    def put_state_id(self, state_id: bytes) -> None:
+        self._put(self.index.meta, _META, b"uuid", state_id)
 
     def next_id(self, name: bytes) -> int:
         value = self.get_meta(name)

@@ -3,10 +3,12 @@
 An encrypted state directory is opened with one 32-byte master key, which
 swapfs never stores. Each chain has its own random 24-byte secret, kept in
 the chain's index record wrapped (AES key wrap, RFC 3394) under a key
-derived from the master key and the chain's id: a reader of the index alone
-learns nothing of it, a wrapped secret copied to another chain does not
-unwrap, and rotating the master key rewraps the secrets without touching a
-block of data. From a chain's secret come its digest key (the keyed BLAKE3
+derived from the master key, the state's UUID and the chain's id: a reader
+of the index alone learns nothing of it, a wrapped secret copied to another
+chain or into another state does not unwrap, and rotating the master key
+rewraps the secrets without touching a block of data (``swapfs rekey``;
+``--reseal`` issues new secrets and seals every block again:
+``swapfs/reseal.py``). From a chain's secret come its digest key (the keyed BLAKE3
 that names blocks for dedup) and its data key (``swapfs/sealing.py``).
 
 The master key comes from the key file named in the configuration, else
@@ -24,6 +26,7 @@ import os
 import secrets
 import stat
 import struct
+import uuid
 from pathlib import Path
 
 import blake3
@@ -42,7 +45,8 @@ DEFAULT_KEY_FILE = Path("/etc/swapfs/master.key")
 _CHAIN_ID = struct.Struct(">I")
 # BLAKE3 key derivation contexts: fixed, unique to their purpose.
 _KEY_ID_CONTEXT = "swapfs 2026-11-27 master key id"
-_WRAP_CONTEXT = "swapfs 2026-11-27 chain secret wrapping key"
+_WRAP_CONTEXT = "swapfs 2026-11-27 chain secret wrapping key"  # index format 3 only
+_BOUND_WRAP_CONTEXT = "swapfs 2026-12-06 chain secret wrapping key bound to a state"
 DIGEST_KEY_CONTEXT = "swapfs 2026-11-27 chain digest key"
 DATA_KEY_CONTEXT = "swapfs 2026-11-27 chain data key"
 
@@ -74,25 +78,36 @@ class MasterKey:
         a wrong key is told apart from damage. It reveals nothing of the key."""
         return int.from_bytes(derive(_KEY_ID_CONTEXT, self._secret)[:8], "big")
 
-    def _wrapping_key(self, chain_id: int) -> bytes:
-        return derive(_WRAP_CONTEXT, self._secret + _CHAIN_ID.pack(chain_id))
+    def _wrapping_key(self, state_id: bytes | None, chain_id: int) -> bytes:
+        if state_id is None:  # index format 3
+            return derive(_WRAP_CONTEXT, self._secret + _CHAIN_ID.pack(chain_id))
+        return derive(_BOUND_WRAP_CONTEXT,
+                      self._secret + state_id + _CHAIN_ID.pack(chain_id))
 
-    def wrap(self, chain_id: int, secret: bytes) -> bytes:
-        """Chain *chain_id*'s *secret*, wrapped for its index record."""
-        return aes_key_wrap(self._wrapping_key(chain_id), secret)
+    def wrap(self, state_id: bytes, chain_id: int, secret: bytes) -> bytes:
+        """Chain *chain_id*'s *secret*, wrapped for its index record in the
+        state whose UUID is *state_id*."""
+        return aes_key_wrap(self._wrapping_key(state_id, chain_id), secret)
 
-    def unwrap(self, chain_id: int, wrapped: bytes) -> bytes:
-        """The secret of chain *chain_id*; CorruptIndex (EIO) if the record
-        was damaged or belongs to another chain."""
+    def unwrap(self, state_id: bytes | None, chain_id: int, wrapped: bytes) -> bytes:
+        """The secret of chain *chain_id* in state *state_id* (None: a state
+        of index format 3, which had no UUID); CorruptIndex (EIO) if the
+        record was damaged or belongs to another chain or another state."""
         try:
-            return aes_key_unwrap(self._wrapping_key(chain_id), wrapped)
+            return aes_key_unwrap(self._wrapping_key(state_id, chain_id), wrapped)
         except (InvalidUnwrap, ValueError):
             raise CorruptIndex(f"the key of chain {chain_id} does not unwrap: its "
-                               "index record is damaged") from None
+                               "index record is damaged, or was made for another "
+                               "chain or state") from None
 
 
 def new_chain_secret() -> bytes:
     return secrets.token_bytes(CHAIN_SECRET_SIZE)
+
+
+def new_state_id() -> bytes:
+    """A new state's UUID (random, version 4)."""
+    return uuid.uuid4().bytes
 
 
 def key_id_text(key_id: int) -> str:

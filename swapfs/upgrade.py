@@ -11,7 +11,12 @@ Format 1 kept each file's map as one entry per logical block naming the
 block's digest, and each chain's blocks in a hash table keyed by digest
 (slot and refcount), with a separate list of free slots; no record carried
 a checksum. Format 2 did not say how blocks are stored: all were stored
-as they are. Format 3 is described in ``swapfs/index.py``.
+as they are. Format 3 had no UUID; its encrypted states sealed every block
+of a chain under one key and wrapped the chain secrets under a key bound to
+the chain alone. A plain state of format 3 is given a UUID here; an
+encrypted one is sealed again, under new chain secrets, by
+``swapfs/reseal.py`` (which needs its master key). Format 4 is described in
+``swapfs/index.py``.
 """
 
 import logging
@@ -23,6 +28,7 @@ import lmdb
 
 from swapfs.filemap import FileMap
 from swapfs.index import Chain, CorruptIndex, Inode, Txn
+from swapfs.keys import new_state_id
 from swapfs.slottable import SlotTable
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,14 @@ def from_format_2(txn: Txn) -> None:
     txn.put_meta(b"cipher", 0)
     txn.put_meta(b"format", 3)
     log.info("converted the index from format 2 to format 3 (unencrypted)")
+
+
+def from_format_3(txn: Txn) -> None:
+    """Convert the index of a plain format 3 state to format 4 within *txn*:
+    the state gets its UUID."""
+    txn.put_state_id(new_state_id())
+    txn.put_meta(b"format", 4)
+    log.info("converted the index from format 3 to format 4")
 
 
 def _by_file(txn: Txn, maps: Any | None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:

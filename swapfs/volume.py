@@ -43,7 +43,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import lmdb
 
-from swapfs import keys, statedir, upgrade
+from swapfs import keys, reseal, statedir, upgrade
 from swapfs.blocks import (
     BLOCK_SIZE,
     MAX_FILE_SIZE,
@@ -68,7 +68,7 @@ from swapfs.index import (
     Txn,
 )
 from swapfs.reclaim import PendingPunches
-from swapfs.sealing import ChainKeys
+from swapfs.sealing import BLOCK_KEYS, LEGACY, PLAIN, ChainKeys
 from swapfs.slottable import SlotTable
 from swapfs.store import BlockStore
 from swapfs.transient import TransientCache
@@ -120,10 +120,6 @@ class OldFormat(SwapfsError):
         super().__init__(errno.EINVAL, message)
 
 
-#: The ``cipher`` record of the index's meta database: how blocks are stored.
-PLAIN, AES_GCM_SYNTHETIC_NONCE = 0, 1
-
-
 class Volume:
     """One state directory: the index, the data files and the lock on both."""
 
@@ -154,7 +150,8 @@ class Volume:
         given. With *encrypt* True or False, a state in the other mode is
         refused (EINVAL): a state is wholly encrypted or wholly plain.
         """
-        if not create and not (state / INDEX_NAME / "data.mdb").is_file():
+        if not create and not ((state / INDEX_NAME / "data.mdb").is_file()
+                               or reseal.pending(state)):
             raise SwapfsError(errno.ENOENT, f"{state} holds no swapfs index")
         state.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
         self.state = state
@@ -163,6 +160,7 @@ class Volume:
             statedir.secure(state)
             if claim is not None:
                 claim()
+            reseal.finish(state)  # one a crash interrupted
             self.index = Index(state / INDEX_NAME)
             self.store = BlockStore(state / "data")
             #: Free slots whose disk space is not given back yet (punch_pending).
@@ -178,8 +176,10 @@ class Volume:
             self.master = master
             #: Each chain's keys, made when the chain is first used (chain_keys).
             self._keys: dict[int, ChainKeys] = {}
-            self._format(create, upgrade, encrypt)
-            self.encrypted = self._check_key(encrypt)
+            legacy = self._format(create, upgrade, encrypt)
+            self._check_key(encrypt)
+            if legacy:
+                self.reseal(self.master)
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
@@ -236,19 +236,26 @@ class Volume:
     # -- set-up ---------------------------------------------------------------
 
     @_writes_index
-    def _format(self, create: bool, allow_upgrade: bool, encrypt: bool | None) -> None:
+    def _format(self, create: bool, allow_upgrade: bool, encrypt: bool | None) -> bool:
+        """Format a new index, or convert an old one; True for an encrypted
+        state of format 3, which is converted by sealing it again once its
+        key is checked (swapfs/reseal.py)."""
         with self.index.begin(write=True) as txn:
             version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
-                return
-            if version in (1, 2):
+                return False
+            if version in (1, 2, 3):
                 if not allow_upgrade:
                     raise OldFormat(f"{self.state} holds an index of format {version}: "
                                     "mount it, or run swapfs fsck --upgrade")
                 if version == 1:
                     upgrade.from_format_1(txn)
-                upgrade.from_format_2(txn)
-                return
+                if version <= 2:
+                    upgrade.from_format_2(txn)
+                if txn.get_meta(b"cipher") == LEGACY:
+                    return True
+                upgrade.from_format_3(txn)
+                return False
             if version is not None:
                 raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
             if not create:
@@ -259,32 +266,39 @@ class Volume:
                 if self.master is None:
                     raise SwapfsError(errno.ENOKEY, f"cannot create an encrypted state in "
                                       f"{self.state} without a master key")
-                txn.put_meta(b"cipher", AES_GCM_SYNTHETIC_NONCE)
+                txn.put_meta(b"cipher", BLOCK_KEYS)
                 txn.put_meta(b"key_id", self.master.key_id)
             else:
                 txn.put_meta(b"cipher", PLAIN)
             txn.put_meta(b"format", FORMAT_VERSION)
+            txn.put_state_id(keys.new_state_id())
             txn.put_meta(b"next_ino", ROOT_INO + 1)
             txn.put_meta(b"next_chain", 1)
             now = time.time_ns()
             txn.put_inode(Inode(ROOT_INO, KIND_DIR, stat.S_IFDIR | 0o755, os.getuid(),
                                 os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
+            return False
 
-    def _check_key(self, encrypt: bool | None) -> bool:
-        """Is the state encrypted? Refuse it in the wrong mode or without its key."""
+    def _check_key(self, encrypt: bool | None) -> None:
+        """Is the state encrypted (``encrypted``), and sealed as format 3 did
+        (``legacy``)? Refuse it in the wrong mode or without its key."""
         with self.index.begin() as txn:
             cipher = txn.get_meta(b"cipher")
             key_id = txn.get_meta(b"key_id")
-        if cipher not in (PLAIN, AES_GCM_SYNTHETIC_NONCE):
+            #: The state's UUID, which its chain keys' wrap is bound to
+            #: (None in a state of format 3).
+            self.state_id = txn.get_state_id()
+        if cipher not in (PLAIN, LEGACY, BLOCK_KEYS):
             raise CorruptIndex(f"{self.state} stores blocks in an unknown way ({cipher})")
-        encrypted = cipher == AES_GCM_SYNTHETIC_NONCE
+        self.encrypted = encrypted = cipher != PLAIN
+        self.legacy = cipher == LEGACY
         if encrypt is not None and encrypt != encrypted:
             raise SwapfsError(errno.EINVAL, f"{self.state} holds "
                               + ("encrypted swap, and encryption is off" if encrypted else
                                  "unencrypted swap, and encryption is on")
                               + "; a state is never mixed (docs/encryption.md)")
         if not encrypted:
-            return False
+            return
         if key_id is None:
             raise CorruptIndex(f"{self.state} is encrypted but names no master key")
         if self.master is None:
@@ -294,7 +308,6 @@ class Volume:
             raise SwapfsError(errno.EKEYREJECTED, f"{self.master.source} is key "
                               f"{keys.key_id_text(self.master.key_id)}, and {self.state} "
                               f"is encrypted with key {keys.key_id_text(key_id)}")
-        return True
 
     def chain_keys(self, chain: Chain) -> ChainKeys:
         """The keys that name and seal the blocks of *chain*."""
@@ -302,8 +315,8 @@ class Volume:
         if found is None:
             if self.encrypted:
                 assert self.master is not None
-                found = ChainKeys.from_secret(chain.id_,
-                                              self.master.unwrap(chain.id_, chain.key))
+                secret = self.master.unwrap(self.state_id, chain.id_, chain.key)
+                found = ChainKeys.from_secret(chain.id_, secret, self.legacy)
             else:
                 found = ChainKeys(chain.id_, chain.key)
             self._keys[chain.id_] = found
@@ -314,7 +327,8 @@ class Volume:
         if not self.encrypted:
             return new_key()
         assert self.master is not None
-        return self.master.wrap(chain_id, keys.new_chain_secret())
+        assert self.state_id is not None
+        return self.master.wrap(self.state_id, chain_id, keys.new_chain_secret())
 
     @_writes_index
     def rekey(self, new: keys.MasterKey) -> int:
@@ -327,13 +341,41 @@ class Volume:
         with self.index.begin(write=True) as txn:
             chains = list(txn.iter_chains())
             for chain in chains:
-                chain.key = new.wrap(chain.id_, self.master.unwrap(chain.id_, chain.key))
+                secret = self.master.unwrap(self.state_id, chain.id_, chain.key)
+                assert self.state_id is not None
+                chain.key = new.wrap(self.state_id, chain.id_, secret)
                 txn.put_chain(chain)
             txn.put_meta(b"key_id", new.key_id)
         self.master = new
         for chain_id in list(self._tables):  # they hold the old chain records
             self._drop_table(chain_id)
         return len(chains)
+
+    def reseal(self, new: keys.MasterKey | None) -> int:
+        """Give every chain a new secret, seal every block again under it,
+        and wrap the secrets under the master key *new*, leaving nothing of
+        the old secrets or ciphertext in the state (``swapfs/reseal.py``).
+        Returns the number of chains. The volume is open again afterwards,
+        on the new state, with *new*."""
+        if not self.encrypted:
+            raise SwapfsError(errno.EINVAL, f"{self.state} is not encrypted")
+        if new is None:
+            raise SwapfsError(errno.ENOKEY, f"{self.state} is sealed again only with a "
+                              "master key")
+        chains = reseal.build(self.state, self.index, self.store, self.chain_keys, new)
+        self.store.close()
+        self.index.close()
+        reseal.finish(self.state)
+        self.index = Index(self.state / INDEX_NAME)
+        self.store = BlockStore(self.state / "data")
+        for chain_id in list(self._tables):  # they hold the old digests
+            self._drop_table(chain_id)
+        self._maps.clear()
+        self._keys.clear()
+        self.pending.clear()
+        self.master = new
+        self._check_key(True)
+        return chains
 
     def _purge_orphans(self, still_open: Collection[int]) -> None:
         """Delete files unlinked while open that nothing holds open any more."""

@@ -175,6 +175,24 @@ def test_a_chain_key_moved_to_another_chain_does_not_unwrap(
         vol.read(inos["h"], 0, BS)
 
 
+def test_a_chain_key_copied_into_another_state_does_not_unwrap(
+        tmp_path: Path, master_key: keys.MasterKey) -> None:
+    """The key wrap is bound to the state's UUID: two states made alike with
+    one master key, and the first's chain record put in the second."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    make(first, master_key)
+    inos = make(second, master_key)
+    with closing(Volume(first, master=master_key)) as vol, vol.index.begin() as txn:
+        copied, first_id = txn.get_chain(2), vol.state_id
+    with closing(Volume(second, master=master_key)) as vol:
+        assert copied is not None and None is not first_id != vol.state_id
+        with vol.index.begin(write=True) as txn:
+            txn.put_chain(copied)
+    with closing(Volume(second, master=master_key)) as vol, \
+            pytest.raises(CorruptIndex, match="does not unwrap"):
+        vol.read(inos["h"], 0, BS)
+
+
 def test_rekey_rewraps_the_chain_keys_and_rewrites_no_data(
         tmp_path: Path, master_key: keys.MasterKey) -> None:
     state = tmp_path / "state"

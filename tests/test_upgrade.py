@@ -1,8 +1,10 @@
-"""Upgrading an index in place: state directories made by formats 1 and 2
-(the fixtures in tests/fixtures) open with today's code, read back every
+"""Upgrading an index in place: state directories made by formats 1, 2 and
+3 (the fixtures in tests/fixtures) open with today's code, read back every
 byte, and check clean; a kill at any point of the conversion leaves one
-format or the other, never a mix, and either reads back the same bytes."""
+format or the other, never a mix, and either reads back the same bytes. An
+encrypted state of format 3 is sealed again as it is converted."""
 
+import errno
 import signal
 import subprocess
 import sys
@@ -13,20 +15,21 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from swapfs import fsck
+from swapfs import fsck, keys
 from swapfs.blocks import BLOCK_SIZE
+from swapfs.errors import SwapfsError
 from swapfs.index import FORMAT_VERSION
 from swapfs.volume import OldFormat, Volume
-from tests.fixtures.make_state import expected_contents
+from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, small_contents
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def unpack(tmp_path: Path, version: int = 1) -> Path:
+def unpack(tmp_path: Path, version: int | str = 1) -> Path:
     """The state directory of format *version*'s fixture, with its punched
     slots holes again (tar stored them as zeros; a stored block is never all
-    zeros)."""
+    zeros, and a seal file's zeros are records never written)."""
     with tarfile.open(FIXTURES / f"format{version}-state.tar.gz") as tar:
         tar.extractall(tmp_path, filter="data")
     state = tmp_path / "state"
@@ -55,7 +58,7 @@ def assert_contents(state: Path) -> None:
         assert vol.priorities() == {vol.resolve("other/solo2").ino: 7}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_old_state_opens_converted_and_checks_clean(tmp_path: Path, version: int) -> None:
     state = unpack(tmp_path, version)
     assert raw_format(state) == version
@@ -129,3 +132,27 @@ def test_a_kill_during_the_conversion_leaves_one_format(
     assert_contents(state)  # converts now if it was not
     assert raw_format(state) == FORMAT_VERSION
     assert fsck.check(state).clean
+
+
+def test_an_encrypted_format_3_state_is_sealed_again_as_it_is_converted(
+        tmp_path: Path) -> None:
+    """Format 3 sealed a chain's blocks under one key: converting such a
+    state needs its master key, and seals every block again under new
+    chain secrets bound to the state's new UUID (swapfs/reseal.py)."""
+    state = unpack(tmp_path, "3-encrypted")
+    old_ciphertext = (state / "data" / "1.blocks").read_bytes()[:BLOCK_SIZE]
+    assert raw_format(state) == 3 and len(old_ciphertext) == BLOCK_SIZE
+    master = keys.MasterKey(FIXTURE_KEY, "fixture")
+    with pytest.raises(OldFormat):
+        Volume(state, upgrade=False, master=master)
+    with pytest.raises(SwapfsError) as refused:
+        Volume(state)
+    assert refused.value.errno == errno.ENOKEY and raw_format(state) == 3
+    with closing(Volume(state, master=master)) as vol:
+        assert vol.encrypted and vol.state_id is not None
+        for path, data in small_contents().items():
+            assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
+    assert raw_format(state) == FORMAT_VERSION
+    assert old_ciphertext not in (state / "data" / "1.blocks").read_bytes()
+    assert sorted(path.name for path in state.iterdir()) == ["data", "index.lmdb", "lock"]
+    assert fsck.check(state, master=master).clean
