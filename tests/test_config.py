@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from mountd.access import Binding
 from mountd.config import Config, ConfigError, load
 from mountd.logs import SyslogPrefixFormatter
 
@@ -41,6 +42,25 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\ncontrol_idle_timeout = 0\n', "positive number of seconds"),
     ('state = "/s"\nmountpoint = "/m"\ncontrol_max_connections = 0\n', "within 1..65536"),
     ('state = "/s"\nmountpoint = "/m"\nvsock_cids = [2]\n', "vsock_cids must list"),
+    ('state = "/s"\nmountpoint = "/m"\ncontrol_root_reserve = 128\n',
+     "control_root_reserve must be within 0..control_max_connections-1"),
+    ('state = "/s"\nmountpoint = "/m"\ncontrol_max_per_uid = 0\n',
+     "control_max_per_uid must be within 1..65536"),
+    ('state = "/s"\nmountpoint = "/m"\ncontrol_max_per_cid = 0\n',
+     "control_max_per_cid must be within 1..65536"),
+    ('state = "/s"\nmountpoint = "/m"\ndrivers = 5\n', "drivers must be a dict"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\ncid = 5\n',
+     "drivers.vm1.cid: CID 5 is not in vsock_cids"),
+    ('state = "/s"\nmountpoint = "/m"\nvsock_cids = [5]\n[drivers.vm1]\ncid = 5\nuid = 0\n',
+     "drivers.vm1 must set exactly one of cid or uid"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nsocket = "/run/x"\n',
+     "drivers.vm1 must set exactly one of cid or uid"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nuid = -1\n',
+     "drivers.vm1.uid must be within 0..4294967294"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nuid = "0"\n',
+     "drivers.vm1.uid must be an int"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers."-bad"]\nuid = 0\n',
+     "drivers.-bad: a driver name is"),
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = "union"\n',
      "failover_strategies must be a list"),
     ('state = "/s"\nmountpoint = "/m"\nfailover_strategies = ["union", "lru"]\n',
@@ -59,6 +79,14 @@ def test_bad_configuration_is_named(tmp_path: Path, text: str, message: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load(path, {})
+
+
+def test_driver_names_are_bound_to_a_cid_or_a_uid(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('state = "/s"\nmountpoint = "/m"\nvsock_cids = [5]\n'
+                    '[drivers.vm1]\ncid = 5\n[drivers.backup]\nuid = 1001\n')
+    assert load(path, {}).drivers == {"vm1": Binding(cid=5), "backup": Binding(uid=1001)}
+    assert Config().drivers == {}
 
 
 def test_driver_timeout_may_be_a_fraction(tmp_path: Path) -> None:
