@@ -6,9 +6,10 @@ manifest there (mountd/peers.py). Any user can make a ``fuse.swapfs`` mount
 with fusermount3 and name any socket, so a mount another user made, a
 socket root does not own or serve, a state directory others may write and
 a manifest that is not a bounded regular file of root's are left out,
-before they are asked or read. The last test makes such a mount as
-``nobody`` with pyfuse3, its manifest pointing at /dev/zero or at a
-300 MiB file, and starts a real daemon beside it.
+before they are asked or read. The last test makes the mount fusermount3
+makes for ``nobody``, served by a pyfuse3 process of nobody's, its
+manifest pointing at /dev/zero or at a 300 MiB file, and starts a real
+daemon beside it.
 """
 
 import contextlib
