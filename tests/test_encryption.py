@@ -183,14 +183,19 @@ def test_a_chain_key_copied_into_another_state_does_not_unwrap(
     make(first, master_key)
     inos = make(second, master_key)
     with closing(Volume(first, master=master_key)) as vol, vol.index.begin() as txn:
-        copied, first_id = txn.get_chain(2), vol.state_id
-    with closing(Volume(second, master=master_key)) as vol:
-        assert copied is not None and None is not first_id != vol.state_id
-        with vol.index.begin(write=True) as txn:
-            txn.put_chain(copied)
+        copied = txn.get_chain(2)
+    assert copied is not None
+    with closing(Volume(second, master=master_key)) as vol, \
+            vol.index.begin(write=True) as txn:
+        txn.put_chain(copied)
     with closing(Volume(second, master=master_key)) as vol, \
             pytest.raises(CorruptIndex, match="does not unwrap"):
         vol.read(inos["h"], 0, BS)
+    ids = set()
+    for state in (first, second):
+        with closing(Volume(state, master=master_key)) as vol:
+            ids.add(vol.state_id)
+    assert None not in ids and len(ids) == 2
 
 
 def test_rekey_rewraps_the_chain_keys_and_rewrites_no_data(
