@@ -232,7 +232,12 @@ class ControlServer:
             return {"ok": False, "errno": errno.EIO, "error": f"internal error: {exc}"}
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
-        peer = peercred.of_socket(stream.socket)
+        try:
+            peer = peercred.of_socket(stream.socket)
+        except OSError as exc:  # gone before it could be asked who it is
+            log.warning("control connection closed: its peer is unknown (%s)", exc)
+            await stream.aclose()
+            return
         kinds = access.kinds_of(peer, self.vsock_cids, self.group)
         refused = access.connection_refusal(peer, kinds, self.group)
         if refused is not None:
@@ -363,11 +368,14 @@ class ControlServer:
 
     async def serve(self, path: str, *, task_status: trio.TaskStatus[None]
                     = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on the Unix socket *path* until cancelled; remove it afterwards."""
+        """Listen on the Unix socket *path* until cancelled; remove it
+        afterwards, unless another daemon has bound that path since (one that
+        took the state over, on another host sharing the state directory)."""
         if os.path.exists(path):
             os.unlink(path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(path)
+        bound = os.stat(path).st_ino
         if self.group is None:
             os.chmod(path, 0o600)
         else:
@@ -379,7 +387,9 @@ class ControlServer:
             task_status.started()
             await trio.serve_listeners(self.serve_client, [listener])
         finally:
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == bound:
+                    os.unlink(path)
 
     async def serve_vsock(self, port: int, *, task_status: trio.TaskStatus[None]
                           = trio.TASK_STATUS_IGNORED) -> None:
