@@ -440,7 +440,7 @@ def _rekey(args: argparse.Namespace) -> int:
     new = old if args.new_key_file is None else keys.read(args.new_key_file)
     volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal, master=old)
     try:
-        chains = volume.reseal(new) if args.reseal else volume.rekey(new)
+        chains = volume.reseal(new, _sealed) if args.reseal else volume.rekey(new)
     finally:
         volume.close()
     done = ("chain keys replaced and every block sealed again" if args.reseal
@@ -448,6 +448,14 @@ def _rekey(args: argparse.Namespace) -> int:
     print(f"swapfs: {args.state}: {chains} {done}, master key "
           f"{keys.key_id_text(old.key_id)} -> {keys.key_id_text(new.key_id)}")
     return 0
+
+
+def _sealed(chain_id: int, done: int, total: int) -> None:
+    """rekey --reseal's progress: one line on a terminal, rewritten as a
+    chain's blocks are sealed again."""
+    if sys.stderr.isatty():
+        print(f"\rswapfs rekey: chain {chain_id}: {done}/{total} blocks sealed again",
+              end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

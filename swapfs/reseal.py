@@ -66,6 +66,9 @@ PARTS = ("data", INDEX_NAME)
 _BATCH = 256
 #: Records copied per transaction of the new index.
 _COPY_BATCH = 4096
+#: What :func:`build` tells as it goes: chain id, its blocks sealed again
+#: so far, and all its blocks.
+Progress = Callable[[int, int, int], None]
 #: Records of the old meta database that the new one does not copy.
 _NEW_META = (b"format", b"cipher", b"key_id", b"uuid")
 
@@ -103,11 +106,13 @@ def finish(state: Path) -> None:
 
 def build(state: Path, index: Index, store: BlockStore,
           old_keys: Callable[[Chain], ChainKeys], new: keys.MasterKey,
-          guard: Callable[[], None] | None = None) -> int:
+          guard: Callable[[], None] | None = None, progress: Progress | None = None
+          ) -> int:
     """Build the resealed state of *state* (whose *index* and *store* are
     open, and whose chains' keys *old_keys* gives) under new chain secrets
     wrapped by *new*, and commit it (step 1 above) if *guard* (the lease's
-    check) lets this process still write the state; :func:`finish` puts it
+    check) lets this process still write the state, telling *progress* as
+    blocks are sealed; :func:`finish` puts it
     in place once the caller has closed the old one. Returns the number of
     chains. EIO when a slot's entry does not verify (fsck repairs it
     first); a block whose data does not open stays unreadable (EIO)."""
@@ -116,7 +121,7 @@ def build(state: Path, index: Index, store: BlockStore,
         shutil.rmtree(building)
     building.mkdir(mode=0o700)
     try:
-        chains = _build(building, index, store, old_keys, new)
+        chains = _build(building, index, store, old_keys, new, progress)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -128,7 +133,8 @@ def build(state: Path, index: Index, store: BlockStore,
 
 
 def _build(building: Path, index: Index, store: BlockStore,
-           old_keys: Callable[[Chain], ChainKeys], new: keys.MasterKey) -> int:
+           old_keys: Callable[[Chain], ChainKeys], new: keys.MasterKey,
+           progress: Progress | None) -> int:
     """Everything of :func:`build` but its commit: the new state, flushed."""
     work = building / "build.lmdb"
     target = Index(work)
@@ -142,7 +148,7 @@ def _build(building: Path, index: Index, store: BlockStore,
             _copy(old, target, state_id, new)
             for chain in chains:
                 _reseal_chain(old, store, old_keys(chain), chain, target, target_store,
-                              state_id, new)
+                              state_id, new, progress)
         target_store.sync()
     finally:
         target_store.close()
@@ -195,7 +201,7 @@ def _put_raw(txn: Txn, name: bytes, records: list[tuple[bytes, bytes]]) -> None:
 
 def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain,
                   target: Index, target_store: BlockStore, state_id: bytes,
-                  new: keys.MasterKey) -> None:
+                  new: keys.MasterKey, progress: Progress | None) -> None:
     """Open every used slot of *chain* and seal it again, in the same slot,
     under a new secret; write the chain's new record and slot table."""
     secret = keys.new_chain_secret()
@@ -232,6 +238,8 @@ def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain
         if blocks:
             target_store.write_many(chain.id_, blocks)
             target_store.write_seals(chain.id_, records)
+        if progress is not None:
+            progress(chain.id_, first + len(batch), len(used))
 
     def save(txn: Txn) -> None:
         txn.put_chain(record)

@@ -351,18 +351,21 @@ class Volume:
             self._drop_table(chain_id)
         return len(chains)
 
-    def reseal(self, new: keys.MasterKey | None) -> int:
+    def reseal(self, new: keys.MasterKey | None,
+               progress: reseal.Progress | None = None) -> int:
         """Give every chain a new secret, seal every block again under it,
         and wrap the secrets under the master key *new*, leaving nothing of
-        the old secrets or ciphertext in the state (``swapfs/reseal.py``).
-        Returns the number of chains. The volume is open again afterwards,
-        on the new state, with *new*."""
+        the old secrets or ciphertext in the state (``swapfs/reseal.py``;
+        *progress* is told as blocks are sealed). Returns the number of
+        chains. The volume is open again afterwards, on the new state, with
+        *new*."""
         if not self.encrypted:
             raise SwapfsError(errno.EINVAL, f"{self.state} is not encrypted")
         if new is None:
             raise SwapfsError(errno.ENOKEY, f"{self.state} is sealed again only with a "
                               "master key")
-        chains = reseal.build(self.state, self.index, self.store, self.chain_keys, new)
+        chains = reseal.build(self.state, self.index, self.store, self.chain_keys, new,
+                              progress=progress)
         self.store.close()
         self.index.close()
         reseal.finish(self.state)

@@ -99,6 +99,35 @@ def test_reseal_with_the_same_master_key_and_then_write(tmp_path: Path,
     assert fsck.check(state, master=master_key).clean
 
 
+def test_reseal_tells_its_progress(tmp_path: Path, master_key: keys.MasterKey) -> None:
+    state = tmp_path / "state"
+    make(state, master_key)
+    told: list[tuple[int, int, int]] = []
+    with closing(Volume(state, master=master_key)) as vol:
+        assert vol.reseal(master_key, lambda *args: told.append(args)) == 2
+    assert told == [(1, 8, 8), (2, 1, 1)]  # chain id, blocks sealed again, of all
+
+
+def test_a_damaged_block_stays_unreadable(tmp_path: Path, master_key: keys.MasterKey) -> None:
+    """A block that does not open cannot be sealed again: it is kept as a
+    block that reads EIO, set aside, and fsck still reports it alone."""
+    state = tmp_path / "state"
+    inos = make(state, master_key)
+    with closing(Volume(state, master=master_key)) as vol:
+        slot = vol.mapped(inos["f"])[3]
+    with open(state / "data" / "1.blocks", "r+b") as data:
+        data.seek(slot * BS + 9)
+        data.write(b"\xff")
+    swapfs("rekey", "--reseal", "--state", str(state), "--key-file", master_key.source)
+    with closing(Volume(state, master=master_key)) as vol:
+        assert errno_of(vol.read, inos["f"], 3 * BS, BS) == errno.EIO
+        for number in (0, 1, 2, 4, 5, 6, 7):
+            assert vol.read(inos["f"], number * BS, BS) == page(number)
+        assert vol.read(inos["g"], 0, BS) == page(1)
+    report = fsck.check(state, master=master_key)
+    assert [problem.kind for problem in report.problems] == ["corrupt-block"]
+
+
 def test_an_unencrypted_state_is_not_resealed(tmp_path: Path) -> None:
     state = tmp_path / "state"
     make(state, None)
