@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import fsck, keys, lease, mountcheck, protocol, spawn, swaparea
+from swapfs import fsck, keys, lease, mountcheck, protocol, reseal, spawn, swaparea
 from swapfs.errors import SwapfsError
 from swapfs.records import MAX_VALUE
 from swapfs.volume import Volume
@@ -358,7 +358,7 @@ def _fsck(args: argparse.Namespace) -> int:
     """Exit codes as e2fsck's; a check that cannot start (no state, in use,
     unreadable) is an operational error, 8."""
     try:
-        if not (args.state / "index.lmdb").exists():
+        if not ((args.state / "index.lmdb").exists() or reseal.pending(args.state)):
             raise CommandError(f"{args.state} holds no swapfs state")
         report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade,
                             master=keys.load(args.key_file))
