@@ -110,23 +110,23 @@ def build(state: Path, index: Index, store: BlockStore,
           ) -> int:
     """Build the resealed state of *state* (whose *index* and *store* are
     open, and whose chains' keys *old_keys* gives) under new chain secrets
-    wrapped by *new*, and commit it (step 1 above) if *guard* (the lease's
-    check) lets this process still write the state, telling *progress* as
-    blocks are sealed; :func:`finish` puts it
-    in place once the caller has closed the old one. Returns the number of
-    chains. EIO when a slot's entry does not verify (fsck repairs it
-    first); a block whose data does not open stays unreadable (EIO)."""
+    wrapped by *new*, telling *progress* as blocks are sealed, and commit
+    it (step 1 above) if *guard* (the lease's check) lets this process
+    still write the state; :func:`finish` puts it in place once the caller
+    has closed the old one. Returns the number of chains. EIO when a slot's
+    entry does not verify (fsck repairs it first); a block whose data does
+    not open stays unreadable (EIO)."""
     building = state / BUILDING
     if building.exists():
         shutil.rmtree(building)
     building.mkdir(mode=0o700)
     try:
         chains = _build(building, index, store, old_keys, new, progress)
+        if guard is not None:
+            guard()
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if guard is not None:
-        guard()
     os.rename(building, state / READY)
     _fsync_dir(state)
     return chains
