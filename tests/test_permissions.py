@@ -265,9 +265,11 @@ def test_group_membership_is_exact() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setpriv needs root")
 def test_the_groups_come_from_the_socket_and_from_proc() -> None:
-    """SO_PEERGROUPS, read at connect: a process whose groups are 42420 and
-    100 (primary 65534) is a member of those and not of 4242; /proc, read
-    where the kernel has no SO_PEERGROUPS, says the same."""
+    """SO_PEERGROUPS, read at connect: a process whose groups are 42420, 100
+    and 300 others (more than one call's first buffer, and than Python's
+    getsockopt could read), primary 65534, is a member of those and not of
+    4242; /proc, read where the kernel has no SO_PEERGROUPS, says the same."""
+    groups = {42420, 100, *range(50000, 50300)}
     directory = short_tempdir()  # in /tmp: uid 65534 may enter it once it is 0755
     directory.chmod(0o755)
     path = str(directory / "s.sock")
@@ -280,14 +282,14 @@ def test_the_groups_come_from_the_socket_and_from_proc() -> None:
         connect = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
                    f"s.connect({path!r}); sys.stdin.read()")
         client = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534",
-                                   "--groups=42420,100", "--", "/usr/bin/python3", "-c",
-                                   connect], stdin=subprocess.PIPE)
+                                   f"--groups={','.join(map(str, sorted(groups)))}", "--",
+                                   "/usr/bin/python3", "-c", connect], stdin=subprocess.PIPE)
         listener.settimeout(10)
         conn, _ = listener.accept()
         with conn:
             peer = peercred.of_socket(conn)
             assert (peer.pid, peer.uid, peer.gid) == (client.pid, 65534, 65534)
-            assert peer.groups == frozenset({42420, 100})
+            assert peer.groups == groups
             from_proc = Peer(pid=peer.pid, uid=peer.uid, gid=peer.gid, groups=None)
             for who in (peer, from_proc):
                 assert peercred.in_group(who, 42420) and peercred.in_group(who, 100)
