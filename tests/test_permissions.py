@@ -5,7 +5,11 @@ The state directory is 0700 and every file in it 0600, however it was made
 ``swapfs swapon`` refuses a file that others could read. Tried as an
 ordinary user (``nobody``, through setpriv, so that the test adds no user
 to the system): the state, the control socket and the mount are each
-refused.
+refused. On the control socket, who may do what is one table
+(mountd/access.py): each action is tried as each kind of peer, in process
+and on a real socket as root, a ``control_group`` member (``setpriv
+--groups``), that member's registered driver and another user; group
+membership is checked exact, and driver names bound to their peer.
 """
 
 import errno
