@@ -127,7 +127,12 @@ class CacheKeeper:
             self._store(self.snapshot())
 
     def _store(self, raw: bytes) -> None:
-        """Write *raw* as the manifest (a failure is logged: the cache goes on)."""
+        """Write *raw* as the manifest (a failure is logged: the cache goes on),
+        unless the volume may no longer write: once its lease lapsed, another
+        host may own the state directory, manifest included."""
+        if not self.volume.index.writable():
+            log.debug("the cache manifest %s is not written: the state is fenced", self.path)
+            return
         try:
             manifest.write_manifest(self.path, raw)
         except OSError as exc:

@@ -144,11 +144,27 @@ class Link:
         self.keeper_pidfd: int | None = None
         self.restart_argv: list[str] = []
         self.lease: Lease | None = None
+        #: Renews the lease while the state opens, before the trio loop runs.
+        self.opening: lease.Renewer | None = None
         self.cache_keeper: CacheKeeper | None = None  # whose last_plan status shows
 
-    def claim_lease(self, state: Path, seconds: float) -> None:
-        """Take the state directory's lease (the Volume holds its flock)."""
+    def claim_lease(self, state: Path, seconds: float,
+                    on_renewed: Callable[[], None] | None = None) -> None:
+        """Take the state directory's lease (the Volume holds its flock) and
+        keep it renewed while the state opens: a large state takes minutes."""
         self.lease = lease.acquire(state, seconds, reclaim_local=True)
+        self.opening = lease.Renewer(self.lease, on_renewed).__enter__()
+
+    def opened(self) -> None:
+        """The state is open (or failed to): keep_renewed renews from now on."""
+        if self.opening is not None:
+            self.opening.__exit__()
+            self.opening = None
+
+    def guard(self) -> None:
+        """Raise EROFS unless the lease (if any) lets this daemon write now."""
+        if self.lease is not None:
+            self.lease.guard()
 
     @property
     def kept(self) -> bool:
@@ -255,9 +271,10 @@ def _resend(link: Link) -> None:
 
 
 def _fence(volume: Volume, link: Link) -> None:
-    """The lease is lost: another host may own the state now. Write nothing more."""
-    log.critical("the lease on %s is lost: refusing every write from now on (EROFS); "
-                 "reads go on", volume.state)
+    """The lease is lost: another host may own the state now. Write nothing
+    more (not even at exit), and answer no read, which could be stale."""
+    log.critical("the lease on %s is lost: refusing every write (EROFS) and read (EIO) "
+                 "from now on", volume.state)
     volume.index.fence(f"the lease on {volume.state} is lost")
 
 
@@ -321,7 +338,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
 
 def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         adopt: Adoption | None = None, death_noticed: float | None = None,
-        standby: Standby | None = None) -> None:
+        standby: Standby | None = None, on_progress: Callable[[], None] | None = None) -> None:
     """Mount (or take over a kept connection), serve until unmounted or
     signalled, then close everything.
 
@@ -329,7 +346,9 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     adopts); *adopt* is the (fuse, memo) descriptors a standby or systemd
     passed, and which of the two;
     *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die;
-    *standby* the standby that passed *adopt*, None if it is gone already.
+    *standby* the standby that passed *adopt*, None if it is gone already;
+    *on_progress* is called at each step of a start that takes long (the
+    state's opening, the lease's renewals meanwhile).
     """
     assert config.state is not None and config.mountpoint is not None
     if not hasattr(pyfuse3.Operations, "fallocate"):
@@ -346,12 +365,17 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     try:
         master = (keys.load(Path(config.key_file) if config.key_file else None)
                   if config.encrypt else None)
-        volume = Volume(config.state, still_open=link.memo.open_inos() if link.memo else (),
-                        claim=(lambda: link.claim_lease(state, lease_seconds))
-                        if lease_seconds else None,
-                        create=link.takeover is None,
-                        dedup_table_bytes=config.dedup_table_bytes,
-                        master=master, encrypt=config.encrypt)
+        try:
+            volume = Volume(config.state,
+                            still_open=link.memo.open_inos() if link.memo else (),
+                            claim=(lambda: link.claim_lease(state, lease_seconds, on_progress))
+                            if lease_seconds else None,
+                            create=link.takeover is None,
+                            dedup_table_bytes=config.dedup_table_bytes,
+                            master=master, encrypt=config.encrypt, guard=link.guard,
+                            progress=on_progress)
+        finally:
+            link.opened()
         log.info("%s: %s", state, f"encrypted, master key {master.source}"
                  if volume.encrypted and master is not None else "unencrypted")
         if link.takeover is not None and link.memo is not None:
@@ -400,7 +424,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 lifecycle.sd_notify("STOPPING=1")
                 # Closes the fuse descriptor; libfuse unmounts only what it mounted.
                 pyfuse3.close(unmount=clean_exit or not link.kept)
-                manifest.write()
+                manifest.write()  # not once fenced: CacheKeeper checks
         finally:
             volume.close()
             if link.lease is not None and (clean_exit or not link.kept):

@@ -7,6 +7,7 @@ see ``docs/configuration.md``.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from mountd import keeper
 from mountd.config import ConfigError, load
 from mountd.daemon import harden, run
 from mountd.logs import setup_logging
+from swapfs import spawn
 
 log = logging.getLogger("mountd")
 
@@ -112,8 +114,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready() -> None:
         if args.ready_fd >= 0:
-            os.write(args.ready_fd, b"1")
+            os.write(args.ready_fd, spawn.READY)
             os.close(args.ready_fd)
+            args.ready_fd = -1
+
+    def progress() -> None:
+        """A step of a long start: whoever waits for it waits on (swapfs/spawn.py)."""
+        if args.ready_fd >= 0:
+            with contextlib.suppress(OSError):  # no one waits any more: nothing to say
+                os.write(args.ready_fd, spawn.PROGRESS)
 
     death_noticed = args.death_noticed
     if args.spare_fd is not None:
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         death_noticed = float(line)
     try:
         run(config, ready, restart_args(args, config.state, config.mountpoint),
-            (adopt, kept_by) if adopt else None, death_noticed, standby)
+            (adopt, kept_by) if adopt else None, death_noticed, standby, progress)
     except Exception as exc:
         log.error("%s", exc)
         return 1

@@ -49,8 +49,12 @@ from swapfs import lease, nodump, protocol, spawn
 
 log = logging.getLogger("mountd.standby")
 
-#: How long a new daemon may take to serve before the standby tries again.
-START_TIMEOUT = 60.0
+#: How long a starting daemon may go without a sign of progress before the
+#: standby tries again. No fixed bound on the whole start: opening a state
+#: takes time in proportion to what it stores, and the daemon reports each
+#: step (swapfs/spawn.py), so a large state is waited for while a hung one
+#: is not.
+START_STALL = 60.0
 #: Longest sleep between two reads of a watched lease, in seconds.
 LEASE_POLL = 1.0
 #: Failed starts in a row after which the standby gives up.
@@ -192,9 +196,10 @@ def start_daemon(status: dict[str, Any], fuse_fd: int, memo_fd: int, noticed: fl
 
 
 def _serving(starting: spawn.Starting) -> None:
-    """Return once *starting* serves (``--ready-fd``); StandbyError if it does not."""
+    """Return once *starting* serves (``--ready-fd``); StandbyError if it
+    exits first or stalls (START_STALL seconds with no progress)."""
     try:
-        starting.wait_ready(START_TIMEOUT)
+        starting.wait_ready(START_STALL)
     except spawn.NotReady as exc:
         raise StandbyError(f"the new daemon did not serve ({exc})") from exc
 

@@ -356,12 +356,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _fsck(args: argparse.Namespace) -> int:
     """Exit codes as e2fsck's; a check that cannot start (no state, in use,
-    unreadable) is an operational error, 8."""
+    its lease held by a live daemon, unreadable) is an operational error, 8."""
     try:
         if not ((args.state / "index.lmdb").exists() or reseal.pending(args.state)):
             raise CommandError(f"{args.state} holds no swapfs state")
-        report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade,
-                            master=keys.load(args.key_file))
+        with lease.Offline(args.state) as held:
+            report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade,
+                                master=keys.load(args.key_file), claim=held.claim,
+                                guard=held.guard)
     except (CommandError, SwapfsError, OSError) as exc:
         print(f"swapfs fsck: {exc}", file=sys.stderr)
         return fsck.EXIT_FAILED
@@ -438,11 +440,13 @@ def _rekey(args: argparse.Namespace) -> int:
     if args.new_key_file is None and not args.reseal:
         raise CommandError("give --new-key-file (or --reseal, to keep the master key)")
     new = old if args.new_key_file is None else keys.read(args.new_key_file)
-    volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal, master=old)
-    try:
-        chains = volume.reseal(new, _sealed) if args.reseal else volume.rekey(new)
-    finally:
-        volume.close()
+    with lease.Offline(args.state) as held:  # a state shared with another host
+        volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal,
+                        master=old, claim=held.claim, guard=held.guard)
+        try:
+            chains = volume.reseal(new, _sealed) if args.reseal else volume.rekey(new)
+        finally:
+            volume.close()
     done = ("chain keys replaced and every block sealed again" if args.reseal
             else "chain keys rewrapped")
     print(f"swapfs: {args.state}: {chains} {done}, master key "

@@ -26,6 +26,7 @@ foresaw, logged with its traceback).
 import collections
 import errno
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,15 +310,19 @@ class _Checker:
 
 
 def check(state: Path, repair: bool = False, upgrade: bool = False,
-          master: MasterKey | None = None) -> Report:
+          master: MasterKey | None = None, claim: Callable[[], None] | None = None,
+          guard: Callable[[], None] | None = None) -> Report:
     """Check (and optionally repair) the state directory of an unmounted volume,
     opened with its *master* key if it is encrypted.
 
     An index of an earlier format is converted first with *upgrade* or
     *repair*; otherwise it is reported as ``old-format`` and left as it is.
+    *claim* and *guard* take and check the state's lease (``Volume``;
+    ``swapfs.lease.Offline``).
     """
     try:
-        volume = Volume(state, recover=False, upgrade=upgrade or repair, master=master)
+        volume = Volume(state, recover=False, upgrade=upgrade or repair, master=master,
+                        claim=claim, guard=guard)
     except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
         return _unreadable(exc)
     try:

@@ -254,8 +254,11 @@ class Index:
     promise of room for a write: keep the state elsewhere.)
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, guard: Callable[[], None] | None = None) -> None:
         self.path = path
+        #: Raises (EROFS) when this process may not write the state now: the
+        #: lease's check (swapfs/lease.py), made at every write transaction.
+        self.guard = guard
         data = path / "data.mdb"
         try:
             used = data.stat().st_size
@@ -314,14 +317,28 @@ class Index:
         return handle
 
     def begin(self, write: bool = False) -> "Txn":
-        if write and self.fenced is not None:
-            raise SwapfsError(errno.EROFS, self.fenced)
+        if write:
+            if self.fenced is not None:
+                raise SwapfsError(errno.EROFS, self.fenced)
+            if self.guard is not None:
+                self.guard()
         return Txn(self, self.env.begin(write=write), write)
 
     def fence(self, reason: str) -> None:
         """Refuse every write from now on (EROFS): this process may no longer
         own the state, because its lease lapsed and another host may hold it."""
         self.fenced = reason
+
+    def writable(self) -> bool:
+        """May this process write the state now (not fenced, the guard agrees)?"""
+        if self.fenced is not None:
+            return False
+        try:
+            if self.guard is not None:
+                self.guard()
+        except SwapfsError:
+            return False
+        return True
 
     def keep_room(self) -> None:
         """Grow the map ahead of need when less than a quarter of it (and at
@@ -362,7 +379,13 @@ class Index:
         self.env.sync(True)
 
     def close(self) -> None:
-        """Flush and close; then mark the index clean (swapfs/cleanmark.py)."""
+        """Flush and close; then mark the index clean (swapfs/cleanmark.py).
+        An index that may not be written any more (fenced, or its lease
+        lapsed: another host may own it) is closed without either."""
+        if not self.writable():
+            self.env.close()
+            os.close(self._fd)
+            return
         self.env.sync(True)
         self.env.close()
         os.close(self._fd)

@@ -25,6 +25,7 @@ Example::
 """
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -32,6 +33,7 @@ import secrets
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +70,35 @@ RECORD_SIZE = _BODY.size + CHECKSUM_SIZE
 FREE = bytes(HOLDER_SIZE)
 #: Largest read of the lease file: enough to tell "too long" from the record.
 _READ_LIMIT = RECORD_SIZE + 1
+#: Duration of the lease an offline command (fsck, rekey) takes on a state
+#: whose lease record is free, and so names no duration.
+OFFLINE_SECONDS = 10.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def clock() -> float:
+    """Seconds on CLOCK_BOOTTIME, the clock a holder's validity is measured on.
+
+    Unlike CLOCK_MONOTONIC it keeps counting while the machine is suspended
+    (and, like it, while the process is stopped): a holder that wakes up
+    after a suspend longer than its lease sees it lapsed, as the other host
+    does.
+    """
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def sync_file_system(state: Path) -> None:
+    """syncfs(2) of the file system that holds *state*: the data files, seal
+    files and index pages written so far reach storage (a renewal's first
+    step). OSError if the file system reports a write error."""
+    fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {state}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 class LeaseError(SwapfsError):
@@ -213,11 +244,15 @@ def read_lease(state: Path) -> LeaseInfo | None:
     return decode(data, path)
 
 
-def _write_lease(state: Path, info: LeaseInfo) -> None:
+def _write_lease(state: Path, info: LeaseInfo,
+                 before_rename: Callable[[], None] | None = None) -> None:
     """Replace the lease file with *info*: temp file, fsync, rename, fsync the directory.
 
     Each writer has its own temporary name (its holder id), so two contenders
-    never write into one temporary file.
+    never write into one temporary file. *before_rename* runs right before
+    the rename and may raise to call it off (the temporary file is removed):
+    a renewal that was slow to get there must not replace the lease once its
+    holder has given it up.
     """
     state = Path(state)
     temp = state / f".{LEASE_NAME}.{info.holder_hex}.{os.getpid()}.tmp"
@@ -228,12 +263,16 @@ def _write_lease(state: Path, info: LeaseInfo) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if before_rename is not None:
+            before_rename()
         os.rename(temp, state / LEASE_NAME)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
-        raise LeaseError(exc.errno or errno.EIO, f"cannot write the lease in {state}: "
-                                                 f"{exc.strerror}") from None
+        if isinstance(exc, OSError):
+            raise LeaseError(exc.errno or errno.EIO, f"cannot write the lease in {state}: "
+                                                     f"{exc.strerror}") from None
+        raise
     _sync_dir(state)
 
 
@@ -257,12 +296,14 @@ class Lease:
     """A lease this process holds on a state directory.
 
     The holder keeps it by calling :meth:`renew` every ``duration / 3`` (or
-    running :func:`keep_renewed`), and must stop writing to the state
-    directory when :meth:`valid_for` reaches zero: it cannot know whether a
-    standby has taken over since.
+    running :func:`keep_renewed`, or a :class:`Renewer`), and must not write
+    to the state directory once :meth:`valid_for` reaches zero: it cannot
+    know whether a standby has taken over since. :meth:`guard` is that check,
+    made right before each write.
     """
 
-    __slots__ = ("state", "holder", "host", "generation", "duration", "_deadline", "_lost")
+    __slots__ = ("state", "holder", "host", "generation", "duration", "flush", "_deadline",
+                 "_lost")
 
     def __init__(self, state: Path, info: LeaseInfo, deadline: float) -> None:
         self.state = Path(state)
@@ -270,7 +311,10 @@ class Lease:
         self.host = info.host
         self.generation = info.generation
         self.duration = info.duration
-        #: time.monotonic() at which this holder's own view of the lease lapses.
+        #: What a renewal makes durable before it stamps the lease: by
+        #: default everything written to the state's file system so far.
+        self.flush: Callable[[], None] = lambda: sync_file_system(self.state)
+        #: clock() (CLOCK_BOOTTIME) at which this holder's own view of the lease lapses.
         self._deadline = deadline
         self._lost: str | None = None
 
@@ -284,27 +328,47 @@ class Lease:
         return self.duration / 3
 
     def valid_for(self) -> float:
-        """Seconds this holder may still write, by its own monotonic clock.
+        """Seconds this holder may still write, by CLOCK_BOOTTIME, read now.
 
         Counted from the moment the last successful renewal started, so it
-        never outlasts what any contender grants the lease. Zero once lost.
+        never outlasts what any contender grants the lease. Zero once lost
+        or given up.
         """
         if self._lost is not None:
             return 0.0
-        return max(self._deadline - time.monotonic(), 0.0)
+        return max(self._deadline - clock(), 0.0)
+
+    def guard(self, err: int = errno.EROFS) -> None:
+        """Raise SwapfsError(*err*) unless this holder may write now.
+
+        Called right before every write to the state (each write transaction
+        and each data or seal write): validity read from the clock at that
+        moment, not a flag that a renewal sets later.
+        """
+        if self.valid_for() <= 0:
+            raise SwapfsError(err, self._lost or f"the lease on {self.state} has lapsed: "
+                                                 "another host may own the state now")
+
+    def give_up(self, reason: str) -> None:
+        """Stop holding: valid_for() is 0 from now on, and a renewal in
+        flight does not replace the lease file any more."""
+        self._lost = self._lost or reason
 
     def renew(self) -> None:
-        """Stamp the lease afresh.
+        """Make everything written so far durable, then stamp the lease afresh.
 
-        Raises LeaseLost when the file no longer names this holder and
-        generation (broken, taken over, corrupt, removed) or when the lease
-        had already lapsed in this holder's view; after that the lease is
-        lost for good. Raises LeaseError for an I/O failure that a later
-        renewal may get past.
+        The flush comes first, so whatever was written under the old stamp
+        reached storage before the lease is extended. Raises LeaseLost when
+        the file names another holder or a higher generation (broken, taken
+        over, corrupt, removed), when the lease had already lapsed in this
+        holder's view, or when it was given up meanwhile; after that the
+        lease is lost for good. A record of a lower generation is a late
+        write of an earlier holder, replaced by this stamp. Raises LeaseError
+        for an I/O failure that a later renewal may get past.
         """
         if self._lost is not None:
             raise LeaseLost(self._lost)
-        start = time.monotonic()
+        start = clock()
         if start >= self._deadline:
             try:
                 self._check_ours()  # says who took it, when someone did
@@ -313,15 +377,27 @@ class Lease:
             except LeaseError:
                 pass
             self._lose(f"lease on {self.state} lapsed before it was renewed")
+        try:
+            self.flush()
+        except OSError as exc:
+            raise LeaseError(exc.errno or errno.EIO, f"cannot flush {self.state} before "
+                                                     f"renewing its lease: {exc}") from None
         self._check_ours()
         _write_lease(self.state, LeaseInfo(
             holder=self.holder, host=self.host, pid=os.getpid(), generation=self.generation,
-            renewed=time.time(), duration=self.duration))
-        if time.monotonic() >= self._deadline:
+            renewed=time.time(), duration=self.duration), self._still_ours)
+        if clock() >= self._deadline:
             # The new stamp landed after our lease had lapsed, so it may have
             # overwritten a contender's claim: this holder must not go on.
             self._lose(f"renewal of the lease on {self.state} landed after it had lapsed")
         self._deadline = start + self.duration
+
+    def _still_ours(self) -> None:
+        """Right before a renewal's rename: not given up, not lapsed."""
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        if clock() >= self._deadline:
+            self._lose(f"lease on {self.state} lapsed while it was being renewed")
 
     def release(self) -> None:
         """Give the lease up if it is still ours, keeping its generation.
@@ -335,11 +411,11 @@ class Lease:
             return
         try:
             self._check_ours()
+            _write_lease(self.state, LeaseInfo(
+                holder=FREE, host="", pid=0, generation=self.generation, renewed=time.time(),
+                duration=0.0), self._still_ours)
         except LeaseLost:
             return
-        _write_lease(self.state, LeaseInfo(
-            holder=FREE, host="", pid=0, generation=self.generation, renewed=time.time(),
-            duration=0.0))
         self._lost = "released"
 
     def _check_ours(self) -> None:
@@ -349,6 +425,11 @@ class Lease:
             self._lose(f"lease lost: {exc}")
         if info is None:
             self._lose(f"lease on {self.state} lost: the lease file was removed")
+        if info.generation < self.generation:
+            log.warning("lease on %s: a late write of generation %d (holder %s, host %r) "
+                        "replaced generation %d; stamped over", self.state, info.generation,
+                        info.holder_hex, info.host, self.generation)
+            return
         if info.holder != self.holder or info.generation != self.generation:
             who = ("nobody (it was released or broken)" if info.free
                    else f"{info.holder_hex} on host {info.host!r}")
@@ -356,7 +437,7 @@ class Lease:
                        f"is now held by {who}")
 
     def _lose(self, reason: str) -> NoReturn:
-        self._lost = reason
+        self._lost = self._lost or reason
         raise LeaseLost(reason)
 
     def __repr__(self) -> str:
@@ -414,7 +495,7 @@ def acquire(state: Path, duration: float, *, holder: bytes | None = None,
 def _attempt(state: Path, duration: float, holder: bytes, host: str, settle: float,
              skew_margin: float, reclaim_local: bool = False) -> Lease:
     """One delta-lease attempt: read, claim, settle, read back."""
-    start = time.monotonic()
+    start = clock()
     now = time.time()  # taken before the read: see docs/lease.md, "Why it is safe"
     current = read_lease(state)
     if current is not None and current.expires_in(now, skew_margin) > 0:
@@ -424,11 +505,11 @@ def _attempt(state: Path, duration: float, holder: bytes, host: str, settle: flo
                  state, current.pid)
         settle = 0.0
     generation = (current.generation if current is not None else 0) + 1
-    stamped = time.monotonic()
+    stamped = clock()
     claim = LeaseInfo(holder=holder, host=host, pid=os.getpid(), generation=generation,
                       renewed=time.time(), duration=duration)
     _write_lease(state, claim)
-    landed = time.monotonic() - start
+    landed = clock() - start
     if settle and landed > settle / 2:
         # Another contender may already have confirmed its claim and we may
         # have overwritten it; it will lose the lease at its next renewal.
@@ -496,6 +577,13 @@ def break_lease(state: Path, *, force: bool = False,
     return info
 
 
+def _first_wait(lease: Lease) -> float:
+    """Seconds until the first renewal. The lease counts from before
+    acquire's settle delay, so it may hold for less than its duration
+    already: renew once a third of it is used."""
+    return max(lease.valid_for() - (lease.duration - lease.renew_interval), 0.0)
+
+
 async def keep_renewed(lease: Lease, on_lost: Callable[[], None], *,
                        guard: float | None = None, retry: float | None = None) -> None:
     """Renew *lease* every ``duration / 3`` until cancelled; call *on_lost* when it fails.
@@ -503,34 +591,144 @@ async def keep_renewed(lease: Lease, on_lost: Callable[[], None], *,
     *on_lost* is called once, and this task returns, when a renewal raises
     LeaseLost or when the lease's own validity drops to *guard* seconds
     (default ``duration / 3``) because renewals keep failing or hang: the
-    caller must then stop writing to the state directory. A failing renewal
-    (an I/O error) is retried every *retry* seconds (default ``duration /
-    10``). Renewal runs in a worker thread, so slow storage never blocks the
-    trio thread.
+    lease is given up then (:meth:`Lease.give_up`), and the caller must
+    stop writing to the state directory. A failing renewal (an I/O error) is
+    retried every *retry* seconds (default ``duration / 10``). Renewal runs
+    in a worker thread, so slow storage never blocks the trio thread; that
+    thread is never abandoned, and a renewal still in it once the lease was
+    given up does not replace the lease file (it rechecks right before its
+    rename), so it cannot land after a partition heals and fence the next
+    holder.
     """
     guard = lease.duration / 3 if guard is None else guard
     retry = lease.duration / 10 if retry is None else retry
-    # The lease counts from before acquire's settle delay, so it may hold for
-    # less than its duration already: renew once a third of it is used.
-    next_at = time.monotonic() + max(lease.valid_for() - (lease.duration - lease.renew_interval),
-                                     0.0)
+    next_at = time.monotonic() + _first_wait(lease)
     while True:
         await trio.sleep(max(next_at - time.monotonic(), 0.0))
-        renewed = False
-        with trio.move_on_after(max(lease.valid_for() - guard, 0.0)):
-            try:
-                await trio.to_thread.run_sync(lease.renew, abandon_on_cancel=True)
-                renewed = True
-            except LeaseLost as exc:
+        outcome = await _renew_watched(lease, guard, on_lost)
+        if outcome == "lost":
+            return
+        if lease.valid_for() <= guard:
+            lease.give_up("renewals failed until the lease was about to lapse")
+            log.error("lease on %s given up before it lapses: %s", lease.state, lease._lost)
+            on_lost()
+            return
+        next_at = time.monotonic() + (lease.renew_interval if outcome == "renewed" else retry)
+
+
+async def _renew_watched(lease: Lease, guard: float, on_lost: Callable[[], None]) -> str:
+    """One renewal in a worker thread: "renewed", "failed" (retry) or
+    "lost" (*on_lost* called). If it is still running when the lease's
+    validity drops to *guard*, the lease is given up and *on_lost* called
+    then, so that the renewal does not rename; the thread is waited for
+    all the same."""
+    outcome, given_up = "failed", False
+
+    async def give_up_at_guard() -> None:
+        nonlocal given_up
+        await trio.sleep(max(lease.valid_for() - guard, 0.0))
+        given_up = True
+        lease.give_up("a renewal hung until the lease was about to lapse")
+        log.error("lease on %s given up before it lapses: %s", lease.state, lease._lost)
+        on_lost()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(give_up_at_guard)
+        try:
+            await trio.to_thread.run_sync(lease.renew)
+            outcome = "renewed"
+        except LeaseLost as exc:
+            outcome = "lost"
+            if not given_up:
                 log.error("%s", exc)
                 on_lost()
+        except (LeaseError, OSError) as exc:
+            log.warning("cannot renew the lease on %s: %s", lease.state, exc)
+        nursery.cancel_scope.cancel()
+    return "lost" if given_up else outcome
+
+
+class Renewer:
+    """Renews a lease from a thread of its own, where no trio loop runs:
+    while a daemon opens its state (which can take minutes for a large one)
+    and for the whole run of an offline command (fsck, rekey).
+
+    Used as a context manager; leaving it stops the thread and waits for it
+    (never abandoned). The same rules as :func:`keep_renewed`: a loss or a
+    validity down to a third of the duration gives the lease up, so that
+    every write guarded by :meth:`Lease.guard` is refused from then on.
+    *on_renewed* is called after each successful renewal (the daemon
+    reports it as progress of its start).
+    """
+
+    def __init__(self, lease: Lease, on_renewed: Callable[[], None] | None = None) -> None:
+        self.lease = lease
+        self._on_renewed = on_renewed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+
+    def __enter__(self) -> "Renewer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        lease = self.lease
+        guard, wait = lease.duration / 3, _first_wait(lease)
+        while not self._stop.wait(wait):
+            try:
+                lease.renew()
+                wait = lease.renew_interval
+                if self._on_renewed is not None:
+                    self._on_renewed()
+            except LeaseLost as exc:
+                log.error("%s", exc)
                 return
             except (LeaseError, OSError) as exc:
                 log.warning("cannot renew the lease on %s: %s", lease.state, exc)
-        if lease.valid_for() <= guard:
-            lease._lost = lease._lost or "renewals failed until the lease was about to lapse"
-            log.error("lease on %s about to lapse (%.1f s left): %s", lease.state,
-                      lease.valid_for(), lease._lost)
-            on_lost()
+                wait = lease.duration / 10
+            if lease.valid_for() <= guard:
+                lease.give_up("renewals failed until the lease was about to lapse")
+                log.error("lease on %s given up before it lapses: %s", lease.state, lease._lost)
+                return
+
+
+class Offline:
+    """The lease of an offline command (``swapfs fsck``, ``swapfs rekey``).
+
+    A state that has a lease file may be shared with another host, so the
+    command takes the lease like a daemon (refused with LeaseHeld while a
+    live holder has it), keeps it renewed while it runs, writes only under
+    :meth:`guard`, and releases it at the end. A state without one is a
+    single host's, fenced by its flock alone. Pass :meth:`claim` and
+    :meth:`guard` to ``Volume``: the claim runs once the flock is held.
+    """
+
+    def __init__(self, state: Path) -> None:
+        self.state = Path(state)
+        self.lease: Lease | None = None
+        self._renewer: Renewer | None = None
+
+    def claim(self) -> None:
+        info = read_lease(self.state)
+        if info is None:
             return
-        next_at = time.monotonic() + (lease.renew_interval if renewed else retry)
+        duration = info.duration if info.duration > 0 else OFFLINE_SECONDS
+        self.lease = acquire(self.state, duration, reclaim_local=True)
+        self._renewer = Renewer(self.lease).__enter__()
+
+    def guard(self) -> None:
+        if self.lease is not None:
+            self.lease.guard()
+
+    def __enter__(self) -> "Offline":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._renewer is not None:
+            self._renewer.__exit__()
+        if self.lease is not None:
+            self.lease.release()

@@ -30,7 +30,7 @@ import errno
 import heapq
 import struct
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from swapfs.deduptable import DedupBudget, DedupTable
 from swapfs.digest import DIGEST_SIZE
@@ -40,6 +40,9 @@ from swapfs.index import Chain, CorruptIndex, Txn
 SLOT_RUN = 170
 ENTRY = struct.Struct("<16sII")  # digest, refcount, CRC-32
 RUN_BYTES = SLOT_RUN * ENTRY.size
+#: Runs SlotTable.load verifies between two calls of its progress callback
+#: (about 5 GiB of stored blocks).
+PROGRESS_RUNS = 8192
 #: Slots are named by u32 in the file maps, where 0 means a hole.
 MAX_SLOTS = (1 << 32) - 1
 _FREE_DIGEST = bytes(16)
@@ -81,10 +84,12 @@ class SlotTable:
 
     @classmethod
     def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = (),
-             budget: DedupBudget | None = None) -> "SlotTable":
+             budget: DedupBudget | None = None,
+             progress: Callable[[], None] | None = None) -> "SlotTable":
         """Read and verify a chain's table. Free slots in *unpunched* (still
         holding disk space, reused first by the caller) stay out of ``free``;
-        the dedup table takes its room from *budget*."""
+        the dedup table takes its room from *budget*. *progress* is called
+        every PROGRESS_RUNS runs verified: a large chain takes long."""
         runs = -(-chain.next_slot // SLOT_RUN)
         damaged = set(txn.iter_damaged(chain.id_))
         image = bytearray(runs * RUN_BYTES)
@@ -100,6 +105,8 @@ class SlotTable:
         bad: set[int] = set()
         view = memoryview(image)
         for run in range(runs):
+            if progress is not None and run % PROGRESS_RUNS == PROGRESS_RUNS - 1:
+                progress()
             first, stop = run * SLOT_RUN, min((run + 1) * SLOT_RUN, chain.next_slot)
             if run not in found:
                 bad.update(range(first, stop))

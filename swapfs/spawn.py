@@ -1,17 +1,25 @@
 """Starting a swapfs process in the background and waiting until it is ready.
 
-The daemon and the standby take ``--ready-fd N`` and write one byte to it
-once they serve (or watch); the command line and the standby start them
-in a session of their own, logging to a file, and return only then. A
-process that does not get ready within the timeout is killed; the last
-error it logged (not an earlier process's: the log is appended to) is the
-cause that the error names.
+The daemon and the standby take ``--ready-fd N`` and write ``1`` to it
+once they serve (or watch); before that, the daemon writes a ``.`` at each
+step of its start that took a while (a chain's slot table verified, its
+lease renewed while a large state opens). The command line and the standby
+start them in a session of their own, logging to a file, and return only
+once ready. A process that shows no sign of progress for the timeout is
+killed (a slow start that progresses is waited for: opening a state takes
+time in proportion to what it stores); the last error it logged (not an
+earlier process's: the log is appended to) is the cause that the error
+names.
 """
 
 import os
 import select
 import subprocess
 from pathlib import Path
+
+#: What a starting process writes to its ready descriptor: once serving,
+#: and at each step of progress before that.
+READY, PROGRESS = b"1", b"."
 
 
 class NotReady(Exception):
@@ -47,10 +55,16 @@ class Starting:
 
     def wait_ready(self, timeout: float) -> int:
         """The pid once the process says it is ready; NotReady (and the process
-        killed) if it exits or *timeout* seconds pass first."""
+        killed) if it exits first, or if *timeout* seconds pass with no sign
+        of progress from it (each ``.`` it writes starts the wait again)."""
+        ready = False
         try:
-            readable, _, _ = select.select([self.ready_fd], [], [], timeout)
-            ready = bool(readable) and os.read(self.ready_fd, 1) == b"1"
+            while True:
+                readable, _, _ = select.select([self.ready_fd], [], [], timeout)
+                sign = os.read(self.ready_fd, 1) if readable else b""
+                if sign != PROGRESS:
+                    ready = sign == READY
+                    break
         finally:
             os.close(self.ready_fd)
         if not ready:

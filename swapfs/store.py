@@ -27,7 +27,7 @@ import errno
 import logging
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from swapfs.blocks import BLOCK_SIZE
@@ -82,8 +82,11 @@ def slot_runs(slots: Iterable[int]) -> list[tuple[int, int]]:
 class BlockStore:
     """The data files of all chains in one state directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, guard: Callable[[], None] | None = None) -> None:
         self.directory = directory
+        #: Raises (EROFS) when this process may not write the state now: the
+        #: lease's check, made right before every data and seal write.
+        self.guard = guard
         directory.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._seals: dict[int, _SealMap] = {}
@@ -147,6 +150,8 @@ class BlockStore:
 
     def write_seals(self, chain_id: int, records: list[tuple[int, bytes]]) -> None:
         """Write the seal records of slots (ENOSPC if the file cannot grow)."""
+        if self.guard is not None:
+            self.guard()
         seals = self._seal_map(chain_id)
         seals.reserve(max(slot for slot, _record in records) + 1)
         for slot, record in records:
@@ -154,6 +159,8 @@ class BlockStore:
 
     def write_many(self, chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
         """Write full blocks into their slots, one system call per run of slots."""
+        if self.guard is not None:
+            self.guard()
         if len(blocks) == 1:  # a 4 KiB write's: the common case
             ((slot, data),) = blocks
             self._write_run(chain_id, slot, [data])

@@ -127,7 +127,9 @@ class Volume:
                  still_open: Collection[int] = (),
                  claim: Callable[[], None] | None = None, create: bool = True,
                  upgrade: bool = True, dedup_table_bytes: int | None = None,
-                 master: keys.MasterKey | None = None, encrypt: bool | None = None) -> None:
+                 master: keys.MasterKey | None = None, encrypt: bool | None = None,
+                 guard: Callable[[], None] | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -135,7 +137,14 @@ class Volume:
         names the files the kernel still holds open. fsck opens without
         *recover* so that it sees the state exactly as left. *claim* runs
         once this process holds the state's flock and before its first
-        write: where the state is shared between hosts, it takes the lease.
+        write: where the state is shared between hosts, it takes the lease;
+        *guard* then raises (EROFS) whenever the lease does not allow a
+        write, and is called before every write transaction and every data
+        and seal write: once it refuses, the volume writes nothing more and
+        its reads answer EIO, since another host may own the state.
+        *progress* is called at each step of the opening (a chain's slot
+        table loaded, an orphan purged), which a large state takes long
+        for: the daemon reports it to whoever waits for its start.
         Without *create*, a state with no index is an error (ENOENT): a
         daemon taking over a live mount must serve the state the kernel
         knows, never a new, empty one. Without *upgrade*, an index of an
@@ -161,8 +170,9 @@ class Volume:
             if claim is not None:
                 claim()
             reseal.finish(state)  # one a crash interrupted
-            self.index = Index(state / INDEX_NAME)
-            self.store = BlockStore(state / "data")
+            self._progress = progress
+            self.index = Index(state / INDEX_NAME, guard)
+            self.store = BlockStore(state / "data", guard)
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()
             #: In-memory maps and slot tables, by inode and chain (see _map, _table).
@@ -183,6 +193,7 @@ class Volume:
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
+            self._progress = None  # open: no more steps to report
         except BaseException:
             # Refused (wrong key, wrong mode, old format) or failed: nothing
             # stays open, so that the state can be opened again.
@@ -200,15 +211,20 @@ class Volume:
         self._caches = tuple(cache for cache in (pool, content) if cache is not None)
 
     def close(self) -> None:
-        """Punch what is pending, flush everything to disk, release the state directory."""
-        self.punch_pending()
-        self.sync()
+        """Punch what is pending, flush everything to disk, release the state
+        directory. A volume that may no longer write (fenced, or its lease
+        lapsed) punches and flushes nothing: another host may own the state."""
+        if self.index.writable():
+            self.punch_pending()
+            self.sync()
         self.store.close()
         self.index.close()
         os.close(self._lock_fd)
 
     def sync(self) -> None:
-        """Make every committed change durable: data files first, then the index."""
+        """Make every committed change durable: data files first, then the index.
+        EROFS once this process may no longer write the state."""
+        self._check_writable(errno.EROFS)
         self.store.sync()
         self.index.sync()
 
@@ -223,7 +239,7 @@ class Volume:
         by no transaction, so nothing live is lost; a volume whose writes are
         fenced punches nothing, since another host may own its data files.
         """
-        if self.index.fenced is not None:
+        if not self.index.writable():
             return 0
         batch = self.pending.batch(max_slots, freed_before)
         for chain_id, slots in batch.items():
@@ -232,6 +248,12 @@ class Volume:
             if table is not None:
                 table.give_free(slots)
         return sum(len(slots) for slots in batch.values())
+
+    def _check_writable(self, err: int) -> None:
+        """SwapfsError(*err*) once this process may no longer own the state."""
+        if not self.index.writable():
+            raise SwapfsError(err, self.index.fenced or f"the lease on {self.state} has "
+                                                        "lapsed: another host may own it")
 
     # -- set-up ---------------------------------------------------------------
 
@@ -365,12 +387,13 @@ class Volume:
             raise SwapfsError(errno.ENOKEY, f"{self.state} is sealed again only with a "
                               "master key")
         chains = reseal.build(self.state, self.index, self.store, self.chain_keys, new,
-                              progress=progress)
+                              self.index.guard, progress)
+        guard = self.index.guard
         self.store.close()
         self.index.close()
         reseal.finish(self.state)
-        self.index = Index(self.state / INDEX_NAME)
-        self.store = BlockStore(self.state / "data")
+        self.index = Index(self.state / INDEX_NAME, guard)
+        self.store = BlockStore(self.state / "data", guard)
         for chain_id in list(self._tables):  # they hold the old digests
             self._drop_table(chain_id)
         self._maps.clear()
@@ -387,6 +410,8 @@ class Volume:
         for ino in orphans:
             log.info("purging orphaned file %d", ino)
             self.purge(ino)
+            if self._progress is not None:
+                self._progress()
 
     def _punch_free(self) -> None:
         """Punch every free slot: a crash between a commit and its punch, or a
@@ -398,6 +423,8 @@ class Volume:
             for chain in txn.iter_chains():
                 table = self._table(txn, chain.id_)
                 self.store.punch(chain.id_, table.free)
+                if self._progress is not None:
+                    self._progress()
 
     def _change(self, txn: Txn, chain_id: int) -> "_ChainWrite":
         return _ChainWrite(self, txn, self._table(txn, chain_id))
@@ -407,7 +434,8 @@ class Volume:
         table = self._tables.get(chain_id)
         if table is None:
             table = SlotTable.load(txn, _chain(txn, chain_id),
-                                   self.pending.slots(chain_id), self.dedup_budget)
+                                   self.pending.slots(chain_id), self.dedup_budget,
+                                   self._progress)
             self._tables[chain_id] = table
         return table
 
@@ -677,6 +705,8 @@ class Volume:
         block found damaged is set aside and the read answers EIO."""
         if offset < 0 or size < 0:
             raise SwapfsError(errno.EINVAL)
+        if self.index.guard is not None or self.index.fenced is not None:
+            self._check_writable(errno.EIO)  # what it holds may be stale: never answer it
         # A file in use has its inode, map and slot table in memory, which
         # hold what the last commit says: no LMDB transaction is needed.
         inode = self.index.inode_cache.get(ino)

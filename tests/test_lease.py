@@ -6,6 +6,7 @@ seeing the state directory through a bind mount. Durations are short (a
 fraction of a second) and the skew margin and settle delay are cut to match.
 """
 
+import errno
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ import pytest
 import trio
 
 from swapfs import lease as lease_mod
+from swapfs.errors import SwapfsError
 from swapfs.lease import (
     RECORD_SIZE,
     LeaseCorrupt,
@@ -39,6 +41,7 @@ from swapfs.lease import (
     new_holder,
     read_lease,
 )
+from swapfs.volume import Volume
 from tests.mounting import SWAPFS
 
 #: Test timings: a contender may take over DURATION + MARGIN after the last renewal.
@@ -165,7 +168,7 @@ def test_keep_renewed_fences_before_the_lapse_when_renewals_fail(state: Path) ->
 
     async def main() -> None:
         with trio.fail_after(10):
-            await keep_renewed(held, lambda: events.append(held._deadline - time.monotonic()))
+            await keep_renewed(held, lambda: events.append(held._deadline - lease_mod.clock()))
 
     original = lease_mod._write_lease
     lease_mod._write_lease = fail  # type: ignore[assignment]
@@ -494,3 +497,233 @@ def test_a_lease_that_settled_long_is_renewed_at_once(state: Path) -> None:
 
     trio.run(main)
     assert not lost and held.valid_for() > 0
+
+
+# -- what a holder believes against what a contender sees ------------------------
+
+
+def test_a_suspend_longer_than_the_lease_lapses_it(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validity is measured on CLOCK_BOOTTIME, which counts a suspend (the
+    monotonic clock stands still through one): a holder that wakes after
+    it may not write, nor renew."""
+    held = take(state, duration=30)
+    assert held.valid_for() > 20
+    real = time.clock_gettime
+    monkeypatch.setattr(time, "clock_gettime", lambda clock: real(clock) + (
+        60.0 if clock == time.CLOCK_BOOTTIME else 0.0))  # a minute suspended
+    assert held.valid_for() == 0
+    with pytest.raises(SwapfsError) as refused:
+        held.guard()
+    assert refused.value.errno == errno.EROFS
+    with pytest.raises(LeaseLost):
+        held.renew()
+
+
+def test_the_guard_reads_the_clock_at_each_write(state: Path) -> None:
+    """No flag a renewal sets later: the guard refuses as soon as the lease lapses."""
+    held = take(state)
+    held.guard()
+    time.sleep(held.valid_for() + 0.01)
+    with pytest.raises(SwapfsError) as refused:
+        held.guard(errno.EIO)
+    assert refused.value.errno == errno.EIO
+
+
+def _believed_until(held: lease_mod.Lease) -> float:
+    """The wall-clock time until which *held* believes it may write."""
+    return time.time() + held.valid_for()
+
+
+def _granted_until(state: Path) -> float:
+    """The wall-clock time from which a contender with no skew margin may
+    take the lease, by the record it reads now."""
+    info = read_lease(state)
+    assert info is not None and not info.free
+    return info.renewed + info.duration
+
+
+@pytest.mark.parametrize("write_delay", [0.0, 0.2])
+@pytest.mark.parametrize("settle", [0.2, 0.6])
+def test_a_holder_never_believes_longer_than_a_contender_grants(
+        state: Path, monkeypatch: pytest.MonkeyPatch, settle: float, write_delay: float) -> None:
+    """With a settle delay and slow renewal writes (each renewal's write of
+    the lease file takes *write_delay* seconds before it lands), the time until which
+    the holder believes it may write is never later than the time from
+    which a contender, even one that grants no skew margin, may take it."""
+    original = lease_mod._write_lease
+
+    def slow(*args: Any) -> None:
+        time.sleep(write_delay)
+        original(*args)
+
+    held = acquire(state, 1.0, settle=settle, skew_margin=MARGIN)
+    assert _believed_until(held) <= _granted_until(state) + 1e-3  # the settle counts
+    monkeypatch.setattr(lease_mod, "_write_lease", slow)
+    samples = 0
+    for _ in range(4):
+        assert _believed_until(held) <= _granted_until(state) + 1e-3
+        held.renew()
+        assert _believed_until(held) <= _granted_until(state) + 1e-3
+        samples += 2
+    assert samples == 8 and held.valid_for() > 0
+
+
+def test_a_renewal_slower_than_the_lease_never_replaces_the_next_holders(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The renewal's write hangs past the holder's lease (storage stalls, a
+    partition); a contender takes the lease meanwhile. When the write gets
+    going again, the renewal rechecks before its rename: the new holder's
+    record stays, and the old holder has lost."""
+    held = take(state)
+    original = lease_mod._write_lease
+    contender_won = threading.Event()
+
+    def stalled(state_: Path, info: LeaseInfo, *rest: Any) -> None:
+        if info.holder == held.holder:
+            assert contender_won.wait(30)
+        original(state_, info, *rest)
+
+    monkeypatch.setattr(lease_mod, "_write_lease", stalled)
+    outcome: list[BaseException] = []
+
+    def renew() -> None:
+        try:
+            held.renew()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    renewal = threading.Thread(target=renew)
+    renewal.start()
+    try:
+        second = take(state, timeout=10)
+    finally:
+        contender_won.set()
+        renewal.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], LeaseLost), outcome
+    info = read_lease(state)
+    assert info is not None and (info.holder, info.generation) == (second.holder, 2)
+    second.renew()  # the new holder never noticed
+
+
+def test_a_record_of_a_lower_generation_is_a_late_write(state: Path) -> None:
+    """An earlier holder's write that lands late (a rename retried after a
+    partition heals) puts a lower generation back: the holder stamps over
+    it and keeps its lease."""
+    first = take(state)
+    first.release()
+    second = take(state)
+    assert second.generation == 2
+    lease_mod._write_lease(state, LeaseInfo(
+        holder=first.holder, host=first.host, pid=os.getpid(), generation=1,
+        renewed=time.time(), duration=DURATION))
+    second.renew()
+    info = read_lease(state)
+    assert info is not None and (info.holder, info.generation) == (second.holder, 2)
+    assert second.valid_for() > 0
+
+
+def test_a_renewal_flushes_before_it_stamps(state: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """What was written under the old stamp reaches storage before the lease
+    is extended; a flush that fails extends nothing."""
+    held = take(state)
+    steps: list[str] = []
+    original = lease_mod._write_lease
+
+    def recording(*args: Any) -> None:
+        steps.append("stamp")
+        original(*args)
+
+    monkeypatch.setattr(lease_mod, "_write_lease", recording)
+    held.flush = lambda: steps.append("flush")
+    held.renew()
+    assert steps == ["flush", "stamp"]
+
+    def failing() -> None:
+        raise OSError(errno.EIO, "write error")
+
+    before = read_lease(state)
+    held.flush = failing
+    with pytest.raises(LeaseError, match="flush"):
+        held.renew()
+    assert read_lease(state) == before and steps == ["flush", "stamp"]
+
+
+def test_keep_renewed_never_abandons_a_hung_renewal(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A renewal that hangs past the guard: on_lost is called in time, and
+    when the hung write gets going again it does not replace the lease file
+    (a late rename would fence whoever took the lease over meanwhile)."""
+    held = take(state, duration=1.0)
+    stamp = read_lease(state)
+    original = lease_mod._write_lease
+    release, finished = threading.Event(), threading.Event()
+
+    def hung(*args: Any) -> None:
+        try:
+            assert release.wait(30)
+            original(*args)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(lease_mod, "_write_lease", hung)
+    lost: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_renewed, held, lambda: lost.append(held.valid_for()))
+            with trio.fail_after(10):
+                while not lost:
+                    await trio.sleep(0.01)
+            release.set()  # the storage answers again, after the lease was given up
+
+    trio.run(main)
+    assert finished.wait(10)
+    assert lost == [0.0]
+    assert read_lease(state) == stamp  # the hung renewal never renamed
+
+
+def test_a_renewer_thread_keeps_the_lease_while_the_state_opens(state: Path) -> None:
+    held = take(state)
+    first = read_lease(state)
+    renewals: list[float] = []
+    with lease_mod.Renewer(held, lambda: renewals.append(time.monotonic())):
+        time.sleep(3 * DURATION)
+        assert held.valid_for() > 0
+    assert len(renewals) >= 3
+    after = read_lease(state)
+    assert after is not None and first is not None
+    assert after.generation == 1 and after.renewed > first.renewed
+
+
+# -- offline commands --------------------------------------------------------------
+
+
+def test_an_offline_command_takes_the_lease_and_gives_it_back(state: Path) -> None:
+    lease_mod.Offline(state).claim()  # no lease file: a single host's state
+    assert read_lease(state) is None
+    holder = acquire(state, 30.0, **FAST)
+    with pytest.raises(LeaseHeld), lease_mod.Offline(state) as offline:
+        offline.claim()
+    holder.release()
+    with lease_mod.Offline(state) as offline:
+        offline.claim()
+        assert offline.lease is not None and offline.lease.generation == 2
+        offline.guard()
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 2
+
+
+def test_fsck_refuses_a_state_whose_lease_is_live_and_takes_a_free_one(state: Path) -> None:
+    Volume(state).close()
+    holder = acquire(state, 60.0, host="other-host", **FAST)
+    refused = swapfs("fsck", "--state", str(state))
+    assert refused.returncode == 8, refused
+    assert "lease held" in refused.stderr and "other-host" in refused.stderr
+    assert read_lease(state).holder == holder.holder  # type: ignore[union-attr]
+    holder.release()
+    checked = swapfs("fsck", "--state", str(state))
+    assert checked.returncode == 0, checked
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 2  # taken, then released
