@@ -41,7 +41,9 @@ examples:
   swapfs rekey --state /var/lib/swapfs/a --new-key-file /etc/swapfs/next.key --reseal
 """
 
-#: How long ``mount`` waits for the daemon to serve, and ``umount`` for it to exit.
+#: How long ``mount`` waits for a sign of progress from the starting daemon
+#: (it waits as long as the daemon reports some: swapfs/spawn.py), and
+#: ``umount`` for the daemon to exit.
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 60.0
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from swapfs import lease, protocol
+from mountd import standby as standby_mod
+from swapfs import lease, protocol, spawn
 from swapfs.manifest import parse
 from tests.mounting import (
     BLOCK,
@@ -149,3 +150,44 @@ def test_a_daemon_refuses_a_corrupt_lease_and_loses_nothing() -> None:
             assert status(mount.state)["lease"]["generation"] == 1
     finally:
         remove_tree(root)
+
+
+# -- a new daemon that takes long to start ----------------------------------------
+
+#: A stand-in for a daemon whose state opens slowly: it writes a progress
+#: byte every 0.25 s, *steps* times, then says it is ready (or, with
+#: "stall", falls silent).
+_SLOW_START = """
+import os, sys, time
+steps, end, fd = int(sys.argv[1]), sys.argv[2], int(sys.argv[-1])
+for _ in range(steps):
+    time.sleep(0.25)
+    os.write(fd, b".")
+if end == "ready":
+    os.write(fd, b"1")
+time.sleep(120)
+"""
+
+
+def _slow_start(tmp_path: Any, steps: int, end: str) -> spawn.Starting:
+    return spawn.start([sys.executable, "-c", _SLOW_START, str(steps), end],
+                       tmp_path / "daemon.log")
+
+
+def test_the_standby_waits_for_a_start_that_progresses(tmp_path: Any, monkeypatch: Any
+                                                       ) -> None:
+    """Opening a large state takes minutes; the daemon reports each step
+    (swapfs/spawn.py). A start four times as long as the stall timeout but
+    progressing all along is waited for; one that falls silent is given up
+    (killed) after the stall timeout."""
+    monkeypatch.setattr(standby_mod, "START_STALL", 2.0)
+    starting = _slow_start(tmp_path, 32, "ready")  # 8 s in all
+    try:
+        standby_mod._serving(starting)
+        assert starting.process.poll() is None  # serving, not killed
+    finally:
+        starting.stop()
+    stalled = _slow_start(tmp_path, 2, "stall")
+    with pytest.raises(standby_mod.StandbyError, match="did not serve"):
+        standby_mod._serving(stalled)
+    assert stalled.process.poll() is not None  # killed, not left running

@@ -25,8 +25,10 @@ import blake3
 import pytest
 import trio
 
+from mountd.daemon import Link
 from swapfs import lease as lease_mod
 from swapfs.errors import SwapfsError
+from swapfs.index import ROOT_INO
 from swapfs.lease import (
     RECORD_SIZE,
     LeaseCorrupt,
@@ -41,6 +43,7 @@ from swapfs.lease import (
     new_holder,
     read_lease,
 )
+from swapfs.slottable import SlotTable
 from swapfs.volume import Volume
 from tests.mounting import SWAPFS
 
@@ -727,3 +730,52 @@ def test_fsck_refuses_a_state_whose_lease_is_live_and_takes_a_free_one(state: Pa
     assert checked.returncode == 0, checked
     info = read_lease(state)
     assert info is not None and info.free and info.generation == 2  # taken, then released
+
+
+# -- a state that opens slowly ---------------------------------------------------------
+
+
+def test_the_lease_is_renewed_while_a_slow_state_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a state reads every chain's slot table (about 0.25 s per GiB
+    stored): the daemon's lease must not lapse meanwhile. Each table here
+    takes longer to load than the whole lease lasts."""
+    state = tmp_path / "state"
+    volume = Volume(state)
+    for name in (b"a", b"b"):
+        chain = volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
+        file = volume.create(chain.ino, b"f", 0o100600, 0, 0)
+        volume.write(file.ino, 0, os.urandom(4096))
+    volume.close()
+    seconds = 4.0  # the daemon's least lease_seconds
+    load = SlotTable.load.__func__  # type: ignore[attr-defined]
+
+    def slow_load(cls: type, *args: Any, **kwargs: Any) -> SlotTable:
+        time.sleep(seconds)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SlotTable, "load", classmethod(slow_load))
+    link = Link(str(tmp_path / "m"), None, None, None)
+    try:
+        volume = Volume(state, claim=lambda: link.claim_lease(state, seconds))
+    finally:
+        getattr(link, "opened", lambda: None)()
+    try:
+        assert link.lease is not None and link.lease.valid_for() > 0
+        volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)  # and it may write
+    finally:
+        volume.close()
+        link.lease.release()  # type: ignore[union-attr]
+
+
+def test_the_opening_reports_each_slow_step(tmp_path: Path) -> None:
+    """A chain's slot table verified is a step the daemon reports as
+    progress of its start (swapfs/spawn.py), so a standby waits for it."""
+    state = tmp_path / "state"
+    volume = Volume(state)
+    for name in (b"a", b"b", b"c"):
+        volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
+    volume.close()
+    steps: list[int] = []
+    Volume(state, progress=lambda: steps.append(1)).close()
+    assert len(steps) == 3
