@@ -372,7 +372,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                             if lease_seconds else None,
                             create=link.takeover is None,
                             dedup_table_bytes=config.dedup_table_bytes,
-                            master=master, encrypt=config.encrypt, guard=link.guard,
+                            master=master, encrypt=config.encrypt,
+                            guard=link.guard if lease_seconds else None,
                             progress=on_progress)
         finally:
             link.opened()
@@ -424,7 +425,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 lifecycle.sd_notify("STOPPING=1")
                 # Closes the fuse descriptor; libfuse unmounts only what it mounted.
                 pyfuse3.close(unmount=clean_exit or not link.kept)
-                manifest.write()  # not once fenced: CacheKeeper checks
+                manifest.write()  # nothing once fenced (CacheKeeper._store)
         finally:
             volume.close()
             if link.lease is not None and (clean_exit or not link.kept):
