@@ -149,11 +149,13 @@ class Link:
         self.cache_keeper: CacheKeeper | None = None  # whose last_plan status shows
 
     def claim_lease(self, state: Path, seconds: float,
-                    on_renewed: Callable[[], None] | None = None) -> None:
+                    on_renewed: Callable[[], None] | None = None) -> int:
         """Take the state directory's lease (the Volume holds its flock) and
-        keep it renewed while the state opens: a large state takes minutes."""
+        keep it renewed while the state opens: a large state takes minutes.
+        Returns its generation."""
         self.lease = lease.acquire(state, seconds, reclaim_local=True)
         self.opening = lease.Renewer(self.lease, on_renewed).__enter__()
+        return self.lease.generation
 
     def opened(self) -> None:
         """The state is open (or failed to): keep_renewed renews from now on."""

@@ -310,7 +310,7 @@ class _Checker:
 
 
 def check(state: Path, repair: bool = False, upgrade: bool = False,
-          master: MasterKey | None = None, claim: Callable[[], None] | None = None,
+          master: MasterKey | None = None, claim: Callable[[], int | None] | None = None,
           guard: Callable[[], None] | None = None) -> Report:
     """Check (and optionally repair) the state directory of an unmounted volume,
     opened with its *master* key if it is encrypted.

@@ -17,6 +17,9 @@ meta        ``b"format"``                   schema version (u64)
                                             (``swapfs/keys.py``)
             ``b"uuid"``                     the state's UUID (16 bytes), to
                                             which the key wrap is bound
+            ``b"lease_generation"``         the generation of the lease of the
+                                            last holder that wrote, if any
+                                            (``swapfs/lease.py``)
 inodes      ino (u64)                       :class:`Inode` record
 dirents     parent ino (u64) + name         child ino (u64)
 chains      chain id (u32)                  :class:`Chain` record
@@ -69,6 +72,9 @@ from swapfs.store import preallocate
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 4
+#: The meta record of the generation of the lease of the last holder that
+#: wrote the index (Index.generation); readers that do not know it ignore it.
+LEASE_GENERATION = b"lease_generation"
 ROOT_INO = 1
 
 KIND_DIR = 1
@@ -254,11 +260,17 @@ class Index:
     promise of room for a write: keep the state elsewhere.)
     """
 
-    def __init__(self, path: Path, guard: Callable[[], None] | None = None) -> None:
+    def __init__(self, path: Path, guard: Callable[[], None] | None = None,
+                 generation: int = 0) -> None:
         self.path = path
         #: Raises (EROFS) when this process may not write the state now: the
         #: lease's check (swapfs/lease.py), made at every write transaction.
         self.guard = guard
+        #: The generation of the lease this process holds, 0 for none. Every
+        #: write transaction records it in the meta database; one that finds
+        #: a higher generation there refuses (EROFS): a holder that took the
+        #: state over since has written it, so this write would be a late one.
+        self.generation = generation
         data = path / "data.mdb"
         try:
             used = data.stat().st_size
@@ -322,7 +334,25 @@ class Index:
                 raise SwapfsError(errno.EROFS, self.fenced)
             if self.guard is not None:
                 self.guard()
-        return Txn(self, self.env.begin(write=write), write)
+        txn = Txn(self, self.env.begin(write=write), write)
+        if write and self.generation:
+            self._check_generation(txn)
+        return txn
+
+    def _check_generation(self, txn: "Txn") -> None:
+        """Refuse a write transaction if a later lease holder has written the
+        index; record this holder's generation if it is the first to write."""
+        try:
+            recorded = txn.get_meta(LEASE_GENERATION) or 0
+            if recorded > self.generation:
+                raise SwapfsError(errno.EROFS, f"{self.path} was written under lease generation "
+                                  f"{recorded}, after this holder's {self.generation}: "
+                                  "another host owns the state now")
+            if recorded < self.generation:
+                txn.put_meta(LEASE_GENERATION, self.generation)
+        except BaseException:
+            txn.abort()
+            raise
 
     def fence(self, reason: str) -> None:
         """Refuse every write from now on (EROFS): this process may no longer

@@ -712,13 +712,15 @@ class Offline:
         self.lease: Lease | None = None
         self._renewer: Renewer | None = None
 
-    def claim(self) -> None:
+    def claim(self) -> int | None:
+        """Take the lease if the state has one; its generation, else None."""
         info = read_lease(self.state)
         if info is None:
-            return
+            return None
         duration = info.duration if info.duration > 0 else OFFLINE_SECONDS
         self.lease = acquire(self.state, duration, reclaim_local=True)
         self._renewer = Renewer(self.lease).__enter__()
+        return self.lease.generation
 
     def guard(self) -> None:
         if self.lease is not None:

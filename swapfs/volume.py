@@ -125,7 +125,7 @@ class Volume:
 
     def __init__(self, state: Path, recover: bool = True,
                  still_open: Collection[int] = (),
-                 claim: Callable[[], None] | None = None, create: bool = True,
+                 claim: Callable[[], int | None] | None = None, create: bool = True,
                  upgrade: bool = True, dedup_table_bytes: int | None = None,
                  master: keys.MasterKey | None = None, encrypt: bool | None = None,
                  guard: Callable[[], None] | None = None,
@@ -137,7 +137,9 @@ class Volume:
         names the files the kernel still holds open. fsck opens without
         *recover* so that it sees the state exactly as left. *claim* runs
         once this process holds the state's flock and before its first
-        write: where the state is shared between hosts, it takes the lease;
+        write: where the state is shared between hosts, it takes the lease
+        and returns its generation, which every write transaction checks
+        against the one the index records (``Index.generation``);
         *guard* then raises (EROFS) whenever the lease does not allow a
         write, and is called before every write transaction and every data
         and seal write: once it refuses, the volume writes nothing more and
@@ -167,11 +169,10 @@ class Volume:
         self._lock_fd = _lock_state(state)
         try:
             statedir.secure(state)
-            if claim is not None:
-                claim()
+            generation = claim() if claim is not None else None
             reseal.finish(state)  # one a crash interrupted
             self._progress = progress
-            self.index = Index(state / INDEX_NAME, guard)
+            self.index = Index(state / INDEX_NAME, guard, generation or 0)
             self.store = BlockStore(state / "data", guard)
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()

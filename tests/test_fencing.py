@@ -28,6 +28,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import pytest
 from swapfs import keys, lease
 from swapfs.errors import SwapfsError
 from swapfs.fsck import check
-from swapfs.index import ROOT_INO
+from swapfs.index import LEASE_GENERATION, ROOT_INO
 from swapfs.volume import Volume
 from tests.mounting import (
     BLOCK,
@@ -133,6 +134,42 @@ def test_writes_are_guarded_inside_a_transaction(tmp_path: Path) -> None:
         assert not any(volume.store.holds_data(chain.chain, slot) for slot in range(4))
     finally:
         volume.close()
+
+
+#: A later holder (lease generation 2) writes the index, in a process of its own.
+_LATER_HOLDER = """
+import sys
+from pathlib import Path
+from swapfs.index import Index
+index = Index(Path(sys.argv[1]), generation=2)
+with index.begin(write=True) as txn:
+    txn.put_meta(b"next_ino", txn.get_meta(b"next_ino"))
+index.close()
+"""
+
+
+def test_a_write_under_an_older_lease_generation_is_refused(tmp_path: Path) -> None:
+    """The index records the lease generation of its last writer. A holder
+    whose guard still lets it write (its lease broken by force while it ran,
+    a clock that misled it) is refused once a later holder has written: its
+    write would be a late one."""
+    state = tmp_path / "s"
+    volume = Volume(state, claim=lambda: 1, master=keys.load())
+    try:
+        volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        with volume.index.begin() as txn:
+            assert txn.get_meta(LEASE_GENERATION) == 1
+        subprocess.run([sys.executable, "-c", _LATER_HOLDER, str(state / "index.lmdb")],
+                       check=True, timeout=60)
+        assert _errno(volume.mkdir, ROOT_INO, b"d", 0o755, 0, 0) == errno.EROFS
+    finally:
+        volume.close()
+    reopened = Volume(state, master=keys.load())  # no lease: no generation checked
+    try:
+        with reopened.index.begin() as txn:
+            assert txn.get_meta(LEASE_GENERATION) == 2
+    finally:
+        reopened.close()
 
 
 # -- two hosts -----------------------------------------------------------------------
