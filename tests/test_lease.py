@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from mountd.daemon import Link
+from swapfs import keys
 from swapfs import lease as lease_mod
 from swapfs.errors import SwapfsError
 from swapfs.index import ROOT_INO
@@ -779,3 +780,21 @@ def test_the_opening_reports_each_slow_step(tmp_path: Path) -> None:
     steps: list[int] = []
     Volume(state, progress=lambda: steps.append(1)).close()
     assert len(steps) == 3
+
+
+def test_rekey_refuses_a_state_whose_lease_is_live(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    old, new = keys.generate(tmp_path / "old.key"), keys.generate(
+        tmp_path / "new.key")
+    Volume(state, master=old).close()
+    holder = acquire(state, 60.0, host="other-host", **FAST)
+    refused = swapfs("rekey", "--state", str(state), "--key-file", old.source,
+                     "--new-key-file", new.source)
+    assert refused.returncode == 1, refused
+    assert "lease held" in refused.stderr and "other-host" in refused.stderr
+    holder.release()
+    done = swapfs("rekey", "--state", str(state), "--key-file", old.source,
+                  "--new-key-file", new.source)
+    assert done.returncode == 0, done
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 2  # taken, then released
