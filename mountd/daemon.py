@@ -379,6 +379,10 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                             progress=on_progress)
         finally:
             link.opened()
+        if link.lease is not None and link.lease.valid_for() <= 0:
+            volume.close()  # writes nothing: the lease refuses
+            raise lease.LeaseLost(f"the lease on {state} was lost while the state opened: "
+                                  "not serving it")
         log.info("%s: %s", state, f"encrypted, master key {master.source}"
                  if volume.encrypted and master is not None else "unencrypted")
         if link.takeover is not None and link.memo is not None:
