@@ -198,11 +198,13 @@ class BlockStore:
 
         Failure only leaks space (fsck finds and punches it later), so it is
         logged rather than raised: the transaction that freed them is
-        already committed.
+        already committed. Nothing is punched once the guard refuses.
         """
         try:
+            if self.guard is not None:
+                self.guard()
             fd = self._fd(chain_id)
-        except OSError as exc:
+        except (OSError, SwapfsError) as exc:
             log.warning("cannot punch slots of chain %d: %s", chain_id, exc)
             return
         for first, count in slot_runs(slots):
@@ -234,6 +236,8 @@ class BlockStore:
 
     def remove(self, chain_id: int) -> None:
         """Delete a chain's data and seal files (the chain holds no more blocks)."""
+        if self.guard is not None:
+            self.guard()
         fd = self._fds.pop(chain_id, None)
         if fd is not None:
             os.close(fd)
