@@ -168,8 +168,10 @@ class Volume:
         self.state = state
         self._lock_fd = _lock_state(state)
         try:
-            statedir.secure(state)
+            # The lease first: another host's live one refuses this process
+            # before it changes anything of the state, modes included.
             generation = claim() if claim is not None else None
+            statedir.secure(state)
             reseal.finish(state)  # one a crash interrupted
             self._progress = progress
             self.index = Index(state / INDEX_NAME, guard, generation or 0)
