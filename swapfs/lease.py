@@ -6,7 +6,11 @@ two hosts reach, flock fences nothing across them; this lease does. A live
 daemon holds it and renews it every third of its duration; a standby takes
 the directory over only after the lease has lapsed by its full duration plus
 a clock-skew margin; and a holder that cannot renew stops writing, on its
-own, before a standby may take over (:meth:`Lease.valid_for`).
+own, before a standby may take over: every write it makes is preceded by
+:meth:`Lease.guard`, which reads CLOCK_BOOTTIME at that moment. A renewal
+first flushes what was written under the old stamp, and never lands after
+its holder gave the lease up; a record of a lower generation is a late
+write of an earlier holder.
 
 The lease is one small file, ``<state>/lease``, always replaced whole (write
 a temporary file, fsync, rename, fsync the directory), so a reader sees the
@@ -20,7 +24,7 @@ Example::
     lease = acquire(state, duration=10.0)          # LeaseHeld if a live holder has it
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keep_renewed, lease, stop_writing)
-        ...                                        # serve while lease.valid_for() > 0
+        ...                                        # lease.guard() before every write
     lease.release()
 """
 
