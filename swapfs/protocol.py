@@ -305,6 +305,11 @@ def parse_extent(value: Any, index: int) -> Extent:
         segment=_int(value["segment"], f"{what}.segment", 0, 0xFFFF),
         part=part,
     )
+    # The unused part of one page (a head starts a page, a tail ends one),
+    # so it never runs past its page, nor past the end of the address space.
+    if extent.address % PAGE_SIZE + extent.length > PAGE_SIZE:
+        raise _invalid(f"{what} runs past the end of its page")
+    return extent
 
 
 def parse_extents(value: Any) -> list[Extent]:
