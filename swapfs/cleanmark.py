@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 
 from swapfs.errors import CorruptIndex
+from swapfs.statedir import sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def check_and_clear(directory: Path) -> None:
         raise CorruptIndex(f"the meta pages of {directory / 'data.mdb'} changed since the "
                            f"index was closed (a flipped bit?); {mark} says how they were")
     mark.unlink()
-    _sync_directory(directory)
+    sync_directory(directory)
 
 
 def mark_clean(directory: Path, page_size: int) -> None:
@@ -79,16 +80,10 @@ def mark_clean(directory: Path, page_size: int) -> None:
         finally:
             os.close(fd)
         os.replace(temporary, directory / MARK_NAME)
-        _sync_directory(directory)
+        sync_directory(directory)
     except OSError as exc:
         log.warning("cannot mark the index in %s clean (%s): its next open will not "
                     "check its meta pages", directory, exc)
         temporary.unlink(missing_ok=True)
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -48,6 +48,7 @@ import blake3
 import trio
 
 from swapfs.errors import SwapfsError
+from swapfs.statedir import sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +283,7 @@ def _write_lease(state: Path, info: LeaseInfo,
 
 def _sync_dir(state: Path) -> None:
     try:
-        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(state)
     except OSError as exc:
         raise LeaseError(exc.errno or errno.EIO, f"cannot sync {state}: {exc.strerror}") from None
 

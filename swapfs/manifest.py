@@ -34,6 +34,7 @@ import blake3
 
 from swapfs.cache import MAX_OWNERS, CacheEntry
 from swapfs.digest import DIGEST_SIZE
+from swapfs.statedir import sync_directory
 
 MAGIC = b"SWFSCMAN"
 VERSION = 1
@@ -195,8 +196,4 @@ def write_manifest(path: Path, raw: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    sync_directory(path.parent)

@@ -53,6 +53,7 @@ from swapfs.errors import CorruptBlock, SwapfsError
 from swapfs.index import FORMAT_VERSION, Chain, Index, Txn
 from swapfs.sealing import BLOCK_KEYS, ChainKeys
 from swapfs.slottable import RUN_BYTES, SlotTable
+from swapfs.statedir import sync_directory
 from swapfs.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def finish(state: Path) -> None:
     if building.exists():
         log.warning("%s: discarding a reseal that did not complete", state)
         shutil.rmtree(building)
-        _fsync_dir(state)
+        sync_directory(state)
     ready = state / READY
     if not ready.is_dir():
         return
@@ -100,7 +101,7 @@ def finish(state: Path) -> None:
         _fsync_dirs(state, ready)
     (state / "cache.manifest").unlink(missing_ok=True)
     shutil.rmtree(ready)
-    _fsync_dir(state)
+    sync_directory(state)
     log.info("%s: resealed", state)
 
 
@@ -128,7 +129,7 @@ def build(state: Path, index: Index, store: BlockStore,
         shutil.rmtree(building, ignore_errors=True)
         raise
     os.rename(building, state / READY)
-    _fsync_dir(state)
+    sync_directory(state)
     return chains
 
 
@@ -156,7 +157,7 @@ def _build(building: Path, index: Index, store: BlockStore,
     _compact(work, building / INDEX_NAME)
     shutil.rmtree(work)
     for directory in (building / "data", building / INDEX_NAME, building):
-        _fsync_dir(directory)
+        sync_directory(directory)
     return len(chains)
 
 
@@ -281,15 +282,7 @@ def _compact(source: Path, target: Path) -> None:
     cleanmark.mark_clean(target, page_size)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dirs(*directories: Path) -> None:
     for directory in directories:
-        _fsync_dir(directory)
+        sync_directory(directory)
 

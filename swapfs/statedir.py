@@ -32,6 +32,17 @@ def secure(state: Path) -> None:
             _tighten(Path(entry.path), FILE_MODE)
 
 
+def sync_directory(directory: Path) -> None:
+    """fsync(2) *directory*, so that the names created, renamed or removed in
+    it so far survive a power cut (OSError if the file system reports an
+    error)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _tighten(path: Path, mode: int) -> None:
     """Clear the group and other bits that *mode* does not allow."""
     current = stat.S_IMODE(path.lstat().st_mode)
