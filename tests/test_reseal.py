@@ -3,9 +3,6 @@ nothing of the old keys left in any file of the state, and a kill at any
 point leaves the state that one key or the other opens (swapfs/reseal.py)."""
 
 import errno
-import signal
-import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -16,11 +13,11 @@ from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import CorruptIndex
 from swapfs.sealing import RECORD_SIZE
 from swapfs.volume import Volume
+from tests.killing import run_until_killed
 from tests.mounting import swapfs
 from tests.test_encryption import errno_of, make, page, state_bytes
 
 BS = BLOCK_SIZE
-REPO = Path(__file__).resolve().parent.parent
 #: What make() leaves in each file: f holds pages 0..7; g and h, page 1.
 CONTENTS = {"f": b"".join(page(number) for number in range(8)), "g": page(1), "h": page(1)}
 
@@ -135,24 +132,15 @@ def test_an_unencrypted_state_is_not_resealed(tmp_path: Path) -> None:
     assert refused.returncode == 1 and "is not encrypted" in refused.stderr
 
 
-#: Run in a child: reseal with one function replaced by one that kills the
-#: process with SIGKILL on its Nth call.
-_KILLER = """
-import os, signal, sys
+#: Run in a child: reseal with one function dying on its Nth call
+#: (tests/killing.py).
+_RESEAL = """
 from pathlib import Path
 from swapfs import keys, reseal, sealing, volume
-state, target, nth = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-owner, name = {"fsync": (reseal, "_fsync_dir"), "seal": (sealing.ChainKeys, "seal")}[target]
-real = getattr(owner, name)
-calls = 0
-def dying(*args, **kwargs):
-    global calls
-    calls += 1
-    if calls == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(owner, name, dying)
-vol = volume.Volume(state, master=keys.read(Path(sys.argv[4])))
+owner, name = {"fsync": (reseal, "sync_directory"),
+               "seal": (sealing.ChainKeys, "seal")}[sys.argv[2]]
+_die_at_call(owner, name, int(sys.argv[3]))
+vol = volume.Volume(Path(sys.argv[1]), master=keys.read(Path(sys.argv[4])))
 vol.reseal(keys.read(Path(sys.argv[5])))
 vol.close()
 """
@@ -172,10 +160,7 @@ def test_a_kill_during_a_reseal_leaves_one_key_in_force(
     state = tmp_path / "state"
     inos = make(state, master_key)
     new = keys.generate(tmp_path / "new.key")
-    child = subprocess.run([sys.executable, "-c", _KILLER, str(state), target, str(nth),
-                            master_key.source, new.source],
-                           cwd=REPO, capture_output=True, text=True)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    run_until_killed(_RESEAL, str(state), target, str(nth), master_key.source, new.source)
     assert (state / reseal.READY).exists() == resealed
     works, refused = (new, master_key) if resealed else (master_key, new)
     # The first to open the state after the kill is swapfs fsck, which

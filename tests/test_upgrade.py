@@ -5,7 +5,6 @@ format or the other, never a mix, and either reads back the same bytes. An
 encrypted state of format 3 is sealed again as it is converted."""
 
 import errno
-import signal
 import subprocess
 import sys
 import tarfile
@@ -21,9 +20,9 @@ from swapfs.errors import SwapfsError
 from swapfs.index import FORMAT_VERSION
 from swapfs.volume import OldFormat, Volume
 from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, small_contents
+from tests.killing import REPO, run_until_killed
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def unpack(tmp_path: Path, version: int | str = 1) -> Path:
@@ -96,22 +95,12 @@ def test_fsck_leaves_an_old_format_alone_unless_told(tmp_path: Path) -> None:
 
 
 #: Run in a child: open the state (which converts it) with one function
-#: replaced by one that kills the process with SIGKILL on its Nth call.
-_KILLER = """
-import os, signal, sys
+#: dying on its Nth call (tests/killing.py).
+_CONVERT = """
 from pathlib import Path
 from swapfs import filemap, index, slottable, volume
-target, name, nth = sys.argv[2], sys.argv[3], int(sys.argv[4])
-owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn}[target]
-real = getattr(owner, name)
-calls = 0
-def dying(*args, **kwargs):
-    global calls
-    calls += 1
-    if calls == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(owner, name, dying)
+owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn}[sys.argv[2]]
+_die_at_call(owner, sys.argv[3], int(sys.argv[4]))
 volume.Volume(Path(sys.argv[1])).close()
 """
 
@@ -125,9 +114,7 @@ volume.Volume(Path(sys.argv[1])).close()
 def test_a_kill_during_the_conversion_leaves_one_format(
         tmp_path: Path, target: str, name: str, nth: int, converted: bool) -> None:
     state = unpack(tmp_path)
-    child = subprocess.run([sys.executable, "-c", _KILLER, str(state), target, name,
-                            str(nth)], cwd=REPO, capture_output=True, text=True)
-    assert child.returncode == -signal.SIGKILL, child.stderr
+    run_until_killed(_CONVERT, str(state), target, name, str(nth))
     assert raw_format(state) == (FORMAT_VERSION if converted else 1)
     assert_contents(state)  # converts now if it was not
     assert raw_format(state) == FORMAT_VERSION
