@@ -46,7 +46,8 @@ from swapfs.lease import (
 )
 from swapfs.slottable import SlotTable
 from swapfs.volume import Volume
-from tests.mounting import SWAPFS
+from tests.mounting import SWAPFS, wait_until
+from tests.test_fencing import snapshot
 
 #: Test timings: a contender may take over DURATION + MARGIN after the last renewal.
 DURATION = 0.5
@@ -781,6 +782,53 @@ def test_the_lease_is_renewed_while_a_slow_state_opens(
     finally:
         volume.close()
         link.lease.release()  # type: ignore[union-attr]
+
+
+def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another host breaks the lease and takes the state while this one
+    still loads its slot tables: what opened writes nothing from then on,
+    and the daemon sees the lease lost before it serves (mountd/daemon.py)."""
+    state = tmp_path / "state"
+    volume = Volume(state)
+    for name in (b"a", b"b"):
+        chain = volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
+        file = volume.create(chain.ino, b"f", 0o100600, 0, 0)
+        volume.write(file.ino, 0, os.urandom(4096))
+    volume.close()
+    seconds = 4.0  # the daemon's least lease_seconds
+    load = SlotTable.load.__func__  # type: ignore[attr-defined]
+    taken: list[Any] = []  # the other host's holder id, then the state as it took it
+
+    def contended_load(cls: type, *args: Any, **kwargs: Any) -> SlotTable:
+        if not taken:
+            break_lease(state, force=True)
+            taken.append(acquire(state, 60.0, host="other-host", **FAST).holder)
+            taken.append(snapshot(state))
+            # This host's next renewal, in its Renewer thread, finds it lost.
+            assert wait_until(lambda: link.lease is not None and link.lease.valid_for() == 0,
+                              timeout=30)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(SlotTable, "load", classmethod(contended_load))
+    link = Link(str(tmp_path / "m"), None, None, None)
+    try:
+        volume = Volume(state, claim=lambda: link.claim_lease(state, seconds),
+                        guard=link.guard)
+    finally:
+        link.opened()
+    try:
+        assert link.lease is not None and link.lease.valid_for() == 0
+        with pytest.raises(SwapfsError) as refused:
+            volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        assert refused.value.errno == errno.EROFS
+        assert "other-host" in str(refused.value)  # a renewal found it taken
+    finally:
+        volume.close()
+        link.lease.release()  # type: ignore[union-attr]
+    assert snapshot(state) == taken[1]  # not a byte the state stores written since
+    info = read_lease(state)
+    assert info is not None and info.holder == taken[0] and info.generation == 2
 
 
 def test_the_opening_reports_each_slow_step(tmp_path: Path) -> None:
