@@ -326,6 +326,10 @@ class Volume:
             return
         if key_id is None:
             raise CorruptIndex(f"{self.state} is encrypted but names no master key")
+        if cipher == BLOCK_KEYS and self.state_id is None:
+            # Its chain keys' wrap is bound to its UUID; one unbound (format
+            # 3's) is never taken for it.
+            raise CorruptIndex(f"{self.state} is encrypted but holds no state UUID")
         if self.master is None:
             raise SwapfsError(errno.ENOKEY, f"{self.state} is encrypted, and no master key "
                               f"was given (it needs key {keys.key_id_text(key_id)})")

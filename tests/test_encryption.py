@@ -198,6 +198,20 @@ def test_a_chain_key_copied_into_another_state_does_not_unwrap(
     assert None not in ids and len(ids) == 2
 
 
+def test_an_encrypted_state_without_its_uuid_is_refused(
+        tmp_path: Path, master_key: keys.MasterKey) -> None:
+    """Every state sealed with a key per block has a UUID, which its chain
+    keys' wrap is bound to: one without is damaged, never a state whose
+    wraps are bound to no state (index format 3)."""
+    state = tmp_path / "state"
+    make(state, master_key)
+    with closing(Volume(state, master=master_key)) as vol, \
+            vol.index.begin(write=True) as txn:
+        assert txn.txn.delete(b"uuid", db=vol.index.meta)
+    with pytest.raises(CorruptIndex, match="UUID"):
+        Volume(state, master=master_key)
+
+
 def test_rekey_rewraps_the_chain_keys_and_rewrites_no_data(
         tmp_path: Path, master_key: keys.MasterKey) -> None:
     state = tmp_path / "state"
