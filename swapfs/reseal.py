@@ -37,7 +37,6 @@ An index of format 3 sealed every block under its chain's data key
 master key.
 """
 
-import errno
 import functools
 import logging
 import os
@@ -49,7 +48,7 @@ from typing import Any
 import lmdb
 
 from swapfs import cleanmark, keys
-from swapfs.errors import CorruptBlock, SwapfsError
+from swapfs.errors import CorruptBlock
 from swapfs.index import FORMAT_VERSION, Chain, Index, Txn
 from swapfs.sealing import BLOCK_KEYS, ChainKeys
 from swapfs.slottable import RUN_BYTES, SlotTable
@@ -114,9 +113,9 @@ def build(state: Path, index: Index, store: BlockStore,
     wrapped by *new*, telling *progress* as blocks are sealed, and commit
     it (step 1 above) if *guard* (the lease's check) lets this process
     still write the state; :func:`finish` puts it in place once the caller
-    has closed the old one. Returns the number of chains. EIO when a slot's
-    entry does not verify (fsck repairs it first); a block whose data does
-    not open stays unreadable (EIO)."""
+    has closed the old one. Returns the number of chains. A block whose
+    data does not open stays unreadable (EIO), and so does a slot whose
+    entry does not verify (its entry stays lost: fsck rebuilds it)."""
     building = state / BUILDING
     if building.exists():
         shutil.rmtree(building)
@@ -209,10 +208,6 @@ def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain
     new_keys = ChainKeys.from_secret(chain.id_, secret)
     record = Chain(chain.id_, new.wrap(state_id, chain.id_, secret), chain.next_slot)
     table = SlotTable.load(old, chain)
-    if table.bad:
-        raise SwapfsError(errno.EIO, f"chain {chain.id_}: the entries of slots "
-                          f"{sorted(table.bad)[:8]} do not verify; run swapfs fsck --repair "
-                          "first")
     resealed = SlotTable.blank(record)
     used = list(table.used())
     for first in range(0, len(used), _BATCH):
@@ -241,6 +236,8 @@ def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain
             target_store.write_seals(chain.id_, records)
         if progress is not None:
             progress(chain.id_, first + len(batch), len(used))
+    _reseal_lost(store, old_keys, new_keys, chain.id_, sorted(table.bad), resealed,
+                 target_store)
 
     def save(txn: Txn) -> None:
         txn.put_chain(record)
@@ -251,6 +248,38 @@ def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain
             txn.put_damaged(chain.id_, slot)
     _write(target, save)
     log.info("chain %d: %d blocks sealed again", chain.id_, len(used))
+
+
+def _reseal_lost(store: BlockStore, old_keys: ChainKeys, new_keys: ChainKeys,
+                 chain_id: int, slots: list[int], resealed: SlotTable,
+                 target_store: BlockStore) -> None:
+    """The slots whose entry does not verify: lost before, lost after. Each
+    keeps an entry that does not verify, so it still reads EIO; its block,
+    if its seal record names it and it opens, is sealed again, so that
+    ``swapfs fsck --repair`` rebuilds the entry afterwards from the new
+    seal record and the file maps, as it would have before."""
+    for first in range(0, len(slots), _BATCH):
+        batch = slots[first:first + _BATCH]
+        datas = store.read_many(chain_id, batch)
+        seals = (store.read_seals(chain_id, batch) if old_keys.sealed
+                 else [None] * len(batch))
+        blocks, records = [], []
+        for slot, data, seal in zip(batch, datas, seals, strict=True):
+            resealed.lose(slot)
+            digest = old_keys.recover_digest(slot, data, seal)
+            if digest is None:
+                continue  # free, or its block lost too
+            plain = old_keys.open(slot, digest, data, seal)
+            new_digest = new_keys.digest(plain)
+            sealed, seal_record = new_keys.seal(new_digest, plain)
+            blocks.append((slot, sealed))
+            records.append((slot, seal_record))
+        if blocks:
+            target_store.write_many(chain_id, blocks)
+            target_store.write_seals(chain_id, records)
+    if slots:
+        log.warning("chain %d: the entries of %d slots do not verify; they stay lost "
+                    "(swapfs fsck --repair rebuilds them)", chain_id, len(slots))
 
 
 def _write(index: Index, fill: Callable[[Txn], None]) -> None:

@@ -256,6 +256,14 @@ class SlotTable:
         if slot not in self.damaged:
             self.dedup.add(digest, slot)
 
+    def lose(self, slot: int) -> None:
+        """Give a slot an entry that does not verify, as a lost one reads (a
+        reseal keeps a lost entry lost: ``swapfs fsck --repair`` rebuilds it)."""
+        ENTRY.pack_into(self.image, slot * ENTRY.size, _FREE_DIGEST, 0,
+                        entry_crc(self.chain_id, slot, _FREE_DIGEST, 0) ^ 0xFFFFFFFF)
+        self._dirty.add(slot // SLOT_RUN)
+        self.bad.add(slot)
+
     def take_free(self) -> int | None:
         """The lowest punched free slot, or None."""
         return heapq.heappop(self.free) if self.free else None

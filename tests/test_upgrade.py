@@ -5,6 +5,7 @@ format or the other, never a mix, and either reads back the same bytes. An
 encrypted state of format 3 is sealed again as it is converted."""
 
 import errno
+import struct
 import subprocess
 import sys
 import tarfile
@@ -14,10 +15,11 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from swapfs import fsck, keys
+from swapfs import cleanmark, fsck, keys
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import SwapfsError
 from swapfs.index import FORMAT_VERSION
+from swapfs.slottable import ENTRY, SLOT_RUN
 from swapfs.volume import OldFormat, Volume
 from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, small_contents
 from tests.killing import REPO, run_until_killed
@@ -143,3 +145,80 @@ def test_an_encrypted_format_3_state_is_sealed_again_as_it_is_converted(
     assert old_ciphertext not in (state / "data" / "1.blocks").read_bytes()
     assert sorted(path.name for path in state.iterdir()) == ["data", "index.lmdb", "lock"]
     assert fsck.check(state, master=master).clean
+
+
+def fixture_key(tmp_path: Path) -> keys.MasterKey:
+    """The encrypted fixture's master key, in a key file of its own."""
+    path = tmp_path / "fixture.key"
+    path.write_bytes(FIXTURE_KEY)
+    path.chmod(0o600)
+    return keys.read(path)
+
+
+def flip_slot_entry(state: Path, chain_id: int, slot: int) -> None:
+    """Flip one bit of the digest in *slot*'s slot-table entry, without swapfs."""
+    env = lmdb.open(str(state / "index.lmdb"), max_dbs=16)
+    try:
+        with env.begin(write=True) as txn:
+            slots = env.open_db(b"slots", txn=txn, create=False)
+            key = struct.pack(">II", chain_id, slot // SLOT_RUN)
+            found = txn.get(key, db=slots)
+            assert found is not None
+            raw = bytearray(found)
+            raw[(slot % SLOT_RUN) * ENTRY.size] ^= 0x01
+            txn.put(key, bytes(raw), db=slots)
+        page_size = int(env.stat()["psize"])
+    finally:
+        env.close()
+    cleanmark.mark_clean(state / "index.lmdb", page_size)  # closed as swapfs closes it
+
+
+def test_an_encrypted_format_3_state_with_a_bad_slot_entry_converts(
+        tmp_path: Path) -> None:
+    """A slot-table entry that does not verify is lost already: the
+    conversion seals its block again from its seal record, leaves the
+    entry lost (that slot reads EIO, as before), and fsck --repair then
+    rebuilds it from the new seal record and the maps."""
+    master = fixture_key(tmp_path)
+    # A block keeps its slot through the conversion: a copy converted tells which.
+    with closing(Volume(unpack(tmp_path / "copy", "3-encrypted"), master=master)) as vol:
+        chain = vol.resolve("vms").chain
+        slot = vol.mapped(vol.resolve("vms/base").ino)[0]
+    state = unpack(tmp_path, "3-encrypted")
+    flip_slot_entry(state, chain, slot)
+    want = small_contents()
+    with closing(Volume(state, master=master)) as vol:  # mounts, converted
+        base = vol.resolve("vms/base").ino
+        with pytest.raises(SwapfsError) as lost:
+            vol.read(base, 0, BLOCK_SIZE)
+        assert lost.value.errno == errno.EIO
+        for path, data in want.items():  # every other block reads back
+            ino = vol.resolve(path).ino
+            for block, mapped in vol.mapped(ino).items():
+                if not (path.startswith("vms/") and mapped == slot):
+                    assert vol.read(ino, block * BLOCK_SIZE, BLOCK_SIZE) == \
+                        data[block * BLOCK_SIZE:(block + 1) * BLOCK_SIZE], (path, block)
+    assert raw_format(state) == FORMAT_VERSION
+    repaired = subprocess.run(
+        [sys.executable, "-m", "swapfs.cli", "fsck", "--repair", "--state", str(state),
+         "--key-file", master.source], cwd=REPO, capture_output=True, text=True)
+    assert repaired.returncode == fsck.EXIT_REPAIRED, repaired.stdout + repaired.stderr
+    assert "corrupt-slot" in repaired.stdout + repaired.stderr
+    with closing(Volume(state, master=master)) as vol:
+        for path, data in want.items():
+            assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
+    assert fsck.check(state, master=master).clean
+
+
+def test_fsck_repair_converts_an_encrypted_format_3_state_with_a_bad_slot_entry(
+        tmp_path: Path) -> None:
+    state = unpack(tmp_path, "3-encrypted")
+    master = fixture_key(tmp_path)
+    flip_slot_entry(state, 1, 0)
+    report = fsck.check(state, repair=True, master=master)
+    assert report.exit_code == fsck.EXIT_REPAIRED, report.problems
+    assert raw_format(state) == FORMAT_VERSION
+    assert fsck.check(state, master=master).clean
+    with closing(Volume(state, master=master)) as vol:
+        for path, data in small_contents().items():
+            assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
