@@ -443,10 +443,17 @@ def _rekey(args: argparse.Namespace) -> int:
         raise CommandError("give --new-key-file (or --reseal, to keep the master key)")
     new = old if args.new_key_file is None else keys.read(args.new_key_file)
     with lease.Offline(args.state) as held:  # a state shared with another host
+        # A reseal converts a state of format 3 as it opens, under the new key.
         volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal,
-                        master=old, claim=held.claim, guard=held.guard)
+                        master=old, claim=held.claim, guard=held.guard,
+                        reseal_to=new if args.reseal else None)
         try:
-            chains = volume.reseal(new, _sealed) if args.reseal else volume.rekey(new)
+            if not args.reseal:
+                chains = volume.rekey(new)
+            elif volume.converted is not None:
+                chains = volume.converted
+            else:
+                chains = volume.reseal(new, _sealed)
         finally:
             volume.close()
     done = ("chain keys replaced and every block sealed again" if args.reseal

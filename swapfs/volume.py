@@ -129,7 +129,8 @@ class Volume:
                  upgrade: bool = True, dedup_table_bytes: int | None = None,
                  master: keys.MasterKey | None = None, encrypt: bool | None = None,
                  guard: Callable[[], None] | None = None,
-                 progress: Callable[[], None] | None = None) -> None:
+                 progress: Callable[[], None] | None = None,
+                 reseal_to: keys.MasterKey | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -160,6 +161,10 @@ class Volume:
         *encrypt* says so, or, with *encrypt* None, if a *master* key is
         given. With *encrypt* True or False, a state in the other mode is
         refused (EINVAL): a state is wholly encrypted or wholly plain.
+        An encrypted state of format 3 is converted by sealing it again
+        (:meth:`reseal`), under *reseal_to* if given (``swapfs rekey
+        --reseal``), else under *master*; *progress* is called at each
+        batch of blocks sealed again.
         """
         if not create and not ((state / INDEX_NAME / "data.mdb").is_file()
                                or reseal.pending(state)):
@@ -191,8 +196,11 @@ class Volume:
             self._keys: dict[int, ChainKeys] = {}
             legacy = self._format(create, upgrade, encrypt)
             self._check_key(encrypt)
+            #: The chains sealed again as the state was converted (format 3,
+            #: encrypted), else None.
+            self.converted: int | None = None
             if legacy:
-                self.reseal(self.master)
+                self.converted = self.reseal(reseal_to or self.master, self._reseal_step)
             if recover:
                 self._purge_orphans(still_open)
                 self._punch_free()
@@ -304,6 +312,11 @@ class Volume:
                                 os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
             return False
 
+    def _reseal_step(self, _chain_id: int, _done: int, _total: int) -> None:
+        """A batch of blocks sealed again while the state opens: a step."""
+        if self._progress is not None:
+            self._progress()
+
     def _check_key(self, encrypt: bool | None) -> None:
         """Is the state encrypted (``encrypted``), and sealed as format 3 did
         (``legacy``)? Refuse it in the wrong mode or without its key."""
@@ -395,11 +408,11 @@ class Volume:
                               "master key")
         chains = reseal.build(self.state, self.index, self.store, self.chain_keys, new,
                               self.index.guard, progress)
-        guard = self.index.guard
+        guard, generation = self.index.guard, self.index.generation
         self.store.close()
         self.index.close()
         reseal.finish(self.state)
-        self.index = Index(self.state / INDEX_NAME, guard)
+        self.index = Index(self.state / INDEX_NAME, guard, generation)
         self.store = BlockStore(self.state / "data", guard)
         for chain_id in list(self._tables):  # they hold the old digests
             self._drop_table(chain_id)

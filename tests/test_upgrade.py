@@ -11,11 +11,12 @@ import sys
 import tarfile
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
 
-from swapfs import cleanmark, fsck, keys
+from swapfs import cleanmark, cli, fsck, keys, reseal
 from swapfs.blocks import BLOCK_SIZE
 from swapfs.errors import SwapfsError
 from swapfs.index import FORMAT_VERSION
@@ -222,3 +223,48 @@ def test_fsck_repair_converts_an_encrypted_format_3_state_with_a_bad_slot_entry(
     with closing(Volume(state, master=master)) as vol:
         for path, data in small_contents().items():
             assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
+
+
+def test_the_conversion_of_an_encrypted_format_3_state_reports_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealing every block again takes long: the open tells each batch of
+    blocks, so that whoever waits for the start sees it move."""
+    monkeypatch.setattr(reseal, "_BATCH", 4)
+    state = unpack(tmp_path, "3-encrypted")
+    steps: list[None] = []
+    with closing(Volume(state, master=fixture_key(tmp_path),
+                        progress=lambda: steps.append(None))) as vol, \
+            vol.index.begin() as txn:
+        blocks = sum(-(-len(vol.blocks(chain.id_)) // 4) for chain in txn.iter_chains())
+    assert blocks >= 3 and len(steps) >= blocks
+
+
+def test_a_converted_state_keeps_checking_lease_generations(tmp_path: Path) -> None:
+    state = unpack(tmp_path, "3-encrypted")
+    with closing(Volume(state, master=fixture_key(tmp_path), claim=lambda: 5)) as vol:
+        assert vol.index.generation == 5
+    assert raw_format(state) == FORMAT_VERSION
+
+
+def test_rekey_reseal_converts_an_encrypted_format_3_state_in_one_reseal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    state = unpack(tmp_path, "3-encrypted")
+    old = fixture_key(tmp_path)
+    new = keys.generate(tmp_path / "new.key")
+    builds: list[int] = []
+    build = reseal.build
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        builds.append(args[4].key_id)
+        return build(*args, **kwargs)
+    monkeypatch.setattr(reseal, "build", counted)
+    assert cli.main(["rekey", "--reseal", "--state", str(state), "--key-file", old.source,
+                     "--new-key-file", new.source]) == 0
+    assert "2 chain keys replaced" in capsys.readouterr().out
+    assert builds == [new.key_id]
+    assert raw_format(state) == FORMAT_VERSION
+    with closing(Volume(state, master=new)) as vol:
+        for path, data in small_contents().items():
+            assert vol.read(vol.resolve(path).ino, 0, len(data) + BLOCK_SIZE) == data, path
+    assert fsck.check(state, master=new).clean
