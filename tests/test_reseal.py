@@ -16,6 +16,7 @@ from swapfs.volume import Volume
 from tests.killing import run_until_killed
 from tests.mounting import swapfs
 from tests.test_encryption import errno_of, make, page, state_bytes
+from tests.test_upgrade import flip_slot_entry
 
 BS = BLOCK_SIZE
 #: What make() leaves in each file: f holds pages 0..7; g and h, page 1.
@@ -170,3 +171,24 @@ def test_a_kill_during_a_reseal_leaves_one_key_in_force(
     assert not (state / reseal.BUILDING).exists() and not (state / reseal.READY).exists()
     assert errno_of(Volume, state, master=refused) == errno.EKEYREJECTED
     assert_contents(state, works, inos)
+
+
+def test_a_lost_slot_entry_stays_lost_and_fsck_rebuilds_it(
+        tmp_path: Path, master_key: keys.MasterKey) -> None:
+    """A slot whose entry does not verify does not stop the reseal: it
+    reads EIO as before, its block is sealed again from its seal record,
+    and fsck --repair rebuilds its entry afterwards."""
+    state = tmp_path / "state"
+    inos = make(state, master_key)
+    with closing(Volume(state, master=master_key)) as vol:
+        slot = vol.mapped(inos["f"])[3]
+    flip_slot_entry(state, 1, slot)
+    swapfs("rekey", "--reseal", "--state", str(state), "--key-file", master_key.source)
+    with closing(Volume(state, master=master_key)) as vol:
+        assert errno_of(vol.read, inos["f"], 3 * BS, BS) == errno.EIO
+        assert vol.read(inos["f"], 4 * BS, BS) == page(4)
+    report = fsck.check(state, repair=True, master=master_key)
+    assert [problem.kind for problem in report.problems] == ["corrupt-slot"]
+    assert report.exit_code == fsck.EXIT_REPAIRED
+    assert_contents(state, master_key, inos)
+    assert fsck.check(state, master=master_key).clean
