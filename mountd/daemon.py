@@ -157,6 +157,12 @@ class Link:
         self.opening = lease.Renewer(self.lease, on_renewed).__enter__()
         return self.lease.generation
 
+    def restamp_lease(self, recorded: int) -> int:
+        """Re-stamp the lease above the generation the index records
+        (``Volume(..., restamp=...)``, ``Lease.restamp_above``)."""
+        assert self.lease is not None
+        return self.lease.restamp_above(recorded)
+
     def opened(self) -> None:
         """The state is open (or failed to): keep_renewed renews from now on."""
         if self.opening is not None:
@@ -372,6 +378,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                             still_open=link.memo.open_inos() if link.memo else (),
                             claim=(lambda: link.claim_lease(state, lease_seconds, on_progress))
                             if lease_seconds else None,
+                            restamp=link.restamp_lease if lease_seconds else None,
                             create=link.takeover is None,
                             dedup_table_bytes=config.dedup_table_bytes,
                             master=master, encrypt=config.encrypt,

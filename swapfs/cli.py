@@ -17,6 +17,7 @@ from typing import Any
 
 from swapfs import fsck, keys, lease, mountcheck, protocol, reseal, spawn, swaparea
 from swapfs.errors import SwapfsError
+from swapfs.index import recorded_generation
 from swapfs.records import MAX_VALUE
 from swapfs.volume import Volume
 
@@ -356,16 +357,23 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline(state: Path) -> lease.Offline:
+    """The lease of an offline command on *state*: taken if the state has a
+    lease file, or if its index records a lease generation (the file was
+    removed)."""
+    return lease.Offline(state, lambda: recorded_generation(state / "index.lmdb"))
+
+
 def _fsck(args: argparse.Namespace) -> int:
     """Exit codes as e2fsck's; a check that cannot start (no state, in use,
     its lease held by a live daemon, unreadable) is an operational error, 8."""
     try:
         if not ((args.state / "index.lmdb").exists() or reseal.pending(args.state)):
             raise CommandError(f"{args.state} holds no swapfs state")
-        with lease.Offline(args.state) as held:
+        with _offline(args.state) as held:
             report = fsck.check(args.state, repair=args.repair, upgrade=args.upgrade,
                                 master=keys.load(args.key_file), claim=held.claim,
-                                guard=held.guard)
+                                guard=held.guard, restamp=held.restamp)
     except (CommandError, SwapfsError, OSError) as exc:
         print(f"swapfs fsck: {exc}", file=sys.stderr)
         return fsck.EXIT_FAILED
@@ -442,11 +450,11 @@ def _rekey(args: argparse.Namespace) -> int:
     if args.new_key_file is None and not args.reseal:
         raise CommandError("give --new-key-file (or --reseal, to keep the master key)")
     new = old if args.new_key_file is None else keys.read(args.new_key_file)
-    with lease.Offline(args.state) as held:  # a state shared with another host
+    with _offline(args.state) as held:  # a state shared with another host
         # A reseal converts a state of format 3 as it opens, under the new key.
         volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal,
                         master=old, claim=held.claim, guard=held.guard,
-                        reseal_to=new if args.reseal else None)
+                        restamp=held.restamp, reseal_to=new if args.reseal else None)
         try:
             if not args.reseal:
                 chains = volume.rekey(new)

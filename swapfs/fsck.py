@@ -311,18 +311,19 @@ class _Checker:
 
 def check(state: Path, repair: bool = False, upgrade: bool = False,
           master: MasterKey | None = None, claim: Callable[[], int | None] | None = None,
-          guard: Callable[[], None] | None = None) -> Report:
+          guard: Callable[[], None] | None = None,
+          restamp: Callable[[int], int] | None = None) -> Report:
     """Check (and optionally repair) the state directory of an unmounted volume,
     opened with its *master* key if it is encrypted.
 
     An index of an earlier format is converted first with *upgrade* or
     *repair*; otherwise it is reported as ``old-format`` and left as it is.
-    *claim* and *guard* take and check the state's lease (``Volume``;
-    ``swapfs.lease.Offline``).
+    *claim*, *guard* and *restamp* take, check and re-stamp the state's
+    lease (``Volume``; ``swapfs.lease.Offline``).
     """
     try:
         volume = Volume(state, recover=False, upgrade=upgrade or repair, master=master,
-                        claim=claim, guard=guard)
+                        claim=claim, guard=guard, restamp=restamp)
     except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
         return _unreadable(exc)
     try:

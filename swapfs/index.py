@@ -239,6 +239,29 @@ MAP_STEP = 1 << 20
 KEEP_ROOM_EVERY = 8
 
 
+def recorded_generation(path: Path) -> int:
+    """The lease generation the index in *path* records (Index.generation),
+    0 for none or no index; read before its lease is taken, so without
+    LMDB's lock file and without writing anything (an offline command asks
+    whether the state was shared: swapfs.lease.Offline)."""
+    if not (path / "data.mdb").is_file():
+        return 0
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=16, readahead=False)
+    try:
+        with env.begin() as txn:
+            try:
+                meta = env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return 0
+            raw = txn.get(LEASE_GENERATION, db=meta)
+            if raw is None:
+                return 0
+            payload = unseal(_META, LEASE_GENERATION, raw, "the counter lease_generation")
+            return int(_U64.unpack(payload)[0])
+    finally:
+        env.close()
+
+
 def _map_steps(size: int) -> int:
     return MAP_STEP * max(1, -(-size // MAP_STEP))
 
@@ -353,6 +376,11 @@ class Index:
         except BaseException:
             txn.abort()
             raise
+
+    def recorded_generation(self) -> int:
+        """The lease generation of the index's last writer, 0 for none."""
+        with self.begin() as txn:
+            return txn.get_meta(LEASE_GENERATION) or 0
 
     def fence(self, reason: str) -> None:
         """Refuse every write from now on (EROFS): this process may no longer

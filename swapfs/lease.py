@@ -393,6 +393,40 @@ class Lease:
             self._lose(f"renewal of the lease on {self.state} landed after it had lapsed")
         self._deadline = start + self.duration
 
+    def restamp_above(self, recorded: int) -> int:
+        """Re-stamp this lease at generation *recorded* + 1 when the state's
+        index records *recorded*, a generation above this holder's own; the
+        generation held afterwards.
+
+        That happens only when the lease file lost its generation (a corrupt
+        one broken, a removed one) after holders of higher generations wrote
+        the index: this holder's claim started again from 1, and the index
+        would refuse each of its writes. The file must still name this
+        holder and generation (LeaseLost otherwise: another holder took the
+        state over, and its higher generation in the index is what fences
+        this one); the deadline is not extended. The caller passes what the
+        index records (``Volume(..., restamp=...)``); this module never
+        reads the index.
+        """
+        if recorded < self.generation:
+            return self.generation
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        if clock() >= self._deadline:
+            self._lose(f"lease on {self.state} lapsed before it was re-stamped")
+        self._check_ours()
+        old, self.generation = self.generation, recorded + 1
+        # Set before the write: a renewal meanwhile, or a write that fails
+        # before its rename, leaves a lower generation in the file, which the
+        # next renewal stamps over (a late write, to it).
+        _write_lease(self.state, LeaseInfo(
+            holder=self.holder, host=self.host, pid=os.getpid(), generation=self.generation,
+            renewed=time.time(), duration=self.duration), self._still_ours)
+        log.warning("lease on %s re-stamped from generation %d to %d: the index records "
+                    "generation %d, written before its lease file lost its generation",
+                    self.state, old, self.generation, recorded)
+        return self.generation
+
     def _still_ours(self) -> None:
         """Right before a renewal's rename: not given up, not lapsed."""
         if self._lost is not None:
@@ -703,22 +737,27 @@ class Offline:
     A state that has a lease file may be shared with another host, so the
     command takes the lease like a daemon (refused with LeaseHeld while a
     live holder has it), keeps it renewed while it runs, writes only under
-    :meth:`guard`, and releases it at the end. A state without one is a
-    single host's, fenced by its flock alone. Pass :meth:`claim` and
-    :meth:`guard` to ``Volume``: the claim runs once the flock is held.
+    :meth:`guard`, and releases it at the end. So does a state without a
+    lease file whose index records a lease generation (*index_generation*,
+    read only then: its lease file was removed); a state with neither is a
+    single host's, fenced by its flock alone. Pass :meth:`claim`,
+    :meth:`guard` and :meth:`restamp` to ``Volume``: the claim runs once the
+    flock is held.
     """
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, index_generation: Callable[[], int] | None = None) -> None:
         self.state = Path(state)
         self.lease: Lease | None = None
         self._renewer: Renewer | None = None
+        self._index_generation = index_generation
 
     def claim(self) -> int | None:
-        """Take the lease if the state has one; its generation, else None."""
+        """Take the lease if the state has one, or its index records a
+        generation; the lease's generation, else None."""
         info = read_lease(self.state)
-        if info is None:
+        if info is None and (self._index_generation is None or not self._index_generation()):
             return None
-        duration = info.duration if info.duration > 0 else OFFLINE_SECONDS
+        duration = info.duration if info is not None and info.duration > 0 else OFFLINE_SECONDS
         self.lease = acquire(self.state, duration, reclaim_local=True)
         self._renewer = Renewer(self.lease).__enter__()
         return self.lease.generation
@@ -726,6 +765,11 @@ class Offline:
     def guard(self) -> None:
         if self.lease is not None:
             self.lease.guard()
+
+    def restamp(self, recorded: int) -> int:
+        """:meth:`Lease.restamp_above`, for ``Volume(..., restamp=...)``."""
+        assert self.lease is not None
+        return self.lease.restamp_above(recorded)
 
     def __enter__(self) -> "Offline":
         return self

@@ -129,6 +129,7 @@ class Volume:
                  upgrade: bool = True, dedup_table_bytes: int | None = None,
                  master: keys.MasterKey | None = None, encrypt: bool | None = None,
                  guard: Callable[[], None] | None = None,
+                 restamp: Callable[[int], int] | None = None,
                  progress: Callable[[], None] | None = None,
                  reseal_to: keys.MasterKey | None = None) -> None:
         """Open (or create) the volume in *state*, locking it for this process.
@@ -145,6 +146,10 @@ class Volume:
         write, and is called before every write transaction and every data
         and seal write: once it refuses, the volume writes nothing more and
         its reads answer EIO, since another host may own the state.
+        *restamp* is called with the generation the index records when it
+        is not below the claimed one (the lease file lost its generation
+        since: broken when corrupt, or removed): it re-stamps the lease
+        above it and returns the new generation (``Lease.restamp_above``).
         *progress* is called at each step of the opening (a chain's slot
         table loaded, an orphan purged), which a large state takes long
         for: the daemon reports it to whoever waits for its start.
@@ -180,6 +185,10 @@ class Volume:
             reseal.finish(state)  # one a crash interrupted
             self._progress = progress
             self.index = Index(state / INDEX_NAME, guard, generation or 0)
+            if generation and restamp is not None:
+                recorded = self.index.recorded_generation()
+                if recorded >= generation:
+                    self.index.generation = restamp(recorded)
             self.store = BlockStore(state / "data", guard)
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()

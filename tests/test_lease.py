@@ -29,7 +29,7 @@ from mountd.daemon import Link
 from swapfs import keys
 from swapfs import lease as lease_mod
 from swapfs.errors import SwapfsError
-from swapfs.index import ROOT_INO
+from swapfs.index import ROOT_INO, recorded_generation
 from swapfs.lease import (
     RECORD_SIZE,
     LeaseCorrupt,
@@ -860,3 +860,69 @@ def test_rekey_refuses_a_state_whose_lease_is_live(tmp_path: Path) -> None:
     assert done.returncode == 0, done
     info = read_lease(state)
     assert info is not None and info.free and info.generation == 2  # taken, then released
+
+
+# -- a lease file that lost its generation -----------------------------------------
+
+
+def _write_under_new_holder(state: Path, name: bytes) -> lease_mod.Lease:
+    """Take the lease, open the state under it, create *name*, close; the
+    lease given back."""
+    held = take(state, duration=30.0)
+    volume = Volume(state, claim=lambda: held.generation, guard=held.guard,
+                    restamp=held.restamp_above)
+    try:
+        volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
+    finally:
+        volume.close()
+        held.release()
+    return held
+
+
+def test_a_broken_corrupt_lease_does_not_brick_the_state(state: Path) -> None:
+    """Breaking a corrupt lease removes it, so the next claim is generation 1
+    again while the index records 3: the holder re-stamps its lease above
+    the index's, and writes (docs/lease.md, "The file")."""
+    for generation in (1, 2, 3):
+        assert _write_under_new_holder(state, b"g%d" % generation).generation == generation
+    assert recorded_generation(state / "index.lmdb") == 3
+    (state / "lease").write_bytes(b"not a lease record")
+    assert break_lease(state) is None
+    assert read_lease(state) is None
+    held = _write_under_new_holder(state, b"after")  # claimed as 1, writes as 4
+    assert held.generation == 4
+    assert recorded_generation(state / "index.lmdb") == 4
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 4
+
+
+def test_a_re_stamp_refuses_a_lease_another_holder_took(state: Path) -> None:
+    """A holder whose lease file names another holder by the time the state
+    opens does not re-stamp it: the index's higher generation fences it."""
+    held = take(state, duration=30.0)
+    break_lease(state, force=True)
+    other = take(state, duration=30.0, host="other-host")
+    with pytest.raises(LeaseLost):
+        held.restamp_above(other.generation)
+    info = read_lease(state)
+    assert info is not None and (info.holder, info.generation) == (other.holder, 2)
+    other.release()
+
+
+def test_an_offline_command_takes_the_lease_the_index_records(state: Path) -> None:
+    """With its lease file removed, a state whose index records a lease
+    generation is still a shared one: fsck takes the lease (above that
+    generation) and gives it back, rather than run with no lease."""
+    for generation in (1, 2, 3):
+        _write_under_new_holder(state, b"g%d" % generation)
+    (state / "lease").unlink()
+    checked = swapfs("fsck", "--state", str(state))
+    assert checked.returncode == 0, checked
+    info = read_lease(state)
+    assert info is not None and info.free and info.generation == 4
+    assert lease_mod.Offline(state, lambda: 0).claim() is not None  # the file is back
+    single = state.parent / "single"
+    single.mkdir()
+    assert lease_mod.Offline(single, lambda: 0).claim() is None  # never shared
+    assert not (single / "lease").exists()
+
