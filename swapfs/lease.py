@@ -497,9 +497,12 @@ def acquire(state: Path, duration: float, *, holder: bytes | None = None,
 
     *reclaim_local* is for a caller that holds the state directory's flock
     (a daemon replacing one that died on this host): a live lease whose
-    holder is this host and whose process is gone is taken over at once,
-    without the settle delay. No other host claims a live lease, and the
-    flock keeps out every other contender on this one.
+    holder is this host and whose process is gone is taken over. Without
+    the settle delay only while it is clearly live (more than *settle* plus
+    twice *skew_margin* before it may be taken): no other host can be
+    claiming it then, and the flock keeps out every other contender on this
+    host. Nearer its lapse another host's standby may read it as lapsed and
+    claim at once, so the reclaim is a full delta-lease claim.
     """
     if duration <= 0:
         raise ValueError("a lease duration must be positive")
@@ -534,11 +537,18 @@ def _attempt(state: Path, duration: float, holder: bytes, host: str, settle: flo
     now = time.time()  # taken before the read: see docs/lease.md, "Why it is safe"
     current = read_lease(state)
     if current is not None and current.expires_in(now, skew_margin) > 0:
+        expires_in = current.expires_in(now, skew_margin)
         if not (reclaim_local and current.host == host and not _process_alive(current.pid)):
-            raise LeaseHeld(current, current.expires_in(now, skew_margin))
-        log.info("lease on %s held by pid %d of this host, which is gone: reclaimed",
-                 state, current.pid)
-        settle = 0.0
+            raise LeaseHeld(current, expires_in)
+        if expires_in > settle + 2 * skew_margin:
+            # Clearly live: no other host's contender reads it as lapsed
+            # before this claim has landed, so none can be claiming.
+            log.info("lease on %s held by pid %d of this host, which is gone: reclaimed",
+                     state, current.pid)
+            settle = 0.0
+        else:
+            log.info("lease on %s held by pid %d of this host, which is gone, lapses in "
+                     "%.1f s: reclaimed with a full claim", state, current.pid, expires_in)
     generation = (current.generation if current is not None else 0) + 1
     stamped = clock()
     claim = LeaseInfo(holder=holder, host=host, pid=os.getpid(), generation=generation,

@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -925,4 +926,31 @@ def test_an_offline_command_takes_the_lease_the_index_records(state: Path) -> No
     single.mkdir()
     assert lease_mod.Offline(single, lambda: 0).claim() is None  # never shared
     assert not (single / "lease").exists()
+
+
+# -- reclaiming a lease this host's dead daemon left --------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("expires_in, settles", [(10.0, False), (2.5, True)])
+def test_a_local_reclaim_near_the_lapse_is_a_full_claim(
+        state: Path, monkeypatch: pytest.MonkeyPatch, expires_in: float, settles: bool) -> None:
+    """A dead local holder's lease is reclaimed without the settle delay
+    only while it is clearly live (more than settle + 2 * skew margin, here
+    3 s, before it may be taken); nearer its lapse, another host's standby
+    may be claiming it already, so the reclaim settles and reads back."""
+    settle, margin, duration = 1.0, 1.0, 30.0
+    lease_mod._write_lease(state, LeaseInfo(
+        holder=new_holder(), host=socket.gethostname(), pid=_dead_pid(), generation=5,
+        renewed=time.time() - duration - margin + expires_in, duration=duration))
+    sleeps: list[float] = []
+    monkeypatch.setattr(lease_mod.time, "sleep", sleeps.append)
+    held = acquire(state, duration, settle=settle, skew_margin=margin, reclaim_local=True)
+    assert held.generation == 6
+    assert [pause for pause in sleeps if pause] == ([settle] if settles else [])
 
