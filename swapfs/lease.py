@@ -304,7 +304,7 @@ class Lease:
     """
 
     __slots__ = ("state", "holder", "host", "generation", "duration", "flush", "_deadline",
-                 "_lost")
+                 "_lost", "_stamping")
 
     def __init__(self, state: Path, info: LeaseInfo, deadline: float) -> None:
         self.state = Path(state)
@@ -318,6 +318,10 @@ class Lease:
         #: clock() (CLOCK_BOOTTIME) at which this holder's own view of the lease lapses.
         self._deadline = deadline
         self._lost: str | None = None
+        #: Held while a renewal or a re-stamp writes the lease file: both use
+        #: this holder's temporary file, and each checks the generation the
+        #: other may be changing.
+        self._stamping = threading.Lock()
 
     @property
     def holder_hex(self) -> str:
@@ -367,6 +371,10 @@ class Lease:
         write of an earlier holder, replaced by this stamp. Raises LeaseError
         for an I/O failure that a later renewal may get past.
         """
+        with self._stamping:
+            self._renew()
+
+    def _renew(self) -> None:
         if self._lost is not None:
             raise LeaseLost(self._lost)
         start = clock()
@@ -408,20 +416,22 @@ class Lease:
         index records (``Volume(..., restamp=...)``); this module never
         reads the index.
         """
-        if recorded < self.generation:
-            return self.generation
-        if self._lost is not None:
-            raise LeaseLost(self._lost)
-        if clock() >= self._deadline:
-            self._lose(f"lease on {self.state} lapsed before it was re-stamped")
-        self._check_ours()
-        old, self.generation = self.generation, recorded + 1
-        # Set before the write: a renewal meanwhile, or a write that fails
-        # before its rename, leaves a lower generation in the file, which the
-        # next renewal stamps over (a late write, to it).
-        _write_lease(self.state, LeaseInfo(
-            holder=self.holder, host=self.host, pid=os.getpid(), generation=self.generation,
-            renewed=time.time(), duration=self.duration), self._still_ours)
+        with self._stamping:  # not while a renewal (the Renewer thread) writes
+            if recorded < self.generation:
+                return self.generation
+            if self._lost is not None:
+                raise LeaseLost(self._lost)
+            if clock() >= self._deadline:
+                self._lose(f"lease on {self.state} lapsed before it was re-stamped")
+            self._check_ours()
+            old, self.generation = self.generation, recorded + 1
+            # Set before the write: one that fails before its rename leaves
+            # a lower generation in the file, which the next renewal stamps
+            # over (a late write, to it).
+            _write_lease(self.state, LeaseInfo(
+                holder=self.holder, host=self.host, pid=os.getpid(),
+                generation=self.generation, renewed=time.time(), duration=self.duration),
+                self._still_ours)
         log.warning("lease on %s re-stamped from generation %d to %d: the index records "
                     "generation %d, written before its lease file lost its generation",
                     self.state, old, self.generation, recorded)
