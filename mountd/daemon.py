@@ -148,13 +148,14 @@ class Link:
         self.opening: lease.Renewer | None = None
         self.cache_keeper: CacheKeeper | None = None  # whose last_plan status shows
 
-    def claim_lease(self, state: Path, seconds: float,
-                    on_renewed: Callable[[], None] | None = None) -> int:
+    def claim_lease(self, state: Path, seconds: float) -> int:
         """Take the state directory's lease (the Volume holds its flock) and
         keep it renewed while the state opens: a large state takes minutes.
-        Returns its generation."""
+        Returns its generation. The renewals are no progress of the start
+        (a start hung elsewhere would renew for ever): only the opening's
+        own steps are."""
         self.lease = lease.acquire(state, seconds, reclaim_local=True)
-        self.opening = lease.Renewer(self.lease, on_renewed).__enter__()
+        self.opening = lease.Renewer(self.lease).__enter__()
         return self.lease.generation
 
     def restamp_lease(self, recorded: int) -> int:
@@ -344,6 +345,29 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         nursery.start_soon(manifest.run)  # warms the cache while the mount serves
 
 
+def _open_volume(config: Config, link: Link, master: keys.MasterKey | None,
+                 on_progress: Callable[[], None] | None) -> Volume:
+    """Open the state, taking its lease first where configured. Only the
+    opening's own steps are reported to *on_progress*: the lease's renewals
+    meanwhile keep the lease, and would make a start hung elsewhere look
+    alive to the standby that waits for it (START_STALL)."""
+    assert config.state is not None
+    state, lease_seconds = config.state, config.lease_seconds
+    try:
+        return Volume(state,
+                      still_open=link.memo.open_inos() if link.memo else (),
+                      claim=(lambda: link.claim_lease(state, lease_seconds))
+                      if lease_seconds else None,
+                      restamp=link.restamp_lease if lease_seconds else None,
+                      create=link.takeover is None,
+                      dedup_table_bytes=config.dedup_table_bytes,
+                      master=master, encrypt=config.encrypt,
+                      guard=link.guard if lease_seconds else None,
+                      progress=on_progress)
+    finally:
+        link.opened()
+
+
 def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         adopt: Adoption | None = None, death_noticed: float | None = None,
         standby: Standby | None = None, on_progress: Callable[[], None] | None = None) -> None:
@@ -356,7 +380,8 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
     *death_noticed* the CLOCK_MONOTONIC time at which it saw the last daemon die;
     *standby* the standby that passed *adopt*, None if it is gone already;
     *on_progress* is called at each step of a start that takes long (the
-    state's opening, the lease's renewals meanwhile).
+    state's opening: each chain's slot table verified; not the lease's
+    renewals meanwhile, which would make a hung start look alive).
     """
     assert config.state is not None and config.mountpoint is not None
     if not hasattr(pyfuse3.Operations, "fallocate"):
@@ -368,24 +393,12 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                                                                group is not None)
     link = _connect(config, socket_path, adopt, death_noticed, standby)
     link.restart_argv = restart_argv
-    state, lease_seconds = config.state, config.lease_seconds
+    state = config.state
     clean_exit = False
     try:
         master = (keys.load(Path(config.key_file) if config.key_file else None)
                   if config.encrypt else None)
-        try:
-            volume = Volume(config.state,
-                            still_open=link.memo.open_inos() if link.memo else (),
-                            claim=(lambda: link.claim_lease(state, lease_seconds, on_progress))
-                            if lease_seconds else None,
-                            restamp=link.restamp_lease if lease_seconds else None,
-                            create=link.takeover is None,
-                            dedup_table_bytes=config.dedup_table_bytes,
-                            master=master, encrypt=config.encrypt,
-                            guard=link.guard if lease_seconds else None,
-                            progress=on_progress)
-        finally:
-            link.opened()
+        volume = _open_volume(config, link, master, on_progress)
         if link.lease is not None and link.lease.valid_for() <= 0:
             volume.close()  # writes nothing: the lease refuses
             raise lease.LeaseLost(f"the lease on {state} was lost while the state opened: "

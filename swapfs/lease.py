@@ -712,8 +712,9 @@ class Renewer:
     (never abandoned). The same rules as :func:`keep_renewed`: a loss or a
     validity down to a third of the duration gives the lease up, so that
     every write guarded by :meth:`Lease.guard` is refused from then on.
-    *on_renewed* is called after each successful renewal (the daemon
-    reports it as progress of its start).
+    *on_renewed* is called after each successful renewal. (The daemon
+    does not report renewals as progress of its start: they keep the lease,
+    not the start, going.)
     """
 
     def __init__(self, lease: Lease, on_renewed: Callable[[], None] | None = None) -> None:

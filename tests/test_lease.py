@@ -26,6 +26,8 @@ import blake3
 import pytest
 import trio
 
+from mountd import daemon
+from mountd.config import Config
 from mountd.daemon import Link
 from swapfs import keys
 from swapfs import lease as lease_mod
@@ -954,3 +956,37 @@ def test_a_local_reclaim_near_the_lapse_is_a_full_claim(
     assert held.generation == 6
     assert [pause for pause in sleeps if pause] == ([settle] if settles else [])
 
+
+# -- a daemon's start ------------------------------------------------------------
+
+
+def test_lease_renewals_are_no_progress_of_a_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standby gives a start up once it shows no progress for
+    START_STALL: renewals of the lease while the state opens keep the lease,
+    and must not keep a start hung elsewhere alive. Here the opening hangs
+    (past two renewals) without a step of its own: no progress reported."""
+    state = tmp_path / "state"
+    Volume(state).close()
+    config = Config(state=state, mountpoint=str(tmp_path / "m"), lease_seconds=4.0)
+    renewed: list[float] = []
+
+    def hung_open(path: Path, *, claim: Any, progress: Any, **kwargs: Any) -> Any:
+        claim()
+        first = read_lease(path)
+        assert first is not None
+        for _ in range(2):  # two renewals by the Renewer thread
+            assert wait_until(lambda: read_lease(path).renewed  # type: ignore[union-attr]
+                              > (renewed[-1] if renewed else first.renewed), timeout=30)
+            renewed.append(read_lease(path).renewed)  # type: ignore[union-attr]
+        return "volume"
+
+    monkeypatch.setattr(daemon, "Volume", hung_open)
+    link = Link(str(tmp_path / "m"), None, None, None)
+    steps: list[int] = []
+    try:
+        assert daemon._open_volume(config, link, None, lambda: steps.append(1)) == "volume"
+    finally:
+        if link.lease is not None:
+            link.lease.release()
+    assert len(renewed) == 2 and steps == []
