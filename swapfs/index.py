@@ -351,12 +351,17 @@ class Index:
         handle = self.named[name] = self.env.open_db(name)
         return handle
 
+    def check_write(self) -> None:
+        """Raise EROFS unless this process may write the state now: not
+        fenced, and the guard (the lease) agrees, read at this moment."""
+        if self.fenced is not None:
+            raise SwapfsError(errno.EROFS, self.fenced)
+        if self.guard is not None:
+            self.guard()
+
     def begin(self, write: bool = False) -> "Txn":
         if write:
-            if self.fenced is not None:
-                raise SwapfsError(errno.EROFS, self.fenced)
-            if self.guard is not None:
-                self.guard()
+            self.check_write()
         txn = Txn(self, self.env.begin(write=write), write)
         if write and self.generation:
             self._check_generation(txn)
@@ -422,7 +427,9 @@ class Index:
     def grow(self) -> None:
         """Make the map bigger, after a transaction found it full: allocate
         the new room on disk first (SwapfsError ENOSPC if the file system has
-        none), then map it. No transaction may be open."""
+        none), then map it; refused (EROFS) when this process may not write
+        the state now. No transaction may be open."""
+        self.check_write()
         size = _map_steps(max(self.map_size + MAP_STEP, self.map_size * 5 // 4))
         try:
             preallocate(self._fd, self.map_size, size - self.map_size)
@@ -503,7 +510,16 @@ class Txn:
     def commit(self) -> None:
         """Commit, or raise SwapfsError with nothing changed (LMDB aborts the
         txn); lmdb.MapFullError as it is, so that the caller can grow the
-        index and try again."""
+        index and try again. A write transaction checks again, right before
+        its commit, that this process may still write the state (its puts
+        went into the index's mapped pages already, and the transaction may
+        have been long): refused (EROFS), it is aborted."""
+        if self.write:
+            try:
+                self.index.check_write()
+            except BaseException:
+                self.abort()
+                raise
         try:
             self.txn.commit()
         except lmdb.MapFullError:

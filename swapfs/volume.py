@@ -182,6 +182,8 @@ class Volume:
             # before it changes anything of the state, modes included.
             generation = claim() if claim is not None else None
             statedir.secure(state)
+            if guard is not None:
+                guard()  # the lease may have lapsed while it was claimed
             reseal.finish(state)  # one a crash interrupted
             self._progress = progress
             self.index = Index(state / INDEX_NAME, guard, generation or 0)

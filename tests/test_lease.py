@@ -31,8 +31,9 @@ from mountd.config import Config
 from mountd.daemon import Link
 from swapfs import keys
 from swapfs import lease as lease_mod
+from swapfs import volume as volume_mod
 from swapfs.errors import SwapfsError
-from swapfs.index import ROOT_INO, recorded_generation
+from swapfs.index import ROOT_INO, Index, recorded_generation
 from swapfs.lease import (
     RECORD_SIZE,
     LeaseCorrupt,
@@ -956,6 +957,54 @@ def test_a_local_reclaim_near_the_lapse_is_a_full_claim(
     assert held.generation == 6
     assert [pause for pause in sleeps if pause] == ([settle] if settles else [])
 
+
+# -- the guard at commit -----------------------------------------------------------
+
+
+def test_a_write_transaction_is_guarded_again_at_its_commit(tmp_path: Path) -> None:
+    """The guard is read at the start of a write transaction and again
+    right before its commit: a lease that lapsed meanwhile aborts it."""
+    allowed = [True]
+
+    def guard() -> None:
+        if not allowed[0]:
+            raise SwapfsError(errno.EROFS, "the lease has lapsed")
+
+    index = Index(tmp_path / "index", guard)
+    try:
+        txn = index.begin(write=True)
+        txn.put_meta(b"probe", 7)
+        allowed[0] = False
+        with pytest.raises(SwapfsError) as refused:
+            txn.commit()
+        assert refused.value.errno == errno.EROFS
+        with pytest.raises(SwapfsError):
+            index.grow()  # allocates nothing for a holder that may not write
+        allowed[0] = True
+        with index.begin() as reader:
+            assert reader.get_meta(b"probe") is None
+    finally:
+        index.close()
+
+
+
+def test_a_state_does_not_open_under_a_lapsed_lease(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lease that lapsed while it was claimed refuses the opening before
+    it finishes a reseal that a crash interrupted (renames in the state)."""
+    state = tmp_path / "state"
+    Volume(state).close()
+    finished: list[Path] = []
+    monkeypatch.setattr(volume_mod.reseal, "finish", finished.append)
+
+    def lapsed() -> None:
+        raise SwapfsError(errno.EROFS, "the lease has lapsed")
+
+    with pytest.raises(SwapfsError) as refused:
+        Volume(state, claim=lambda: 1, guard=lapsed)
+    assert refused.value.errno == errno.EROFS
+    assert finished == []
+    Volume(state).close()  # nothing left open
 
 # -- a daemon's start ------------------------------------------------------------
 
