@@ -755,18 +755,23 @@ def test_fsck_refuses_a_state_whose_lease_is_live_and_takes_a_free_one(state: Pa
 # -- a state that opens slowly ---------------------------------------------------------
 
 
-def test_the_lease_is_renewed_while_a_slow_state_opens(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening a state reads every chain's slot table (about 0.25 s per GiB
-    stored): the daemon's lease must not lapse meanwhile. Each table here
-    takes longer to load than the whole lease lasts."""
-    state = tmp_path / "state"
+def two_chains(state: Path) -> Path:
+    """A state of two chains of a block each: two slot tables to load."""
     volume = Volume(state)
     for name in (b"a", b"b"):
         chain = volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
         file = volume.create(chain.ino, b"f", 0o100600, 0, 0)
         volume.write(file.ino, 0, os.urandom(4096))
     volume.close()
+    return state
+
+
+def test_the_lease_is_renewed_while_a_slow_state_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a state reads every chain's slot table (about 0.25 s per GiB
+    stored): the daemon's lease must not lapse meanwhile. Each table here
+    takes longer to load than the whole lease lasts."""
+    state = two_chains(tmp_path / "state")
     seconds = 4.0  # the daemon's least lease_seconds
     load = SlotTable.load.__func__  # type: ignore[attr-defined]
 
@@ -779,7 +784,7 @@ def test_the_lease_is_renewed_while_a_slow_state_opens(
     try:
         volume = Volume(state, claim=lambda: link.claim_lease(state, seconds))
     finally:
-        getattr(link, "opened", lambda: None)()
+        link.opened()
     try:
         assert link.lease is not None and link.lease.valid_for() > 0
         volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)  # and it may write
@@ -808,13 +813,7 @@ def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
     """Another host breaks the lease and takes the state while this one
     still loads its slot tables: what opened writes nothing from then on,
     and the daemon sees the lease lost before it serves (mountd/daemon.py)."""
-    state = tmp_path / "state"
-    volume = Volume(state)
-    for name in (b"a", b"b"):
-        chain = volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
-        file = volume.create(chain.ino, b"f", 0o100600, 0, 0)
-        volume.write(file.ino, 0, os.urandom(4096))
-    volume.close()
+    state = two_chains(tmp_path / "state")
     seconds = 4.0  # the daemon's least lease_seconds
     load = SlotTable.load.__func__  # type: ignore[attr-defined]
     taken: list[Any] = []  # the other host's holder id, then the state as it took it
