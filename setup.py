@@ -1,14 +1,15 @@
 """Compiles the engine's per-block modules with Cython, where it can.
 
-The modules listed under ``[tool.swapfs] compiled`` in pyproject.toml are
-ordinary Python. Cython compiles each, unchanged, into an extension module
-of the same name that Python imports in place of the ``.py``
-(docs/performance.md, "The compiled path"). Every extension is optional:
-where one does not build (no C compiler, no Python headers, no Cython, a
-construct Cython refuses) the install goes on and that module stays pure
-Python. The build lists the SHA-256 of each source it compiled in
-``swapfs/compiled.json``; ``swapfs/compiled.py`` imports an extension only
-while its source still has that digest.
+The modules listed, by dotted path, under ``[tool.swapfs] compiled`` in
+pyproject.toml are ordinary Python, all in ``swapfs.engine``. Cython
+compiles each, unchanged, into an extension module of the same name that
+Python imports in place of the ``.py`` (docs/performance.md, "The compiled
+path"). Every extension is optional: where one does not build (no C
+compiler, no Python headers, no Cython, a construct Cython refuses) the
+install goes on and that module stays pure Python. The build lists the
+SHA-256 of each source it compiled in ``swapfs/engine/compiled.json``;
+``swapfs/engine/compiled.py`` imports an extension only while its source
+still has that digest.
 """
 
 import hashlib
@@ -27,12 +28,15 @@ except ImportError:  # a build without its build requirements: pure Python
     cythonize = None
 
 MANIFEST = "compiled.json"
+PACKAGE = "swapfs.engine"
 # Python's semantics exactly: annotations are not types to Cython (an
 # argument annotated bytes still takes a bytearray, as in Python).
 DIRECTIVES = {"language_level": 3, "annotation_typing": False}
 
 with open("pyproject.toml", "rb") as config:
     MODULES: list[str] = tomllib.load(config)["tool"]["swapfs"]["compiled"]
+if any(name.rpartition(".")[0] != PACKAGE for name in MODULES):
+    raise SystemExit(f"pyproject.toml: only modules of {PACKAGE} are compiled")
 
 
 def source_digest(path: str) -> str:
@@ -70,13 +74,13 @@ class BuildCompiled(build_ext):
             kept.append(ext)
         self.extensions = kept
         super().run()
-        package = Path(self.get_ext_fullpath(f"swapfs.{MODULES[0]}")).parent
+        package = Path(self.get_ext_fullpath(MODULES[0])).parent
         keep = {Path(self.get_ext_fullpath(name)).name for name in self.built}
         for leftover in package.glob(f"*{sysconfig.get_config_var('EXT_SUFFIX')}"):
             if leftover.name not in keep:
                 leftover.unlink()  # an earlier build's, of a module not compiled now
         (package / MANIFEST).write_text(json.dumps(
-            {name: self.built.get(f"swapfs.{name}") for name in MODULES}, indent=1) + "\n")
+            {name: self.built.get(name) for name in MODULES}, indent=1) + "\n")
 
     def build_extension(self, ext: Any) -> None:
         super().build_extension(ext)  # raises if it failed: the module is not listed
@@ -84,7 +88,7 @@ class BuildCompiled(build_ext):
 
 
 setup(
-    ext_modules=[Extension(f"swapfs.{name}", [f"swapfs/{name}.py"], optional=True)
+    ext_modules=[Extension(name, [name.replace(".", "/") + ".py"], optional=True)
                  for name in MODULES],
     cmdclass={"build_ext": BuildCompiled},
 )

@@ -8,14 +8,14 @@ requests are served meanwhile), then rewrites the manifest every
 the FUSE loop ends.
 
 Which of the manifest's blocks it loads is the fail-over planner's choice
-(:mod:`swapfs.failover`): the sources are that manifest and the manifests
+(:mod:`swapfs.cache.failover`): the sources are that manifest and the manifests
 of the other daemons on this host (:mod:`mountd.peers`), the budget the
 host's (``host_cache_bytes``; by default this cache's capacity plus what
 the others hold, so that the others keep what they have). The plan that
 won is kept in :attr:`CacheKeeper.last_plan` for ``swapfs status``. A
 manifest that cannot be read (truncated, garbage, another version, not a
 regular file, more blocks than the budget holds) gives a cold cache and one
-warning, never a failed start. Format: :mod:`swapfs.manifest`.
+warning, never a failed start. Format: :mod:`swapfs.cache.manifest`.
 """
 
 import logging
@@ -25,11 +25,8 @@ from typing import Any
 import trio
 
 from mountd import peers
-from swapfs import failover, manifest
-from swapfs.blocks import BLOCK_SIZE
-from swapfs.cache import BlockCache
-from swapfs.volume import Volume
-from swapfs.warm import warm
+from swapfs.cache import BlockCache, failover, manifest, warm
+from swapfs.engine import BLOCK_SIZE, Volume
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from mountd import peercred
 from mountd.access import Binding
-from swapfs.failover import STRATEGIES
-from swapfs.protocol import NAME_PATTERN
+from swapfs.cache import STRATEGIES
+from swapfs.control import NAME_PATTERN
 
 
 class ConfigError(Exception):
@@ -80,7 +80,7 @@ class Config:
     #: The master key file; empty: the systemd credential ``swapfs.key`` if
     #: the daemon has one, else /etc/swapfs/master.key.
     key_file: str = ""
-    #: Seconds the state directory's lease lasts unless renewed (swapfs.lease);
+    #: Seconds the state directory's lease lasts unless renewed (swapfs.engine.lease);
     #: 0: no lease, for a state directory on storage only this host reaches.
     lease_seconds: float = 0
 

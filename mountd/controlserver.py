@@ -2,7 +2,7 @@
 
 Requests are handled on the same trio thread as FUSE requests, and the
 Volume calls they make have no checkpoint, so a clone is atomic with
-respect to the I/O around it. Protocol: :mod:`swapfs.protocol`; drivers'
+respect to the I/O around it. Protocol: :mod:`swapfs.control.protocol`; drivers'
 messages (``driver.*``): :mod:`mountd.drivers`; who may ask what:
 :mod:`mountd.access`, checked for every request before it is dispatched;
 how many connections each peer may hold: :mod:`mountd.limits`.
@@ -29,19 +29,18 @@ import trio
 from mountd import access, keeper, lifecycle, peercred
 from mountd.drivers import DriverManager, Session
 from mountd.limits import ConnectionLimits
-from swapfs import compiled
-from swapfs.errors import SwapfsError
-from swapfs.fs import Operations
-from swapfs.protocol import (
+from mountd.operations import Operations
+from swapfs.control import (
     DRIVER_OPS,
     MAX_LINE,
+    MAX_VALUE,
     DriverError,
+    RecordError,
     check_name,
     decode_bytes,
     encode_bytes,
 )
-from swapfs.records import MAX_VALUE, RecordError
-from swapfs.volume import Volume
+from swapfs.engine import SwapfsError, Volume, compiled
 
 if TYPE_CHECKING:
     from mountd.daemon import Link

@@ -37,14 +37,11 @@ from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.limits import ConnectionLimits
 from mountd.memo import ConnectionMemo
-from swapfs import compiled, keys, lease, mountcheck, nodump
-from swapfs.blocks import BLOCK_SIZE
-from swapfs.cache import BlockCache
-from swapfs.fs import Operations
-from swapfs.lease import Lease
-from swapfs.protocol import SOURCE_PREFIX
-from swapfs.transient import TransientCache
-from swapfs.volume import Volume
+from mountd.operations import Operations
+from swapfs.cache import BlockCache, TransientCache
+from swapfs.cli import mountcheck
+from swapfs.control import SOURCE_PREFIX, nodump
+from swapfs.engine import BLOCK_SIZE, Lease, Volume, compiled, keys, lease
 
 log = logging.getLogger(__name__)
 
@@ -415,9 +412,9 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             # 0 (or under one block) disables either cache.
             content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE),
                                  admit_first_miss=True)
-            volume.use_caches(pool=cache if cache.max_slots else None,
-                              content=content if content.capacity_bytes else None)
-            manifest = CacheKeeper(volume, volume.content_cache, config.manifest_interval,
+            content_cache = content if content.capacity_bytes else None
+            volume.use_caches(pool=cache if cache.max_slots else None, content=content_cache)
+            manifest = CacheKeeper(volume, content_cache, config.manifest_interval,
                                    config.failover_strategies, config.host_cache_bytes)
             link.cache_keeper = manifest
             drivers = DriverManager(cache, config.driver_timeout, config.drivers)

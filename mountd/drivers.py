@@ -13,9 +13,9 @@ long as it runs. The session belongs to that connection:
 - ``{"op": "driver.heartbeat", "driver": NAME, "token": T}`` says it is alive;
 - ``driver.secret.put`` (``name``, ``sealed``), ``driver.secret.get`` and
   ``driver.secret.rm`` (``name``) keep, return and delete the driver's
-  sealed records (:mod:`swapfs.records`), on its own connection only.
+  sealed records (:mod:`swapfs.control.records`), on its own connection only.
 
-Every message is validated in full (``swapfs.protocol.check_message``,
+Every message is validated in full (``swapfs.control.protocol.check_message``,
 which the driver's side shares) before the pool is touched: anything
 malformed is refused with EINVAL, a wrong token with EACCES, a name bound
 to another peer (``[drivers.NAME]`` in the configuration,
@@ -37,9 +37,15 @@ from typing import Any
 from mountd import access, peercred
 from mountd.access import Binding, Kind
 from mountd.peercred import Peer
-from swapfs.protocol import DriverError, check_message, encode_bytes
-from swapfs.records import KeyExchange, RecordError, RecordKey
-from swapfs.transient import Grant, TransientCache
+from swapfs.cache import Grant, TransientCache
+from swapfs.control import (
+    DriverError,
+    KeyExchange,
+    RecordError,
+    RecordKey,
+    check_message,
+    encode_bytes,
+)
 
 log = logging.getLogger(__name__)
 

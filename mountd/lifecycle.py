@@ -18,7 +18,7 @@ other. So the daemon
   would otherwise stay locked after it is gone.
 
 It also keeps its memory (keys, plaintext pages) out of core dumps with
-:func:`swapfs.nodump.forbid_core_dumps`, which lives below the daemon so
+:func:`swapfs.control.nodump.forbid_core_dumps`, which lives below the daemon so
 that the guest driver, which must not import the daemon, uses it too.
 
 Each step needs privileges (CAP_IPC_LOCK, CAP_SYS_RESOURCE); a step that

@@ -17,7 +17,7 @@ from mountd import keeper
 from mountd.config import ConfigError, load
 from mountd.daemon import harden, run
 from mountd.logs import setup_logging
-from swapfs import spawn
+from swapfs.cli import spawn
 
 log = logging.getLogger("mountd")
 
@@ -79,7 +79,7 @@ def restart_args(args: argparse.Namespace, state: Path, mountpoint: str) -> list
 
 def main(argv: list[str] | None = None) -> int:
     # Everything the daemon creates (logs, sockets, the state's files) is
-    # its owner's alone: swapfs/statedir.py.
+    # its owner's alone: swapfs/engine/statedir.py.
     os.umask(0o077)
     args = parse_args(argv)
     try:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ready_fd = -1
 
     def progress() -> None:
-        """A step of a long start: whoever waits for it waits on (swapfs/spawn.py)."""
+        """A step of a long start: whoever waits for it waits on (swapfs/cli/spawn.py)."""
         if args.ready_fd >= 0:
             with contextlib.suppress(OSError):  # no one waits any more: nothing to say
                 os.write(args.ready_fd, spawn.PROGRESS)

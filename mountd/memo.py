@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from mountd import fusedev
-from swapfs.fs import handle_ino
+from mountd.operations import handle_ino
 
 MAGIC = b"SWFSMEMO"
 #: Where slot 1 starts; also the most a slot holds, header included.
@@ -62,7 +62,7 @@ class ConnectionMemo:
 
     fd: int
     init: bytes
-    #: File handle -> open count (swapfs/fs.py: a handle names its inode).
+    #: File handle -> open count (mountd/operations.py: a handle names its inode).
     open_files: dict[int, int] = field(default_factory=dict)
     takeovers: int = 0  # how many daemons took this connection over
     sequence: int = 0  # of the latest record written; the next goes to the other slot

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from swapfs.protocol import unix_peer
+from swapfs.control import unix_peer
 
 #: getsockopt option of the peer's supplementary groups (linux/socket.h).
 SO_PEERGROUPS = 59

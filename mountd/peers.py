@@ -15,7 +15,7 @@ told to spare it, so a peer is root's alone: a mount root made (any user
 can make a ``fuse.swapfs`` mount with fusermount3 and name any socket), a
 socket file root owns and a root process serves (``SO_PEERCRED``), a state
 directory only root may write, and a manifest root owns, read within the
-cache budget (:func:`swapfs.manifest.read_manifest`). Anything else is left
+cache budget (:func:`swapfs.cache.manifest.read_manifest`). Anything else is left
 out before it is asked or read.
 """
 
@@ -25,7 +25,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from swapfs import manifest, protocol
+from swapfs.cache import manifest
+from swapfs.control import protocol
 
 log = logging.getLogger(__name__)
 

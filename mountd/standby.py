@@ -16,7 +16,7 @@ connection (the descriptor polls POLLERR): the standby exits too.
 
 With ``--state DIR`` the standby stands in for a whole host: the state
 directory sits on storage this host shares with the host that serves it,
-fenced by that daemon's lease (:mod:`swapfs.lease`). The standby watches
+fenced by that daemon's lease (:mod:`swapfs.engine.lease`). The standby watches
 the lease; once it has lapsed (its holder stopped renewing: the host or its
 daemon died) it mounts the state directory here, and the new daemon, which
 takes the lease itself, warms its cache from the dead daemon's manifest
@@ -45,14 +45,16 @@ from typing import Any
 
 from mountd import keeper, lifecycle
 from mountd.logs import setup_logging
-from swapfs import lease, nodump, protocol, spawn
+from swapfs.cli import spawn
+from swapfs.control import nodump, protocol
+from swapfs.engine import lease
 
 log = logging.getLogger("mountd.standby")
 
 #: How long a starting daemon may go without a sign of progress before the
 #: standby tries again. No fixed bound on the whole start: opening a state
 #: takes time in proportion to what it stores, and the daemon reports each
-#: step (swapfs/spawn.py), so a large state is waited for while a hung one
+#: step (swapfs/cli/spawn.py), so a large state is waited for while a hung one
 #: is not.
 START_STALL = 60.0
 #: Longest sleep between two reads of a watched lease, in seconds.

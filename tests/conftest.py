@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 Engine fixtures (no FUSE): ``state_dir`` is a fresh state directory and
-``volume`` a :class:`~swapfs.volume.Volume` open on it, closed after the
+``volume`` a :class:`~swapfs.engine.volume.Volume` open on it, closed after the
 test, once unencrypted and once encrypted with ``master_key``. Tests that
 close and reopen a volume take ``state_dir`` and open their own.
 
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import keys
-from swapfs.volume import Volume
+from swapfs.engine import Volume, keys
 from tests.mounting import Mount, mounted
 
 

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from swapfs import protocol
+from swapfs.control import protocol
 from tests.mounting import BLOCK, Mount, aligned_buffer, fallocate, mounted, wait_until
 
 # fallocate(2) modes (linux/falloc.h).
@@ -555,7 +555,7 @@ class Fsx:
         can be lost, as the memo errs towards counts too high
         (docs/takeover.md), and the closed file would stay stored until the
         next fresh mount (``test_a_release_just_before_a_takeover_is_not_lost``
-        in tests/test_takeover.py). Between the daemons, the offline fsck
+        in tests/takeover/test_takeover.py). Between the daemons, the offline fsck
         must find nothing after an unmount, and after a SIGKILL nothing but
         free slots not punched yet (docs/write-ordering.md, rule 3).
         """

@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 
 from mountd import keeper
-from swapfs import fsck, keys, protocol
+from swapfs.control import protocol
+from swapfs.engine import fsck, keys
 
 BLOCK = 4096
 

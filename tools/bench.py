@@ -85,9 +85,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import blake3  # noqa: E402
 
-from swapfs import protocol  # noqa: E402
-from swapfs.guest.codescan import scan  # noqa: E402
-from swapfs.index import FORMAT_VERSION  # noqa: E402
+from swapfs.control import protocol  # noqa: E402
+from swapfs.engine import FORMAT_VERSION  # noqa: E402
+from swapfs.guest import scan  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
     FIO_TARGETS,
     MIB,
@@ -159,7 +159,7 @@ def progress(message: str) -> None:
 
 
 def fio_report(job: str, device: str, plan: Plan, data: str) -> dict[str, Any]:
-    """One fio run of tools/fio/*job*.fio on *device*: fio's JSON report."""
+    """One fio run of a job in tools/fio/ on *device*: fio's JSON report."""
     dedupe, zero = DATA[data]
     env = dict(os.environ, TARGET=device, SIZE=str(plan.region), RUNTIME=str(plan.runtime),
                DEDUPE=str(dedupe), ZERO=str(zero))

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from swapfs import keys, protocol
+from swapfs.control import protocol
+from swapfs.engine import keys
 
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent

@@ -63,12 +63,12 @@ from typing import Any, NoReturn, Protocol
 
 import lmdb
 
-from swapfs import fsck, keys
-from swapfs.blocks import BLOCK_SIZE
-from swapfs.errors import SwapfsError
-from swapfs.keys import MasterKey
-from swapfs.sealing import RECORD_SIZE
-from swapfs.volume import Volume
+from swapfs.engine import fsck, keys
+from swapfs.engine.blocks import BLOCK_SIZE
+from swapfs.engine.errors import SwapfsError
+from swapfs.engine.keys import MasterKey
+from swapfs.engine.sealing import RECORD_SIZE
+from swapfs.engine.volume import Volume
 from tests.fixtures.make_state import expected_contents, make
 
 PAGE_SIZE = 4096

@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swapfs import protocol  # noqa: E402
+from swapfs.control import protocol  # noqa: E402
 from tools.swapload import (  # noqa: E402
     MIB,
     MemoryCgroup,

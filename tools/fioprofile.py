@@ -69,7 +69,7 @@ FUSE_LOOP = "FUSE loop between handlers"
 
 #: Where a sample goes: the first category one of whose patterns is found in
 #: one of the sample's frames, else the last. A frame reads "function
-#: (file:line)" ("Txn.commit (swapfs/index.py:195)", "writev (libc.so.6)");
+#: (file:line)" ("Txn.commit (swapfs/engine/index.py:195)", "writev (libc.so.6)");
 #: only the frames below trio's ``run`` count, so that the daemon's own
 #: start-up frames (mountd/main.py, ...) match nothing. Order matters: a
 #: commit inside a handler is the commit's, not the handler's.

@@ -26,12 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import keys
-from swapfs.blocks import BLOCK_SIZE
-from swapfs.cache import BlockCache
-from swapfs.index import ROOT_INO
-from swapfs.transient import TransientCache
-from swapfs.volume import Volume
+from swapfs.cache import BlockCache, TransientCache
+from swapfs.engine import BLOCK_SIZE, ROOT_INO, Volume, keys
 
 MIB = 1 << 20
 

@@ -33,7 +33,7 @@ bash tools/build-pyfuse3.sh
 # The install compiles the engine's per-block modules with Cython (setup.py);
 # again when an engine module changed since it was compiled.
 stamp=.venv/.swapfs-installed
-engine() { .venv/bin/python -c "import swapfs.compiled as c; print(c.$1())" 2>/dev/null; }
+engine() { .venv/bin/python -c "import swapfs.engine.compiled as c; print(c.$1())" 2>/dev/null; }
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
         || [ "$(engine stale)" != "[]" ]; then
     .venv/bin/pip install -q --upgrade pip

@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from swapfs.swaparea import PAGE_CLUSTER, page_cluster  # noqa: E402
+from swapfs.cli import PAGE_CLUSTER, page_cluster  # noqa: E402
 from tools.benchtargets import MIB, SWAPFS, swapfs_swap  # noqa: E402
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
 

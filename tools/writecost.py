@@ -31,10 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapfs import keys
-from swapfs.blocks import BLOCK_SIZE
-from swapfs.index import ROOT_INO
-from swapfs.volume import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Volume
+from swapfs.engine import (
+    BLOCK_SIZE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    ROOT_INO,
+    Volume,
+    keys,
+)
 
 MIB = 1 << 20
 DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

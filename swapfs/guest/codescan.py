@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swapfs.control import PAGE_SIZE, Extent
 from swapfs.guest.elf import NotElf, ProgramHeader, TruncatedElf, read_program_headers
-from swapfs.protocol import PAGE_SIZE, Extent
 
 log = logging.getLogger(__name__)
 

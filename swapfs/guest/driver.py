@@ -8,13 +8,13 @@ from this host.
 its report current: it rescans every interval and sends the new extents when
 they changed (a process started or exited), a heartbeat otherwise. Its
 connection is its registration: when it exits, however it exits, the daemon
-revokes its share at once. Protocol: :mod:`swapfs.protocol` (the messages)
+revokes its share at once. Protocol: :mod:`swapfs.control.protocol` (the messages)
 and :mod:`mountd.drivers` (what the daemon does with them).
 
 While it runs, its *agent socket* (``/run/swapfs-driver/NAME.sock``, its
 owner's alone) takes ``swapfs-driver secret put|get|rm NAME``: small records
 the driver seals with the key it agreed with the daemon at registration and
-keeps in its share of the pool (:mod:`swapfs.records`). Only the driver's
+keeps in its share of the pool (:mod:`swapfs.control.records`). Only the driver's
 own user reaches the socket, and only the driver holds the key on this side,
 so the records are its own. They live as long as its registration.
 """
@@ -35,10 +35,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from swapfs import nodump, protocol
+from swapfs.control import (
+    MAX_SEALED,
+    MAX_VALUE,
+    DriverError,
+    Extent,
+    KeyExchange,
+    RecordError,
+    RecordKey,
+    decode_bytes,
+    encode_bytes,
+    nodump,
+    protocol,
+)
 from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
-from swapfs.protocol import DriverError, Extent, decode_bytes, encode_bytes
-from swapfs.records import MAX_SEALED, MAX_VALUE, KeyExchange, RecordError, RecordKey
 
 log = logging.getLogger("swapfs-driver")
 

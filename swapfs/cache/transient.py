@@ -1,0 +1,153 @@
+"""The transient cache: hot blocks held in space nobody uses.
+
+Drivers (``swapfs-driver``) report the unused bytes of code pages in their
+guest (:mod:`swapfs.guest.codescan`). The cache manager aggregates the reports
+into a pool whose capacity is their physical total, bounded by a
+configured maximum, and the read path keeps hot blocks there.
+
+**Segments.** Each physical extent — one driver's (device, inode,
+segment, head or tail), however many of its processes map it — is one
+segment of the pool. Segments are laid end to end in the pool's address
+space in the order they first appear; a block occupies a 4 KiB-aligned
+slot of that space, and a slot is usable only while every segment under it
+is live. When a report shrinks (a process exited) or a driver goes away,
+its segments leave and exactly the blocks whose slots they held are
+dropped. The space of a gone segment is not reused; the address space is
+only numbers.
+
+**Sealed records.** A driver may also keep small sealed records in its
+share (:mod:`swapfs.control.records`). They take whole slots of the pool, which
+keeps that many fewer for blocks, and they go (wiped) with the share.
+
+**The blocks.** Keeping the blocks (heat, owners, admission on second
+miss, LRU eviction, revocation of the blocks in lost slots) is
+:class:`swapfs.cache.blockcache.BlockCache`, which this class extends with the
+segments that give it its slots; the content cache is the same class with
+slots of host memory.
+"""
+
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from swapfs.cache.blockcache import BlockCache
+from swapfs.control import Records
+from swapfs.engine import BLOCK_SIZE
+
+#: A segment's identity: (driver, device, inode, program header, "head"/"tail").
+SegmentKey = tuple[str, str, int, int, str]
+
+
+class Region(Protocol):
+    """What the pool needs of one reported region of unused bytes (a guest's
+    ``codescan.Extent`` is one): which physical bytes, and how many. The
+    engine knows no more of the guest side than this."""
+
+    @property
+    def physical_key(self) -> tuple[str, int, int, str]: ...
+
+    @property
+    def length(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a driver gets back for its report."""
+
+    cache_id: str  # this daemon's cache, stable while it runs
+    driver: str
+    capacity_bytes: int  # the driver's share: its own segments' total
+    token: str  # proves later reports come from the same driver
+    wiped: tuple[str, ...] = ()  # its records the share no longer holds
+
+
+class TransientCache(BlockCache):
+    """The pool: its segments give the slots of its blocks."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.cache_id = uuid.uuid4().hex
+        self.max_slots = max(0, max_bytes) // BLOCK_SIZE
+        self._segments: dict[SegmentKey, tuple[int, int]] = {}  # key -> (start, length)
+        self._arena_end = 0
+        self._drivers: dict[str, set[SegmentKey]] = {}
+        self._tokens: dict[str, str] = {}
+        #: The drivers' sealed records, in slots taken from the pool.
+        self.records = Records()
+
+    # -- the manager's side ---------------------------------------------------------
+
+    def update(self, driver: str, extents: Iterable[Region]) -> Grant:
+        """Replace *driver*'s report with *extents*; the pool follows at once."""
+        keys: set[SegmentKey] = set()
+        for extent in extents:
+            key = (driver, *extent.physical_key)
+            keys.add(key)
+            if key not in self._segments:
+                self._segments[key] = (self._arena_end, extent.length)
+                self._arena_end += extent.length
+        for key in self._drivers.get(driver, set()) - keys:
+            del self._segments[key]
+        self._drivers[driver] = keys
+        token = self._tokens.setdefault(driver, secrets.token_hex(16))
+        wiped = self.records.wipe(driver, self.driver_bytes(driver) // BLOCK_SIZE)
+        self._relayout()
+        return Grant(self.cache_id, driver, self.driver_bytes(driver), token, tuple(wiped))
+
+    def revoke(self, driver: str) -> list[str]:
+        """A driver disconnected or fell silent: its segments leave the pool,
+        its records are wiped (their names returned)."""
+        for key in self._drivers.pop(driver, set()):
+            del self._segments[key]
+        self._tokens.pop(driver, None)
+        wiped = self.records.wipe(driver)
+        self._relayout()
+        return wiped
+
+    def put_record(self, driver: str, name: str, sealed: bytes) -> None:
+        """Keep a sealed record in *driver*'s share (RecordError ENOSPC when
+        its records would outgrow the share)."""
+        self.records.put(driver, name, sealed, self.driver_bytes(driver) // BLOCK_SIZE)
+        self._relayout()
+
+    def remove_record(self, driver: str, name: str) -> None:
+        self.records.remove(driver, name)
+        self._relayout()
+
+    def token_of(self, driver: str) -> str | None:
+        return self._tokens.get(driver)
+
+    def driver_bytes(self, driver: str) -> int:
+        return sum(self._segments[key][1] for key in self._drivers.get(driver, ()))
+
+    def _relayout(self) -> None:
+        """Recompute the usable slots (at most max_slots, lowest first); the
+        blocks whose slots went are dropped."""
+        ranges = sorted(self._segments.values())
+        usable: list[int] = []
+        run_start, run_end = 0, 0
+        for start, length in [*ranges, (-1, 0)]:
+            if start == run_end and start >= 0:
+                run_end += length
+                continue
+            first = -(-run_start // BLOCK_SIZE)
+            usable.extend(range(first, run_end // BLOCK_SIZE))
+            run_start, run_end = start, start + length
+        usable = usable[:self.max_slots]
+        self.set_slots(usable[:max(0, len(usable) - self.records.slots())])
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **super().stats(),
+            "cache_id": self.cache_id,
+            "physical_bytes": sum(length for _start, length in self._segments.values()),
+            "max_bytes": self.max_slots * BLOCK_SIZE,
+            "record_slots": self.records.slots(),
+            "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver),
+                                 **self.records.stats(driver)}
+                        for driver, keys in sorted(self._drivers.items())},
+        }

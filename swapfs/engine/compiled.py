@@ -1,0 +1,130 @@
+"""Which of the engine's modules run compiled, and the way back to their source.
+
+The engine is the one package the build compiles (setup.py): Cython turns
+each module listed, by dotted path, under ``[tool.swapfs] compiled`` in
+pyproject.toml into an extension module beside its source
+(``swapfs/engine/volume.cpython-311-x86_64-linux-gnu.so`` beside
+``swapfs/engine/volume.py``), unchanged, which Python imports in place of
+the ``.py``. The build writes in ``compiled.json`` each module it was to
+compile, with the SHA-256 of the source it compiled (null for one that did
+not compile). :func:`install` (called by ``swapfs/engine/__init__.py``,
+before any other module of the engine is imported) puts a finder first on
+``sys.meta_path`` that imports a module's ``.py`` instead of its extension
+
+- for every module, when ``SWAPFS_PURE_PYTHON`` is set (to anything but
+  ``0``): the pure-Python fallback, which the test suite runs too;
+- for a module whose source changed since it was compiled (with a
+  warning; ``make setup`` compiles it again), so that an edit is never
+  hidden behind a stale build.
+
+A module the build could not compile simply has no extension: Python
+imports its source as usual.
+"""
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+PURE_ENV = "SWAPFS_PURE_PYTHON"
+MANIFEST = "compiled.json"
+_PACKAGE = Path(__file__).parent
+_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def pure() -> bool:
+    """Was the pure-Python fallback asked for?"""
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
+
+
+def built() -> dict[str, str | None]:
+    """The build's manifest: each module (dotted path) it was to compile, with
+    the digest of the source it compiled, None if it did not (empty without
+    a build)."""
+    try:
+        manifest: dict[str, str | None] = json.loads((_PACKAGE / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest
+
+
+def _source(name: str) -> Path:
+    """The source of the engine module *name* (a dotted path)."""
+    return _PACKAGE / f"{name.rpartition('.')[2]}.py"
+
+
+def _fresh() -> set[str]:
+    """The modules whose extension was built from their source as it is now."""
+    fresh = set()
+    for name, digest in built().items():
+        try:
+            if hashlib.sha256(_source(name).read_bytes()).hexdigest() == digest:
+                fresh.add(name)
+        except OSError:
+            pass
+    return fresh
+
+
+def stale() -> list[str]:
+    """The modules with an extension that was built from another source."""
+    fresh = _fresh()
+    names = (f"{__package__}.{path.name.removesuffix(_SUFFIX)}"
+             for path in _PACKAGE.glob(f"*{_SUFFIX}"))
+    return sorted(name for name in names if name not in fresh)
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Imports an engine module from its ``.py`` when it has an extension
+    that must not be used."""
+
+    def __init__(self, pure: bool, fresh: set[str]) -> None:
+        self.pure = pure
+        self.fresh = fresh
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        package, _, name = fullname.rpartition(".")
+        if package != __package__ or fullname in self.fresh:
+            return None
+        if not (_PACKAGE / f"{name}{_SUFFIX}").exists():
+            return None
+        if not self.pure:
+            warnings.warn(f"{fullname} changed since it was compiled: running its source "
+                          "(make setup compiles it again)", RuntimeWarning, stacklevel=2)
+        return importlib.util.spec_from_file_location(fullname, _source(fullname))
+
+
+def install() -> None:
+    """Put the finder in place (once)."""
+    if not any(isinstance(finder, _SourceFirst) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFirst(pure(), set() if pure() else _fresh()))
+
+
+def describe() -> str:
+    """Which path the engine runs, in a line: the build's modules, imported."""
+    if pure():
+        return f"pure Python ({PURE_ENV} is set)"
+    names = list(built())
+    for name in names:
+        importlib.import_module(name)
+    running = loaded()
+    if not running:
+        return "pure Python (no compiled build)"
+    python = [name for name in names if name not in running]
+    return f"compiled: {', '.join(running)}" + (
+        f"; pure Python: {', '.join(python)}" if python else "")
+
+
+def loaded() -> list[str]:
+    """The modules imported so far that run compiled (dotted paths)."""
+    return sorted(name for name, module in list(sys.modules.items())
+                  if isinstance(getattr(module, "__loader__", None),
+                                importlib.machinery.ExtensionFileLoader)
+                  and name.startswith(f"{__package__}."))

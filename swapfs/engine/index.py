@@ -1,0 +1,811 @@
+"""The LMDB index: every piece of metadata swapfs keeps, and nothing else.
+
+One LMDB environment (``index.lmdb`` in the state directory) holds these
+named databases. Keys are big-endian so that LMDB's byte order is their
+numeric order and a cursor walks a file's runs or a chain's slots in order.
+
+==========  ==============================  ==================================
+database    key                             value
+==========  ==============================  ==================================
+meta        ``b"format"``                   schema version (u64)
+            ``b"next_ino"``                 next inode number to hand out (u64)
+            ``b"next_chain"``               next chain id to hand out (u64)
+            ``b"cipher"``                   how blocks are stored: 0 as they
+                                            are, 2 sealed (``swapfs/engine/sealing.py``;
+                                            1 in format 3 only)
+            ``b"key_id"``                   the master key's id, if sealed
+                                            (``swapfs/engine/keys.py``)
+            ``b"uuid"``                     the state's UUID (16 bytes), to
+                                            which the key wrap is bound
+            ``b"lease_generation"``         the generation of the lease of the
+                                            last holder that wrote, if any
+                                            (``swapfs/engine/lease.py``)
+inodes      ino (u64)                       :class:`Inode` record
+dirents     parent ino (u64) + name         child ino (u64)
+chains      chain id (u32)                  :class:`Chain` record
+slots       chain id (u32) + run (u32)      a run of the chain's slot table
+                                            (``swapfs/engine/slottable.py``)
+filemaps    ino (u64) + run (u32)           a run of the file's block map
+                                            (``swapfs/engine/filemap.py``)
+orphans     ino (u64)                       nothing: unlinked, still open
+damaged     chain id (u32) + slot (u32)     nothing: a used slot whose data was
+                                            found not to match its digest, set
+                                            aside so that no write dedups onto it
+priorities  ino (u64)                       the file's priority (i32); absent
+                                            means 0 (``swapfs priority``)
+==========  ==============================  ==================================
+
+Every value ends in a CRC-32 of its database's tag, its key and itself
+(:func:`seal`), except the runs of ``slots``, whose entries carry one each:
+a value that does not verify is :class:`CorruptIndex` (EIO), so a flipped
+bit reads as an error, never as other data. CRC-32 detects every error of
+up to 32 consecutive bits, so every single bit flip.
+
+Invariants (``fsck`` checks each one):
+
+* A slot's refcount is the number of ``filemaps`` entries, over all files
+  of its chain, that name it. A slot with refcount 0 is free.
+* Holes (never written, written as zeros, discarded) map to no slot, and a
+  run of a file's map with no slot in it has no entry.
+* ``Inode.blocks`` is the number of mapped blocks of that file, which is how
+  a lost run of its map is noticed.
+* The slot table of a chain has every run below ``Chain.next_slot``.
+* A ``priorities`` entry names an existing file; deleting a file deletes it.
+"""
+
+import errno
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from swapfs.engine import cleanmark
+from swapfs.engine.errors import CorruptIndex, SwapfsError
+from swapfs.engine.store import preallocate
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 4
+#: The meta record of the generation of the lease of the last holder that
+#: wrote the index (Index.generation); readers that do not know it ignore it.
+LEASE_GENERATION = b"lease_generation"
+ROOT_INO = 1
+
+KIND_DIR = 1
+KIND_FILE = 2
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I32 = struct.Struct(">i")
+_CHAIN_RUN = struct.Struct(">II")
+_INO_RUN = struct.Struct(">QI")
+CRC_SIZE = 4
+
+
+def seal(tag: int, key: bytes, payload: bytes) -> bytes:
+    """*payload* followed by the CRC-32 of the database *tag*, *key* and itself."""
+    return payload + _U32.pack(zlib.crc32(payload, zlib.crc32(key, tag)))
+
+
+def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
+    """The payload of a sealed value; CorruptIndex unless its checksum matches."""
+    payload = raw[:-CRC_SIZE]
+    if len(raw) < CRC_SIZE or _U32.unpack_from(raw, len(payload))[0] != zlib.crc32(
+            payload, zlib.crc32(key, tag)):
+        raise CorruptIndex(f"the index record of {what} is corrupt")
+    return payload
+
+
+# Each database's tag, so that a record copied under another database's key
+# does not verify.
+_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS, _DAMAGED = range(1, 9)
+#: The databases of sealed records, by name (the slot table's entries are
+#: checked one by one instead: swapfs/engine/slottable.py).
+_SEALED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
+           b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS,
+           b"damaged": _DAMAGED}
+
+
+@dataclass(slots=True)
+class Inode:
+    """A directory (the root or a chain) or a swap file."""
+
+    ino: int
+    kind: int  # KIND_DIR or KIND_FILE
+    mode: int  # permission bits and file type, as st_mode
+    uid: int
+    gid: int
+    chain: int  # the chain a file or chain directory belongs to; 0 for the root
+    size: int = 0  # apparent size in bytes (files only)
+    blocks: int = 0  # number of mapped (non-zero) logical blocks (files only)
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+
+    _FORMAT = struct.Struct(">BIIIIQQqqq")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(
+            self.kind, self.mode, self.uid, self.gid, self.chain, self.size,
+            self.blocks, self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> "Inode":
+        return cls(ino, *cls._FORMAT.unpack(raw))
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+
+@dataclass(slots=True)
+class Chain:
+    """A clone chain: the dedup domain whose blocks share one data file."""
+
+    id_: int
+    #: 32 bytes: the chain's BLAKE3 key in a plain state; in an encrypted
+    #: one, its secret wrapped by the master key (swapfs/engine/keys.py).
+    key: bytes
+    next_slot: int = 0  # slots below this have been handed out at least once
+
+    _FORMAT = struct.Struct(">32sQ")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.key, self.next_slot)
+
+    @classmethod
+    def unpack(cls, id_: int, raw: bytes) -> "Chain":
+        return cls(id_, *cls._FORMAT.unpack(raw))
+
+
+#: The database of the files' maps: ``filemaps`` in this format, ``maps`` in
+#: format 1. :class:`IndexSpace` counts whichever the index has as map bytes.
+MAP_DATABASES = ("maps", "filemaps")
+
+
+@dataclass(slots=True)
+class IndexSpace:
+    """The index's pages in use, in bytes, by what holds them.
+
+    A logical block costs a map entry; a stored block the rest (its entry
+    in the chain's slot table, and a share of the few per-file and
+    per-chain records). So the two figures per block are the
+    maps' bytes over the mapped blocks and the other trees' over the stored
+    blocks. The databases are the ones the index lists, not a list
+    of this format's, so that the figures compare across formats.
+    """
+
+    #: Each named database's B+ tree (branch, leaf and overflow pages), by name.
+    databases: dict[str, int]
+    #: The main database's tree: the names and roots of the named ones.
+    main_bytes: int
+    #: Every page up to the highest in use (:meth:`Index.file_bytes`).
+    file_bytes: int
+
+    @property
+    def maps_bytes(self) -> int:
+        return sum(self.databases.get(name, 0) for name in MAP_DATABASES)
+
+    @property
+    def other_bytes(self) -> int:
+        """Every tree but the maps: the other named databases and the main one."""
+        return sum(self.databases.values()) - self.maps_bytes + self.main_bytes
+
+    @property
+    def unused_bytes(self) -> int:
+        """Pages below the highest in use that no named or main tree holds:
+        mostly pages that commits freed and later ones reuse, with LMDB's
+        two meta pages and its free list's own tree (the lmdb module has no
+        handle to that tree, so its pages are not counted apart)."""
+        return self.file_bytes - sum(self.databases.values()) - self.main_bytes
+
+    def figures(self, logical_blocks: int, stored_blocks: int) -> dict[str, Any]:
+        """The report of ``swapfs stats``: bytes per database and per block,
+        given the mapped blocks of every file and the stored blocks of every
+        chain (None per block when there are none)."""
+        return {
+            "databases": dict(sorted(self.databases.items())),
+            "main_bytes": self.main_bytes,
+            "unused_bytes": self.unused_bytes,
+            "maps_bytes": self.maps_bytes,
+            "other_bytes": self.other_bytes,
+            "logical_blocks": logical_blocks,
+            "stored_blocks": stored_blocks,
+            "bytes_per_logical_block":
+                self.maps_bytes / logical_blocks if logical_blocks else None,
+            "bytes_per_stored_block":
+                self.other_bytes / stored_blocks if stored_blocks else None,
+        }
+
+
+def _tree_bytes(stat: Mapping[str, int]) -> int:
+    """Bytes of the pages of one database's B+ tree, from LMDB's stat of it."""
+    return stat["psize"] * (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"])
+
+
+#: The index's map (and data file) is a multiple of this, at least one; it
+#: grows by this much, or by a quarter of its size if that is more.
+MAP_STEP = 1 << 20
+
+
+#: keep_room looks at the room left once every this many calls.
+KEEP_ROOM_EVERY = 8
+
+
+def recorded_generation(path: Path) -> int:
+    """The lease generation the index in *path* records (Index.generation),
+    0 for none or no index; read before its lease is taken, so without
+    LMDB's lock file and without writing anything (an offline command asks
+    whether the state was shared: swapfs.engine.lease.Offline)."""
+    if not (path / "data.mdb").is_file():
+        return 0
+    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=16, readahead=False)
+    try:
+        with env.begin() as txn:
+            try:
+                meta = env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return 0
+            raw = txn.get(LEASE_GENERATION, db=meta)
+            if raw is None:
+                return 0
+            payload = unseal(_META, LEASE_GENERATION, raw, "the counter lease_generation")
+            return int(_U64.unpack(payload)[0])
+    finally:
+        env.close()
+
+
+def _map_steps(size: int) -> int:
+    return MAP_STEP * max(1, -(-size // MAP_STEP))
+
+
+class Index:
+    """The LMDB environment and its named databases.
+
+    LMDB runs with ``writemap``: a transaction writes its pages straight into
+    the shared memory map of the data file, instead of into copies that the
+    commit then writes out with a system call each (about a fifth of the
+    cost of a 4 KiB overwrite: docs/performance.md). Through a memory map,
+    writing into a hole of a full file system is SIGBUS, not ENOSPC, so the
+    data file never has holes: it is the map's size, allocated in full on
+    disk (fallocate) as soon as it is opened. :meth:`keep_room` grows it
+    ahead of need; when a transaction finds it full all the same
+    (MDB_MAP_FULL, before it wrote anything) :meth:`grow` allocates the new
+    room before mapping it, answering ENOSPC if the file system has none.
+    (On a copy-on-write file system such as btrfs, allocated space is no
+    promise of room for a write: keep the state elsewhere.)
+    """
+
+    def __init__(self, path: Path, guard: Callable[[], None] | None = None,
+                 generation: int = 0) -> None:
+        self.path = path
+        #: Raises (EROFS) when this process may not write the state now: the
+        #: lease's check (swapfs/engine/lease.py), made at every write transaction.
+        self.guard = guard
+        #: The generation of the lease this process holds, 0 for none. Every
+        #: write transaction records it in the meta database; one that finds
+        #: a higher generation there refuses (EROFS): a holder that took the
+        #: state over since has written it, so this write would be a late one.
+        self.generation = generation
+        data = path / "data.mdb"
+        try:
+            used = data.stat().st_size
+        except FileNotFoundError:
+            used = 0
+        self.map_size = _map_steps(used)
+        if used:
+            cleanmark.check_and_clear(path)
+        # sync=False: a commit reaches the page cache, which a crash of this
+        # process cannot lose; fsync(2) on a swap file and unmount flush it to
+        # disk (see docs/write-ordering.md).
+        # The directory first: LMDB would make it with the files' mode, 0600.
+        path.mkdir(mode=0o700, exist_ok=True)
+        self.env = lmdb.open(
+            str(path), map_size=self.map_size, max_dbs=16, sync=False, metasync=False,
+            readahead=False, writemap=True, mode=0o600,
+        )
+        try:
+            self._fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                # LMDB made the file as big as the map: allocate it before
+                # anything writes to it.
+                preallocate(self._fd, 0, self.map_size)
+            except OSError as exc:
+                os.close(self._fd)
+                raise SwapfsError(exc.errno or errno.EIO,
+                                  f"no room for the index ({self.map_size} bytes): {exc}"
+                                  ) from exc
+        except BaseException:
+            self.env.close()
+            raise
+        self._page_size = self.env.stat()["psize"]
+        #: The main database, whose keys are the names of the named ones.
+        self.main = self.env.open_db(None)
+        #: The handles of the named databases opened here, by name.
+        self.named: dict[bytes, Any] = {}
+        self.meta = self._open(b"meta")
+        self.inodes = self._open(b"inodes")
+        self.dirents = self._open(b"dirents")
+        self.chains = self._open(b"chains")
+        self.slots = self._open(b"slots")
+        self.filemaps = self._open(b"filemaps")
+        self.orphans = self._open(b"orphans")
+        self.damaged = self._open(b"damaged")
+        self.priorities = self._open(b"priorities")
+        #: Why writes are refused (see fence); None while they are allowed.
+        self.fenced: str | None = None
+        #: Inodes read or written since they were last verified, by number:
+        #: the committed records plus the changes of the write transaction
+        #: in progress, forgotten whole when one aborts (Txn.get_inode).
+        self.inode_cache: dict[int, Inode] = {}
+        self._calls = 0  # of keep_room
+
+    def _open(self, name: bytes) -> Any:
+        handle = self.named[name] = self.env.open_db(name)
+        return handle
+
+    def check_write(self) -> None:
+        """Raise EROFS unless this process may write the state now: not
+        fenced, and the guard (the lease) agrees, read at this moment."""
+        if self.fenced is not None:
+            raise SwapfsError(errno.EROFS, self.fenced)
+        if self.guard is not None:
+            self.guard()
+
+    def begin(self, write: bool = False) -> "Txn":
+        if write:
+            self.check_write()
+        txn = Txn(self, self.env.begin(write=write), write)
+        if write and self.generation:
+            self._check_generation(txn)
+        return txn
+
+    def _check_generation(self, txn: "Txn") -> None:
+        """Refuse a write transaction if a later lease holder has written the
+        index; record this holder's generation if it is the first to write."""
+        try:
+            recorded = txn.get_meta(LEASE_GENERATION) or 0
+            if recorded > self.generation:
+                raise SwapfsError(errno.EROFS, f"{self.path} was written under lease generation "
+                                  f"{recorded}, after this holder's {self.generation}: "
+                                  "another host owns the state now")
+            if recorded < self.generation:
+                txn.put_meta(LEASE_GENERATION, self.generation)
+        except BaseException:
+            txn.abort()
+            raise
+
+    def recorded_generation(self) -> int:
+        """The lease generation of the index's last writer, 0 for none."""
+        with self.begin() as txn:
+            return txn.get_meta(LEASE_GENERATION) or 0
+
+    def fence(self, reason: str) -> None:
+        """Refuse every write from now on (EROFS): this process may no longer
+        own the state, because its lease lapsed and another host may hold it."""
+        self.fenced = reason
+
+    def writable(self) -> bool:
+        """May this process write the state now (not fenced, the guard agrees)?"""
+        if self.fenced is not None:
+            return False
+        try:
+            if self.guard is not None:
+                self.guard()
+        except SwapfsError:
+            return False
+        return True
+
+    def keep_room(self) -> None:
+        """Grow the map ahead of need when less than a quarter of it (and at
+        least MAP_STEP) is left above the highest page in use, so that a
+        transaction seldom finds it full and has to run again. A disk with
+        no room for that is no error yet: the transaction that needs the room
+        will get ENOSPC. No transaction may be open.
+
+        Asking LMDB costs as much as a small request, so only every
+        KEEP_ROOM_EVERY-th call looks: the room kept ahead (MAP_STEP at
+        least, 256 pages) outlasts that many requests, and one that finds
+        the map full all the same runs again after Index.grow.
+        """
+        self._calls += 1
+        if self._calls % KEEP_ROOM_EVERY:
+            return
+        if self.map_size - self.file_bytes() < max(MAP_STEP, self.map_size // 4):
+            try:
+                self.grow()
+            except SwapfsError as exc:
+                log.debug("%s", exc)
+
+    def grow(self) -> None:
+        """Make the map bigger, after a transaction found it full: allocate
+        the new room on disk first (SwapfsError ENOSPC if the file system has
+        none), then map it; refused (EROFS) when this process may not write
+        the state now. No transaction may be open."""
+        self.check_write()
+        size = _map_steps(max(self.map_size + MAP_STEP, self.map_size * 5 // 4))
+        try:
+            preallocate(self._fd, self.map_size, size - self.map_size)
+        except OSError as exc:
+            raise SwapfsError(exc.errno or errno.EIO,
+                              f"the index cannot grow to {size} bytes: {exc}") from exc
+        self.env.set_mapsize(size)
+        log.info("the index grew to %d MiB", size >> 20)
+        self.map_size = size
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        """Flush and close; then mark the index clean (swapfs/engine/cleanmark.py).
+        An index that may not be written any more (fenced, or its lease
+        lapsed: another host may own it) is closed without either."""
+        if not self.writable():
+            self.env.close()
+            os.close(self._fd)
+            return
+        self.env.sync(True)
+        self.env.close()
+        os.close(self._fd)
+        cleanmark.mark_clean(self.path, self._page_size)
+
+    def file_bytes(self) -> int:
+        """Bytes of the index's pages in use (the file itself is the whole map)."""
+        return int((self.env.info()["last_pgno"] + 1) * self._page_size)
+
+
+class Txn:
+    """One LMDB transaction with typed, checksummed accessors for every database."""
+
+    __slots__ = ("index", "txn", "write", "_after", "lenient")
+
+    def __init__(self, index: Index, txn: lmdb.Transaction, write: bool = False) -> None:
+        self.index = index
+        self.write = write
+        #: Set by fsck: iterators skip records that do not verify (it reports
+        #: them itself) instead of raising CorruptIndex.
+        self.lenient = False
+        # lmdb's stubs type values as bytes | memoryview; without buffers=True
+        # they are always bytes, which is what every accessor below relies on.
+        self.txn: Any = txn
+        self._after: list[Callable[[bool], None]] = []
+
+    def __enter__(self) -> "Txn":
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+            return
+        self.abort()
+        if isinstance(exc, lmdb.Error) and not isinstance(exc, lmdb.MapFullError):
+            # LMDB's own check of a damaged page (MDB_CORRUPTED,
+            # MDB_PAGE_NOTFOUND, ...): the index is damaged, which is EIO.
+            raise CorruptIndex(f"LMDB finds the index damaged: {exc}") from exc
+
+    def after(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(committed)`` once this transaction has ended: what
+        may happen only after a commit (reusing the slots it freed), or must
+        be undone if it aborts, waits for it here."""
+        self._after.append(callback)
+
+    def _ended(self, committed: bool) -> None:
+        if self.write and not committed:
+            self.index.inode_cache.clear()  # it may hold this transaction's changes
+        callbacks, self._after = self._after, []
+        for callback in callbacks:
+            callback(committed)
+
+    def abort(self) -> None:
+        self.txn.abort()
+        self._ended(False)
+
+    def commit(self) -> None:
+        """Commit, or raise SwapfsError with nothing changed (LMDB aborts the
+        txn); lmdb.MapFullError as it is, so that the caller can grow the
+        index and try again. A write transaction checks again, right before
+        its commit, that this process may still write the state (its puts
+        went into the index's mapped pages already, and the transaction may
+        have been long): refused (EROFS), it is aborted."""
+        if self.write:
+            try:
+                self.index.check_write()
+            except BaseException:
+                self.abort()
+                raise
+        try:
+            self.txn.commit()
+        except lmdb.MapFullError:
+            self._ended(False)
+            raise
+        except lmdb.Error as exc:
+            self._ended(False)
+            raise SwapfsError(self._commit_errno(exc), f"index commit failed: {exc}") from exc
+        self._ended(True)
+
+    def _commit_errno(self, exc: lmdb.Error) -> int:
+        if isinstance(exc, lmdb.DiskError):
+            return errno.ENOSPC
+        # LMDB turns a short write of its pages into EIO ("short write,
+        # filesystem full?"): on a full file system that is ENOSPC.
+        try:
+            full = os.statvfs(self.index.path).f_bavail == 0
+        except OSError:
+            full = False
+        return errno.ENOSPC if full else errno.EIO
+
+
+    # -- sealed records -------------------------------------------------------
+
+    def _get(self, db: Any, tag: int, key: bytes, what: str) -> bytes | None:
+        raw = self.txn.get(key, db=db)
+        return None if raw is None else unseal(tag, key, raw, what)
+
+    def _put(self, db: Any, tag: int, key: bytes, payload: bytes) -> None:
+        self.txn.put(key, seal(tag, key, payload), db=db)
+
+    def _scan(self, db: Any, prefix: bytes, start: bytes = b""
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, raw value) of the entries whose key starts with *prefix*,
+        from *start* (default: the prefix) on, in key order."""
+        with self.txn.cursor(db=db) as cur:
+            if not cur.set_range(start or prefix):
+                return
+            for key, raw in cur:
+                if not key.startswith(prefix):
+                    return
+                yield key, raw
+
+    def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
+              ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, payload) of the sealed records of :meth:`_scan`."""
+        for key, raw in self._scan(db, prefix, start):
+            try:
+                yield key, unseal(tag, key, raw, f"key {key.hex()}")
+            except CorruptIndex:
+                if not self.lenient:
+                    raise
+
+    def corrupt_records(self) -> list[tuple[str, bytes]]:
+        """(database, key) of every sealed record that does not verify."""
+        found = []
+        for name, tag in _SEALED.items():
+            for key, raw in self._scan(self.index.named[name], b""):
+                try:
+                    unseal(tag, key, raw, "")
+                except CorruptIndex:
+                    found.append((name.decode(), key))
+        return found
+
+    # -- space ----------------------------------------------------------------
+
+    def space(self) -> IndexSpace:
+        """The bytes each database's pages take, as this transaction sees
+        them: every database the main one names, opened here if this format
+        does not open it (a database of another format)."""
+        index, txn = self.index, self.txn
+        with txn.cursor(db=index.main) as cur:
+            names = list(cur.iternext(values=False))
+        databases = {}
+        for name in names:
+            handle = index.named.get(name)
+            if handle is None:
+                handle = index.env.open_db(name, txn=txn, create=False)
+            databases[name.decode()] = _tree_bytes(txn.stat(handle))
+        return IndexSpace(databases, _tree_bytes(txn.stat(index.main)), index.file_bytes())
+
+    # -- meta ---------------------------------------------------------------
+
+    def get_meta(self, name: bytes) -> int | None:
+        raw = self._get(self.index.meta, _META, name, f"the counter {name.decode()}")
+        return None if raw is None else int(_U64.unpack(raw)[0])
+
+    def put_meta(self, name: bytes, value: int) -> None:
+        self._put(self.index.meta, _META, name, _U64.pack(value))
+
+    def get_state_id(self) -> bytes | None:
+        """The state's UUID (format 4 on), which the chain keys' wrap is bound to."""
+        return self._get(self.index.meta, _META, b"uuid", "the state's UUID")
+
+    def put_state_id(self, state_id: bytes) -> None:
+        self._put(self.index.meta, _META, b"uuid", state_id)
+
+    def next_id(self, name: bytes) -> int:
+        value = self.get_meta(name)
+        if value is None:
+            raise CorruptIndex(f"the index has no {name.decode()} counter")
+        self.put_meta(name, value + 1)
+        return value
+
+    # -- inodes and directory entries ----------------------------------------
+
+    def get_inode(self, ino: int) -> Inode | None:
+        """The inode, verified when first read and then kept in memory.
+
+        Every caller that changes an inode puts it back in the same write
+        transaction (put_inode), so the object kept is the one the index
+        holds; a write transaction that aborts forgets every inode kept.
+        """
+        cache = self.index.inode_cache
+        inode = cache.get(ino)
+        if inode is None:
+            raw = self._get(self.index.inodes, _INODES, _U64.pack(ino), f"inode {ino}")
+            if raw is None:
+                return None
+            inode = cache[ino] = Inode.unpack(ino, raw)
+        return inode
+
+    def put_inode(self, inode: Inode) -> None:
+        self._put(self.index.inodes, _INODES, _U64.pack(inode.ino), inode.pack())
+        self.index.inode_cache[inode.ino] = inode
+
+    def delete_inode(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.inodes)
+        self.index.inode_cache.pop(ino, None)
+
+    def iter_inodes(self) -> Iterator[Inode]:
+        for key, raw in self._iter(self.index.inodes, _INODES):
+            yield Inode.unpack(_U64.unpack(key)[0], raw)
+
+    def get_dirent(self, parent: int, name: bytes) -> int | None:
+        raw = self._get(self.index.dirents, _DIRENTS, _U64.pack(parent) + name,
+                        f"the entry {name!r} of directory {parent}")
+        return None if raw is None else int(_U64.unpack(raw)[0])
+
+    def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        self._put(self.index.dirents, _DIRENTS, _U64.pack(parent) + name, _U64.pack(ino))
+
+    def delete_dirent(self, parent: int, name: bytes) -> None:
+        self.txn.delete(_U64.pack(parent) + name, db=self.index.dirents)
+
+    def iter_dirents(self, parent: int, after: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """Entries of *parent* in name order, starting after the name *after*."""
+        prefix = _U64.pack(parent)
+        for key, raw in self._iter(self.index.dirents, _DIRENTS, prefix, prefix + after):
+            name = key[8:]
+            if after and name == after:
+                continue
+            yield name, int(_U64.unpack(raw)[0])
+
+    def iter_all_dirents(self) -> Iterator[tuple[int, bytes, int]]:
+        for key, raw in self._iter(self.index.dirents, _DIRENTS):
+            yield int(_U64.unpack(key[:8])[0]), key[8:], int(_U64.unpack(raw)[0])
+
+    # -- chains ---------------------------------------------------------------
+
+    def get_chain(self, chain_id: int) -> Chain | None:
+        raw = self._get(self.index.chains, _CHAINS, _U32.pack(chain_id), f"chain {chain_id}")
+        return None if raw is None else Chain.unpack(chain_id, raw)
+
+    def put_chain(self, chain: Chain) -> None:
+        self._put(self.index.chains, _CHAINS, _U32.pack(chain.id_), chain.pack())
+
+    def delete_chain(self, chain_id: int) -> None:
+        self.txn.delete(_U32.pack(chain_id), db=self.index.chains)
+
+    def iter_chains(self) -> Iterator[Chain]:
+        for key, raw in self._iter(self.index.chains, _CHAINS):
+            yield Chain.unpack(_U32.unpack(key)[0], raw)
+
+    # -- the chains' slot tables (entries checksummed one by one) ---------------
+
+    def put_slot_run(self, chain_id: int, run: int, entries: bytes | memoryview) -> None:
+        self.txn.put(_CHAIN_RUN.pack(chain_id, run), entries, db=self.index.slots)
+
+    def iter_slot_runs(self, chain_id: int) -> Iterator[tuple[int, bytes]]:
+        """(run, raw entries) of the chain's slot table, in run order."""
+        for key, raw in self._scan(self.index.slots, _U32.pack(chain_id)):
+            yield _CHAIN_RUN.unpack(key)[1], raw
+
+    def delete_slot_run(self, chain_id: int, run: int) -> None:
+        self.txn.delete(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
+
+    def delete_slot_runs(self, chain_id: int) -> None:
+        """Delete the chain's slot table, and the marks of its damaged slots."""
+        for run, _ in list(self.iter_slot_runs(chain_id)):
+            self.delete_slot_run(chain_id, run)
+        for slot in list(self.iter_damaged(chain_id)):
+            self.delete_damaged(chain_id, slot)
+
+    def keys_of(self, name: bytes) -> list[bytes]:
+        """Every key of the database *name*, whatever it holds (fsck)."""
+        return [key for key, _ in self._scan(self.index.named[name], b"")]
+
+    def delete_key(self, name: bytes, key: bytes) -> None:
+        self.txn.delete(key, db=self.index.named[name])
+
+    # -- damaged slots ----------------------------------------------------------
+
+    def put_damaged(self, chain_id: int, slot: int) -> None:
+        self._put(self.index.damaged, _DAMAGED, _CHAIN_RUN.pack(chain_id, slot), b"")
+
+    def delete_damaged(self, chain_id: int, slot: int) -> None:
+        self.txn.delete(_CHAIN_RUN.pack(chain_id, slot), db=self.index.damaged)
+
+    def iter_damaged(self, chain_id: int) -> Iterator[int]:
+        """The chain's slots set aside as damaged. A mark that does not verify
+        is skipped, not raised: without it a write may dedup onto a damaged
+        slot, whose reads answer EIO, never other bytes (fsck reports it)."""
+        for key, raw in self._scan(self.index.damaged, _U32.pack(chain_id)):
+            try:
+                unseal(_DAMAGED, key, raw, "")
+            except CorruptIndex:
+                continue
+            if len(key) == _CHAIN_RUN.size:
+                yield _CHAIN_RUN.unpack(key)[1]
+
+    # -- each file's block map ----------------------------------------------------
+
+    def put_map_run(self, ino: int, run: int, entries: bytes) -> None:
+        self._put(self.index.filemaps, _FILEMAPS, _INO_RUN.pack(ino, run), entries)
+
+    def delete_map_run(self, ino: int, run: int) -> None:
+        self.txn.delete(_INO_RUN.pack(ino, run), db=self.index.filemaps)
+
+    def iter_map_runs(self, ino: int) -> Iterator[tuple[int, bytes | None]]:
+        """(run, entries) of file *ino*'s map in run order; entries is None
+        for a run whose checksum does not verify."""
+        for key, raw in self._scan(self.index.filemaps, _U64.pack(ino)):
+            run = _INO_RUN.unpack(key)[1] if len(key) == _INO_RUN.size else -1
+            try:
+                yield run, unseal(_FILEMAPS, key, raw, "")
+            except CorruptIndex:
+                yield run, None
+
+    def iter_mapped_inos(self) -> Iterator[int]:
+        """Every inode number that has map runs, once each, in order."""
+        last = None
+        with self.txn.cursor(db=self.index.filemaps) as cur:
+            for key in cur.iternext(values=False):
+                ino = int(_U64.unpack(key[:8])[0])
+                if ino != last:
+                    yield ino
+                    last = ino
+
+    def delete_map_runs(self, ino: int) -> None:
+        for run, _ in list(self.iter_map_runs(ino)):
+            self.delete_map_run(ino, run)
+
+    # -- orphans -------------------------------------------------------------------
+
+    def put_orphan(self, ino: int) -> None:
+        self._put(self.index.orphans, _ORPHANS, _U64.pack(ino), b"")
+
+    def delete_orphan(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.orphans)
+
+    def is_orphan(self, ino: int) -> bool:
+        return self._get(self.index.orphans, _ORPHANS, _U64.pack(ino),
+                         f"the orphan mark of {ino}") is not None
+
+    def iter_orphans(self) -> Iterator[int]:
+        for key, _ in self._iter(self.index.orphans, _ORPHANS):
+            yield int(_U64.unpack(key)[0])
+
+    # -- file priorities ----------------------------------------------------------
+
+    def get_priority(self, ino: int) -> int:
+        raw = self._get(self.index.priorities, _PRIORITIES, _U64.pack(ino),
+                        f"the priority of {ino}")
+        return 0 if raw is None else int(_I32.unpack(raw)[0])
+
+    def put_priority(self, ino: int, priority: int) -> None:
+        """Set a file's priority; 0, the default, is stored as no entry."""
+        if priority:
+            self._put(self.index.priorities, _PRIORITIES, _U64.pack(ino), _I32.pack(priority))
+        else:
+            self.delete_priority(ino)
+
+    def delete_priority(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.priorities)
+
+    def iter_priorities(self) -> Iterator[tuple[int, int]]:
+        for key, raw in self._iter(self.index.priorities, _PRIORITIES):
+            yield int(_U64.unpack(key)[0]), int(_I32.unpack(raw)[0])

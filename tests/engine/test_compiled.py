@@ -1,0 +1,64 @@
+"""The engine modules that the build compiles are the ones imported, unless
+SWAPFS_PURE_PYTHON asks for their source (swapfs/engine/compiled.py).
+
+`make test` runs the engine's tests both ways: the whole suite as built,
+then the engine's own files again with SWAPFS_PURE_PYTHON=1.
+"""
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from swapfs.engine import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTED = sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["swapfs"]["compiled"])
+
+
+def _loaded_in_child(package_parent: Path, pure: bool) -> subprocess.CompletedProcess[str]:
+    """Import every listed module in a fresh interpreter; it prints compiled.loaded()."""
+    env = {**os.environ, "PYTHONPATH": str(package_parent)}
+    env.pop(compiled.PURE_ENV, None)
+    if pure:
+        env[compiled.PURE_ENV] = "1"
+    script = ("import importlib, swapfs.engine.compiled as c\n"
+              f"for name in {LISTED!r}: importlib.import_module(name)\n"
+              "print(','.join(c.loaded()))")
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, check=True, cwd="/")
+
+
+def test_this_run_imports_the_compiled_modules_or_with_the_variable_their_source() -> None:
+    modules = [importlib.import_module(name) for name in LISTED]
+    if compiled.pure():
+        assert compiled.loaded() == []
+        assert all(str(module.__file__).endswith(".py") for module in modules)
+    else:
+        assert compiled.built() and sorted(compiled.built()) == LISTED, \
+            "no build of the compiled modules, or of other ones: run make setup"
+        assert compiled.loaded() == LISTED, (
+            f"{compiled.describe()}: the build failed or is stale (make setup rebuilds; "
+            f"stale: {compiled.stale()})")
+
+
+def test_the_variable_makes_every_module_run_its_source() -> None:
+    assert _loaded_in_child(ROOT, pure=True).stdout.strip() == ""
+
+
+def test_a_module_changed_since_its_build_runs_its_source(tmp_path: Path) -> None:
+    if compiled.pure() or compiled.loaded() != LISTED:
+        pytest.skip("needs the compiled build")
+    shutil.copytree(ROOT / "swapfs", tmp_path / "swapfs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    changed = LISTED[0]
+    with open(tmp_path / f"{changed.replace('.', '/')}.py", "a") as source:
+        source.write("# an edit after the build\n")
+    child = _loaded_in_child(tmp_path, pure=False)
+    assert child.stdout.strip().split(",") == [name for name in LISTED if name != changed]
+    assert f"{changed} changed since it was compiled" in child.stderr

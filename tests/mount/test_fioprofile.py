@@ -1,0 +1,60 @@
+"""tools/fioprofile.py files each py-spy sample under the right category."""
+
+from tools.fioprofile import CATEGORIES, FUSE_LOOP, classify, tally
+
+ROOT = ["_run_module_as_main (<frozen runpy>:198)", "<module> (mountd/__main__.py:5)",
+        "main (mountd/main.py:118)", "run (mountd/daemon.py:341)",
+        "run (trio/_core/_run.py:2532)"]
+TASK = [*ROOT, "unrolled_run (trio/_core/_run.py:2866)",
+        "async_wrapper.<locals>.wrapper (_pyfuse3.py:58)",
+        "__pyx_gb_7pyfuse3_38generator12 (__init__.c:14373)"]
+WRITE = [*TASK, "Operations.write (mountd/operations.py:253)",
+         "Volume.write (swapfs/engine/volume.py:495)"]
+
+
+def _group(frames: list[str]) -> tuple[str, str]:
+    category = classify(frames)
+    return category.group, category.part
+
+
+def test_the_deepest_named_step_wins_over_the_handler_around_it() -> None:
+    commit = [*WRITE, "Txn.__exit__ (swapfs/engine/index.py:185)",
+              "Txn.commit (swapfs/engine/index.py:195)",
+              "trans_commit (cpython.c:4897)", "pwrite64 (libc.so.6)"]
+    assert _group(commit)[0] == "LMDB commit (transaction end)"
+    data = [*WRITE, "_ChainWrite.set_blocks (swapfs/engine/volume.py:817)",
+            "BlockStore.write_many (swapfs/engine/store.py:92)", "pwritev64v2 (libc.so.6)"]
+    assert _group(data)[0] == "digest, data read/write, map and hash-table gets/puts"
+    punch = [*WRITE, "_ChainWrite.punch (swapfs/engine/volume.py:884)",
+             "BlockStore.punch (swapfs/engine/store.py:130)",
+             "punch_hole (swapfs/engine/store.py:32)",
+             "fallocate64 (libc.so.6)"]
+    assert _group(punch)[0] == "hole punch (store.punch, fallocate)"
+    assert _group(WRITE)[0].startswith("other Python")
+
+
+def test_the_loop_is_split_by_its_system_call() -> None:
+    reply = [*TASK, "0x7f52c53a204a (libfuse3.so.3.14.0)", "writev (libc.so.6)"]
+    assert _group(reply) == (FUSE_LOOP, CATEGORIES[6].part)
+    parked = [*ROOT, "EpollIOManager.get_events (trio/_core/_io_epoll.py:243)",
+              "select_epoll_poll_impl (selectmodule.c:1598)", "epoll_wait (libc.so.6)"]
+    assert _group(parked)[1].startswith("epoll")
+    # The daemon's start-up frames (mountd/) are not a daemon task.
+    assert _group([*TASK, "unrolled_run (trio/_core/_run.py:2931)"]) == (
+        FUSE_LOOP, CATEGORIES[-1].part)
+    control = [*ROOT, "unrolled_run (trio/_core/_run.py:2866)",
+               "ControlServer.serve (mountd/controlserver.py:60)"]
+    assert _group(control)[0].startswith("daemon tasks")
+
+
+def test_tally_counts_the_main_thread_only() -> None:
+    raw = "\n".join([
+        f"thread (7): MainThread;{';'.join(WRITE)} 5",
+        f"thread (7): MainThread;{';'.join(TASK)};read (libc.so.6) 3",
+        f"thread (70): Trio thread 0;{';'.join(WRITE)} 100",
+    ])
+    counts, leaves = tally(raw, 7)
+    assert sum(counts.values()) == 8
+    (other,) = [category for category in counts if category.group.startswith("other Python")]
+    assert counts[other] == 5
+    assert leaves[other] == {"Volume.write (swapfs/engine/volume.py:495)": 5}
