@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mountd import access, keeper, lifecycle, peercred
+from mountd import access, lifecycle, peercred
 from mountd.drivers import DriverManager, Session
 from mountd.limits import ConnectionLimits
 from mountd.operations import Operations
+from mountd.takeover import handover
 from swapfs.control import (
     DRIVER_OPS,
     MAX_LINE,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: A standby asks for the connection's descriptors with this op; the reply
-#: (the status, as JSON) carries them as SCM_RIGHTS. See mountd.keeper.
+#: (the status, as JSON) carries them as SCM_RIGHTS. See mountd.takeover.handover.
 KEEPER_ATTACH = "keeper.attach"
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 #: A refused connection's first request line is read for at most this long,
@@ -345,7 +346,7 @@ class ControlServer:
         session.keeper_pid = peer_pid
         reply = json.dumps({"ok": True, **self.status({})}).encode() + b"\n"
         with contextlib.suppress(OSError):  # a standby gone already: it detaches below
-            await stream.socket.sendmsg([reply], keeper.rights(fds))
+            await stream.socket.sendmsg([reply], handover.rights(fds))
 
     async def _refuse(self, stream: trio.SocketStream, code: int, error: str) -> None:
         """Answer a connection's first request *code*, and close it.

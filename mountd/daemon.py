@@ -1,9 +1,10 @@
 """The mount's lifetime: harden, mount, serve FUSE and the control socket, unmount.
 
 The daemon either mounts (opening ``/dev/fuse`` itself, so that a keeper
-can hold the connection: :mod:`mountd.fusedev`, :mod:`mountd.keeper`) or
-takes over a connection whose daemon died (``--adopt-fds`` from a standby,
-``$LISTEN_FDS`` from systemd): docs/takeover.md.
+can hold the connection: :mod:`mountd.takeover.fusedev`,
+:mod:`mountd.takeover.handover`) or takes over a connection whose daemon
+died (``--adopt-fds`` from a standby, ``$LISTEN_FDS`` from systemd):
+docs/takeover.md.
 
 One trio run holds everything: pyfuse3's request loop, the control server,
 a signal watcher, the cache manifest, the hole punching of slots that stayed
@@ -30,14 +31,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from mountd import fusedev, keeper, lifecycle, peercred
+from mountd import lifecycle, peercred
 from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.limits import ConnectionLimits
-from mountd.memo import ConnectionMemo
 from mountd.operations import Operations
+from mountd.takeover import fusedev, handover
+from mountd.takeover.memo import ConnectionMemo
 from swapfs.cache import BlockCache, TransientCache
 from swapfs.cli import mountcheck
 from swapfs.control import SOURCE_PREFIX, nodump
@@ -117,7 +119,7 @@ async def _watch_signals(ops: Operations) -> None:
 
 #: ((fuse descriptor, memo descriptor), "standby" or "systemd")
 Adoption = tuple[tuple[int, int], str]
-#: (pid, pidfd) of the standby that started this daemon (keeper.watch_standby)
+#: (pid, pidfd) of the standby that started this daemon (handover.watch_standby)
 Standby = tuple[int, int]
 
 
@@ -435,7 +437,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 assert memo is not None
                 pyfuse3.init(ops, f"/dev/fd/{link.fuse_fd}", set(pyfuse3.default_options),
                              init_request=memo.init)
-                if link.keeper is None and keeper.store_in_systemd(link.fuse_fd, memo.fd):
+                if link.keeper is None and handover.store_in_systemd(link.fuse_fd, memo.fd):
                     link.keeper = "systemd"
             try:
                 trio.run(_serve, control, ops, link, socket_path, config.vsock_port,

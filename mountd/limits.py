@@ -9,7 +9,7 @@ than root may hold ``control_max_per_uid`` connections, each guest
 ``control_max_per_cid``, and all peers but root together all but
 ``control_root_reserve``: those are root's alone. Root is bounded by the
 total only. A connection past a bound is answered EAGAIN and closed;
-clients try again (``swapfs.control.protocol.request``, ``mountd.standby.attach``).
+clients try again (``swapfs.control.protocol.request``, ``mountd.takeover.standby.attach``).
 """
 
 from collections import Counter

@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from mountd import keeper
 from mountd.config import ConfigError, load
 from mountd.daemon import harden, run
 from mountd.logs import setup_logging
+from mountd.takeover import handover
 from swapfs.cli import spawn
 
 log = logging.getLogger("mountd")
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if adopt is not None:
         # Now, before a spare waits: its standby may die at any time after.
         standby_pid = args.keeper_pid if args.keeper_pid is not None else os.getppid()
-        pidfd = keeper.watch_standby(standby_pid)
+        pidfd = handover.watch_standby(standby_pid)
         standby = None if pidfd is None else (standby_pid, pidfd)
     if adopt is None:
-        adopt, kept_by = keeper.from_systemd(), "systemd"
+        adopt, kept_by = handover.from_systemd(), "systemd"
     if adopt is None:
         config.mountpoint = os.path.realpath(config.mountpoint)
     else:

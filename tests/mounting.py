@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from mountd import keeper
+from mountd.takeover import handover
 from swapfs.control import protocol
 from swapfs.engine import fsck, keys
 
@@ -149,7 +149,7 @@ def read_direct(path: Path | str, offset: int, size: int) -> bytes:
 def receive_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     """One datagram or message and the descriptors it carries (SCM_RIGHTS)."""
     data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16 * 4))
-    return data, keeper.fds_in(ancillary)
+    return data, handover.fds_in(ancillary)
 
 
 class Mount:

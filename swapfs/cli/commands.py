@@ -90,7 +90,7 @@ def _start_background(command: list[str], log_path: Path, failure: str) -> int:
 
 def _standby(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
-    command = [sys.executable, "-m", "mountd.standby", mountpoint]
+    command = [sys.executable, "-m", "mountd.takeover.standby", mountpoint]
     if args.state is not None:
         state = args.state.resolve()
         command += ["--state", str(state)]

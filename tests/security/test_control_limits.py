@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mountd import keeper, standby
 from mountd.limits import ConnectionLimits
 from mountd.peercred import Peer
+from mountd.takeover import handover, standby
 from tests.mounting import remove_tree, short_tempdir
 
 ROOT = Peer(pid=1, uid=0)
@@ -91,7 +91,7 @@ def busy_daemon() -> Iterator[tuple[str, list[int]]]:
                     continue
                 conn.makefile("rb").readline()
                 reply = json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n"
-                conn.sendmsg([reply], keeper.rights([read_fd, write_fd]))
+                conn.sendmsg([reply], handover.rights([read_fd, write_fd]))
                 answered.append(0)
                 conn.recv(1)  # until the standby hangs up
 

@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from mountd import access, controlserver, peercred, standby
+from mountd import access, controlserver, peercred
 from mountd.access import Binding, Kind
 from mountd.controlserver import BadRequest, Refused
 from mountd.drivers import DriverManager, Session
 from mountd.peercred import Peer
+from mountd.takeover import standby
 from swapfs.cache import TransientCache
 from swapfs.cli import swaparea
 from swapfs.control import DriverError, protocol

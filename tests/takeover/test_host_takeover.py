@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mountd import standby as standby_mod
+from mountd.takeover import standby as standby_mod
 from swapfs.cache import parse
 from swapfs.cli import spawn
 from swapfs.control import protocol
@@ -66,8 +66,8 @@ def test_standby_of_another_host_takes_over_once_the_lease_lapses() -> None:
             log = open(root / "standby.log", "ab")  # noqa: SIM115 - closed below
             standby = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "sh", "-c", 'hostname host-b && exec "$@"',
-                 "sh", sys.executable, "-m", "mountd.standby", "--state", str(host_a.state),
-                 "--config", str(config), str(mnt_b)],
+                 "sh", sys.executable, "-m", "mountd.takeover.standby",
+                 "--state", str(host_a.state), "--config", str(config), str(mnt_b)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             log.close()
             # While host A renews its lease, host B only watches.

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from mountd import fusedev
-from mountd.memo import SLOT_SIZE, ConnectionMemo, MemoError
 from mountd.operations import Operations, handle_ino
+from mountd.takeover import fusedev
+from mountd.takeover.memo import SLOT_SIZE, ConnectionMemo, MemoError
 from swapfs.engine import ROOT_INO, Volume
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mountd import fusedev
 from mountd.cachekeeper import OWN
+from mountd.takeover import fusedev
 from swapfs.cache import parse
 from swapfs.control import protocol, swapfs_sockets
 from tests.mounting import (
@@ -385,7 +385,7 @@ spawn.start_ready(sys.argv[2:], Path(sys.argv[1]), 30, (3, 4))
 def test_a_standby_that_dies_mid_takeover_leaves_no_keeper(mount: Mount, dies: str) -> None:
     """A dead standby must not stay the keeper: it would refuse every next
     standby (EBUSY) and keep a failing daemon from unmounting."""
-    from mountd.standby import attach
+    from mountd.takeover.standby import attach
 
     mount.path("c").mkdir()
     mount.path("c", "f").write_bytes(b"z" * BLOCK)

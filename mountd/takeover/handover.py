@@ -9,7 +9,7 @@ from either. There are two kinds:
   restarts after a crash, systemd passes them to the new daemon in
   ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` (``FileDescriptorStoreMax=`` in
   ``swapfs@.service``);
-* ``swapfs standby MNT`` (:mod:`mountd.standby`): it asks the daemon for
+* ``swapfs standby MNT`` (:mod:`mountd.takeover.standby`): it asks the daemon for
   both over the control socket (``keeper.attach``, the descriptors ride
   along the reply as SCM_RIGHTS), and starts the new daemon with them.
 """

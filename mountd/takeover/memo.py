@@ -41,8 +41,8 @@ from typing import Any
 
 import trio
 
-from mountd import fusedev
 from mountd.operations import handle_ino
+from mountd.takeover import fusedev
 
 MAGIC = b"SWFSMEMO"
 #: Where slot 1 starts; also the most a slot holds, header included.

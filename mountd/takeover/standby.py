@@ -43,13 +43,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mountd import keeper, lifecycle
+from mountd import lifecycle
 from mountd.logs import setup_logging
+from mountd.takeover import handover
 from swapfs.cli import spawn
 from swapfs.control import nodump, protocol
 from swapfs.engine import lease
 
-log = logging.getLogger("mountd.standby")
+log = logging.getLogger("mountd.takeover.standby")  # run as __main__
 
 #: How long a starting daemon may go without a sign of progress before the
 #: standby tries again. No fixed bound on the whole start: opening a state
@@ -113,7 +114,7 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     while not data.endswith(b"\n"):
         chunk, ancillary, _flags, _addr = sock.recvmsg(protocol.MAX_LINE,
                                                        socket.CMSG_SPACE(2 * 4))
-        fds += keeper.fds_in(ancillary)
+        fds += handover.fds_in(ancillary)
         if not chunk:
             break
         data += chunk
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="swapfs standby",
         description="Hold a mount's FUSE connection and start a new daemon when its "
                     "daemon dies (stays in the foreground).",
-        epilog="example: python -m mountd.standby /mnt/swapfs")
+        epilog="example: python -m mountd.takeover.standby /mnt/swapfs")
     parser.add_argument("mountpoint")
     parser.add_argument("--state", type=Path,
                         help="stand in for another host: when the lease on this shared "
