@@ -1,11 +1,19 @@
 """The daemon's configuration: a TOML file, overridden by command-line flags.
 
-Every setting, its type and its default is in :data:`SETTINGS`; the same
-table is documented in ``docs/configuration.md``. An unknown key or a value
-of the wrong type is an error that names the key, never silently ignored.
+Every setting is a field of :class:`Config`: its type is the field's
+annotation, its default the field's, and its documentation (markdown) is in
+the field's metadata, ``doc``. ``load`` checks a file's values against the
+annotations; the settings table of ``docs/configuration.md`` and
+``systemd/example.toml`` are written from the same fields
+(``python -m tools.config_docs``), and a test fails when they drift. An
+unknown key or a value of the wrong type is an error that names the key,
+never silently ignored.
 """
 
+import copy
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,83 +28,162 @@ class ConfigError(Exception):
     """The configuration file or flags are invalid; the message says how."""
 
 
+def setting(default: Any, doc: str, example: str | None = None) -> Any:
+    """A :class:`Config` field with its documentation.
+
+    *doc* is one markdown paragraph (its line breaks are spaces), the
+    meaning column of ``docs/configuration.md``; *example* is the value
+    ``systemd/example.toml`` gives a setting that has no default (``None``:
+    required) or, for a table, the lines it shows commented out. A list or
+    table default is copied for each Config, as ``default_factory`` would.
+    """
+    metadata = {"doc": " ".join(doc.split()), "example": example}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.copy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class Config:
-    #: Directory holding the index and the chains' data files.
-    state: Path | None = None
-    #: Where the file system is mounted.
-    mountpoint: str | None = None
-    #: Let users other than the one mounting use the mount (FUSE allow_other).
-    allow_other: bool = False
-    #: mlockall the daemon so that serving swap never needs swap.
-    lock_memory: bool = True
-    #: PR_SET_IO_FLUSHER on the serving threads.
-    io_flusher: bool = True
-    #: The daemon's OOM score adjustment; -1000 exempts it from the OOM killer.
-    oom_score_adj: int = -1000
-    #: Log level: debug, info, warning or error.
-    log_level: str = "info"
-    #: Control socket path; empty means ``<state>/control.sock``.
-    control_socket: str = ""
-    #: The transient cache's largest capacity in bytes; 0 disables it.
-    transient_cache_max_bytes: int = 268435456
-    #: The content cache's budget of host memory in bytes; 0 disables it.
-    content_cache_bytes: int = 64 << 20
-    #: The memory all chains' dedup tables may take together, in bytes.
-    dedup_table_bytes: int = 256 << 20
-    #: Seconds between two writes of the content cache's manifest.
-    manifest_interval: float = 5
-    #: The fail-over planner's budget for this host's content caches together;
-    #: 0: this daemon's content cache plus what the other daemons hold.
-    host_cache_bytes: int = 0
-    #: Seconds a registered driver may stay silent before it is revoked.
-    driver_timeout: float = 30
-    #: Seconds any other control connection may stay silent before it is closed
-    #: (a standby keeping the mount excepted).
-    control_idle_timeout: float = 60
-    #: Control connections served at once; more are answered EAGAIN and closed.
-    control_max_connections: int = 128
-    #: Of those, how many only root may open (mountd/limits.py).
-    control_root_reserve: int = 8
-    #: Control connections one Unix user other than root may hold at once.
-    control_max_per_uid: int = 16
-    #: Control connections one guest (vsock CID) may hold at once.
-    control_max_per_cid: int = 4
-    #: A group served on the control socket besides root (a name or a number);
-    #: empty: root only.
-    control_group: str = ""
-    #: AF_VSOCK port drivers in virtual machines connect to; 0 = none.
-    vsock_port: int = 0
-    #: The guests (context ids) whose drivers the vsock port admits.
-    vsock_cids: list[int] = field(default_factory=list)
-    #: Driver name -> the one peer that may register it (``[drivers.NAME]``
-    #: with ``cid`` or ``uid``; mountd/access.py).
-    drivers: dict[str, Binding] = field(default_factory=dict)
-    #: The fail-over planner's strategies, tried in this order (docs/failover.md).
-    failover_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    #: Encrypt a new state directory's swap at rest; an existing state in the
-    #: other mode is refused (docs/encryption.md).
-    encrypt: bool = True
-    #: The master key file; empty: the systemd credential ``swapfs.key`` if
-    #: the daemon has one, else /etc/swapfs/master.key.
-    key_file: str = ""
-    #: Seconds the state directory's lease lasts unless renewed (swapfs.engine.lease);
-    #: 0: no lease, for a state directory on storage only this host reaches.
-    lease_seconds: float = 0
+    """The daemon's settings, one field each (see the module's docstring)."""
+
+    state: Path | None = setting(None, """
+        directory holding `index.lmdb`, `data/<chain>.blocks` and, encrypted,
+        `data/<chain>.seals`""", example='"/var/lib/swapfs/main"')
+    mountpoint: str | None = setting(None, """
+        where the file system is mounted""", example='"/mnt/swapfs"')
+    allow_other: bool = setting(False, """
+        let users other than the one mounting use the mount""")
+    lock_memory: bool = setting(True, """
+        lock the daemon's memory, so that serving swap never needs swap:
+        `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`""")
+    io_flusher: bool = setting(True, """
+        `prctl(PR_SET_IO_FLUSHER)` on the serving threads""")
+    oom_score_adj: int = setting(-1000, """
+        the daemon's OOM score adjustment (-1000..1000); -1000 exempts it from
+        the OOM killer""")
+    log_level: str = setting("info", """
+        `debug`, `info`, `warning` or `error`""")
+    control_socket: str = setting("", """
+        the control socket; empty means `<state>/control.sock` (or
+        `/run/swapfs/<hash>.sock` when that path is too long for a Unix
+        socket)""")
+    transient_cache_max_bytes: int = setting(268435456, """
+        the transient cache's largest capacity (its real capacity is the
+        drivers' unused code-page space, up to this); `0` disables it""")
+    content_cache_bytes: int = setting(64 << 20, """
+        the content cache's budget of host memory (64 MiB: 16384 blocks, about
+        70 MiB locked with their entries; the flag `swapfs mount
+        --content-cache-bytes N` overrides it); `0` disables it. See
+        [caches.md](caches.md)""")
+    dedup_table_bytes: int = setting(256 << 20, """
+        the memory all chains' dedup tables (digest -> slot) may take
+        together, at least 4096. An entry takes 6 to 12 bytes (a table doubles
+        when it is 70% full), so the default names up to 47 million stored
+        blocks (about 180 GiB of distinct data). Past it a chain's table stops
+        growing and dedup is partial: a block the table does not name is
+        stored again, nothing is lost, and `swapfs stats` counts such blocks
+        (`dedup_table.unindexed`). The daemon also keeps 24 bytes per slot
+        (the slot tables) and 4 bytes per logical block of each file in use
+        (the maps) in memory; see
+        [performance.md](performance.md#what-bounds-the-rest)""")
+    manifest_interval: float = setting(5, """
+        seconds between two writes of the content cache's manifest,
+        `<state>/cache.manifest` (also written at stop; a restarted daemon
+        warms its cache from it)""")
+    host_cache_bytes: int = setting(0, """
+        the fail-over planner's budget for all the content caches of this host
+        together, when a starting daemon chooses which blocks of its state's
+        last manifest to warm ([failover.md](failover.md)); `0`: this daemon's
+        content cache plus what the other daemons of the host hold, so that
+        none of them has to give anything up""")
+    driver_timeout: float = setting(30, """
+        seconds a registered driver may stay silent before it is revoked and
+        its connection closed""")
+    control_idle_timeout: float = setting(60, """
+        seconds any other control connection may stay silent before the daemon
+        closes it (a standby keeping the mount excepted), so that idle clients
+        cannot pile up""")
+    control_max_connections: int = setting(128, """
+        control connections (on the Unix socket and vsock together) served at
+        once, 1..65536; one more is answered `EAGAIN` and closed, and the
+        `swapfs` command (and a standby attaching) tries again for up to 5 s.
+        The daemon also raises its open-files limit to the hard limit at
+        start, and listens with the kernel's largest backlog (`SOMAXCONN`)""")
+    control_root_reserve: int = setting(8, """
+        of `control_max_connections`, how many only root may open
+        (0..`control_max_connections`-1): however many connections the other
+        peers hold, `swapfs status` and a standby's `keeper.attach` still get
+        in ([connections per peer](#connections-per-peer))""")
+    control_max_per_uid: int = setting(16, """
+        control connections one Unix user other than root (a `control_group`
+        member) may hold at once, 1..65536""")
+    control_max_per_cid: int = setting(4, """
+        control connections one guest (a vsock CID) may hold at once,
+        1..65536; a driver holds one""")
+    control_group: str = setting("", """
+        a group (name or number) whose members the control socket serves
+        besides root: `status`, `stats`, reading a priority, and drivers of
+        names bound to their uid that may report only their own user's
+        processes ([who may do what](#who-may-do-what)). Membership is the
+        primary group or a supplementary one, read from the socket at connect
+        (`SO_PEERGROUPS`). The socket then moves to `/run/swapfs/<hash>.sock`,
+        mode 0660 with that group, since the state directory stays root's
+        alone. Empty: root only, socket 0600""")
+    vsock_port: int = setting(0, """
+        also listen for drivers on this `AF_VSOCK` port (how a driver inside a
+        virtual machine reaches its host); `0` means no vsock listener""")
+    vsock_cids: list[int] = setting([], """
+        the guests (context ids, 3 and up) whose drivers the vsock port
+        admits; any other CID is refused with `EACCES` and a log line naming
+        it. Over vsock only driver messages are served, never the commands
+        that change or reveal the host's state; a guest registers only the
+        names bound to its CID (`[drivers.NAME]`)""")
+    drivers: dict[str, Binding] = setting({}, """
+        binds the driver name `NAME` to the one peer that may register it:
+        `cid = N` (a guest, which must be in `vsock_cids`) or `uid = N` (a
+        Unix user: root, or a `control_group` member). See
+        [driver names](#driver-names)""", example="[drivers.vm1]\ncid = 5")
+    failover_strategies: list[str] = setting(list(STRATEGIES), """
+        the fail-over planner's strategies ([failover.md](failover.md)), tried
+        in this order when the cache of a failed daemon is rebuilt; each name
+        at most once; `[]` means the eviction fallback alone""")
+    encrypt: bool = setting(True, """
+        create a new state encrypted at rest; an existing state in the other
+        mode is refused (`EINVAL`), never mixed. A state of an index format
+        before 3 is unencrypted: it needs `false`. See
+        [encryption.md](encryption.md)""")
+    key_file: str = setting("", """
+        the master key file (mode 0600 or stricter; `swapfs keygen` makes
+        one); empty: the systemd credential `swapfs.key` if the daemon has one
+        (`LoadCredentialEncrypted=`), else `/etc/swapfs/master.key`. A missing
+        or wrong key refuses the mount (`ENOKEY`, `EKEYREJECTED`)""")
+    lease_seconds: float = setting(0, """
+        `0`: no lease, for a state directory that only this host reaches (the
+        daemon's flock fences it). Otherwise (4..86400; under 4 s the 2 s
+        settle of a claim would leave the daemon less than its renewal guard)
+        how long the state directory's lease lasts unless renewed: set it when
+        the state directory is on storage that another host's standby reaches.
+        The daemon renews it every third of that, and a standby on another
+        host takes the directory over only once it has lapsed for this long
+        plus the clock-skew margin ([lease.md](lease.md))""")
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "state": str, "mountpoint": str, "allow_other": bool, "lock_memory": bool,
-    "io_flusher": bool, "oom_score_adj": int, "log_level": str, "control_socket": str,
-    "transient_cache_max_bytes": int, "driver_timeout": (int, float), "vsock_port": int,
-    "failover_strategies": list,
-    "lease_seconds": (int, float),
-    "content_cache_bytes": int, "manifest_interval": (int, float), "host_cache_bytes": int,
-    "dedup_table_bytes": int, "control_idle_timeout": (int, float),
-    "control_max_connections": int, "vsock_cids": list, "encrypt": bool, "key_file": str,
-    "control_group": str, "control_root_reserve": int, "control_max_per_uid": int,
-    "control_max_per_cid": int, "drivers": dict,
-}
+def _toml_type(hint: Any) -> type | tuple[type, ...]:
+    """What TOML value a field annotated *hint* takes: a path is a string, a
+    float may be written as an integer, ``X | None`` (required) is an X."""
+    if typing.get_origin(hint) is types.UnionType:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if hint is float:
+        return (int, float)
+    if hint is Path:
+        return str
+    origin = typing.get_origin(hint)
+    return typing.cast(type, origin or hint)
+
+
+#: Each setting's TOML type, from its annotation.
+_TYPES = {entry.name: _toml_type(entry.type) for entry in fields(Config)}
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -110,9 +197,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {field.name for field in fields(Config)}
     for key, value in values.items():
-        if key not in known:
+        if key not in _TYPES:
             raise ConfigError(f"unknown setting {key!r}")
         want = _TYPES[key]
         if not isinstance(value, want) or (want is not bool and isinstance(value, bool)):

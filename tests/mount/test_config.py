@@ -8,8 +8,8 @@ import pytest
 from mountd.access import Binding
 from mountd.config import Config, ConfigError, load
 from mountd.logs import SyslogPrefixFormatter
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "example.toml"
+from tools import config_docs
+from tools.config_docs import DOCS, EXAMPLE
 
 
 def test_example_file_lists_every_setting_with_its_default() -> None:
@@ -17,6 +17,19 @@ def test_example_file_lists_every_setting_with_its_default() -> None:
     defaults = Config(state=config.state, mountpoint=config.mountpoint)
     assert config == defaults
     assert set(EXAMPLE.read_text().split()) >= {f"{name}" for name in vars(defaults)}
+
+
+def test_example_file_is_generated_from_the_settings() -> None:
+    """systemd/example.toml is what ``python -m tools.config_docs`` writes."""
+    assert EXAMPLE.read_text() == config_docs.example_file()
+
+
+def test_docs_table_is_generated_from_the_settings() -> None:
+    """docs/configuration.md's settings table is what ``python -m
+    tools.config_docs`` writes; the rest of the page is left alone."""
+    docs = DOCS.read_text()
+    assert config_docs.markdown_table() in docs
+    assert docs == config_docs.docs_with_table(docs)
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
