@@ -41,6 +41,7 @@ again (same seed, same DIR) and looked at.
 import argparse
 import collections
 import errno
+import faulthandler
 import gc
 import json
 import logging
@@ -230,13 +231,19 @@ def check(state: Path, repair: bool, master: MasterKey | None = None) -> Phase:
                  dict(collections.Counter(problem.kind for problem in report.problems)))
 
 
-def forked(step: Callable[[], Phase], timeout: float) -> Phase:
-    """Run *step* in a forked child and return its Phase, or how the child died."""
+def forked(step: Callable[[], Phase], timeout: float, stderr: int | None = None) -> Phase:
+    """Run *step* in a forked child and return its Phase, or how the child died.
+
+    With *stderr* (a descriptor), what the child writes to its standard error,
+    the fault handler's report of a fatal signal included, goes there: for a
+    step that is meant to die. Otherwise the child writes where this process
+    does, so that a child that dies unexpectedly is seen.
+    """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(step, write_fd)
+        _child(step, write_fd, stderr)
     os.close(write_fd)
     try:
         raw = _drain(read_fd, time.monotonic() + timeout)
@@ -254,10 +261,14 @@ def forked(step: Callable[[], Phase], timeout: float) -> Phase:
     return Phase(**json.loads(raw))
 
 
-def _child(step: Callable[[], Phase], write_fd: int) -> NoReturn:
+def _child(step: Callable[[], Phase], write_fd: int, stderr: int | None) -> NoReturn:
     """The forked side of :func:`forked`: never returns into the caller's code."""
     status = 70
     try:
+        if stderr is not None:
+            os.dup2(stderr, 2)
+            if faulthandler.is_enabled():  # it may write to a descriptor of its own (pytest's)
+                faulthandler.enable(2)
         logging.disable(logging.CRITICAL)  # the outcome says it; no noise per trial
         limit = _address_space() + MEMORY_ROOM
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

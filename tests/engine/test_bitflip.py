@@ -2,6 +2,7 @@
 of tools/bitflip.py against their goals, and the campaign's own classifier,
 so that a pass means the goals hold and not that the harness saw nothing."""
 
+import faulthandler
 import os
 import signal
 import time
@@ -109,12 +110,20 @@ def _grab() -> Phase:
 
 def test_forked_steps_report_how_they_died():
     assert bitflip.forked(lambda: Phase("4", {"refcount": 1}), 10) == Phase("4", {"refcount": 1})
-    assert bitflip.forked(_segfault, 10) == Phase("signal", "SIGSEGV")
     assert bitflip.forked(_raise, 10) == Phase("crash", "ValueError: bad value")
     assert bitflip.forked(_grab, 10) == Phase("crash", "MemoryError: ")
     started = time.monotonic()
     assert bitflip.forked(_sleep, 0.5).outcome == "hang"
     assert time.monotonic() - started < 30
+
+
+def test_a_step_meant_to_segfault_reports_into_its_own_capture(tmp_path):
+    """The child's fault handler (pytest's, when on) reports the fatal signal
+    into the descriptor given, not into the test's log."""
+    with open(tmp_path / "stderr", "w+b") as capture:
+        assert bitflip.forked(_segfault, 10, stderr=capture.fileno()) == Phase("signal", "SIGSEGV")
+    report = (tmp_path / "stderr").read_text()
+    assert ("Fatal Python error: Segmentation fault" in report) == faulthandler.is_enabled()
 
 
 def _trial(number, reads="right", fsck="0", repair="0", reads_after=None, fsck_after=None):
