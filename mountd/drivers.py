@@ -15,6 +15,11 @@ long as it runs. The session belongs to that connection:
   ``driver.secret.rm`` (``name``) keep, return and delete the driver's
   sealed records (:mod:`swapfs.control.records`), on its own connection only.
 
+The manager keeps the records, in whole slots of the driver's share of the
+pool: it tells the pool how many slots they hold back
+(:meth:`TransientCache.hold`), refuses a record beyond the share with
+ENOSPC, and wipes the newest when a report shrinks the share below them.
+
 Every message is validated in full (``swapfs.control.protocol.check_message``,
 which the driver's side shares) before the pool is touched: anything
 malformed is refused with EINVAL, a wrong token with EACCES, a name bound
@@ -43,9 +48,11 @@ from swapfs.control import (
     KeyExchange,
     RecordError,
     RecordKey,
+    Records,
     check_message,
     encode_bytes,
 )
+from swapfs.engine import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ class Session:
 
 
 class DriverManager:
-    """The drivers of one daemon, and the pool they feed."""
+    """The drivers of one daemon, the pool they feed and their records."""
 
     def __init__(self, cache: TransientCache, timeout: float,
                  bindings: dict[str, Binding] | None = None) -> None:
@@ -76,6 +83,8 @@ class DriverManager:
         #: Driver names bound to one peer each (the configuration's [drivers]).
         self.bindings = bindings or {}
         self.sessions: dict[str, Session] = {}
+        #: The drivers' sealed records, each in whole slots of the pool.
+        self.records = Records(BLOCK_SIZE)
 
     def handle(self, session: Session, message: dict[str, Any]) -> dict[str, Any]:
         """The reply to one driver message on *session*'s connection."""
@@ -114,7 +123,8 @@ class DriverManager:
             except RecordError as exc:
                 raise DriverError(exc.errno, str(exc)) from None
             reply["daemon_public_key"] = encode_bytes(half.public)
-        grant = self.cache.update(name, extents)
+        wiped = self.records.wipe(name, self.cache.share_slots(name, extents))
+        grant = self.cache.update(name, extents, self.records.slots(name))
         session.name = name
         self.sessions[name] = session
         session.extents = len(extents)
@@ -126,15 +136,15 @@ class DriverManager:
         else:
             log.debug("driver %s updated: %d extents, %d bytes; pool %d bytes", name,
                       len(extents), grant.capacity_bytes, self.cache.capacity_bytes)
-        if grant.wiped:
+        if wiped:
             log.warning("driver %s: its share shrank; records wiped: %s", name,
-                        ", ".join(grant.wiped))
-        return {**reply, **self._grant(grant)}
+                        ", ".join(wiped))
+        return {**reply, **self._grant(grant, wiped)}
 
-    def _grant(self, grant: Grant) -> dict[str, Any]:
+    def _grant(self, grant: Grant, wiped: list[str]) -> dict[str, Any]:
         return {"cache_id": grant.cache_id, "capacity_bytes": grant.capacity_bytes,
                 "pool_capacity_bytes": self.cache.capacity_bytes, "token": grant.token,
-                "wiped": list(grant.wiped)}
+                "wiped": wiped}
 
     def _record(self, op: str, driver: str, name: str | None, sealed: bytes | None
                 ) -> dict[str, Any]:
@@ -142,15 +152,24 @@ class DriverManager:
         RecordError (no such record, no room) is an answer, not a fault: the
         connection stays open."""
         assert name is not None
-        records = self.cache.records
         if op == "driver.secret.put":
             assert sealed is not None
-            self.cache.put_record(driver, name, sealed)
+            self._put(driver, name, sealed)
         elif op == "driver.secret.get":
-            return {"sealed": encode_bytes(records.get(driver, name))}
+            return {"sealed": encode_bytes(self.records.get(driver, name))}
         else:
-            self.cache.remove_record(driver, name)
-        return records.stats(driver)
+            self._remove(driver, name)
+        return self.records.stats(driver)
+
+    def _put(self, driver: str, name: str, sealed: bytes) -> None:
+        """Keep a sealed record in *driver*'s share (ENOSPC beyond it); the
+        pool holds its slots back from the blocks."""
+        self.records.put(driver, name, sealed, self.cache.share_slots(driver))
+        self.cache.hold(driver, self.records.slots(driver))
+
+    def _remove(self, driver: str, name: str) -> None:
+        self.records.remove(driver, name)
+        self.cache.hold(driver, self.records.slots(driver))
 
     def _key(self, driver: str) -> RecordKey:
         session = self.sessions.get(driver)
@@ -163,16 +182,16 @@ class DriverManager:
 
     def host_put(self, driver: str, name: str, value: bytes) -> dict[str, int]:
         """The host shares *value* with *driver* as its record *name*."""
-        self.cache.put_record(driver, name, self._key(driver).seal(name, value))
-        return self.cache.records.stats(driver)
+        self._put(driver, name, self._key(driver).seal(name, value))
+        return self.records.stats(driver)
 
     def host_get(self, driver: str, name: str) -> bytes:
         """The value of *driver*'s record *name*, opened by the daemon."""
-        return self._key(driver).open(name, self.cache.records.get(driver, name))
+        return self._key(driver).open(name, self.records.get(driver, name))
 
     def host_rm(self, driver: str, name: str) -> dict[str, int]:
-        self.cache.remove_record(driver, name)
-        return self.cache.records.stats(driver)
+        self._remove(driver, name)
+        return self.records.stats(driver)
 
     def close(self, session: Session, why: str) -> None:
         """*session*'s connection ended: revoke its driver, if it registered."""
@@ -182,16 +201,19 @@ class DriverManager:
         del self.sessions[name]
         session.name = None
         session.record_key = None
-        wiped = self.cache.revoke(name)
+        self.cache.revoke(name)
+        wiped = self.records.wipe(name)
         log.info("driver %s revoked (%s); pool %d bytes%s", name, why,
                  self.cache.capacity_bytes,
                  f"; {len(wiped)} records wiped" if wiped else "")
 
     def stats(self) -> dict[str, Any]:
-        """The pool's figures, each driver's with its session's."""
+        """The pool's figures, each driver's with its records' and its session's."""
         report = self.cache.stats()
+        report["record_slots"] = self.records.slots()
         now = time.monotonic()
         for name, entry in report["drivers"].items():
+            entry.update(self.records.stats(name))
             session = self.sessions.get(name)
             if session is not None:
                 entry.update(extents=session.extents, processes=session.processes,

@@ -155,5 +155,10 @@ def test_the_guest_side_carries_nothing_of_the_engine() -> None:
 
 
 def test_the_floors_agree_on_a_pool_slot() -> None:
+    """A sealed record takes whole slots of the pool: the driver manager
+    counts them in the engine's blocks, and the control floor keeps no copy."""
+    from mountd.drivers import DriverManager
+    from swapfs.cache import TransientCache
     from swapfs.engine import BLOCK_SIZE
-    assert importlib.import_module("swapfs.control.records").SLOT_SIZE == BLOCK_SIZE
+    assert not hasattr(importlib.import_module("swapfs.control.records"), "SLOT_SIZE")
+    assert DriverManager(TransientCache(0), 30.0).records.slot_size == BLOCK_SIZE

@@ -15,9 +15,12 @@ its segments leave and exactly the blocks whose slots they held are
 dropped. The space of a gone segment is not reused; the address space is
 only numbers.
 
-**Sealed records.** A driver may also keep small sealed records in its
-share (:mod:`swapfs.control.records`). They take whole slots of the pool, which
-keeps that many fewer for blocks, and they go (wiped) with the share.
+**Held slots.** Some of a driver's share may be held back from the blocks:
+the daemon's driver manager (``mountd/drivers.py``) keeps the driver's
+sealed records there, and says how many whole slots they take. The pool
+keeps that many fewer slots for blocks, never more than the driver's share,
+and forgets them with the share; what is held, and wiping it, is the
+manager's.
 
 **The blocks.** Keeping the blocks (heat, owners, admission on second
 miss, LRU eviction, revocation of the blocks in lost slots) is
@@ -33,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from swapfs.cache.blockcache import BlockCache
-from swapfs.control import Records
 from swapfs.engine import BLOCK_SIZE
 
 #: A segment's identity: (driver, device, inode, program header, "head"/"tail").
@@ -60,7 +62,6 @@ class Grant:
     driver: str
     capacity_bytes: int  # the driver's share: its own segments' total
     token: str  # proves later reports come from the same driver
-    wiped: tuple[str, ...] = ()  # its records the share no longer holds
 
 
 class TransientCache(BlockCache):
@@ -74,53 +75,74 @@ class TransientCache(BlockCache):
         self._arena_end = 0
         self._drivers: dict[str, set[SegmentKey]] = {}
         self._tokens: dict[str, str] = {}
-        #: The drivers' sealed records, in slots taken from the pool.
-        self.records = Records()
+        #: Driver -> whole slots of its share held back from the blocks.
+        self._held: dict[str, int] = {}
 
     # -- the manager's side ---------------------------------------------------------
 
-    def update(self, driver: str, extents: Iterable[Region]) -> Grant:
-        """Replace *driver*'s report with *extents*; the pool follows at once."""
-        keys: set[SegmentKey] = set()
-        for extent in extents:
-            key = (driver, *extent.physical_key)
-            keys.add(key)
+    def update(self, driver: str, extents: Iterable[Region],
+               held_slots: int | None = None) -> Grant:
+        """Replace *driver*'s report with *extents*, holding back *held_slots*
+        of its new share (as many as before if None); the pool follows at once."""
+        keys = self._report(driver, extents)
+        for key, length in keys.items():
             if key not in self._segments:
-                self._segments[key] = (self._arena_end, extent.length)
-                self._arena_end += extent.length
-        for key in self._drivers.get(driver, set()) - keys:
+                self._segments[key] = (self._arena_end, length)
+                self._arena_end += length
+        for key in self._drivers.get(driver, set()) - keys.keys():
             del self._segments[key]
-        self._drivers[driver] = keys
+        self._drivers[driver] = set(keys)
         token = self._tokens.setdefault(driver, secrets.token_hex(16))
-        wiped = self.records.wipe(driver, self.driver_bytes(driver) // BLOCK_SIZE)
+        self._hold(driver, self._held.get(driver, 0) if held_slots is None else held_slots)
         self._relayout()
-        return Grant(self.cache_id, driver, self.driver_bytes(driver), token, tuple(wiped))
+        return Grant(self.cache_id, driver, self.driver_bytes(driver), token)
 
-    def revoke(self, driver: str) -> list[str]:
+    def revoke(self, driver: str) -> None:
         """A driver disconnected or fell silent: its segments leave the pool,
-        its records are wiped (their names returned)."""
+        and with them the slots it held back."""
         for key in self._drivers.pop(driver, set()):
             del self._segments[key]
         self._tokens.pop(driver, None)
-        wiped = self.records.wipe(driver)
-        self._relayout()
-        return wiped
-
-    def put_record(self, driver: str, name: str, sealed: bytes) -> None:
-        """Keep a sealed record in *driver*'s share (RecordError ENOSPC when
-        its records would outgrow the share)."""
-        self.records.put(driver, name, sealed, self.driver_bytes(driver) // BLOCK_SIZE)
+        self._held.pop(driver, None)
         self._relayout()
 
-    def remove_record(self, driver: str, name: str) -> None:
-        self.records.remove(driver, name)
+    def hold(self, driver: str, slots: int) -> None:
+        """Hold *slots* whole slots of *driver*'s share back from the blocks
+        (at most its share: see share_slots)."""
+        self._hold(driver, slots)
         self._relayout()
+
+    def share_slots(self, driver: str, extents: Iterable[Region] | None = None) -> int:
+        """The whole slots of *driver*'s share, which is what it may hold back:
+        as it is, or as a report of *extents* would make it (nothing changes)."""
+        if extents is None:
+            return self.driver_bytes(driver) // BLOCK_SIZE
+        return sum(self._report(driver, extents).values()) // BLOCK_SIZE
 
     def token_of(self, driver: str) -> str | None:
         return self._tokens.get(driver)
 
     def driver_bytes(self, driver: str) -> int:
         return sum(self._segments[key][1] for key in self._drivers.get(driver, ()))
+
+    def _report(self, driver: str, extents: Iterable[Region]) -> dict[SegmentKey, int]:
+        """The segments of a report of *extents* by *driver* and their lengths:
+        a segment already in the pool keeps its length, a new one has its
+        first extent's."""
+        report: dict[SegmentKey, int] = {}
+        for extent in extents:
+            key = (driver, *extent.physical_key)
+            if key not in report:
+                known = self._segments.get(key)
+                report[key] = extent.length if known is None else known[1]
+        return report
+
+    def _hold(self, driver: str, slots: int) -> None:
+        held = min(max(0, slots), self.share_slots(driver))
+        if held:
+            self._held[driver] = held
+        else:
+            self._held.pop(driver, None)
 
     def _relayout(self) -> None:
         """Recompute the usable slots (at most max_slots, lowest first); the
@@ -136,7 +158,7 @@ class TransientCache(BlockCache):
             usable.extend(range(first, run_end // BLOCK_SIZE))
             run_start, run_end = start, start + length
         usable = usable[:self.max_slots]
-        self.set_slots(usable[:max(0, len(usable) - self.records.slots())])
+        self.set_slots(usable[:max(0, len(usable) - sum(self._held.values()))])
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -146,8 +168,6 @@ class TransientCache(BlockCache):
             "cache_id": self.cache_id,
             "physical_bytes": sum(length for _start, length in self._segments.values()),
             "max_bytes": self.max_slots * BLOCK_SIZE,
-            "record_slots": self.records.slots(),
-            "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver),
-                                 **self.records.stats(driver)}
+            "drivers": {driver: {"segments": len(keys), "bytes": self.driver_bytes(driver)}
                         for driver, keys in sorted(self._drivers.items())},
         }

@@ -18,12 +18,15 @@ back only ciphertext; a record moved to another name or driver does not
 open. The daemon holds the key too, which lets the host share a record
 with the guest (``swapfs secret``): the one time the daemon seals or opens.
 
-**Space and lifetime.** Each record takes whole 4 KiB slots of the pool, out
-of its driver's share; the pool keeps that much less for blocks. Records
-are transient like everything else in the pool: when the driver's share is
-revoked (it exits, falls silent, or its report no longer covers them) its
-records are wiped (overwritten with zeros, then dropped) and the driver is
-told. They are a way to hand a secret over, never a place to keep one.
+**Space and lifetime.** Each record takes whole slots of the pool (4 KiB,
+the size the daemon gives :class:`Records`: this floor knows no engine),
+out of its driver's share; the pool keeps that much less for blocks. The
+daemon's driver manager (``mountd/drivers.py``) keeps the records and tells
+the pool how many slots they hold back. Records are transient like
+everything else in the pool: when the driver's share is revoked (it exits,
+falls silent, or its report no longer covers them) its records are wiped
+(overwritten with zeros, then dropped) and the driver is told. They are a
+way to hand a secret over, never a place to keep one.
 """
 
 import errno
@@ -42,9 +45,6 @@ _TAG = 16
 #: The largest sealed record: nonce, value, tag.
 MAX_SEALED = _NONCE + MAX_VALUE + _TAG
 PUBLIC_KEY_SIZE = 32
-#: A slot of the transient pool, which records take whole: one engine block
-#: (tests/test_layers.py checks that the two agree).
-SLOT_SIZE = 4096
 _INFO = b"swapfs 2026-11-27 driver record key"
 
 
@@ -107,21 +107,20 @@ class RecordKey:
                               f"driver {self.driver!r}'s key") from None
 
 
-def slots_of(sealed: bytes | bytearray) -> int:
-    """The pool slots a sealed record takes."""
-    return -(-len(sealed) // SLOT_SIZE)
-
-
-def _slots(records: dict[str, bytearray]) -> int:
-    return sum(slots_of(record) for record in records.values())
-
-
 class Records:
-    """Every driver's sealed records, as the daemon keeps them."""
+    """Every driver's sealed records, as the daemon keeps them, each taking
+    whole slots of *slot_size* bytes (the pool's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot_size: int) -> None:
+        self.slot_size = slot_size
         #: Driver -> record name -> sealed record, oldest first.
         self._shelves: dict[str, dict[str, bytearray]] = {}
+
+    def _slots_of(self, sealed: bytes | bytearray) -> int:
+        return -(-len(sealed) // self.slot_size)
+
+    def _slots(self, records: dict[str, bytearray]) -> int:
+        return sum(self._slots_of(record) for record in records.values())
 
     def put(self, driver: str, name: str, sealed: bytes, room_slots: int) -> None:
         """Keep (or replace) a record, if the driver's records then take at
@@ -130,7 +129,8 @@ class Records:
             raise RecordError(errno.EINVAL, "not a sealed record")
         shelf = self._shelves.setdefault(driver, {})
         old = shelf.get(name)
-        slots = _slots(shelf) - (slots_of(old) if old is not None else 0) + slots_of(sealed)
+        slots = (self._slots(shelf) - (self._slots_of(old) if old is not None else 0)
+                 + self._slots_of(sealed))
         if slots > room_slots:
             raise RecordError(errno.ENOSPC, f"driver {driver!r}'s records would take "
                               f"{slots} slots of its share's {room_slots}")
@@ -155,7 +155,7 @@ class Records:
         *keep_slots* slots (all with 0); the names wiped."""
         shelf = self._shelves.get(driver, {})
         wiped: list[str] = []
-        while shelf and _slots(shelf) > keep_slots:
+        while shelf and self._slots(shelf) > keep_slots:
             name, record = shelf.popitem()
             _zero(record)
             wiped.append(name)
@@ -166,14 +166,14 @@ class Records:
     def slots(self, driver: str | None = None) -> int:
         """Slots the records take: one driver's, or all."""
         if driver is not None:
-            return _slots(self._shelves.get(driver, {}))
-        return sum(_slots(shelf) for shelf in self._shelves.values())
+            return self._slots(self._shelves.get(driver, {}))
+        return sum(self._slots(shelf) for shelf in self._shelves.values())
 
     def stats(self, driver: str) -> dict[str, int]:
         records = self._shelves.get(driver, {})
         return {"records": len(records),
                 "record_bytes": sum(len(record) for record in records.values()),
-                "record_slots": _slots(records)}
+                "record_slots": self._slots(records)}
 
 
 def _zero(record: bytearray) -> None:

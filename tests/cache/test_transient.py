@@ -118,6 +118,27 @@ def test_revoking_a_driver_empties_its_share() -> None:
     assert cache.stats()["revocations"] == 2
 
 
+def test_held_slots_come_out_of_the_share_and_go_with_it() -> None:
+    cache = TransientCache(max_bytes=1 << 20)
+    cache.update("vm1", [extent(3 * BS, inode=1)])
+    cache.update("vm2", [extent(2 * BS, inode=2)])
+    fill(cache, 5)
+    cache.hold("vm1", 2)  # the driver manager keeps records in two slots
+    assert cache.capacity_bytes == 3 * BS and cache.stats()["revocations"] == 2
+    assert cache.share_slots("vm1") == 3
+    assert cache.share_slots("vm1", [extent(BS, inode=5)]) == 1  # a report not yet made
+    assert cache.share_slots("vm1") == 3
+    cache.hold("vm1", 9)  # never more than the share
+    assert cache.capacity_bytes == 2 * BS
+    cache.update("vm1", [extent(3 * BS, inode=1)], held_slots=1)
+    assert cache.capacity_bytes == 4 * BS
+    cache.update("vm1", [extent(3 * BS, inode=1), extent(BS, inode=3)])  # held as before
+    assert cache.capacity_bytes == 5 * BS
+    cache.revoke("vm1")
+    cache.update("vm1", [extent(BS, inode=4)])  # a new registration holds nothing
+    assert cache.capacity_bytes == 3 * BS
+
+
 def _volume_with_blocks(state: Path, count: int) -> tuple[Volume, int, list[bytes]]:
     volume = Volume(state)
     chain = volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)

@@ -68,34 +68,55 @@ def test_both_sides_agree_one_key_and_a_record_opens_only_as_itself() -> None:
     assert "vm" in repr(guest)
 
 
+def report(inode: int, blocks: int) -> list[dict[str, Any]]:
+    """A driver message's extents: *blocks* whole pages of one file, each its
+    own segment, laid end to end in the pool."""
+    return [{"pid": 1, "path": f"/bin/prog{inode}", "device": "fe:00", "inode": inode,
+             "address": 0x1000, "length": BLOCK_SIZE, "segment": segment, "part": "tail"}
+            for segment in range(blocks)]
+
+
 def test_records_take_pool_slots_and_are_wiped_in_place() -> None:
-    cache = TransientCache(64 * BLOCK_SIZE)
-    cache.update("a", [Segment(1, 3 * BLOCK_SIZE)])
-    cache.update("b", [Segment(2, 4 * BLOCK_SIZE)])
+    manager = DriverManager(TransientCache(64 * BLOCK_SIZE), 30.0)
+    cache, session = manager.cache, Session(Peer(pid=1, uid=0))
+    token = manager.handle(session, {"op": "driver.register", "driver": "a",
+                                     "extents": report(1, 3)})["token"]
+    manager.handle(Session(Peer(pid=2, uid=0)),
+                   {"op": "driver.register", "driver": "b", "extents": report(2, 4)})
     assert cache.capacity_bytes == 7 * BLOCK_SIZE
     guest, _ = agreed("a")
-    cache.put_record("a", "one", guest.seal("one", b"1"))
-    cache.put_record("a", "two", guest.seal("two", bytes(MAX_VALUE)))  # 2 slots
+
+    def put(name: str, value: bytes) -> dict[str, Any]:
+        return manager.handle(session, {"op": "driver.secret.put", "driver": "a",
+                                        "token": token, "name": name,
+                                        "sealed": protocol.encode_bytes(guest.seal(name, value))})
+
+    put("one", b"1")
+    assert put("two", bytes(MAX_VALUE)) == {"records": 2, "record_bytes": 2 * 28 + 1 + MAX_VALUE,
+                                            "record_slots": 3}  # two takes 2 slots
     assert cache.capacity_bytes == 4 * BLOCK_SIZE
-    assert cache.stats()["drivers"]["a"]["records"] == 2
-    assert cache.stats()["drivers"]["a"]["record_slots"] == 3
+    assert manager.stats()["drivers"]["a"]["records"] == 2
+    assert manager.stats()["drivers"]["a"]["record_slots"] == manager.stats()["record_slots"] == 3
+    assert manager.stats()["drivers"]["b"]["record_slots"] == 0
     with pytest.raises(RecordError) as caught:  # a's share is 3 slots
-        cache.put_record("a", "three", guest.seal("three", b"3"))
+        put("three", b"3")
     assert caught.value.errno == errno.ENOSPC
-    held = cache.records._shelves["a"]["two"]  # the daemon's very bytes
-    grant = cache.update("a", [Segment(9, BLOCK_SIZE)])  # the share shrinks to 1 slot
-    assert grant.wiped == ("two",)
+    held = manager.records._shelves["a"]["two"]  # the daemon's very bytes
+    reply = manager.handle(session, {"op": "driver.update", "driver": "a", "token": token,
+                                     "extents": report(9, 1)})  # the share shrinks to 1 slot
+    assert reply["wiped"] == ["two"]  # the newest goes first
     assert held == bytes(len(held))  # overwritten before it was dropped
-    assert cache.records.get("a", "one")
-    held = cache.records._shelves["a"]["one"]
-    assert cache.revoke("a") == ["one"]
+    assert manager.records.get("a", "one")
+    assert cache.capacity_bytes == 4 * BLOCK_SIZE
+    held = manager.records._shelves["a"]["one"]
+    manager.close(session, "disconnected")
     assert held == bytes(len(held))
     with pytest.raises(RecordError) as caught:
-        cache.records.get("a", "one")
+        manager.records.get("a", "one")
     assert caught.value.errno == errno.ENOENT
-    assert cache.capacity_bytes == 4 * BLOCK_SIZE
+    assert cache.capacity_bytes == 4 * BLOCK_SIZE and manager.stats()["record_slots"] == 0
     with pytest.raises(RecordError):
-        Records().put("a", "x", b"short", 10)  # not sealed
+        Records(BLOCK_SIZE).put("a", "x", b"short", 10)  # not sealed
 
 
 def test_the_host_needs_the_key_a_driver_agreed() -> None:
@@ -113,7 +134,7 @@ def test_the_host_needs_the_key_a_driver_agreed() -> None:
         assert caught.value.errno == code
     manager.cache.update("keyed", [Segment(5, BLOCK_SIZE)])
     manager.host_put("keyed", "note", b"from the host")
-    assert key.open("note", manager.cache.records.get("keyed", "note")) == b"from the host"
+    assert key.open("note", manager.records.get("keyed", "note")) == b"from the host"
     assert manager.host_get("keyed", "note") == b"from the host"
 
 
