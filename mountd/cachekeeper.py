@@ -71,7 +71,7 @@ class CacheKeeper:
                         "cold", self.path, exc)
             return []
 
-    def plan(self, own: list[manifest.CacheEntry], others: list[peers.Peer]
+    def plan(self, own: list[manifest.CacheEntry], others: list[peers.PeerDaemon]
              ) -> tuple[failover.Plan, list[manifest.CacheEntry]]:
         """The planner's choice over *own* and the peers' manifests, and the
         entries of *own* it keeps, in the plan's order (pure but for the log)."""

@@ -36,8 +36,9 @@ PEER_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
-class Peer:
-    """Another daemon of this host and its content cache's last manifest."""
+class PeerDaemon:
+    """Another daemon of this host and its content cache's last manifest
+    (a connected process's credentials are :class:`mountd.peercred.Peer`)."""
 
     mountpoint: str
     state: Path
@@ -48,7 +49,7 @@ class NotAPeer(Exception):
     """A mount whose socket, daemon or state directory is not root's."""
 
 
-def peers(own_state: Path, max_blocks: int) -> list[Peer]:
+def peers(own_state: Path, max_blocks: int) -> list[PeerDaemon]:
     """Every other daemon's last manifest of at most *max_blocks* blocks
     (blocking: run it in a thread)."""
     for mount in protocol.swapfs_mounts():
@@ -68,7 +69,7 @@ def peers(own_state: Path, max_blocks: int) -> list[Peer]:
         except (OSError, NotAPeer, protocol.ControlError, manifest.ManifestError) as exc:
             log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
             continue
-        found.append(Peer(mountpoint, state, entries))
+        found.append(PeerDaemon(mountpoint, state, entries))
     return found
 
 
