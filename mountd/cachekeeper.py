@@ -25,7 +25,20 @@ from typing import Any
 import trio
 
 from mountd import peers
-from swapfs.cache import BlockCache, failover, manifest, warm
+from swapfs.cache import (
+    STRATEGIES,
+    BlockCache,
+    Cached,
+    CacheEntry,
+    ManifestError,
+    Plan,
+    Source,
+    plan,
+    read_manifest,
+    serialize,
+    warm,
+    write_manifest,
+)
 from swapfs.engine import BLOCK_SIZE, Volume
 
 log = logging.getLogger(__name__)
@@ -41,7 +54,7 @@ class CacheKeeper:
     """One daemon's content cache manifest."""
 
     def __init__(self, volume: Volume, cache: BlockCache | None, interval: float,
-                 strategies: Sequence[str] = failover.STRATEGIES,
+                 strategies: Sequence[str] = STRATEGIES,
                  host_cache_bytes: int = 0) -> None:
         self.volume = volume
         self.cache = cache
@@ -59,35 +72,33 @@ class CacheKeeper:
         assert self.cache is not None
         return max(self.cache.capacity_bytes, self.host_cache_bytes) // BLOCK_SIZE
 
-    def read(self) -> list[manifest.CacheEntry]:
+    def read(self) -> list[CacheEntry]:
         """The last manifest's entries; none (with one warning) if it is
         unusable or larger than :attr:`max_blocks`."""
         try:
-            return manifest.read_manifest(self.path, self.max_blocks)
+            return read_manifest(self.path, self.max_blocks)
         except FileNotFoundError:
             return []
-        except (OSError, manifest.ManifestError) as exc:
+        except (OSError, ManifestError) as exc:
             log.warning("ignoring the cache manifest %s (%s): the content cache starts "
                         "cold", self.path, exc)
             return []
 
-    def plan(self, own: list[manifest.CacheEntry], others: list[peers.PeerDaemon]
-             ) -> tuple[failover.Plan, list[manifest.CacheEntry]]:
+    def plan(self, own: list[CacheEntry], others: list[peers.PeerDaemon]
+             ) -> tuple[Plan, list[CacheEntry]]:
         """The planner's choice over *own* and the peers' manifests, and the
         entries of *own* it keeps, in the plan's order (pure but for the log)."""
         assert self.cache is not None
-        sources = [failover.Source(OWN, [failover.Cached(e.key, e.heat, e.priority)
-                                         for e in own])]
-        sources += [failover.Source(peer.mountpoint,
-                                    [failover.Cached(e.key, e.heat, e.priority)
-                                     for e in peer.entries]) for peer in others]
+        sources = [Source(OWN, [Cached(e.key, e.heat, e.priority) for e in own])]
+        sources += [Source(peer.mountpoint, [Cached(e.key, e.heat, e.priority)
+                                             for e in peer.entries]) for peer in others]
         budget = (self.host_cache_bytes // BLOCK_SIZE if self.host_cache_bytes
                   else self.cache.capacity_bytes // BLOCK_SIZE
                   + sum(len(peer.entries) for peer in others))
-        plan = failover.plan(sources, budget, self.strategies)
-        rank = {key: i for i, key in enumerate(plan.keys)}
+        chosen = plan(sources, budget, self.strategies)
+        rank = {key: i for i, key in enumerate(chosen.keys)}
         kept = sorted((e for e in own if e.key in rank), key=lambda e: rank[e.key])
-        return plan, kept
+        return chosen, kept
 
     async def warm(self) -> int:
         """Warm the cache with the planner's choice of the last manifest's
@@ -97,26 +108,27 @@ class CacheKeeper:
         own = self.read()
         others = await trio.to_thread.run_sync(peers.peers, self.volume.state,
                                                self.max_blocks)
-        plan, entries = await trio.to_thread.run_sync(self.plan, own, others)
+        chosen, entries = await trio.to_thread.run_sync(self.plan, own, others)
         loaded = 0
         for start in range(0, len(entries), WARM_BATCH):
             if not self.cache.free_blocks:
                 break
             loaded += warm(self.volume, self.cache, entries[start:start + WARM_BATCH])
             await trio.sleep(0)
-        self.last_plan = {"strategy": plan.strategy, "budget_bytes": plan.budget * BLOCK_SIZE,
-                          "blocks": plan.per_source, "evicted": plan.evicted,
+        self.last_plan = {"strategy": chosen.strategy,
+                          "budget_bytes": chosen.budget * BLOCK_SIZE,
+                          "blocks": chosen.per_source, "evicted": chosen.evicted,
                           "manifest_blocks": len(own), "warmed_bytes": loaded * BLOCK_SIZE}
         if own:
             log.info("content cache warmed with %d of %d blocks from %s (plan: %s, "
-                     "%d peer(s))", loaded, len(own), self.path, plan.strategy, len(others))
+                     "%d peer(s))", loaded, len(own), self.path, chosen.strategy, len(others))
         return loaded
 
     def snapshot(self) -> bytes:
         """The manifest of the cache as it is now."""
         assert self.cache is not None
         priorities = self.volume.priorities()
-        return manifest.serialize(self.cache.entries(priorities), priorities)
+        return serialize(self.cache.entries(priorities), priorities)
 
     def write(self) -> None:
         """Write the manifest now."""
@@ -131,7 +143,7 @@ class CacheKeeper:
             log.debug("the cache manifest %s is not written: the state is fenced", self.path)
             return
         try:
-            manifest.write_manifest(self.path, raw)
+            write_manifest(self.path, raw)
         except OSError as exc:
             log.warning("cannot write the cache manifest %s: %s", self.path, exc)
 

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from swapfs.cache import manifest
+from swapfs.cache import CacheEntry, ManifestError, read_manifest
 from swapfs.control import protocol
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class PeerDaemon:
 
     mountpoint: str
     state: Path
-    entries: list[manifest.CacheEntry]
+    entries: list[CacheEntry]
 
 
 class NotAPeer(Exception):
@@ -63,10 +63,10 @@ def peers(own_state: Path, max_blocks: int) -> list[PeerDaemon]:
             if state == own_state:
                 continue
             check_state(state)
-            entries = manifest.read_manifest(state / MANIFEST_NAME, max_blocks, owner=0)
+            entries = read_manifest(state / MANIFEST_NAME, max_blocks, owner=0)
         except FileNotFoundError:
             entries = []
-        except (OSError, NotAPeer, protocol.ControlError, manifest.ManifestError) as exc:
+        except (OSError, NotAPeer, protocol.ControlError, ManifestError) as exc:
             log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
             continue
         found.append(PeerDaemon(mountpoint, state, entries))

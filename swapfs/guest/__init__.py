@@ -1,15 +1,19 @@
 """The guest side: what runs where the swapping processes live.
 
-``swapfs-driver`` (:mod:`.driver`) finds the unused bytes in the code pages
-of its host or virtual machine (:mod:`.codescan`, reading ELF program
-headers with :mod:`.elf`) and reports them to the daemon, which pools them
-into the transient cache. The storage engine never imports this package:
-the pool takes any region with a physical key and a length
-(``swapfs.cache.transient.Region``).
+``swapfs-driver`` (:func:`main`, ``driver.py``) finds the unused bytes in
+the code pages of its host or virtual machine (:func:`scan`,
+``codescan.py``, reading ELF program headers with
+:func:`read_program_headers`, ``elf.py``), reports them to the daemon,
+which pools them into the transient cache; ``swapfs-driver secret`` keeps
+sealed records in the driver's share of it.
+
+This package imports only :mod:`swapfs.control`, so a guest carries
+nothing of the engine, LMDB or FUSE (``tests/test_layers.py`` checks); and
+nothing below imports it: the pool takes any region with a physical key
+and a length (``swapfs.cache.transient.Region``).
 """
 
-from swapfs.guest import codescan
-from swapfs.guest.codescan import PAGE_SIZE, Mapping, scan, unused_parts
+from swapfs.guest.codescan import Mapping, parse_maps, scan, unused_parts
 from swapfs.guest.driver import main
 from swapfs.guest.elf import (
     PF_X,
@@ -21,16 +25,18 @@ from swapfs.guest.elf import (
 )
 
 __all__ = [
-    "Mapping",
-    "NotElf",
-    "PAGE_SIZE",
-    "PF_X",
-    "PT_LOAD",
-    "ProgramHeader",
-    "TruncatedElf",
-    "codescan",
+    # The driver.
     "main",
-    "read_program_headers",
+    # Finding the unused bytes of code pages.
     "scan",
+    "Mapping",
+    "parse_maps",
     "unused_parts",
+    # Reading ELF program headers.
+    "ProgramHeader",
+    "read_program_headers",
+    "NotElf",
+    "TruncatedElf",
+    "PT_LOAD",
+    "PF_X",
 ]

@@ -26,7 +26,7 @@ from swapfs.guest import (
     NotElf,
     ProgramHeader,
     TruncatedElf,
-    codescan,
+    parse_maps,
     read_program_headers,
     scan,
     unused_parts,
@@ -154,7 +154,7 @@ def test_maps_lines_with_spaces_and_without_paths() -> None:
     text = ("55d0c0a00000-55d0c0a02000 r-xp 00002000 fe:01 1234    /opt/my app/bin (deleted)\n"
             "7ffd1a000000-7ffd1a002000 r-xp 00000000 00:00 0       [vdso]\n"
             "7ffd1b000000-7ffd1b021000 rw-p 00000000 00:00 0\n")
-    first, vdso, anonymous = codescan.parse_maps(text)
+    first, vdso, anonymous = parse_maps(text)
     assert first == Mapping(0x55D0C0A00000, 0x55D0C0A02000, "r-xp", 0x2000, "fe:01", 1234,
                             "/opt/my app/bin (deleted)")
     assert first.executable_file and first.map_files_name == "55d0c0a00000-55d0c0a02000"
@@ -238,7 +238,7 @@ def test_scan_of_three_copies_matches_an_independent_count(
     assert sum({e.physical_key: e.length for e in own}.values()) == own_unused
     # Every extent lies inside an executable mapping of its process.
     for extent in result.extents:
-        maps = codescan.parse_maps(Path(f"/proc/{extent.pid}/maps").read_text())
+        maps = parse_maps(Path(f"/proc/{extent.pid}/maps").read_text())
         assert any(m.executable_file and m.start <= extent.address
                    and extent.address + extent.length <= m.end for m in maps)
 

@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mountd.controlserver import vsock_available
-from swapfs.control import NAME_PATTERN, protocol
+from swapfs.control import NAME_PATTERN, PAGE_SIZE, protocol
 from swapfs.engine import BLOCK_SIZE
-from swapfs.guest import PAGE_SIZE, scan
+from swapfs.guest import scan
 from tests.cache.test_codescan import expected_figures, needs_readelf, wait_loaded
 from tests.mounting import (
     Mount,
