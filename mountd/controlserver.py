@@ -22,13 +22,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from mountd import access, lifecycle, peercred
 from mountd.drivers import DriverManager, Session
 from mountd.limits import ConnectionLimits
+from mountd.link import Link
 from mountd.operations import Operations
 from mountd.takeover import handover
 from swapfs.control import (
@@ -42,9 +43,6 @@ from swapfs.control import (
     encode_bytes,
 )
 from swapfs.engine import SwapfsError, Volume, compiled
-
-if TYPE_CHECKING:
-    from mountd.daemon import Link
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ class ControlServer:
 
     def __init__(self, volume: Volume, mountpoint: str, ops: Operations,
                  protections: dict[str, bool], drivers: DriverManager | None = None,
-                 link: "Link | None" = None, idle_timeout: float = 60.0,
+                 link: Link | None = None, idle_timeout: float = 60.0,
                  limits: ConnectionLimits | None = None,
                  vsock_cids: frozenset[int] = frozenset(),
                  group: int | None = None) -> None:
@@ -124,26 +122,19 @@ class ControlServer:
 
     def attach_keeper(self, peer_pid: int) -> list[int]:
         """Make the standby *peer_pid* this connection's keeper; return the
-        descriptors it must hold (``/dev/fuse`` and the connection memo)."""
-        link = self.link
-        if link is None or link.fuse_fd is None or link.memo is None:
+        descriptors it must hold (``/dev/fuse`` and the connection memo):
+        :meth:`Link.attach_standby`."""
+        if self.link is None:
             raise SwapfsError(errno.ENOTSUP, "this mount was made by libfuse "
                                              "and cannot be taken over")
-        if link.keeper == "systemd":
-            raise SwapfsError(errno.EBUSY, "systemd's file descriptor store keeps "
-                                           "this mount already")
-        if link.keeper == "standby" and link.keeper_pid not in (None, peer_pid):
-            raise SwapfsError(errno.EBUSY, f"standby {link.keeper_pid} keeps this "
-                                           "mount already")
-        link.keeper, link.keeper_pid = "standby", peer_pid
+        fds = self.link.attach_standby(peer_pid)
         log.info("standby %d keeps the connection", peer_pid)
-        return [link.fuse_fd, link.memo.fd]
+        return fds
 
     def detach_keeper(self, peer_pid: int) -> None:
-        link = self.link
-        if link is not None and link.keeper == "standby" and link.keeper_pid == peer_pid:
+        """The standby *peer_pid* is gone (its connection ended, or it died)."""
+        if self.link is not None and self.link.detach_standby(peer_pid):
             log.warning("standby %d went away: a daemon failure now ends the mount", peer_pid)
-            link.keeper, link.keeper_pid = None, None
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()

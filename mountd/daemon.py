@@ -26,7 +26,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
@@ -37,13 +36,14 @@ from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
 from mountd.drivers import DriverManager
 from mountd.limits import ConnectionLimits
+from mountd.link import Link, Takeover
 from mountd.operations import Operations
 from mountd.takeover import fusedev, handover
 from mountd.takeover.memo import ConnectionMemo
 from swapfs.cache import BlockCache, TransientCache
 from swapfs.cli import mountcheck
 from swapfs.control import SOURCE_PREFIX, nodump
-from swapfs.engine import BLOCK_SIZE, Lease, Volume, compiled, keys, lease
+from swapfs.engine import BLOCK_SIZE, Volume, compiled, keys, lease
 
 log = logging.getLogger(__name__)
 
@@ -123,74 +123,6 @@ Adoption = tuple[tuple[int, int], str]
 Standby = tuple[int, int]
 
 
-class Link:
-    """The daemon's connection to the kernel and who keeps it alive.
-
-    ``fuse_fd`` is None where the daemon could not mount itself (no
-    CAP_SYS_ADMIN) and libfuse mounted instead: such a mount cannot be taken
-    over. ``keeper`` is "systemd", "standby" or None.
-    """
-
-    def __init__(self, mountpoint: str, fuse_fd: int | None, memo: ConnectionMemo | None,
-                 takeover: dict[str, Any] | None) -> None:
-        self.mountpoint = mountpoint
-        self.fuse_fd = fuse_fd
-        self.memo = memo
-        self.takeover = takeover  # the last takeover of this connection, if this daemon made it
-        self.keeper: str | None = None
-        self.keeper_pid: int | None = None
-        #: The pidfd of the standby that started this daemon, until it attaches or dies.
-        self.keeper_pidfd: int | None = None
-        self.restart_argv: list[str] = []
-        self.lease: Lease | None = None
-        #: Renews the lease while the state opens, before the trio loop runs.
-        self.opening: lease.Renewer | None = None
-        self.cache_keeper: CacheKeeper | None = None  # whose last_plan status shows
-
-    def claim_lease(self, state: Path, seconds: float) -> int:
-        """Take the state directory's lease (the Volume holds its flock) and
-        keep it renewed while the state opens: a large state takes minutes.
-        Returns its generation. The renewals are no progress of the start
-        (a start hung elsewhere would renew for ever): only the opening's
-        own steps are."""
-        self.lease = lease.acquire(state, seconds, reclaim_local=True)
-        self.opening = lease.Renewer(self.lease).__enter__()
-        return self.lease.generation
-
-    def restamp_lease(self, recorded: int) -> int:
-        """Re-stamp the lease above the generation the index records
-        (``Volume(..., restamp=...)``, ``Lease.restamp_above``)."""
-        assert self.lease is not None
-        return self.lease.restamp_above(recorded)
-
-    def opened(self) -> None:
-        """The state is open (or failed to): keep_renewed renews from now on."""
-        if self.opening is not None:
-            self.opening.__exit__()
-            self.opening = None
-
-    def guard(self) -> None:
-        """Raise EROFS unless the lease (if any) lets this daemon write now."""
-        if self.lease is not None:
-            self.lease.guard()
-
-    @property
-    def kept(self) -> bool:
-        return self.keeper is not None
-
-    def status(self) -> dict[str, Any]:
-        plan = self.cache_keeper.last_plan if self.cache_keeper is not None else None
-        return {"keeper": self.keeper, "keeper_pid": self.keeper_pid,
-                "restart_argv": self.restart_argv,
-                "takeover_capable": self.fuse_fd is not None,
-                "takeovers": self.memo.takeovers if self.memo else 0,
-                "last_takeover": self.takeover and {**self.takeover, **(plan or {})},
-                "cache_plan": plan,
-                "lease": None if self.lease is None else {
-                    "generation": self.lease.generation, "holder": self.lease.holder_hex,
-                    "valid_for": round(self.lease.valid_for(), 3)}}
-
-
 def _connect(config: Config, socket_path: str, adopt: Adoption | None,
              death_noticed: float | None, standby: Standby | None = None) -> Link:
     """Mount, or take over the connection a dead daemon left to a keeper."""
@@ -198,17 +130,15 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
     if adopt is not None:
         (fuse_fd, memo_fd), kept_by = adopt
         memo = ConnectionMemo.load(memo_fd)
-        link = Link(config.mountpoint, fuse_fd, memo, {
-            "kind": "connection", "at": time.time(), "noticed": death_noticed,
-            "number": memo.takeovers + 1})
-        link.keeper = kept_by
-        if kept_by == "standby":
-            if standby is None:
-                log.warning("the standby that started this daemon is gone: nothing keeps "
-                            "the connection, and a daemon failure now ends the mount")
-                link.keeper = None
-            else:
-                link.keeper_pid, link.keeper_pidfd = standby
+        link = Link(config.mountpoint, fuse_fd, memo,
+                    Takeover("connection", time.time(), death_noticed, memo.takeovers + 1))
+        if kept_by == "systemd":
+            link.keep_in_systemd()
+        elif standby is None:
+            log.warning("the standby that started this daemon is gone: nothing keeps "
+                        "the connection, and a daemon failure now ends the mount")
+        else:
+            link.attach_standby(*standby)
         log.info("taking over the connection of %s (takeover %d)",
                  config.mountpoint, memo.takeovers + 1)
         return link
@@ -234,8 +164,8 @@ def _connect(config: Config, socket_path: str, adopt: Adoption | None,
         os.close(fuse_fd)
         raise
     # A standby of another host mounts a state whose daemon died there.
-    takeover = None if death_noticed is None else {
-        "kind": "state", "at": time.time(), "noticed": death_noticed, "number": 1}
+    takeover = (None if death_noticed is None
+                else Takeover("state", time.time(), death_noticed, 1))
     return Link(config.mountpoint, fuse_fd, memo, takeover)
 
 
@@ -251,29 +181,30 @@ def _mount_table_id(mountpoint: str) -> str | None:
 
 def _finish_takeover(link: Link) -> None:
     """The new daemon serves: resend what the dead one left, and time it."""
-    assert link.takeover is not None
-    if link.takeover["kind"] == "connection":
-        _resend(link)
-    if link.takeover["noticed"] is not None:
-        link.takeover["seconds"] = round(time.monotonic() - link.takeover["noticed"], 4)
+    takeover = link.takeover
+    assert takeover is not None
+    if takeover.kind == "connection":
+        _resend(link, takeover)
+    if takeover.noticed is not None:
+        takeover.seconds = round(time.monotonic() - takeover.noticed, 4)
     log.info("took over %s (%s): %.3f s after the death was noticed", link.mountpoint,
-             link.takeover["kind"], link.takeover.get("seconds") or 0.0)
+             takeover.kind, takeover.seconds or 0.0)
 
 
-def _resend(link: Link) -> None:
+def _resend(link: Link, takeover: Takeover) -> None:
     """Have the kernel queue again what the dead daemon read and never answered."""
-    assert link.fuse_fd is not None and link.takeover is not None
+    assert link.fuse_fd is not None
     minor = _mount_table_id(link.mountpoint)
     try:
         with open(f"/sys/fs/fuse/connections/{minor}/waiting") as waiting:
-            link.takeover["waiting"] = int(waiting.read())
+            takeover.waiting = int(waiting.read())
     except (OSError, ValueError):
-        link.takeover["waiting"] = None
+        takeover.waiting = None
     try:
         fusedev.request_resend(link.fuse_fd)
-        link.takeover["resent"] = True
+        takeover.resent = True
     except fusedev.FuseDeviceError as exc:
-        link.takeover["resent"] = False
+        takeover.resent = False
         log.error("%s: requests the dead daemon had read stay unanswered "
                   "(their callers hang; this kernel predates Linux 6.9)", exc)
 
@@ -407,7 +338,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
         if link.takeover is not None and link.memo is not None:
             link.memo.takeovers += 1  # counted once the state is open: failed starts do not
             link.memo.save()
-            link.takeover["number"] = link.memo.takeovers
+            link.takeover.number = link.memo.takeovers
         try:
             # The caches live in this process's memory, locked with the rest by harden().
             cache = TransientCache(config.transient_cache_max_bytes)
@@ -438,7 +369,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
                 pyfuse3.init(ops, f"/dev/fd/{link.fuse_fd}", set(pyfuse3.default_options),
                              init_request=memo.init)
                 if link.keeper is None and handover.store_in_systemd(link.fuse_fd, memo.fd):
-                    link.keeper = "systemd"
+                    link.keep_in_systemd()
             try:
                 trio.run(_serve, control, ops, link, socket_path, config.vsock_port,
                          on_ready, manifest)

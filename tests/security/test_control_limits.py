@@ -91,8 +91,8 @@ def busy_daemon() -> Iterator[tuple[str, list[int]]]:
                     continue
                 conn.makefile("rb").readline()
                 reply = json.dumps({"ok": True, "pid": os.getpid()}).encode() + b"\n"
+                answered.append(0)  # before the reply, which the test may check at once
                 conn.sendmsg([reply], handover.rights([read_fd, write_fd]))
-                answered.append(0)
                 conn.recv(1)  # until the standby hangs up
 
     thread = threading.Thread(target=serve)
