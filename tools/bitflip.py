@@ -68,7 +68,7 @@ from swapfs.engine import fsck, keys
 from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
 from swapfs.engine.keys import MasterKey
-from swapfs.engine.sealing import RECORD_SIZE
+from swapfs.engine.sealing import SEAL_SIZE as RECORD_SIZE
 from swapfs.engine.volume import Volume
 from tests.fixtures.make_state import expected_contents, make
 

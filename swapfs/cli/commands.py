@@ -17,7 +17,7 @@ from typing import Any
 
 from swapfs.cli import mountcheck, spawn, swaparea
 from swapfs.control import MAX_VALUE, protocol
-from swapfs.engine import SwapfsError, Volume, fsck, keys, lease, recorded_generation, reseal
+from swapfs.engine import State, SwapfsError, fsck, keys, lease, recorded_generation, reseal
 
 EXAMPLES = """\
 examples:
@@ -450,18 +450,18 @@ def _rekey(args: argparse.Namespace) -> int:
     new = old if args.new_key_file is None else keys.read(args.new_key_file)
     with _offline(args.state) as held:  # a state shared with another host
         # A reseal converts a state of format 3 as it opens, under the new key.
-        volume = Volume(args.state, recover=False, create=False, upgrade=args.reseal,
-                        master=old, claim=held.claim, guard=held.guard,
-                        restamp=held.restamp, reseal_to=new if args.reseal else None)
+        opened = State(args.state, recover=False, create=False, upgrade=args.reseal,
+                       master=old, claim=held.claim, guard=held.guard,
+                       restamp=held.restamp, reseal_to=new if args.reseal else None)
         try:
             if not args.reseal:
-                chains = volume.rekey(new)
-            elif volume.converted is not None:
-                chains = volume.converted
+                chains = opened.rekey(new)
+            elif opened.converted is not None:
+                chains = opened.converted
             else:
-                chains = volume.reseal(new, _sealed)
+                chains = opened.reseal(new, _sealed)
         finally:
-            volume.close()
+            opened.close()
     done = ("chain keys replaced and every block sealed again" if args.reseal
             else "chain keys rewrapped")
     print(f"swapfs: {args.state}: {chains} {done}, master key "

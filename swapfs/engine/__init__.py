@@ -11,7 +11,7 @@ compiled.install()
 
 # The face, imported after the finder above is in place.
 # ruff: noqa: E402
-from swapfs.engine import fsck, keys, lease, reseal, volume
+from swapfs.engine import fsck, keys, lease, reseal, state, volume
 from swapfs.engine.blocks import BLOCK_SIZE, MAX_FILE_SIZE
 from swapfs.engine.digest import DIGEST_SIZE
 from swapfs.engine.errors import CorruptBlock, CorruptIndex, SwapfsError
@@ -28,6 +28,7 @@ from swapfs.engine.index import (
 )
 from swapfs.engine.keys import MasterKey
 from swapfs.engine.lease import (
+    LEASE_SIZE,
     Lease,
     LeaseCorrupt,
     LeaseError,
@@ -42,11 +43,16 @@ from swapfs.engine.lease import (
     read_lease,
 )
 from swapfs.engine.readcache import ReadCache, cache_key
-from swapfs.engine.sealing import RECORD_SIZE
+from swapfs.engine.sealing import SEAL_SIZE
 from swapfs.engine.slottable import SlotTable
+from swapfs.engine.state import OldFormat, State
 from swapfs.engine.statedir import sync_directory
 from swapfs.engine.store import punch_hole
 from swapfs.engine.volume import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Volume
+
+#: SEAL_SIZE's former name, kept while tests/security/test_reseal.py and
+#: test_lease.py import it (the latter means LEASE_SIZE).
+RECORD_SIZE = SEAL_SIZE
 
 __all__ = [
     "BLOCK_SIZE",
@@ -59,6 +65,7 @@ __all__ = [
     "Index",
     "Inode",
     "LEASE_GENERATION",
+    "LEASE_SIZE",
     "Lease",
     "LeaseCorrupt",
     "LeaseError",
@@ -68,10 +75,13 @@ __all__ = [
     "MAP_RUN",
     "MAX_FILE_SIZE",
     "MasterKey",
+    "OldFormat",
     "RECORD_SIZE",
     "ReadCache",
     "ROOT_INO",
+    "SEAL_SIZE",
     "SlotTable",
+    "State",
     "SwapfsError",
     "Txn",
     "Volume",
@@ -90,6 +100,7 @@ __all__ = [
     "read_lease",
     "recorded_generation",
     "reseal",
+    "state",
     "sync_directory",
     "volume",
 ]

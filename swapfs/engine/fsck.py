@@ -33,12 +33,13 @@ from pathlib import Path
 import lmdb
 
 from swapfs.engine.blocks import blocks_for
+from swapfs.engine.chainwrite import load_block
 from swapfs.engine.errors import CorruptBlock, SwapfsError
 from swapfs.engine.filemap import MAP_RUN, FileMap
 from swapfs.engine.index import ROOT_INO, Chain, CorruptIndex, Txn
 from swapfs.engine.keys import MasterKey
 from swapfs.engine.slottable import RUN_BYTES, SLOT_RUN, SlotTable
-from swapfs.engine.volume import OldFormat, Volume, load_block
+from swapfs.engine.state import OldFormat, State
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ class Report:
 
 
 class _Checker:
-    def __init__(self, volume: Volume, txn: Txn, repair: bool, report: Report) -> None:
-        self.volume = volume
+    def __init__(self, opened: State, txn: Txn, repair: bool, report: Report) -> None:
+        self.opened = opened
         self.txn = txn
         self.repair = repair
         self.report = report
@@ -120,7 +121,7 @@ class _Checker:
         """Every data and seal file belongs to a chain (rmdir may die before
         deleting them)."""
         chains = {chain.id_ for chain in self.txn.iter_chains()}
-        for chain_id, path in self.volume.store.chain_files():
+        for chain_id, path in self.opened.store.chain_files():
             if chain_id not in chains and self.problem(
                     "stray-data-file", f"{path} belongs to no chain", True):
                 self.remove.append(chain_id)
@@ -164,7 +165,7 @@ class _Checker:
         self.txn.delete_priority(ino)
 
     def check_records(self) -> None:
-        """Every sealed record verifies; iterators skip those that do not."""
+        """Every checksummed record verifies; iterators skip those that do not."""
         for db, key in self.txn.corrupt_records():
             self.damaged = True
             self.problem("corrupt-record", f"{db} record {key.hex()} does not verify", False)
@@ -232,9 +233,9 @@ class _Checker:
 
     def check_chain(self, chain: Chain, uses: collections.Counter[int],
                     maps_intact: bool) -> None:
-        txn, store = self.txn, self.volume.store
+        txn, store = self.txn, self.opened.store
         chain_id = chain.id_
-        keys = self.volume.chain_keys(chain)
+        keys = self.opened.chain_keys(chain)
         table = SlotTable.load(txn, chain)
         for run, raw in list(txn.iter_slot_runs(chain_id)):
             if run * SLOT_RUN >= chain.next_slot or len(raw) != RUN_BYTES:
@@ -313,25 +314,25 @@ def check(state: Path, repair: bool = False, upgrade: bool = False,
           master: MasterKey | None = None, claim: Callable[[], int | None] | None = None,
           guard: Callable[[], None] | None = None,
           restamp: Callable[[int], int] | None = None) -> Report:
-    """Check (and optionally repair) the state directory of an unmounted volume,
+    """Check (and optionally repair) the state directory of an unmounted swapfs,
     opened with its *master* key if it is encrypted.
 
     An index of an earlier format is converted first with *upgrade* or
     *repair*; otherwise it is reported as ``old-format`` and left as it is.
     *claim*, *guard* and *restamp* take, check and re-stamp the state's
-    lease (``Volume``; ``swapfs.engine.lease.Offline``).
+    lease (``State``; ``swapfs.engine.lease.Offline``).
     """
     try:
-        volume = Volume(state, recover=False, upgrade=upgrade or repair, master=master,
-                        claim=claim, guard=guard, restamp=restamp)
+        opened = State(state, recover=False, upgrade=upgrade or repair, master=master,
+                       claim=claim, guard=guard, restamp=restamp)
     except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
         return _unreadable(exc)
     try:
         while True:
             try:
-                return _check(volume, repair)
+                return _check(opened, repair)
             except lmdb.MapFullError:  # the repairs need a bigger index: again
-                volume.index.grow()
+                opened.index.grow()
             except lmdb.Error as exc:
                 return _unreadable(exc)
             except Exception as exc:  # a damage no check foresaw: say so, as e2fsck does
@@ -340,7 +341,7 @@ def check(state: Path, repair: bool = False, upgrade: bool = False,
                 report.problems.append(Problem(CHECK_FAILED, f"the check stopped: {exc!r}"))
                 return report
     finally:
-        volume.close()
+        opened.close()
 
 
 def _unreadable(exc: Exception) -> Report:
@@ -355,11 +356,11 @@ def _unreadable(exc: Exception) -> Report:
     return report
 
 
-def _check(volume: Volume, repair: bool) -> Report:
+def _check(opened: State, repair: bool) -> Report:
     report = Report()
-    txn = volume.index.begin(write=True)
+    txn = opened.index.begin(write=True)
     try:
-        checker = _Checker(volume, txn, repair, report)
+        checker = _Checker(opened, txn, repair, report)
         checker.run()
     except BaseException:
         txn.abort()
@@ -369,7 +370,7 @@ def _check(volume: Volume, repair: bool) -> Report:
         return report
     txn.commit()
     for chain_id, slots in checker.punch.items():
-        volume.store.punch(chain_id, slots)
+        opened.store.punch(chain_id, slots)
     for chain_id in checker.remove:
-        volume.store.remove(chain_id)
+        opened.store.remove(chain_id)
     return report

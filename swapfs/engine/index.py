@@ -36,7 +36,7 @@ priorities  ino (u64)                       the file's priority (i32); absent
 ==========  ==============================  ==================================
 
 Every value ends in a CRC-32 of its database's tag, its key and itself
-(:func:`seal`), except the runs of ``slots``, whose entries carry one each:
+(:func:`checksummed`), except the runs of ``slots``, whose entries carry one each:
 a value that does not verify is :class:`CorruptIndex` (EIO), so a flipped
 bit reads as an error, never as other data. CRC-32 detects every error of
 up to 32 consecutive bits, so every single bit flip.
@@ -88,13 +88,13 @@ _INO_RUN = struct.Struct(">QI")
 CRC_SIZE = 4
 
 
-def seal(tag: int, key: bytes, payload: bytes) -> bytes:
+def checksummed(tag: int, key: bytes, payload: bytes) -> bytes:
     """*payload* followed by the CRC-32 of the database *tag*, *key* and itself."""
     return payload + _U32.pack(zlib.crc32(payload, zlib.crc32(key, tag)))
 
 
-def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
-    """The payload of a sealed value; CorruptIndex unless its checksum matches."""
+def verified(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
+    """The payload of a checksummed value; CorruptIndex unless its checksum matches."""
     payload = raw[:-CRC_SIZE]
     if len(raw) < CRC_SIZE or _U32.unpack_from(raw, len(payload))[0] != zlib.crc32(
             payload, zlib.crc32(key, tag)):
@@ -105,9 +105,9 @@ def unseal(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
 # Each database's tag, so that a record copied under another database's key
 # does not verify.
 _META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS, _DAMAGED = range(1, 9)
-#: The databases of sealed records, by name (the slot table's entries are
+#: The databases of checksummed records, by name (the slot table's entries are
 #: checked one by one instead: swapfs/engine/slottable.py).
-_SEALED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
+_CHECKSUMMED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
            b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS,
            b"damaged": _DAMAGED}
 
@@ -256,7 +256,7 @@ def recorded_generation(path: Path) -> int:
             raw = txn.get(LEASE_GENERATION, db=meta)
             if raw is None:
                 return 0
-            payload = unseal(_META, LEASE_GENERATION, raw, "the counter lease_generation")
+            payload = verified(_META, LEASE_GENERATION, raw, "the counter lease_generation")
             return int(_U64.unpack(payload)[0])
     finally:
         env.close()
@@ -542,14 +542,14 @@ class Txn:
         return errno.ENOSPC if full else errno.EIO
 
 
-    # -- sealed records -------------------------------------------------------
+    # -- checksummed records ----------------------------------------------------
 
     def _get(self, db: Any, tag: int, key: bytes, what: str) -> bytes | None:
         raw = self.txn.get(key, db=db)
-        return None if raw is None else unseal(tag, key, raw, what)
+        return None if raw is None else verified(tag, key, raw, what)
 
     def _put(self, db: Any, tag: int, key: bytes, payload: bytes) -> None:
-        self.txn.put(key, seal(tag, key, payload), db=db)
+        self.txn.put(key, checksummed(tag, key, payload), db=db)
 
     def _scan(self, db: Any, prefix: bytes, start: bytes = b""
               ) -> Iterator[tuple[bytes, bytes]]:
@@ -565,21 +565,21 @@ class Txn:
 
     def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
               ) -> Iterator[tuple[bytes, bytes]]:
-        """(key, payload) of the sealed records of :meth:`_scan`."""
+        """(key, payload) of the checksummed records of :meth:`_scan`."""
         for key, raw in self._scan(db, prefix, start):
             try:
-                yield key, unseal(tag, key, raw, f"key {key.hex()}")
+                yield key, verified(tag, key, raw, f"key {key.hex()}")
             except CorruptIndex:
                 if not self.lenient:
                     raise
 
     def corrupt_records(self) -> list[tuple[str, bytes]]:
-        """(database, key) of every sealed record that does not verify."""
+        """(database, key) of every checksummed record that does not verify."""
         found = []
-        for name, tag in _SEALED.items():
+        for name, tag in _CHECKSUMMED.items():
             for key, raw in self._scan(self.index.named[name], b""):
                 try:
-                    unseal(tag, key, raw, "")
+                    verified(tag, key, raw, "")
                 except CorruptIndex:
                     found.append((name.decode(), key))
         return found
@@ -735,7 +735,7 @@ class Txn:
         slot, whose reads answer EIO, never other bytes (fsck reports it)."""
         for key, raw in self._scan(self.index.damaged, _U32.pack(chain_id)):
             try:
-                unseal(_DAMAGED, key, raw, "")
+                verified(_DAMAGED, key, raw, "")
             except CorruptIndex:
                 continue
             if len(key) == _CHAIN_RUN.size:
@@ -755,7 +755,7 @@ class Txn:
         for key, raw in self._scan(self.index.filemaps, _U64.pack(ino)):
             run = _INO_RUN.unpack(key)[1] if len(key) == _INO_RUN.size else -1
             try:
-                yield run, unseal(_FILEMAPS, key, raw, "")
+                yield run, verified(_FILEMAPS, key, raw, "")
             except CorruptIndex:
                 yield run, None
 

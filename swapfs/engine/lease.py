@@ -70,11 +70,12 @@ HOST_SIZE = 64
 CHECKSUM_SIZE = 32
 #: magic, version, pid, generation, renewed (ns), duration (ns), holder, host.
 _BODY = struct.Struct(f"<8sIIQQQ{HOLDER_SIZE}s{HOST_SIZE}s")
-RECORD_SIZE = _BODY.size + CHECKSUM_SIZE
+#: A lease file holds one record: its body, then the BLAKE3 checksum of it.
+LEASE_SIZE = _BODY.size + CHECKSUM_SIZE
 #: The holder id of a lease given up: a free lease that keeps its generation.
 FREE = bytes(HOLDER_SIZE)
 #: Largest read of the lease file: enough to tell "too long" from the record.
-_READ_LIMIT = RECORD_SIZE + 1
+_READ_LIMIT = LEASE_SIZE + 1
 #: Duration of the lease an offline command (fsck, rekey) takes on a state
 #: whose lease record is free, and so names no duration.
 OFFLINE_SECONDS = 10.0
@@ -195,9 +196,9 @@ def decode(data: bytes, path: Path) -> LeaseInfo:
     if len(data) < len(MAGIC) or data[:len(MAGIC)] != MAGIC:
         what = "empty" if not data else "no lease magic at its start"
         raise LeaseCorrupt(path, what)
-    if len(data) != RECORD_SIZE:
+    if len(data) != LEASE_SIZE:
         raise LeaseCorrupt(path, f"{len(data)}{'+' if len(data) >= _READ_LIMIT else ''} "
-                                 f"bytes, a lease record has {RECORD_SIZE}")
+                                 f"bytes, a lease record has {LEASE_SIZE}")
     body, checksum = data[:_BODY.size], data[_BODY.size:]
     if blake3.blake3(body).digest(CHECKSUM_SIZE) != checksum:
         raise LeaseCorrupt(path, "checksum mismatch")

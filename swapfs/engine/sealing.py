@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 NONCE_SIZE = 12
 TAG_SIZE = 16
 #: A slot's seal record: its block's digest, then the GCM tag.
-RECORD_SIZE = DIGEST_SIZE + TAG_SIZE
+SEAL_SIZE = DIGEST_SIZE + TAG_SIZE
 #: The ``cipher`` record of the index's meta database: how blocks are
 #: stored. LEGACY only in index format 3, whose states are sealed again
 #: when they are upgraded.
@@ -132,7 +132,7 @@ class ChainKeys:
             return None
         if self._data_key is None:
             return block_digest(self.digest_key, data)
-        if record is None or len(record) != RECORD_SIZE:
+        if record is None or len(record) != SEAL_SIZE:
             return None
         try:
             self.open(slot, record[:DIGEST_SIZE], data, record)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
-from swapfs.engine.sealing import RECORD_SIZE
+from swapfs.engine.sealing import SEAL_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -276,18 +276,18 @@ class _SealMap:
         self.map = mmap.mmap(self.fd, self.size) if self.size else None
 
     def read(self, slot: int) -> bytes:
-        end = (slot + 1) * RECORD_SIZE
+        end = (slot + 1) * SEAL_SIZE
         if end > self.size or self.map is None:
             return b""
-        return self.map[end - RECORD_SIZE:end]
+        return self.map[end - SEAL_SIZE:end]
 
     def reserve(self, slots: int) -> None:
         """Make room for the records of *slots* slots: allocate the file's
         next steps on disk (SwapfsError ENOSPC if it is full), then map them."""
-        want = slots * RECORD_SIZE
+        want = slots * SEAL_SIZE
         if want <= self.size:
             return
-        size = -(-slots // _SEAL_STEP) * _SEAL_STEP * RECORD_SIZE
+        size = -(-slots // _SEAL_STEP) * _SEAL_STEP * SEAL_SIZE
         try:
             _fallocate(self.fd, 0, self.size, size - self.size)  # allocates, and extends
         except OSError as exc:
@@ -301,8 +301,8 @@ class _SealMap:
     def write(self, slot: int, record: bytes) -> None:
         """Store one record; its slot is within what :meth:`reserve` made room for."""
         assert self.map is not None
-        offset = slot * RECORD_SIZE
-        self.map[offset:offset + RECORD_SIZE] = record
+        offset = slot * SEAL_SIZE
+        self.map[offset:offset + SEAL_SIZE] = record
 
     def close(self) -> None:
         if self.map is not None:

@@ -43,8 +43,8 @@ _V1_INO_BLOCK = struct.Struct(">QQ")
 def format_of(txn: Txn) -> int | None:
     """The index's format number; None for an index never formatted.
 
-    Format 1 stored it as a bare u64; later formats seal it like every
-    record, so its length tells them apart before anything is unsealed.
+    Format 1 stored it as a bare u64; later formats checksum it like every
+    record, so its length tells them apart before any checksum is verified.
     """
     raw = txn.txn.get(b"format", db=txn.index.meta)
     if raw is None:

@@ -24,7 +24,7 @@ from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.digest import block_digest
 from swapfs.engine.errors import CorruptBlock, SwapfsError
 from swapfs.engine.index import ROOT_INO
-from swapfs.engine.sealing import RECORD_SIZE, ChainKeys
+from swapfs.engine.sealing import SEAL_SIZE, ChainKeys
 from swapfs.engine.slottable import ENTRY, RUN_BYTES, SLOT_RUN, entry_crc
 from swapfs.engine.volume import Volume
 
@@ -57,7 +57,7 @@ def test_block_sealing_matches_an_independent_aes_gcm() -> None:
     assert chain.digest(data) == digest
     sealed, record = chain.seal(digest, data)
     assert sealed == expected[:BS]
-    assert record == digest + expected[BS:] and len(record) == RECORD_SIZE
+    assert record == digest + expected[BS:] and len(record) == SEAL_SIZE
     # Pinned, so that a change of the scheme cannot pass unnoticed.
     assert record.hex() == ("3eeff1abab06ca785106dfa4e9d470bd"
                             "7d9f419d5116f2fac8918d06d9f0e36f")
@@ -91,9 +91,9 @@ def test_a_seal_record_changed_past_the_nonce_bytes_reads_eio(
         vol.write(ino, 0, page(3) + page(4))
         slot = vol.mapped(ino)[1]
     with open(state / "data" / "1.seals", "r+b") as seals:
-        seals.seek(slot * RECORD_SIZE + 14)
+        seals.seek(slot * SEAL_SIZE + 14)
         byte = seals.read(1)[0]
-        seals.seek(slot * RECORD_SIZE + 14)
+        seals.seek(slot * SEAL_SIZE + 14)
         seals.write(bytes([byte ^ 0x80]))
     with closing(Volume(state, master=master_key)) as vol:
         assert vol.read(ino, 0, BS) == page(3)
@@ -195,7 +195,7 @@ def test_two_blocks_sharing_a_nonce_do_not_let_a_third_be_forged(
     sealed = []
     for slot in (first, second):
         ciphertext = data.read_bytes()[slot * BS:(slot + 1) * BS]
-        record = seals.read_bytes()[slot * RECORD_SIZE:(slot + 1) * RECORD_SIZE]
+        record = seals.read_bytes()[slot * SEAL_SIZE:(slot + 1) * SEAL_SIZE]
         assert record[:12] == NONCE
         sealed.append((record[:16], ciphertext, record[16:]))
     digest, ciphertext, tag = forge(sealed[0], sealed[1], DELTA)
@@ -203,7 +203,7 @@ def test_two_blocks_sharing_a_nonce_do_not_let_a_third_be_forged(
         file.seek(second * BS)
         file.write(ciphertext)
     with open(seals, "r+b") as file:
-        file.seek(second * RECORD_SIZE)
+        file.seek(second * SEAL_SIZE)
         file.write(digest + tag)
     with closing(Volume(state, master=master_key)) as vol, \
             vol.index.begin(write=True) as txn:

@@ -22,7 +22,8 @@ from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
 from swapfs.engine.index import FORMAT_VERSION
 from swapfs.engine.slottable import ENTRY, SLOT_RUN
-from swapfs.engine.volume import OldFormat, Volume
+from swapfs.engine.state import OldFormat
+from swapfs.engine.volume import Volume
 from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, small_contents
 from tests.killing import REPO, run_until_killed
 

@@ -949,6 +949,6 @@ def test_lmdb_finding_a_damaged_page_is_eio(
         raise lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was wrong type")
 
     volume.index.inode_cache.clear()
-    monkeypatch.setattr(index_module, "unseal", damaged)
+    monkeypatch.setattr(index_module, "verified", damaged)
     with raises_errno(errno.EIO):
         volume.getattr(file.ino)
