@@ -45,7 +45,7 @@ SegmentKey = tuple[str, str, int, int, str]
 class Region(Protocol):
     """What the pool needs of one reported region of unused bytes (a guest's
     ``codescan.Extent`` is one): which physical bytes, and how many. The
-    engine knows no more of the guest side than this."""
+    pool knows no more of the guest side than this."""
 
     @property
     def physical_key(self) -> tuple[str, int, int, str]: ...
