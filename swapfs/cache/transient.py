@@ -43,8 +43,8 @@ SegmentKey = tuple[str, str, int, int, str]
 
 
 class Region(Protocol):
-    """What the pool needs of one reported region of unused bytes (a guest's
-    ``codescan.Extent`` is one): which physical bytes, and how many. The
+    """What the pool needs of one reported region of unused bytes (a driver's
+    ``swapfs.control.Extent`` is one): which physical bytes, and how many. The
     pool knows no more of the guest side than this."""
 
     @property
