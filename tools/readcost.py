@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 hit_rate = 0.0
                 for _ in range(args.repeat):
                     pool, content = caches(setup, args.content_mib)
-                    volume.use_caches(pool=pool, content=content)
+                    volume.use_caches(transient=pool, content=content)
                     best = min(best, time_reads(volume, inode.ino, reads))
                     if content is not None:
                         hit_rate = content.hits / (content.hits + content.misses)

@@ -1,6 +1,6 @@
 """A lease that fences a state directory across hosts.
 
-``Volume`` takes an flock on its state directory, which keeps a second
+``State`` takes an flock on its state directory, which keeps a second
 daemon on the same host away. When the state directory sits on storage that
 two hosts reach, flock fences nothing across them; this lease does. A live
 daemon holds it and renews it every third of its duration; a standby takes
@@ -414,7 +414,7 @@ class Lease:
         holder and generation (LeaseLost otherwise: another holder took the
         state over, and its higher generation in the index is what fences
         this one); the deadline is not extended. The caller passes what the
-        index records (``Volume(..., restamp=...)``); this module never
+        index records (``State(..., restamp=...)``); this module never
         reads the index.
         """
         with self._stamping:  # not while a renewal (the Renewer thread) writes
@@ -763,7 +763,7 @@ class Offline:
     lease file whose index records a lease generation (*index_generation*,
     read only then: its lease file was removed); a state with neither is a
     single host's, fenced by its flock alone. Pass :meth:`claim`,
-    :meth:`guard` and :meth:`restamp` to ``Volume``: the claim runs once the
+    :meth:`guard` and :meth:`restamp` to ``State``: the claim runs once the
     flock is held.
     """
 
@@ -789,7 +789,7 @@ class Offline:
             self.lease.guard()
 
     def restamp(self, recorded: int) -> int:
-        """:meth:`Lease.restamp_above`, for ``Volume(..., restamp=...)``."""
+        """:meth:`Lease.restamp_above`, for ``State(..., restamp=...)``."""
         assert self.lease is not None
         return self.lease.restamp_above(recorded)
 

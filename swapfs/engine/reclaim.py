@@ -8,7 +8,7 @@ the file system allocate the same space again. So the slots freed by a
 commit wait here instead: the next allocation of their chain takes one of
 those freed most recently (its space is still allocated, so writing it allocates
 nothing), and the ones that stay free are punched in bounded batches, oldest
-first (:meth:`swapfs.engine.volume.Volume.punch_pending`, which the daemon calls
+first (:meth:`swapfs.engine.state.State.punch_pending`, which the daemon calls
 every second).
 
 Only committed frees come in, so a slot is never reused before the
@@ -16,7 +16,7 @@ transaction that freed it has committed (docs/write-ordering.md, rule 2).
 Everything listed here is also free (refcount 0) in the committed slot
 table, but out of the table's punched free slots; this list
 lives in memory only, so a crash forgets it and the next mount punches every
-free slot (:class:`~swapfs.engine.volume.Volume` does at open).
+free slot (:class:`~swapfs.engine.state.State` does at open).
 """
 
 import collections

@@ -26,7 +26,7 @@ files. Nothing of the old state changes while it is built. Then:
 Each rename is followed by an fsync of the directories it touched. A crash
 before step 1 leaves the old state, which opens with the old master key;
 one after it leaves a state that :func:`finish` completes, and which then
-opens with the new one. :class:`swapfs.engine.volume.Volume` calls :func:`finish`
+opens with the new one. :class:`swapfs.engine.state.State` calls :func:`finish`
 each time it opens a state, so a daemon, fsck or another rekey find one
 state or the other, never a mix. The files deleted in step 3 leave no
 name in the state directory; their blocks are the file system's to

@@ -4,7 +4,7 @@ The conversion is one LMDB write transaction: it reads every record of the
 old format, writes the new one, drops the old databases and stores the new
 format number, and commits once. A crash or a kill before that commit
 leaves the old format exactly as it was (LMDB commits atomically); after
-it, the new one. :class:`swapfs.engine.volume.Volume` converts at open, and
+it, the new one. :class:`swapfs.engine.state.State` converts at open, and
 ``swapfs fsck --upgrade`` does the same without mounting.
 
 Format 1 kept each file's map as one entry per logical block naming the
