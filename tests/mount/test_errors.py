@@ -337,12 +337,18 @@ def test_second_mount_of_a_state_in_use_is_refused(mount: Mount) -> None:
 
 @pytest.fixture
 def busy_mount() -> Iterator[Mount]:
-    """A mount that serves 16 control connections at once and closes idle ones after 2 s."""
+    """A mount that serves 16 control connections at once and closes idle ones after 2 s.
+
+    ``mounted`` removes only a root it made itself; this one holds the
+    configuration file too, so it is removed here."""
     root = short_tempdir()
-    config = root / "swapfs.toml"
-    config.write_text("control_idle_timeout = 2\ncontrol_max_connections = 16\n")
-    with mounted(root=root, config=config) as mount:
-        yield mount
+    try:
+        config = root / "swapfs.toml"
+        config.write_text("control_idle_timeout = 2\ncontrol_max_connections = 16\n")
+        with mounted(root=root, config=config) as mount:
+            yield mount
+    finally:
+        remove_tree(root)
 
 
 def open_connections(mount: Mount, count: int) -> list[socket.socket]:
