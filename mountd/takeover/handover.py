@@ -1,17 +1,18 @@
 """Handing the connection to a keeper that outlives the daemon, and back.
 
 Two descriptors make a connection recoverable: ``/dev/fuse`` itself and the
-session memo (:mod:`mountd.session`). A keeper holds both and never reads
-from either. There are two kinds:
+connection memo (:mod:`mountd.takeover.memo`). A keeper holds both and never
+reads from either. There are two kinds:
 
 * systemd's file descriptor store: the daemon sends both with
-  ``FDSTORE=1`` (names ``fuse`` and ``fuse-session``); when the unit
-  restarts after a crash, systemd passes them to the new daemon in
-  ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` (``FileDescriptorStoreMax=`` in
-  ``swapfs@.service``);
-* ``swapfs standby MNT`` (:mod:`mountd.takeover.standby`): it asks the daemon for
-  both over the control socket (``keeper.attach``, the descriptors ride
-  along the reply as SCM_RIGHTS), and starts the new daemon with them.
+  ``FDSTORE=1`` (names ``fuse`` and ``fuse-session``, :data:`MEMO_NAME`);
+  when the unit restarts after a crash, systemd passes them to the new
+  daemon in ``$LISTEN_FDS``/``$LISTEN_FDNAMES`` (``FileDescriptorStoreMax=``
+  in ``swapfs@.service``);
+* ``swapfs standby MNT`` (:mod:`mountd.takeover.standby`): it asks the
+  daemon for both over the control socket (``keeper.attach``, the
+  descriptors ride along the reply as SCM_RIGHTS), and starts the new
+  daemon with them.
 """
 
 import array
@@ -21,13 +22,21 @@ import socket
 
 log = logging.getLogger(__name__)
 
+#: The names of the two descriptors in systemd's store. They outlive the
+#: daemon that stored them, so they are an interface between versions: a
+#: daemon upgraded under a running unit gets back what the old one stored,
+#: and a downgraded one what the new one stored. The memo keeps the name it
+#: had when it was called the session: under a new name, a daemon would have
+#: to store the memo beside the old entry (a third descriptor, past
+#: FileDescriptorStoreMax=2) or remove the old entry by its name, and an older
+#: daemon would not find it at all.
 FUSE_NAME = "fuse"
-SESSION_NAME = "fuse-session"
+MEMO_NAME = "fuse-session"
 _SD_LISTEN_FDS_START = 3
 
 
 def from_systemd() -> tuple[int, int] | None:
-    """The (fuse, session) descriptors systemd passed from its store, if any."""
+    """The (fuse, memo) descriptors systemd passed from its store, if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
     try:
@@ -38,14 +47,14 @@ def from_systemd() -> tuple[int, int] | None:
     fds = {name: _SD_LISTEN_FDS_START + i for i, name in enumerate(names[:count])}
     for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(variable, None)
-    if FUSE_NAME in fds and SESSION_NAME in fds:
+    if FUSE_NAME in fds and MEMO_NAME in fds:
         for fd in fds.values():
             os.set_inheritable(fd, False)
-        return fds[FUSE_NAME], fds[SESSION_NAME]
+        return fds[FUSE_NAME], fds[MEMO_NAME]
     return None
 
 
-def store_in_systemd(fuse_fd: int, session_fd: int) -> bool:
+def store_in_systemd(fuse_fd: int, memo_fd: int) -> bool:
     """Put both descriptors in systemd's store; False when not under systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -54,7 +63,7 @@ def store_in_systemd(fuse_fd: int, session_fd: int) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            for name, fd in ((FUSE_NAME, fuse_fd), (SESSION_NAME, session_fd)):
+            for name, fd in ((FUSE_NAME, fuse_fd), (MEMO_NAME, memo_fd)):
                 # Replace, not add: a restarted daemon stores the same descriptors again.
                 sock.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), address)
                 sock.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()], rights([fd]), 0, address)

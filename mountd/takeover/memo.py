@@ -69,9 +69,9 @@ class ConnectionMemo:
 
     @classmethod
     def create(cls, init: bytes) -> "ConnectionMemo":
-        session = cls(os.memfd_create("swapfs-session", os.MFD_CLOEXEC), init)
-        session.save()
-        return session
+        memo = cls(os.memfd_create("swapfs-memo", os.MFD_CLOEXEC), init)
+        memo.save()
+        return memo
 
     @classmethod
     def load(cls, fd: int) -> "ConnectionMemo":

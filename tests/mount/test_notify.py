@@ -64,11 +64,12 @@ def test_ready_then_stopping_and_journal_priorities() -> None:
                     stored[text.split(b"FDNAME=")[1]] = fds[0]
                 else:
                     assert text.startswith(b"FDSTOREREMOVE=1"), text
-            # The connection, for a restarted daemon: /dev/fuse and the memo.
+            # The connection, for a restarted daemon: /dev/fuse and the memo, stored
+            # under the name it had before it was the memo (handover.MEMO_NAME).
             assert sorted(stored) == [b"fuse", b"fuse-session"]
             assert os.readlink(f"/proc/self/fd/{stored[b'fuse']}") == "/dev/fuse"
             assert os.readlink(f"/proc/self/fd/{stored[b'fuse-session']}").startswith(
-                "/memfd:swapfs-session")
+                "/memfd:swapfs-memo")
             for fd in stored.values():
                 os.close(fd)
             assert is_mounted(mnt)
