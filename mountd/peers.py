@@ -63,10 +63,16 @@ def peers(own_state: Path, max_blocks: int) -> list[PeerDaemon]:
             if state == own_state:
                 continue
             check_state(state)
+        except (OSError, NotAPeer, protocol.ControlError) as exc:
+            # A peer gone meanwhile (its socket removed) is no peer: only a
+            # missing manifest of a live peer counts as an empty one.
+            log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
+            continue
+        try:
             entries = read_manifest(state / MANIFEST_NAME, max_blocks, owner=0)
         except FileNotFoundError:
             entries = []
-        except (OSError, NotAPeer, protocol.ControlError, ManifestError) as exc:
+        except (OSError, ManifestError) as exc:
             log.warning("peer %s left out of the cache plan: %s", mountpoint, exc)
             continue
         found.append(PeerDaemon(mountpoint, state, entries))

@@ -166,6 +166,20 @@ def test_a_state_that_is_not_roots_alone_is_left_out(
     assert why in left_out(caplog)
 
 
+def test_a_peer_whose_socket_went_away_is_left_out_and_does_not_lend_another_its_state(
+        tmp_path: Path, world: Callable[[str, dict[str, Any]], StatusServer],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon that stops while the peers are read: its socket is listed in
+    the mount table but gone. Once this raised (the daemon's start failed)
+    or filed the peer under the state of the peer read before it."""
+    state = make_state(tmp_path / "a-peer")
+    world("a-peer", {"ok": True, "state": str(state)})
+    world("b-gone", {"ok": True, "state": "/unused"}).path.unlink()
+    found = peers.peers(tmp_path / "own", max_blocks=16)
+    assert [(peer.mountpoint, peer.state) for peer in found] == [("/mnt/a-peer", state)]
+    assert "No such file or directory" in left_out(caplog)
+
+
 @pytest.mark.parametrize("reply", [{"ok": True}, {"ok": True, "state": 7},
                                    {"ok": True, "state": "relative/state"}])
 def test_a_reply_without_a_state_directory_is_left_out(

@@ -28,7 +28,7 @@ import trio
 
 from mountd import daemon
 from mountd.config import Config
-from mountd.daemon import Link
+from mountd.link import Link
 from swapfs.engine import (
     RECORD_SIZE,
     ROOT_INO,
