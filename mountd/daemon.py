@@ -346,7 +346,7 @@ def run(config: Config, on_ready: Callable[[], None], restart_argv: list[str],
             content = BlockCache(range(config.content_cache_bytes // BLOCK_SIZE),
                                  admit_first_miss=True)
             content_cache = content if content.capacity_bytes else None
-            volume.use_caches(pool=cache if cache.max_slots else None, content=content_cache)
+            volume.use_caches(transient=cache if cache.max_slots else None, content=content_cache)
             manifest = CacheKeeper(volume, content_cache, config.manifest_interval,
                                    config.failover_strategies, config.host_cache_bytes)
             link.cache_keeper = manifest

@@ -68,7 +68,7 @@ from swapfs.engine import fsck, keys
 from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
 from swapfs.engine.keys import MasterKey
-from swapfs.engine.sealing import SEAL_SIZE as RECORD_SIZE
+from swapfs.engine.sealing import SEAL_SIZE
 from swapfs.engine.volume import Volume
 from tests.fixtures.make_state import expected_contents, make
 
@@ -373,7 +373,7 @@ def _in_use(path: Path) -> int:
     if path.suffix != ".seals":
         return path.stat().st_size
     slots = path.with_suffix(".blocks").stat().st_size // BLOCK_SIZE
-    return min(path.stat().st_size, slots * RECORD_SIZE)
+    return min(path.stat().st_size, slots * SEAL_SIZE)
 
 
 def run_trial(number: int, offset: int, bit: int, pristine: Path, scratch: Path,

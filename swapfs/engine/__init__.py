@@ -50,10 +50,6 @@ from swapfs.engine.statedir import sync_directory
 from swapfs.engine.store import punch_hole
 from swapfs.engine.volume import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Volume
 
-#: SEAL_SIZE's former name, kept while tests/security/test_reseal.py and
-#: test_lease.py import it (the latter means LEASE_SIZE).
-RECORD_SIZE = SEAL_SIZE
-
 __all__ = [
     "BLOCK_SIZE",
     "CorruptBlock",
@@ -76,7 +72,6 @@ __all__ = [
     "MAX_FILE_SIZE",
     "MasterKey",
     "OldFormat",
-    "RECORD_SIZE",
     "ReadCache",
     "ROOT_INO",
     "SEAL_SIZE",

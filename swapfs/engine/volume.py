@@ -116,13 +116,9 @@ class Volume:
         return self.opened.converted
 
     def use_caches(self, transient: ReadCache | None = None,
-                   content: ReadCache | None = None, *,
-                   pool: ReadCache | None = None) -> None:
+                   content: ReadCache | None = None) -> None:
         """Read through the *transient* cache, then the *content* cache, then
-        the store. *pool* is the transient cache's former name, kept until
-        the daemon passes ``transient=``."""
-        if transient is None:
-            transient = pool
+        the store."""
         self.transient_cache, self.content_cache = transient, content
         self._caches = tuple(cache for cache in (transient, content) if cache is not None)
 

@@ -152,7 +152,7 @@ def test_a_skewed_read_workload_hits_and_reads_stay_right(tmp_path: Path) -> Non
     volume, ino, blocks = _volume_with_blocks(tmp_path / "state", 512)
     cache = TransientCache(max_bytes=1 << 20)
     cache.update("vm1", [extent(64 * BS)])
-    volume.use_caches(pool=cache)
+    volume.use_caches(transient=cache)
     rng = random.Random(7)
     for _ in range(4000):  # 90% of reads go to 10% of the blocks
         number = rng.randrange(51) if rng.random() < 0.9 else rng.randrange(512)

@@ -21,8 +21,8 @@ import pytest
 
 from swapfs.engine import (
     BLOCK_SIZE,
-    RECORD_SIZE,
     ROOT_INO,
+    SEAL_SIZE,
     CorruptIndex,
     SwapfsError,
     Txn,
@@ -86,7 +86,7 @@ def test_no_plaintext_at_rest_and_chains_seal_apart(tmp_path: Path,
     raw_b = (data / "2.blocks").read_bytes()[slot_b * BS:(slot_b + 1) * BS]
     assert len(raw_a) == len(raw_b) == BS and raw_a != raw_b
     # Room for the records of 4096 slots is made at once (swapfs/engine/store.py).
-    assert (data / "1.seals").stat().st_size == 4096 * RECORD_SIZE
+    assert (data / "1.seals").stat().st_size == 4096 * SEAL_SIZE
 
 
 def test_a_plain_state_holds_the_plaintext(tmp_path: Path) -> None:
@@ -105,8 +105,8 @@ def test_a_flipped_bit_reads_eio_and_fsck_reports_it(
     with closing(Volume(state, master=master_key)) as vol:
         slot = vol.mapped(inos["f"])[3]
     name, offset = {"data": ("1.blocks", slot * BS + 100),
-                    "seal-tag": ("1.seals", slot * RECORD_SIZE + 20),
-                    "seal-digest": ("1.seals", slot * RECORD_SIZE + 2)}[target]
+                    "seal-tag": ("1.seals", slot * SEAL_SIZE + 20),
+                    "seal-digest": ("1.seals", slot * SEAL_SIZE + 2)}[target]
     with open(state / "data" / name, "r+b") as file:
         file.seek(offset)
         byte = file.read(1)[0]

@@ -30,7 +30,7 @@ from mountd import daemon
 from mountd.config import Config
 from mountd.link import Link
 from swapfs.engine import (
-    RECORD_SIZE,
+    LEASE_SIZE,
     ROOT_INO,
     Index,
     LeaseCorrupt,
@@ -277,7 +277,7 @@ def _valid_record() -> bytes:
 
 def test_a_truncated_lease_at_every_length_is_refused(state: Path) -> None:
     record = _valid_record()
-    for length in range(RECORD_SIZE):
+    for length in range(LEASE_SIZE):
         (state / "lease").write_bytes(record[:length])
         _assert_refused_and_untouched(state)
 
@@ -285,7 +285,7 @@ def test_a_truncated_lease_at_every_length_is_refused(state: Path) -> None:
 def test_every_single_bit_flip_is_refused(state: Path) -> None:
     record = _valid_record()
     path = state / "lease"
-    for bit in range(8 * RECORD_SIZE):
+    for bit in range(8 * LEASE_SIZE):
         flipped = bytearray(record)
         flipped[bit // 8] ^= 1 << (bit % 8)
         path.write_bytes(bytes(flipped))
@@ -299,7 +299,7 @@ def test_every_single_bit_flip_is_refused(state: Path) -> None:
 def _future_version() -> bytes:
     record = bytearray(_valid_record())
     record[8:12] = (2).to_bytes(4, "little")
-    body = bytes(record[:RECORD_SIZE - 32])
+    body = bytes(record[:LEASE_SIZE - 32])
     return body + blake3.blake3(body).digest(32)
 
 
@@ -312,7 +312,7 @@ def test_a_corrupt_lease_is_refused_until_broken(state: Path, kind: str) -> None
     if kind == "empty":
         path.write_bytes(b"")
     elif kind == "garbage":
-        path.write_bytes(os.urandom(RECORD_SIZE))
+        path.write_bytes(os.urandom(LEASE_SIZE))
     elif kind == "one-byte-too-long":
         path.write_bytes(_valid_record() + b"\0")
     elif kind == "future-version":
@@ -441,7 +441,7 @@ def test_the_cli_prints_and_breaks_the_lease(state: Path) -> None:
         held.renew()
     assert json.loads(swapfs("lease", "--state", str(state), "--json").stdout)["state"] == "free"
 
-    (state / "lease").write_bytes(b"\0" * RECORD_SIZE)
+    (state / "lease").write_bytes(b"\0" * LEASE_SIZE)
     shown = swapfs("lease", "--state", str(state))
     assert shown.returncode == 1 and "corrupt" in shown.stderr
     assert "Traceback" not in shown.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs.engine import BLOCK_SIZE, RECORD_SIZE, CorruptIndex, Volume, fsck, keys, reseal
+from swapfs.engine import BLOCK_SIZE, SEAL_SIZE, CorruptIndex, Volume, fsck, keys, reseal
 from tests.engine.test_upgrade import flip_slot_entry
 from tests.killing import run_until_killed
 from tests.mounting import swapfs
@@ -30,7 +30,7 @@ def old_material(state: Path, master: keys.MasterKey) -> list[bytes]:
             seals = (state / "data" / f"{chain.id_}.seals").read_bytes()
             for slot, (digest, _refcount) in vol.blocks(chain.id_).items():
                 found += [blocks[slot * BS:(slot + 1) * BS], digest,
-                          seals[slot * RECORD_SIZE:(slot + 1) * RECORD_SIZE]]
+                          seals[slot * SEAL_SIZE:(slot + 1) * SEAL_SIZE]]
     return found
 
 
