@@ -17,7 +17,22 @@ from pathlib import Path
 import pytest
 
 from swapfs.engine import Volume, keys
+from tests import mounting
 from tests.mounting import Mount, mounted
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Let the shared helpers see which test runs (mounting.needs_marker)."""
+    mounting.running = item
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    mounting.running = None
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    mounting.remove_scratch()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -54,6 +54,8 @@ requires_mount = pytest.mark.skipif(
 def swapfs(*args: str, check: bool = True, timeout: float = 90.0
            ) -> subprocess.CompletedProcess[str]:
     """Run the ``swapfs`` command line; with *check*, fail on a non-zero exit."""
+    if args[:1] == ("swapon",):
+        needs_marker("slow", "turns on kernel swap")
     result = subprocess.run([*SWAPFS, *args], capture_output=True, text=True,
                             timeout=timeout, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
@@ -115,9 +117,37 @@ def lazy_unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+#: Every directory short_tempdir made; what its test left is removed when
+#: the session ends (conftest.py), so that no run leaves any behind.
+_SCRATCH: list[Path] = []
+#: The test running now (set by conftest.py), whose markers must say what it uses.
+running: pytest.Item | None = None
+
+
 def short_tempdir() -> Path:
     """A fresh directory with a short path (Unix socket paths are short)."""
-    return Path(tempfile.mkdtemp(prefix="swapfs-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="swapfs-", dir="/tmp"))
+    _SCRATCH.append(path)
+    return path
+
+
+def remove_scratch() -> None:
+    """Remove what short_tempdir made and a test left, detaching any mount
+    a failed test left inside first."""
+    while _SCRATCH:
+        root = _SCRATCH.pop()
+        prefix = os.path.realpath(root) + "/"
+        for path in sorted(mounted_paths(), reverse=True):
+            if path.startswith(prefix):
+                lazy_unmount(Path(path))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def needs_marker(marker: str, what: str) -> None:
+    """Fail the running test unless it is marked *marker*: a test that *what*
+    must say so, so that ``-m "not mount"`` or ``-m "not slow"`` leaves it out."""
+    if running is not None and running.get_closest_marker(marker) is None:
+        pytest.fail(f"{running.nodeid} {what} but is not marked {marker!r}", pytrace=False)
 
 
 def remove_tree(root: Path) -> None:
@@ -175,6 +205,7 @@ class Mount:
 
     def mount(self) -> None:
         """``swapfs mount``; then learn the daemon's pid from its control socket."""
+        needs_marker("mount", "mounts swapfs")
         config = ["--config", str(self.config)] if self.config is not None else []
         result = swapfs("mount", *config, "--state", str(self.state), str(self.mnt))
         printed = re.search(r"\(pid (\d+)\)", result.stdout)

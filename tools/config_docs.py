@@ -71,13 +71,14 @@ def markdown_table() -> str:
     return "\n".join([*rows, END]) + "\n"
 
 
-def _comment(doc: str) -> list[str]:
+def _comment(doc: str, required: bool = False) -> list[str]:
     """A setting's documentation as TOML comment lines: plain text, and each
-    link as the path of the page it points to."""
+    link as the path of the page it points to; a setting without a default
+    says it is required."""
     def path(link: re.Match[str]) -> str:
         target = link.group(2)
         return "docs/" + (DOCS.name + target if target.startswith("#") else target)
-    text = _LINK.sub(path, doc).replace("`", "")
+    text = _LINK.sub(path, doc).replace("`", "") + (" (required)" if required else "")
     return textwrap.wrap(text + ".", 78, initial_indent="# ", subsequent_indent="# ",
                          break_long_words=False, break_on_hyphens=False)
 
@@ -94,7 +95,8 @@ def example_file() -> str:
                        *(f"# {line}" for line in example.splitlines())]
             continue
         value = example if default is None else json.dumps(default)
-        lines += [*_comment(entry.metadata["doc"]), f"{entry.name} = {value}"]
+        lines += [*_comment(entry.metadata["doc"], required=default is None),
+                  f"{entry.name} = {value}"]
     return "\n".join([*lines, *tables]) + "\n"
 
 

@@ -11,7 +11,7 @@ compiled.install()
 
 # The face, imported after the finder above is in place.
 # ruff: noqa: E402
-from swapfs.engine import fsck, keys, lease, reseal, state, volume
+from swapfs.engine import fsck, keys, lease, reseal
 from swapfs.engine.blocks import BLOCK_SIZE, MAX_FILE_SIZE
 from swapfs.engine.digest import DIGEST_SIZE
 from swapfs.engine.errors import CorruptBlock, CorruptIndex, SwapfsError
@@ -95,7 +95,5 @@ __all__ = [
     "read_lease",
     "recorded_generation",
     "reseal",
-    "state",
     "sync_directory",
-    "volume",
 ]

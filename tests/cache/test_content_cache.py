@@ -25,7 +25,7 @@ from tests.mounting import (
     wait_until,
 )
 
-pytestmark = requires_mount
+pytestmark = [requires_mount, pytest.mark.mount]
 
 BUDGET_BLOCKS = 64
 

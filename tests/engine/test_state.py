@@ -89,30 +89,28 @@ def test_a_state_reads_its_blocks_without_a_volume(
         opened.close()
 
 
-class _Maps:
-    """Maps in memory for a ChainWrite, recording what it asks."""
+class _Recording:
+    """A State's maps as a ChainWrite sees them, recording what it forgets."""
 
-    def __init__(self) -> None:
-        self.maps: dict[int, FileMap] = {}
+    def __init__(self, opened: State) -> None:
+        self.opened = opened
         self.forgotten: list[tuple[int, set[int]]] = []
 
     def map(self, txn: Txn, inode: Inode) -> FileMap:
-        fmap = self.maps.get(inode.ino)
-        if fmap is None:
-            fmap = self.maps[inode.ino] = FileMap.load(txn, inode)
-        return fmap
+        return self.opened.map(txn, inode)
 
     def adopt_map(self, fmap: FileMap) -> None:
-        self.maps[fmap.ino] = fmap
+        self.opened.adopt_map(fmap)
 
     def forget(self, chain_id: int, inos: Collection[int]) -> None:
         self.forgotten.append((chain_id, set(inos)))
+        self.opened.forget(chain_id, inos)
 
 
 def test_a_chain_write_uses_only_what_it_is_given(state_dir: Path) -> None:
     chain_id, ino = _one_file(state_dir, None)
     opened = State(state_dir)
-    maps, pending = _Maps(), PendingPunches()
+    maps, pending = _Recording(opened), PendingPunches()
     try:
         with opened.index.begin(write=True) as txn:
             table = opened.table(txn, chain_id)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.mounting import Mount, is_mounted, requires_mount, short_tempdir, swapfs
 
-pytestmark = requires_mount
+pytestmark = [requires_mount, pytest.mark.mount]
 
 
 @pytest.fixture

@@ -22,15 +22,27 @@ def test_the_deepest_named_step_wins_over_the_handler_around_it() -> None:
               "Txn.commit (swapfs/engine/index.py:195)",
               "trans_commit (cpython.c:4897)", "pwrite64 (libc.so.6)"]
     assert _group(commit)[0] == "LMDB commit (transaction end)"
-    data = [*WRITE, "_ChainWrite.set_blocks (swapfs/engine/volume.py:817)",
+    data = [*WRITE, "ChainWrite.set_blocks (swapfs/engine/chainwrite.py:117)",
             "BlockStore.write_many (swapfs/engine/store.py:92)", "pwritev64v2 (libc.so.6)"]
     assert _group(data)[0] == "digest, data read/write, map and hash-table gets/puts"
-    punch = [*WRITE, "_ChainWrite.punch (swapfs/engine/volume.py:884)",
+    punch = [*WRITE, "ChainWrite.punch (swapfs/engine/chainwrite.py:190)",
              "BlockStore.punch (swapfs/engine/store.py:130)",
              "punch_hole (swapfs/engine/store.py:32)",
              "fallocate64 (libc.so.6)"]
     assert _group(punch)[0] == "hole punch (store.punch, fallocate)"
     assert _group(WRITE)[0].startswith("other Python")
+    # The FUSE handlers are the request's glue, not a daemon task.
+    assert _group(WRITE[:-1])[0].startswith("other Python")
+
+
+def test_a_cache_hit_is_the_caches() -> None:
+    read = [*TASK, "Operations.read (mountd/operations.py:230)",
+            "Volume.read (swapfs/engine/volume.py:395)",
+            "Volume._cached (swapfs/engine/volume.py:490)",
+            "BlockCache.get (swapfs/cache/blockcache.py:120)"]
+    assert _group(read)[0] == "content and transient caches"
+    pool = [*read[:-1], "TransientCache.get (swapfs/cache/transient.py:88)"]
+    assert _group(pool)[0] == "content and transient caches"
 
 
 def test_the_loop_is_split_by_its_system_call() -> None:

@@ -136,7 +136,7 @@ def test_writes_are_guarded_inside_a_transaction(tmp_path: Path) -> None:
 _LATER_HOLDER = """
 import sys
 from pathlib import Path
-from swapfs.engine.index import Index
+from swapfs.engine import Index
 index = Index(Path(sys.argv[1]), generation=2)
 with index.begin(write=True) as txn:
     txn.put_meta(b"next_ino", txn.get_meta(b"next_ino"))

@@ -49,9 +49,9 @@ from swapfs.engine import (
     new_holder,
     read_lease,
     recorded_generation,
+    reseal,
 )
 from swapfs.engine import lease as lease_mod
-from swapfs.engine import volume as volume_mod
 from tests.mounting import SWAPFS, wait_until
 from tests.security.test_fencing import snapshot
 
@@ -455,7 +455,7 @@ def test_the_cli_prints_and_breaks_the_lease(state: Path) -> None:
 _STANDBY = """
 import json, sys
 from pathlib import Path
-from swapfs.engine.lease import LeaseHeld, acquire
+from swapfs.engine import LeaseHeld, acquire
 view = Path(sys.argv[1])
 try:
     acquire(view, 1.0, settle=0.1, skew_margin=0.1)
@@ -1011,7 +1011,7 @@ def test_a_state_does_not_open_under_a_lapsed_lease(
     state = tmp_path / "state"
     Volume(state).close()
     finished: list[Path] = []
-    monkeypatch.setattr(volume_mod.reseal, "finish", finished.append)
+    monkeypatch.setattr(reseal, "finish", finished.append)
 
     def lapsed() -> None:
         raise SwapfsError(errno.EROFS, "the lease has lapsed")

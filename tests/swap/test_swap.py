@@ -28,7 +28,7 @@ from tests.mounting import (
 )
 from tools.swapload import MIB, MemoryCgroup, peak_figures, run_workload
 
-pytestmark = [requires_mount, pytest.mark.mount]
+pytestmark = [requires_mount, pytest.mark.mount, pytest.mark.slow]
 
 
 @contextlib.contextmanager
@@ -51,7 +51,6 @@ def swap_file(mount: Mount, name: str, mib: int) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_clones_swapping_the_same_table_store_one_copy(mount: Mount) -> None:
     """The demo's scenario: 4 workers x 128 MiB alike, 192 MiB limit, all verified."""
     path = swap_file(mount, "vm.swap", 1024)
@@ -162,7 +161,6 @@ def test_page_cluster_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert f"sysctl vm.page-cluster={recommended}" in advice
 
 
-@pytest.mark.slow
 def test_killing_the_workload_leaves_nothing_behind(mount: Mount) -> None:
     """Workers killed mid-swap: swap, loop device and cgroup all go cleanly."""
     path = swap_file(mount, "vm.swap", 512)
