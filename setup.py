@@ -76,9 +76,14 @@ class BuildCompiled(build_ext):
         super().run()
         package = Path(self.get_ext_fullpath(MODULES[0])).parent
         keep = {Path(self.get_ext_fullpath(name)).name for name in self.built}
-        for leftover in package.glob(f"*{sysconfig.get_config_var('EXT_SUFFIX')}"):
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        for leftover in package.glob(f"*{suffix}"):
             if leftover.name not in keep:
                 leftover.unlink()  # an earlier build's, of a module not compiled now
+        # A build from before the engine had a package of its own left its
+        # extensions in swapfs/, where they would import as the old modules.
+        for leftover in [*package.parent.glob(f"*{suffix}"), package.parent / MANIFEST]:
+            leftover.unlink(missing_ok=True)
         (package / MANIFEST).write_text(json.dumps(
             {name: self.built.get(name) for name in MODULES}, indent=1) + "\n")
 

@@ -209,8 +209,9 @@ class DriverManager:
 
     def stats(self) -> dict[str, Any]:
         """The pool's figures, each driver's with its records' and its session's."""
-        report = self.cache.stats()
-        report["record_slots"] = self.records.slots()
+        pool = self.cache.stats()
+        drivers = pool.pop("drivers")  # after record_slots, as the reply always had it
+        report = {**pool, "record_slots": self.records.slots(), "drivers": drivers}
         now = time.monotonic()
         for name, entry in report["drivers"].items():
             entry.update(self.records.stats(name))

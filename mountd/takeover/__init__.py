@@ -12,6 +12,9 @@ The pieces, each a module of its own (docs/takeover.md):
 * :mod:`mountd.takeover.standby`: ``swapfs standby``, the keeper that
   starts the next daemon itself.
 
-The package imports nothing from its modules, so that each of them (and
-``python -m mountd.takeover.standby``) loads only what it uses.
+The package imports nothing from its modules: the daemon takes the three
+it uses, and ``python -m mountd.takeover.standby`` runs the standby (which
+imports the engine's and the command line's faces, for the lease and for
+spawning, and so carries them in its memory: about 1 MiB more than when it
+imported those two modules alone).
 """

@@ -69,7 +69,9 @@ class ConnectionMemo:
 
     @classmethod
     def create(cls, init: bytes) -> "ConnectionMemo":
-        memo = cls(os.memfd_create("swapfs-memo", os.MFD_CLOEXEC), init)
+        # Its name in /proc/PID/fd predates the word memo; a connection
+        # keeps its memo across daemons, so the name stays.
+        memo = cls(os.memfd_create("swapfs-session", os.MFD_CLOEXEC), init)
         memo.save()
         return memo
 

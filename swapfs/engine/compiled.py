@@ -73,11 +73,17 @@ def _fresh() -> set[str]:
 
 
 def stale() -> list[str]:
-    """The modules with an extension that was built from another source."""
-    fresh = _fresh()
-    names = (f"{__package__}.{path.name.removesuffix(_SUFFIX)}"
-             for path in _PACKAGE.glob(f"*{_SUFFIX}"))
+    """The modules (by name in the engine) with an extension that was built
+    from another source."""
+    fresh = {_short(name) for name in _fresh()}
+    names = (path.name.removesuffix(_SUFFIX) for path in _PACKAGE.glob(f"*{_SUFFIX}"))
     return sorted(name for name in names if name not in fresh)
+
+
+def _short(name: str) -> str:
+    """An engine module's name as the daemon and ``swapfs status`` show it
+    (``swapfs.engine.volume``: ``volume``)."""
+    return name.rpartition(".")[2]
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -111,20 +117,20 @@ def describe() -> str:
     """Which path the engine runs, in a line: the build's modules, imported."""
     if pure():
         return f"pure Python ({PURE_ENV} is set)"
-    names = list(built())
-    for name in names:
+    for name in built():
         importlib.import_module(name)
     running = loaded()
     if not running:
         return "pure Python (no compiled build)"
-    python = [name for name in names if name not in running]
+    python = [_short(name) for name in built() if _short(name) not in running]
     return f"compiled: {', '.join(running)}" + (
         f"; pure Python: {', '.join(python)}" if python else "")
 
 
 def loaded() -> list[str]:
-    """The modules imported so far that run compiled (dotted paths)."""
-    return sorted(name for name, module in list(sys.modules.items())
+    """The engine's modules imported so far that run compiled, by name in
+    the engine (what ``swapfs status`` shows as ``compiled``)."""
+    return sorted(_short(name) for name, module in list(sys.modules.items())
                   if isinstance(getattr(module, "__loader__", None),
                                 importlib.machinery.ExtensionFileLoader)
                   and name.startswith(f"{__package__}."))

@@ -26,13 +26,13 @@ Why this order is crash-safe is in ``docs/write-ordering.md``.
 """
 
 import errno
+import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Collection
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec
 
 from swapfs.engine import keys, report, reseal
 from swapfs.engine.blocks import BLOCK_SIZE, MAX_FILE_SIZE, ZERO_BLOCK, blocks_for, pieces
@@ -59,28 +59,33 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
+P = ParamSpec("P")
+
+
+def _opening(open_state: Callable[P, State]
+             ) -> Callable[[Callable[[Any, State], None]], Callable[Concatenate[Any, P], None]]:
+    """A constructor that takes the arguments of *open_state* and is handed
+    the State it opens: Volume's arguments are State's, written once."""
+    def decorate(init: Callable[[Any, State], None]) -> Callable[Concatenate[Any, P], None]:
+        @functools.wraps(init)
+        def opens(self: Any, *args: P.args, **kwargs: P.kwargs) -> None:
+            init(self, open_state(*args, **kwargs))
+        return opens
+    return decorate
+
+
 class Volume:
     """The chains, files and blocks of one open state directory."""
 
-    def __init__(self, state: Path, recover: bool = True,
-                 still_open: Collection[int] = (),
-                 claim: Callable[[], int | None] | None = None, create: bool = True,
-                 upgrade: bool = True, dedup_table_bytes: int | None = None,
-                 master: keys.MasterKey | None = None, encrypt: bool | None = None,
-                 guard: Callable[[], None] | None = None,
-                 restamp: Callable[[int], int] | None = None,
-                 progress: Callable[[], None] | None = None,
-                 reseal_to: keys.MasterKey | None = None) -> None:
-        """Open (or create) the state directory *state*, locking it for this
-        process; every argument is :class:`State`'s, which says what each does."""
+    @_opening(State)
+    def __init__(self, opened: State) -> None:
+        """Open (or create) a state directory, locking it for this process:
+        ``Volume(path, ...)`` takes :class:`State`'s arguments, which says
+        what each does."""
         #: The state directory.
-        self.state = state
+        self.state = opened.path
         #: The open state: index, data files, keys, maps and slot tables.
-        self.opened = State(state, recover=recover, still_open=still_open, claim=claim,
-                            create=create, upgrade=upgrade,
-                            dedup_table_bytes=dedup_table_bytes, master=master,
-                            encrypt=encrypt, guard=guard, restamp=restamp,
-                            progress=progress, reseal_to=reseal_to)
+        self.opened = opened
         #: The read caches, asked in this order before the store (use_caches).
         self.transient_cache: ReadCache | None = None
         self.content_cache: ReadCache | None = None

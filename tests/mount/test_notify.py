@@ -69,7 +69,7 @@ def test_ready_then_stopping_and_journal_priorities() -> None:
             assert sorted(stored) == [b"fuse", b"fuse-session"]
             assert os.readlink(f"/proc/self/fd/{stored[b'fuse']}") == "/dev/fuse"
             assert os.readlink(f"/proc/self/fd/{stored[b'fuse-session']}").startswith(
-                "/memfd:swapfs-memo")
+                "/memfd:swapfs-session")
             for fd in stored.values():
                 os.close(fd)
             assert is_mounted(mnt)

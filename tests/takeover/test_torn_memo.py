@@ -31,7 +31,7 @@ def memo_of(pid: int) -> int:
             target = os.readlink(f"{directory}/{name}")
         except FileNotFoundError:
             continue
-        if target.startswith("/memfd:swapfs-memo"):
+        if target.startswith("/memfd:swapfs-session"):
             return os.open(f"{directory}/{name}", os.O_RDWR)
     raise AssertionError(f"process {pid} holds no connection memo")
 
