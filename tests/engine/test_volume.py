@@ -21,6 +21,7 @@ import pytest
 from swapfs.engine import fsck
 from swapfs.engine import index as index_module
 from swapfs.engine.blocks import BLOCK_SIZE, MAX_FILE_SIZE
+from swapfs.engine.chainwrite import ChainWrite
 from swapfs.engine.errors import CorruptBlock, SwapfsError
 from swapfs.engine.index import MAP_STEP, ROOT_INO, Inode
 from swapfs.engine.volume import RENAME_EXCHANGE, RENAME_NOREPLACE, Volume
@@ -597,6 +598,47 @@ def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
     assert free_slots(volume, chain.chain) == {0, 1}
     assert volume.punch_pending() == 2
     assert disk_usage(state_dir) == 0
+
+
+def test_a_write_retried_after_a_full_map_leaves_no_slot_to_two_blocks(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File A is overwritten by a write whose first attempt finds the
+    index's map full after it freed A's old slots and took new ones: the
+    attempt aborts and runs again (Volume's retry). Then file B is written.
+    No slot the aborted attempt freed or took may end up holding two files'
+    blocks: A reads its own bytes, B its own, fsck is clean, and every
+    pending slot is a free one."""
+    vol = Volume(state_dir)
+    try:
+        chain = mkchain(vol)
+        a, b = mkfile(vol, chain, b"a.swap"), mkfile(vol, chain, b"b.swap")
+        vol.write(a.ino, 0, b"".join(block(n) for n in range(8)))
+        vol.write(a.ino, 0, bytes(4 * BS))  # four slots pending, four in use
+        attempts = []
+        finish = ChainWrite.finish
+
+        def full_once(change: ChainWrite) -> None:
+            attempts.append((list(change.freed), list(change.taken)))
+            if len(attempts) == 1:
+                raise lmdb.MapFullError("the index's map is full")
+            finish(change)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ChainWrite, "finish", full_once)
+            new_a = b"".join(block(n) for n in range(100, 108))
+            vol.write(a.ino, 0, new_a)
+        (freed, taken), _ = attempts
+        assert freed and taken, "the aborted attempt freed and took slots"
+        new_b = b"".join(block(n) for n in range(200, 216))
+        vol.write(b.ino, 0, new_b)
+        assert read_all(vol, a.ino) == new_a
+        assert read_all(vol, b.ino) == new_b
+        pending = vol.opened.pending.slots(chain.chain)
+        assert pending <= free_slots(vol, chain.chain)
+        assert set(vol.mapped(a.ino).values()).isdisjoint(vol.mapped(b.ino).values())
+    finally:
+        vol.close()
+    assert fsck.check(state_dir).clean
 
 
 def test_a_fenced_volume_punches_nothing(
