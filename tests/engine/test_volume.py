@@ -641,6 +641,34 @@ def test_a_write_retried_after_a_full_map_leaves_no_slot_to_two_blocks(
     assert fsck.check(state_dir).clean
 
 
+def test_a_truncate_that_fails_on_a_damaged_tail_leaves_its_freed_slots_in_use(
+        volume: Volume, state_dir: Path, chain: Inode) -> None:
+    """A truncate into the middle of a block unmaps the blocks past the new
+    end (freeing their slots), then reads the tail block to zero its rest:
+    that block is damaged, so the truncate fails with EIO and aborts. The
+    slots it freed are still the file's: a later write of another file
+    takes none of them."""
+    a, b = mkfile(volume, chain, b"a.swap"), mkfile(volume, chain, b"b.swap")
+    old_a = b"".join(block(n) for n in range(8))
+    volume.write(a.ino, 0, old_a)
+    tail = volume.mapped(a.ino)[3]
+    with open(data_file(state_dir, chain.chain), "r+b") as f:
+        f.seek(tail * BS + 7)
+        byte = f.read(1)[0]
+        f.seek(tail * BS + 7)
+        f.write(bytes([byte ^ 0x01]))
+    with raises_errno(errno.EIO):
+        volume.setattr(a.ino, size=3 * BS + 100)
+    assert volume.getattr(a.ino).size == 8 * BS
+    new_b = b"".join(block(n) for n in range(200, 216))
+    volume.write(b.ino, 0, new_b)
+    assert read_all(volume, b.ino) == new_b
+    for n in (0, 1, 2, 4, 5, 6, 7):
+        assert volume.read(a.ino, n * BS, BS) == block(n)
+    assert set(volume.mapped(a.ino).values()).isdisjoint(volume.mapped(b.ino).values())
+    assert volume.opened.pending.slots(chain.chain) <= free_slots(volume, chain.chain)
+
+
 def test_a_fenced_volume_punches_nothing(
         volume: Volume, state_dir: Path, file: Inode) -> None:
     volume.write(file.ino, 0, block(1))
