@@ -324,13 +324,16 @@ def check(state: Path, repair: bool = False, upgrade: bool = False,
     """
     try:
         opened = State(state, recover=False, upgrade=upgrade or repair, master=master,
-                       claim=claim, guard=guard, restamp=restamp)
+                       claim=claim, guard=guard, restamp=restamp, restore_metas=repair)
     except (CorruptIndex, OldFormat, lmdb.Error) as exc:  # nothing is readable as it stands
         return _unreadable(exc)
     try:
         while True:
             try:
-                return _check(opened, repair)
+                report = _check(opened, repair)
+                if opened.restored is not None:
+                    report.problems.insert(0, Problem("meta-pages", opened.restored, True))
+                return report
             except lmdb.MapFullError:  # the repairs need a bigger index: again
                 opened.index.grow()
             except lmdb.Error as exc:

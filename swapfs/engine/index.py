@@ -243,10 +243,16 @@ def recorded_generation(path: Path) -> int:
     """The lease generation the index in *path* records (Index.generation),
     0 for none or no index; read before its lease is taken, so without
     LMDB's lock file and without writing anything (an offline command asks
-    whether the state was shared: swapfs.engine.lease.Offline)."""
+    whether the state was shared: swapfs.engine.lease.Offline). An index
+    whose meta pages LMDB refuses (damaged; ``fsck --repair`` writes them
+    back from the clean mark) counts as 0: the lease file alone then says
+    whether the state is shared."""
     if not (path / "data.mdb").is_file():
         return 0
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=16, readahead=False)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=16, readahead=False)
+    except lmdb.InvalidError:
+        return 0
     try:
         with env.begin() as txn:
             try:

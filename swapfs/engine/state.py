@@ -31,7 +31,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import lmdb
 
-from swapfs.engine import keys, reseal, statedir, upgrade
+from swapfs.engine import cleanmark, keys, reseal, statedir, upgrade
 from swapfs.engine.chainwrite import ChainWrite
 from swapfs.engine.deduptable import DedupBudget
 from swapfs.engine.digest import new_key
@@ -103,7 +103,8 @@ class State:
                  guard: Callable[[], None] | None = None,
                  restamp: Callable[[int], int] | None = None,
                  progress: Callable[[], None] | None = None,
-                 reseal_to: keys.MasterKey | None = None) -> None:
+                 reseal_to: keys.MasterKey | None = None,
+                 restore_metas: bool = False) -> None:
         """Open (or create) the state directory *path*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -142,6 +143,11 @@ class State:
         (:meth:`reseal`), under *reseal_to* if given (``swapfs rekey
         --reseal``), else under *master*; *progress* is called at each
         batch of blocks sealed again.
+
+        With *restore_metas* (``fsck --repair``), LMDB's meta pages are
+        written back as the clean mark has them where they differ, or a
+        damaged mark removed, under the flock and the lease, before LMDB
+        reads them (``swapfs/engine/cleanmark.py``); ``restored`` says what.
         """
         if not create and not ((path / INDEX_NAME / "data.mdb").is_file()
                                or reseal.pending(path)):
@@ -157,6 +163,8 @@ class State:
             if guard is not None:
                 guard()  # the lease may have lapsed while it was claimed
             reseal.finish(path)  # one a crash interrupted
+            #: What the repair of the meta pages did, if it did anything.
+            self.restored = cleanmark.restore(path / INDEX_NAME) if restore_metas else None
             self._progress = progress
             self.index = Index(path / INDEX_NAME, guard, generation or 0)
             if generation and restamp is not None:
