@@ -22,6 +22,7 @@ root disk) close the table, met or not.
     swapfs bench --quick --no-fio --no-e2e --no-pool --no-content   # the takeover rows
     swapfs bench --quick --targets swapfs --data dedupe-0,dedupe-50,dedupe-90 --fill-only \
         --no-e2e --no-pool --no-content --no-takeover               # the space and index rows
+    swapfs bench --quick --no-fio --no-e2e --no-pool --no-content --no-takeover --scale 1,4,16
 
 fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
 1 MiB sequential write and read; queue depth 16, libaio, direct I/O, on a
@@ -59,6 +60,12 @@ varies from run to run; and because a daemon killed under active kernel
 swap stalls every process of the host that swaps until the takeover ends,
 or for good if it fails. The loop device with direct I/O over a swapfs file
 is the I/O path swap takes, and the zipf read a working set re-read at will.
+
+Scale (``--scale 1,4,16``, off unless asked: it builds a state of each size
+in GiB, under /var/tmp, refusing one that would leave less than 10 GiB
+free): remount time, takeover time (kill to a probe's O_DIRECT read
+answered, median and worst of five) and the daemon's memory by size
+stored, from tools/scale.py.
 
 Writes results.json, results.md and results.png to --out.
 """
@@ -98,6 +105,8 @@ from tools.benchtargets import (  # noqa: E402
     swapfs_kept_file,
     swapfs_plain_file,
 )
+from tools.scale import Refused, sizes  # noqa: E402
+from tools.scale import run as run_scale  # noqa: E402
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
 
 FIO_DIR = Path(__file__).resolve().parent / "fio"
@@ -143,6 +152,7 @@ class Plan:
     content: bool = True  # the content cache rows
     takeover: bool = True  # the warm against cold takeover rows
     takeover_window: int = 10  # seconds read after each takeover
+    scale: list[int] = field(default_factory=list)  # bytes stored per scale row; none: off
 
 
 QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], list(JOBS), runtime=5, repeats=1, region=256 * MIB,
@@ -573,6 +583,21 @@ def takeover_rows(plan: Plan) -> list[dict[str, Any]]:
 # -- the targets ---------------------------------------------------------------------
 
 
+# -- scale: open, takeover and memory by size stored ---------------------------------
+
+
+def scale_rows(plan: Plan) -> list[dict[str, Any]]:
+    """tools/scale.py's rows for the sizes of ``--scale`` (none without it)."""
+    if not plan.scale:
+        return []
+    progress(f"scale: {', '.join(f'{size / (1 << 30):g}' for size in plan.scale)} GiB stored")
+    try:
+        rows: list[dict[str, Any]] = run_scale(plan.scale, None)["rows"]
+    except Refused as exc:
+        return [{"unavailable": str(exc)}]
+    return rows
+
+
 def goal_rows(fio: list[dict[str, Any]], e2e: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each of the issue's targets with every swapfs target's figure, met or not."""
     ceiling_key = CEILINGS[TARGET_CEILING]
@@ -727,6 +752,22 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{'-' if takeover is None else f'{takeover:.2f}'} | "
                 f"{'-' if first is None else f'{first:.2f}'} | "
                 f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
+    if results.get("scale"):
+        lines += ["", "Scale: a state of unique blocks built through the engine, remounted "
+                  "(umount + mount), then killed five times under a standby (kill -> a "
+                  "probe's O_DIRECT read answered); the daemon's memory after the remount:", "",
+                  "| GiB stored | build s | remount s | takeover median ms | takeover worst ms "
+                  "| RSS MiB | RSS MiB per GiB | peak RSS MiB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in results["scale"]:
+            if "unavailable" in row:
+                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['size_gib']:g} | {row['build_seconds']:.1f} | "
+                f"{row['remount_seconds']:.2f} | {row['takeover_median_ms']:.0f} | "
+                f"{row['takeover_worst_ms']:.0f} | {row['rss_mib']:.0f} | "
+                f"{row['rss_mib_per_gib']:.1f} | {row['hwm_mib']:.0f} |")
     if results.get("encryption"):
         lines += ["", "Encryption at rest: swapfs (encrypted) against swapfs-unencrypted, "
                   f"MB/s, in this run (goal >= {ENCRYPTION_GOAL}x):", "",
@@ -852,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds read after each takeover (default 10)")
     parser.add_argument("--no-fio", action="store_true",
                         help="skip the fio matrix (the targets against the ceilings)")
+    parser.add_argument("--scale", metavar="GIB",
+                        help="also the scale rows at these GiB stored, e.g. 1,4,16 "
+                        "(tools/scale.py; off by default)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.runtime:
@@ -881,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.takeover = False
     if args.takeover_window:
         plan.takeover_window = args.takeover_window
+    if args.scale:
+        plan.scale = sizes(args.scale)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     if Path("/proc/swaps").read_text().splitlines()[1:]:
@@ -891,10 +937,11 @@ def main(argv: list[str] | None = None) -> int:
     pool = pool_rows(plan)
     content = content_rows(plan)
     takeover = takeover_rows(plan)
+    scale = scale_rows(plan)
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
                "index_format": FORMAT_VERSION,
                "state_fs": state_fs, "fio": fio_rows, "space": space, "e2e": e2e,
-               "pool": pool, "content": content, "takeover": takeover,
+               "pool": pool, "content": content, "takeover": takeover, "scale": scale,
                "goals": goal_rows(fio_rows, e2e), "encryption": encryption_rows(fio_rows, e2e)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

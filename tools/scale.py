@@ -362,15 +362,20 @@ def machine() -> dict[str, Any]:
                                                                     time.gmtime())}
 
 
-def run(sizes: list[int], root: Path | None, kills: int, gap: float) -> dict[str, Any]:
+def run(chosen: list[int], root: Path | None, kills: int = 5, gap: float = 2.0
+        ) -> dict[str, Any]:
+    """Measure each size of *chosen* (bytes) in turn, under *root* (None: a fresh
+    directory in /var/tmp); the figures. Refused before anything is built if
+    a size would leave too little free space."""
     setup = Setup()
+    credentials_before = os.environ.get("CREDENTIALS_DIRECTORY")
     atexit.register(setup.undo)
     previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if root is None:
             root = Path(tempfile.mkdtemp(prefix="swapfs-scale-", dir="/var/tmp"))
             setup.directories.append(root)
-        for size in sizes:  # refuse up front, before hours of building
+        for size in chosen:  # refuse up front, before hours of building
             check_space(root, size)
         work = Path(tempfile.mkdtemp(prefix="scale-key-", dir=root))
         setup.directories.append(work)
@@ -378,16 +383,21 @@ def run(sizes: list[int], root: Path | None, kills: int, gap: float) -> dict[str
         credentials.mkdir(mode=0o700)
         master = keys.generate(credentials / keys.CREDENTIAL)
         os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)  # for every daemon
-        rows = [measure(root, size, kills, gap, master, setup) for size in sizes]
+        rows = [measure(root, size, kills, gap, master, setup) for size in chosen]
         return {"machine": machine(), "kills": kills, "directory": str(root), "rows": rows}
     finally:
         setup.undo()
+        if credentials_before is None:
+            os.environ.pop("CREDENTIALS_DIRECTORY", None)
+        else:
+            os.environ["CREDENTIALS_DIRECTORY"] = credentials_before
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         atexit.unregister(setup.undo)
 
 
-def _sizes(text: str, unit: int) -> list[int]:
+def sizes(text: str, unit: int = GIB) -> list[int]:
+    """Comma-separated sizes in *unit*, as bytes (whole requests of the build)."""
     return [int(float(part) * unit) // (REQUEST_BLOCKS * BLOCK_SIZE)
             * (REQUEST_BLOCKS * BLOCK_SIZE) or REQUEST_BLOCKS * BLOCK_SIZE
             for part in text.split(",") if part.strip()]
@@ -398,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         description="remount, takeover and daemon memory by size stored",
         epilog="example: python tools/scale.py --sizes 1,4,16 --out results/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--sizes", default="1,4,16",
+    chosen_sizes = parser.add_mutually_exclusive_group()
+    chosen_sizes.add_argument("--sizes", default="1,4,16",
                        help="comma-separated GiB of unique data to store (default 1,4,16)")
-    sizes.add_argument("--sizes-mib", help="the same in MiB (small runs, tests)")
+    chosen_sizes.add_argument("--sizes-mib", help="the same in MiB (small runs, tests)")
     parser.add_argument("--dir", type=Path,
                         help="where the states go (default: a fresh directory in /var/tmp)")
     parser.add_argument("--kills", type=int, default=5, help="takeovers per size (default 5)")
@@ -410,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--out", type=Path, help="also write scale.json in this directory")
     args = parser.parse_args(argv)
-    chosen = _sizes(args.sizes_mib, MIB) if args.sizes_mib else _sizes(args.sizes, GIB)
+    chosen = sizes(args.sizes_mib, MIB) if args.sizes_mib else sizes(args.sizes)
     if not chosen or args.kills < 1:
         parser.error("give at least one size and one kill")
     if os.geteuid() != 0:
