@@ -42,7 +42,7 @@ from swapfs.control import (
     decode_bytes,
     encode_bytes,
 )
-from swapfs.engine import SwapfsError, Volume, compiled
+from swapfs.engine import BLOCK_SIZE, SwapfsError, Volume, compiled
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class ControlServer:
 
     def stats(self, message: dict[str, Any]) -> dict[str, Any]:
         report = self.volume.stats()
+        report["memory"] = lifecycle.memory(report["index"]["stored_blocks"] * BLOCK_SIZE)
         report["requests"] = dict(self.ops.requests)
         report["write_blocks"] = {str(blocks): count for blocks, count
                                   in sorted(self.ops.write_blocks.items())}

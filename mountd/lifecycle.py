@@ -32,6 +32,7 @@ import logging
 import os
 import resource
 import socket
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,23 @@ def trim_heap(locked: bool) -> None:
     finally:
         if _libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
             log.error("cannot lock memory again after a trim: %s", _errno_text())
+
+
+def memory(stored_bytes: int, status: str = "/proc/self/status") -> dict[str, Any]:
+    """This process's resident and locked memory (``VmRSS``, ``VmLck``), and
+    each per GiB of *stored_bytes* (null with nothing stored): what the
+    daemon costs its host as the store grows (``swapfs stats``)."""
+    figures = {"rss_bytes": 0, "locked_bytes": 0}
+    with open(status) as lines:
+        for line in lines:
+            name, _, value = line.partition(":")
+            key = {"VmRSS": "rss_bytes", "VmLck": "locked_bytes"}.get(name)
+            if key is not None:
+                figures[key] = int(value.split()[0]) * 1024  # kB
+    gib = stored_bytes / (1 << 30)
+    return {**figures, "stored_bytes": stored_bytes,
+            "rss_bytes_per_gib_stored": figures["rss_bytes"] / gib if gib else None,
+            "locked_bytes_per_gib_stored": figures["locked_bytes"] / gib if gib else None}
 
 
 def sd_notify(state: str) -> None:

@@ -294,6 +294,12 @@ def _print_stats(stats: dict[str, Any]) -> None:
         trees = sorted(index["databases"].items(), key=lambda item: -item[1])
         print("  " + ", ".join(f"{name} {_size(used)}" for name, used in trees if used)
               + f", main {_size(index['main_bytes'])}, unused {_size(index['unused_bytes'])}")
+    memory = stats.get("memory")
+    if memory is not None:
+        per_gib = memory["rss_bytes_per_gib_stored"]
+        print(f"daemon memory: resident {_size(memory['rss_bytes'])}, locked "
+              f"{_size(memory['locked_bytes'])}"
+              + (f"; {_size(round(per_gib))} resident per GiB stored" if per_gib else ""))
     requests = sorted(stats.get("requests", {}).items(), key=lambda item: -item[1])
     if requests:
         print("requests: " + ", ".join(f"{name} {count}" for name, count in requests))

@@ -6,10 +6,12 @@ that the daemon reports truthfully what is in force, checked against the
 kernel's own view of the process.
 """
 
+import os
 from pathlib import Path
 
 import pytest
 
+from mountd import lifecycle
 from tests.mounting import Mount, requires_mount
 
 pytestmark = [requires_mount, pytest.mark.mount]
@@ -39,6 +41,32 @@ def test_memory_lock_is_reported_truthfully(mount: Mount) -> None:
     status = mount.status()
     locked_kib = int(_status_field(mount.pid, "VmLck").split()[0])
     assert status["memory_locked"] == (locked_kib > 0)
+
+
+def test_memory_per_gib_stored_is_the_daemons_own(mount: Mount) -> None:
+    """``swapfs stats`` reports the daemon's resident and locked memory, and
+    each per GiB stored: against the kernel's view, as the store grows."""
+    assert mount.pid is not None
+    (mount.mnt / "c").mkdir()
+    data = os.urandom(8 << 20)
+    with open(mount.path("c", "f"), "wb") as out:
+        out.write(data)
+    memory = mount.stats()["memory"]
+    rss = int(_status_field(mount.pid, "VmRSS").split()[0]) * 1024
+    assert 0.5 * rss < memory["rss_bytes"] < 2 * rss  # the figure moves between reads
+    assert (memory["locked_bytes"] > 0) == mount.status()["memory_locked"]
+    assert memory["stored_bytes"] == len(data)
+    assert memory["rss_bytes_per_gib_stored"] == pytest.approx(
+        memory["rss_bytes"] * (1 << 30) / len(data))
+
+
+def test_no_memory_per_gib_with_nothing_stored(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmLck:\t     128 kB\nVmRSS:\t   65536 kB\n")
+    assert lifecycle.memory(0, str(status)) == {
+        "rss_bytes": 64 << 20, "locked_bytes": 128 << 10, "stored_bytes": 0,
+        "rss_bytes_per_gib_stored": None, "locked_bytes_per_gib_stored": None}
+    assert lifecycle.memory(1 << 29, str(status))["rss_bytes_per_gib_stored"] == 128 << 20
 
 
 def test_oom_protection_is_reported_truthfully(mount: Mount) -> None:
