@@ -16,7 +16,7 @@ right; ``swapfs stats`` counts such blocks (``unindexed``).
 """
 
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 _EMPTY = 0
 _GONE = 0xFFFFFFFF
@@ -103,20 +103,24 @@ class DedupTable:
         self.entries += 1
         return True
 
-    def add_all(self, blocks: list[tuple[bytes, int]]) -> None:
-        """:meth:`add` each (digest, slot), as a state's table is loaded."""
-        if (self._filled + len(blocks)) * 10 > len(self.buckets) * 7:
-            for digest, slot in blocks:  # past the room it was sized for
-                self.add(digest, slot)
-            return
-        buckets, mask, from_bytes = self.buckets, self._mask, int.from_bytes
-        for digest, slot in blocks:
-            at = from_bytes(digest[:8], "little") & mask
-            while buckets[at]:  # a fresh table: no removed entries yet
-                at = (at + 1) & mask
-            buckets[at] = slot + 1
-        self.entries += len(blocks)
-        self._filled += len(blocks)
+    def add_all(self, slots: Sequence[int]) -> None:
+        """:meth:`add` each used slot, its digest read from the slot table, as
+        a state's table is loaded."""
+        with memoryview(self._image()) as image:
+            if (self._filled + len(slots)) * 10 > len(self.buckets) * 7:
+                for slot in slots:  # past the room it was sized for
+                    offset = slot * _ENTRY
+                    self.add(bytes(image[offset:offset + _DIGEST]), slot)
+                return
+            buckets, mask, from_bytes = self.buckets, self._mask, int.from_bytes
+            for slot in slots:
+                offset = slot * _ENTRY
+                at = from_bytes(image[offset:offset + 8], "little") & mask
+                while buckets[at]:  # a fresh table: no removed entries yet
+                    at = (at + 1) & mask
+                buckets[at] = slot + 1
+        self.entries += len(slots)
+        self._filled += len(slots)
 
     def remove(self, digest: bytes, slot: int) -> None:
         """Forget *slot* for *digest*, if the table names it."""
