@@ -36,6 +36,7 @@ import pytest
 from mountd.takeover import handover
 from swapfs.control import protocol
 from swapfs.engine import fsck, keys
+from tools.takeover import alive
 
 BLOCK = 4096
 
@@ -72,29 +73,6 @@ def mounted_paths() -> list[str]:
 
 def is_mounted(path: Path) -> bool:
     return os.path.realpath(path) in mounted_paths()
-
-
-def alive(pid: int) -> bool:
-    """Is any thread of process *pid* still running (not a zombie)?
-
-    Every thread counts: the main thread of a killed daemon can be a zombie
-    while its other threads (trio's worker threads) are still exiting, and
-    until the last one has, the process keeps its files open, the state
-    directory's lock among them.
-    """
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    for tid in threads:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if fields[0] not in ("Z", "X"):
-            return True
-    return False
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:

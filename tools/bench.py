@@ -83,7 +83,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -659,15 +659,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "| target | job | data | IOPS | MB/s | p50 µs | p99 µs | vs stock pyfuse3 "
                   "| vs patched pyfuse3 | vs kernel |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in results["fio"]:
-        if "unavailable" in row:
-            lines.append(f"| {row['target']} | {row['job']} | {row['data']} | "
-                         f"unavailable: {row['unavailable']} | | | | | | |")
-            continue
-        lines.append(
-            f"| {row['target']} | {row['job']} | {row['data']} | {row['iops']:.0f} | "
-            f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
-            + " | ".join(_ratio(row.get(key)) for key in CEILINGS.values()) + " |")
+    lines += _rows(results["fio"], 10, lambda row: (
+        f"| {row['target']} | {row['job']} | {row['data']} | {row['iops']:.0f} | "
+        f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
+        + " | ".join(_ratio(row.get(key)) for key in CEILINGS.values()) + " |"),
+        named=("target", "job", "data"))
     if results["space"]:
         lines += ["", "Space (swapfs, after one full write of the region):", "",
                   "| data | logical MiB | stored MiB | ideal MiB | stored / ideal "
@@ -690,16 +686,12 @@ def markdown(results: dict[str, Any]) -> str:
                   "memory cgroup, then verify it:", "",
                   "| swap target | swap-out MB/s | swap-in MB/s | vs root disk (out / in) "
                   "| peak swap used MiB | stored MiB |", "|---|---:|---:|---:|---:|---:|"]
-        for row in results["e2e"]:
-            if "unavailable" in row:
-                lines.append(f"| {row['target']} | unavailable: {row['unavailable']} "
-                             "| | | | |")
-                continue
-            lines.append(
+        lines += _rows(results["e2e"], 6, lambda row: (
                 f"| {row['target']} | {row['swap_out_mbps']:.0f} | {row['swap_in_mbps']:.0f} "
                 f"| {_ratio(row.get('out_vs_root_disk'))} / "
                 f"{_ratio(row.get('in_vs_root_disk'))} | "
-                f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} |")
+                f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} |"),
+            named=("target",))
     if results.get("pool"):
         lines += ["", f"Transient cache: zipf 1.2 4 KiB random read of a "
                   f"{POOL_REGION // MIB} MiB swapfs file, the pool off and on. The pool's "
@@ -707,27 +699,19 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{results['pool'][0].get('host_code_page_bytes', 0) / 1024:.0f} KiB:", "",
                   "| pool MiB | IOPS | MB/s | p50 µs | p99 µs | hit rate | speed-up |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in results["pool"]:
-            if "unavailable" in row:
-                lines.append(f"| unavailable: {row['unavailable']} | | | | | | |")
-                continue
-            lines.append(
+        lines += _rows(results["pool"], 7, lambda row: (
                 f"| {row['pool_bytes'] / MIB:.0f} | {row['iops']:.0f} | {row['mbps']:.1f} | "
                 f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
-                f"{_ratio(row['speedup'])} |")
+                f"{_ratio(row['speedup'])} |"))
     if results.get("content"):
         lines += ["", f"Content cache: 4 KiB random reads of a {results['plan']['region'] // MIB}"
                   " MiB swapfs file, the content cache off (0) and on:", "",
                   "| job | cache MiB | IOPS | MB/s | p50 µs | p99 µs | hit rate | vs off |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in results["content"]:
-            if "unavailable" in row:
-                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | |")
-                continue
-            lines.append(
+        lines += _rows(results["content"], 8, lambda row: (
                 f"| {row['job']} | {row['cache_bytes'] / MIB:.0f} | {row['iops']:.0f} | "
                 f"{row['mbps']:.1f} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | "
-                f"{row['hit_rate']:.1%} | {_ratio(row['vs_off'])} |")
+                f"{row['hit_rate']:.1%} | {_ratio(row['vs_off'])} |"))
     if results.get("takeover"):
         lines += ["", "Takeover: zipf 1.2 4 KiB random read (one fixed sequence) of a "
                   f"{TAKEOVER_REGION // MIB} MiB "
@@ -738,20 +722,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| case | IOPS | MB/s | p50 µs | p99 µs | hit rate | hit rate, 1st s "
                   "| warmed MiB | takeover s | first read s | vs cold | vs steady |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in results["takeover"]:
-            if "unavailable" in row:
-                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | | | | | |")
-                continue
-            warmed, takeover, first = (row.get(key) for key in (
-                "warmed_bytes", "takeover_seconds", "first_read_seconds"))
-            lines.append(
-                f"| {row['case']} | {row['iops']:.0f} | {row['mbps']:.1f} | "
-                f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
-                f"{row['hit_rate_first_second']:.1%} | "
-                f"{'-' if warmed is None else f'{warmed / MIB:.1f}'} | "
-                f"{'-' if takeover is None else f'{takeover:.2f}'} | "
-                f"{'-' if first is None else f'{first:.2f}'} | "
-                f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
+        lines += _rows(results["takeover"], 12, _takeover_row)
     if results.get("scale"):
         lines += ["", "Scale: a state of unique blocks built through the engine, remounted "
                   "(umount + mount), then killed five times under a standby (kill -> a "
@@ -759,15 +730,11 @@ def markdown(results: dict[str, Any]) -> str:
                   "| GiB stored | build s | remount s | takeover median ms | takeover worst ms "
                   "| RSS MiB | RSS MiB per GiB | peak RSS MiB |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in results["scale"]:
-            if "unavailable" in row:
-                lines.append(f"| unavailable: {row['unavailable']} | | | | | | | |")
-                continue
-            lines.append(
+        lines += _rows(results["scale"], 8, lambda row: (
                 f"| {row['size_gib']:g} | {row['build_seconds']:.1f} | "
                 f"{row['remount_seconds']:.2f} | {row['takeover_median_ms']:.0f} | "
                 f"{row['takeover_worst_ms']:.0f} | {row['rss_mib']:.0f} | "
-                f"{row['rss_mib_per_gib']:.1f} | {row['hwm_mib']:.0f} |")
+                f"{row['rss_mib_per_gib']:.1f} | {row['hwm_mib']:.0f} |"))
     if results.get("encryption"):
         lines += ["", "Encryption at rest: swapfs (encrypted) against swapfs-unencrypted, "
                   f"MB/s, in this run (goal >= {ENCRYPTION_GOAL}x):", "",
@@ -778,6 +745,35 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{'met' if row['met'] else 'not met'} |")
     lines += _goals_markdown(results.get("goals", []))
     return "\n".join(lines) + "\n"
+
+
+def _rows(rows: list[dict[str, Any]], columns: int, render: Callable[[dict[str, Any]], str],
+          named: tuple[str, ...] = ()) -> list[str]:
+    """A table's lines, one a row: *render*'s, or for a row that could not
+    be measured the values of its *named* keys, then the reason, then empty
+    cells up to *columns*."""
+    lines = []
+    for row in rows:
+        if "unavailable" in row:
+            cells = [*(str(row[key]) for key in named), f"unavailable: {row['unavailable']}"]
+            lines.append("| " + " | ".join(cells) + " |" + " |" * (columns - len(cells)))
+        else:
+            lines.append(render(row))
+    return lines
+
+
+def _takeover_row(row: dict[str, Any]) -> str:
+    """One row of the takeover table: a case after a kill (warm or cold), or steady."""
+    warmed, takeover, first = (row.get(key) for key in (
+        "warmed_bytes", "takeover_seconds", "first_read_seconds"))
+    return (
+        f"| {row['case']} | {row['iops']:.0f} | {row['mbps']:.1f} | "
+        f"{row['p50_us']:.0f} | {row['p99_us']:.0f} | {row['hit_rate']:.1%} | "
+        f"{row['hit_rate_first_second']:.1%} | "
+        f"{'-' if warmed is None else f'{warmed / MIB:.1f}'} | "
+        f"{'-' if takeover is None else f'{takeover:.2f}'} | "
+        f"{'-' if first is None else f'{first:.2f}'} | "
+        f"{_ratio(row['vs_cold'])} | {_ratio(row['vs_steady'])} |")
 
 
 def _index_markdown(results: dict[str, Any]) -> list[str]:

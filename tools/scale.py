@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swapfs.control import protocol  # noqa: E402
 from swapfs.engine import BLOCK_SIZE, ROOT_INO, Volume, keys  # noqa: E402
-from tools.takeover import Probe, TakeoverError, kill_daemon  # noqa: E402
+from tools.takeover import Probe, TakeoverError, alive, kill_daemon  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -93,23 +93,6 @@ def swapfs(*args: str, timeout: float = 600.0) -> str:
 def mounted_paths() -> list[str]:
     with open("/proc/mounts") as mounts:
         return [line.split()[1].encode().decode("unicode_escape") for line in mounts]
-
-
-def alive(pid: int) -> bool:
-    """Is any thread of *pid* still running (a killed daemon's threads
-    hold the state's lock until the last one has exited)?"""
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    for tid in threads:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return True
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return False
 
 
 def wait_until(predicate: Any, timeout: float, what: str = "") -> bool:

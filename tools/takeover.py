@@ -123,6 +123,29 @@ class Takeover:
     pid: int  # the new daemon
 
 
+def alive(pid: int) -> bool:
+    """Is any thread of process *pid* still running (not a zombie)?
+
+    Every thread counts: the main thread of a killed daemon can be a zombie
+    while its other threads (trio's worker threads) are still exiting, and
+    until the last one has, the process keeps its files open, the state
+    directory's lock among them.
+    """
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def status(socket_path: str) -> dict[str, Any]:
     return protocol.request(socket_path, {"op": "status"}, timeout=5)
 
