@@ -78,15 +78,17 @@ class Config:
         [caches.md](caches.md)""")
     dedup_table_bytes: int = setting(256 << 20, """
         the memory all chains' dedup tables (digest -> slot) may take
-        together, at least 4096. An entry takes 6 to 12 bytes (a table doubles
-        when it is 70% full), so the default names up to 47 million stored
-        blocks (about 180 GiB of distinct data). Past it a chain's table stops
-        growing and dedup is partial: a block the table does not name is
-        stored again, nothing is lost, and `swapfs stats` counts such blocks
-        (`dedup_table.unindexed`). The daemon also keeps 24 bytes per slot
-        (the slot tables) and 4 bytes per logical block of each file in use
-        (the maps) in memory; see
+        together, at least 4096. An entry takes 6 to 10.5 bytes (a table is
+        rebuilt half as large again when it is 85% full), so the default
+        names up to 38 million stored blocks (about 145 GiB of distinct
+        data). Past it a chain's table stops growing and dedup is partial: a
+        block the table does not name is stored again, nothing is lost, and
+        `swapfs stats` counts such blocks (`dedup_table.unindexed`). See
         [performance.md](performance.md#what-bounds-the-rest)""")
+    slot_table_cache_bytes: int = setting(16 << 20, """
+        the memory each chain's slot table may keep of its runs (24 bytes a
+        slot; 16 MiB covers about 10 GiB of stored blocks); runs beyond it
+        are read again from the index when needed. The open reads none""")
     manifest_interval: float = setting(5, """
         seconds between two writes of the content cache's manifest,
         `<state>/cache.manifest` (also written at stop; a restarted daemon
@@ -218,6 +220,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("content_cache_bytes must not be negative")
     if config.dedup_table_bytes < 4096:
         raise ConfigError("dedup_table_bytes must be at least 4096")
+    if config.slot_table_cache_bytes < 1 << 20:
+        raise ConfigError("slot_table_cache_bytes must be at least 1048576")
     if config.host_cache_bytes < 0:
         raise ConfigError("host_cache_bytes must not be negative")
     if not 0 < config.manifest_interval < 1e9:

@@ -58,6 +58,11 @@ PUNCH_INTERVAL = 1.0
 #: docs/benchmarks.md), so a batch of scattered slots holds requests up for a
 #: few milliseconds at most.
 PUNCH_BATCH = 32
+#: Runs of a slot table scanned between two checkpoints of the loop (about
+#: 11,000 slots, a few milliseconds), and the seconds between two looks
+#: for a table that needs a scan once all are done.
+SCAN_RUNS = 64
+SCAN_INTERVAL = 1.0
 
 
 def control_socket_path(state: Path, shared: bool = False) -> str:
@@ -232,6 +237,21 @@ async def _punch_free_slots(volume: Volume) -> None:
             await trio.sleep(0)
 
 
+async def _scan_slot_tables(volume: Volume) -> None:
+    """Scan the chains' slot tables in steps while the mount serves: the
+    open read none of them, and their dedup tables and free slots come from
+    this scan (swapfs/engine/slottable.py); a table that fills is rebuilt
+    larger the same way."""
+    start = time.monotonic()
+    while volume.scan_step(SCAN_RUNS):
+        await trio.sleep(0)
+    log.info("slot tables scanned in %.2f s", time.monotonic() - start)
+    while True:
+        await trio.sleep(SCAN_INTERVAL)
+        while volume.scan_step(SCAN_RUNS):
+            await trio.sleep(0)
+
+
 async def _watch_standby(control: ControlServer, pid: int, pidfd: int) -> None:
     """Let go of the standby that started this daemon when it dies, attached
     or not: a dead keeper must not block the next one nor keep a failed
@@ -259,6 +279,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
         nursery.start_soon(_punch_free_slots, control.volume)
+        nursery.start_soon(_scan_slot_tables, control.volume)
         if link.keeper_pidfd is not None and link.keeper_pid is not None:
             nursery.start_soon(_watch_standby, control, link.keeper_pid, link.keeper_pidfd)
         if link.lease is not None:
@@ -291,6 +312,8 @@ def _open_volume(config: Config, link: Link, master: keys.MasterKey | None,
                       restamp=link.restamp_lease if lease_seconds else None,
                       create=link.takeover is None,
                       dedup_table_bytes=config.dedup_table_bytes,
+                      background_scan=True,
+                      slot_cache_bytes=config.slot_table_cache_bytes,
                       master=master, encrypt=config.encrypt,
                       guard=link.guard if lease_seconds else None,
                       progress=on_progress)

@@ -40,8 +40,8 @@ class LoadedMaps(Protocol):
         """Keep a map made in memory (a clone's) as its file's."""
 
     def forget(self, chain_id: int, inos: Collection[int]) -> None:
-        """Drop the chain's slot table and these files' maps: an aborted
-        transaction changed them in memory."""
+        """Undo what an aborted transaction changed in memory: the chain's
+        slot table and these files' maps."""
 
 
 def load_block(store: BlockStore, chain: ChainKeys, slot: int, digest: bytes) -> bytes:
@@ -64,7 +64,7 @@ class ChainWrite:
     """
 
     __slots__ = ("loaded", "store", "pending", "txn", "chain", "keys", "table", "freed",
-                 "taken", "maps", "_saved")
+                 "taken", "maps")
 
     def __init__(self, txn: Txn, table: SlotTable, keys: ChainKeys, store: BlockStore,
                  pending: PendingPunches, loaded: LoadedMaps) -> None:
@@ -79,7 +79,6 @@ class ChainWrite:
         self.taken: list[int] = []
         #: The maps this transaction changed, by inode number (saved at finish).
         self.maps: dict[int, FileMap] = {}
-        self._saved = table.next_slot
         txn.after(self._ended)
 
     def _fmap(self, inode: Inode) -> FileMap:
@@ -196,12 +195,10 @@ class ChainWrite:
 
     def finish(self) -> None:
         """Last step before commit: write the changed runs of the maps and the
-        slot table; the chain's record only if it grew."""
+        slot table, and the chain's record if its counts changed."""
         for fmap in self.maps.values():
             fmap.save(self.txn)
         self.table.save(self.txn)
-        if self.chain.next_slot != self._saved:
-            self.txn.put_chain(self.chain)
 
     def _ended(self, committed: bool) -> None:
         if committed:

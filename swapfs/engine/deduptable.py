@@ -1,28 +1,43 @@
 """A chain's dedup table: which slot holds the block of a digest, in memory.
 
-It is an open-addressing hash table over one ``array('I')`` of slot
-numbers plus one (0 an empty bucket, 0xFFFFFFFF a removed entry), probed
-linearly from a bucket given by the digest's first eight bytes; the digest
-itself is not stored but compared with the slot table's entry (the keyed
-BLAKE3 digests are uniform, so they need no further hashing). A bucket is
-4 bytes and the table is kept at most 70% full, so an entry costs 5.7 to
-11.4 bytes, where a Python dict of digests costs about 130.
+It is an open-addressing hash table over two arrays: ``slots``, the slot
+number plus one of each bucket (0 an empty bucket, 0xFFFFFFFF a removed
+entry), and ``tags``, 16 more bits of the digest. A lookup probes linearly
+from the bucket the digest's first eight bytes give (scaled to the table's
+size by a multiply and shift, so that a table need not be a power of two)
+and compares tags; only a bucket whose tag matches has its slot's digest
+read and compared, from the slot table, which may have to read that slot's
+run from the index. Without the tags every bucket probed would cost such a
+read: the slot table is no longer held whole in memory. A bucket is 6
+bytes; a table is built at most 70% full and keeps taking entries up to
+85%, so an entry costs 7 to 8.6 bytes at the table's build and fewer as it
+fills, where a Python dict of digests costs about 130.
 
-The tables of all chains of a volume share a :class:`DedupBudget` of
-bytes (``dedup_table_bytes``). A table that is full and may not grow
-stops taking new digests: dedup is advisory, so a block it does not know
-is stored again in a slot of its own, and everything still reads back
-right; ``swapfs stats`` counts such blocks (``unindexed``).
+A table never rehashes itself: that would read the digest of every entry,
+the whole slot table, while a request waits. When it is past 85% full it
+asks for room (:attr:`DedupTable.wants_room`), and its slot table builds a
+larger one in the background from its runs (``swapfs/engine/slottable.py``),
+as it builds the first one after an open. Up to 95% full it still takes
+entries; past that, or when the budget refuses a larger table, a new block
+is simply not named: dedup is advisory, so such a block is stored again in
+a slot of its own and everything still reads back right; ``swapfs stats``
+counts them (``unindexed``).
+
+The tables of all chains of a volume share a :class:`DedupBudget` of bytes
+(``dedup_table_bytes``).
 """
 
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 _EMPTY = 0
 _GONE = 0xFFFFFFFF
 _MIN_BUCKETS = 1024
-_DIGEST = 16
-_ENTRY = 24  # a slot table entry, whose first 16 bytes are its digest
+BUCKET_BYTES = 6  # a slot number (4) and a tag (2)
+#: The load a table is built for, asks for room at, and stops taking entries at.
+BUILD_LOAD = 0.70
+GROW_LOAD = 0.85
+FULL_LOAD = 0.95
 
 
 class DedupBudget:
@@ -45,121 +60,121 @@ class DedupBudget:
         self.used -= fewer
 
 
-class DedupTable:
-    """digest -> slot for one chain, reading digests from its slot table."""
+def buckets_for(entries: int) -> int:
+    """The buckets of a table built to hold *entries* at BUILD_LOAD."""
+    return max(_MIN_BUCKETS, int(entries / BUILD_LOAD) + 1)
 
-    __slots__ = ("_image", "_budget", "buckets", "_mask", "entries", "_filled",
+
+class DedupTable:
+    """digest -> slot for one chain; digests are read through *digest_of*.
+
+    *digest_of(slot)* is the digest the slot table holds for a used slot,
+    or None for a slot that is free, damaged or beyond the table: an entry
+    the table still names after its slot changed (a transaction that
+    aborted, a slot freed and taken again) then simply does not match.
+    """
+
+    __slots__ = ("_digest_of", "_budget", "slots", "tags", "size", "entries", "_filled",
                  "unindexed")
 
-    def __init__(self, image: Callable[[], bytearray], budget: DedupBudget,
-                 expect: int = 0) -> None:
-        #: The slot table's entries (a callable: the table may replace them).
-        self._image = image
+    def __init__(self, digest_of: Callable[[int], bytes | None], budget: DedupBudget,
+                 size: int) -> None:
+        """A table of *size* buckets, whose bytes *budget* granted already
+        (:meth:`for_entries`, :meth:`larger`)."""
+        self._digest_of = digest_of
         self._budget = budget
-        size = _MIN_BUCKETS
-        while size * 7 < expect * 10:
-            size *= 2
-        if not budget.grant(4 * size):
-            size = _MIN_BUCKETS
-            budget.grant(4 * size)  # the least a chain has, even past the limit
-        self.buckets = array("I", bytes(4 * size))
-        self._mask = size - 1
+        self.slots = array("I", bytes(4 * size))
+        self.tags = array("H", bytes(2 * size))
+        self.size = size
         self.entries = 0  # live entries
         self._filled = 0  # live and removed ones: what probing walks over
         #: Blocks stored that the table had no room to name.
         self.unindexed = 0
 
+    @classmethod
+    def for_entries(cls, digest_of: Callable[[int], bytes | None], budget: DedupBudget,
+                    expect: int) -> "DedupTable":
+        """A table for *expect* entries if the budget grants its bytes, else
+        the smallest one, granted or not: a chain always has one."""
+        size = buckets_for(expect)
+        if not budget.grant(BUCKET_BYTES * size):
+            size = _MIN_BUCKETS
+            budget.grant(BUCKET_BYTES * size)
+        return cls(digest_of, budget, size)
+
+    def larger(self) -> "DedupTable | None":
+        """An empty table half as large again, if the budget grants it."""
+        size = self.size * 3 // 2
+        if not self._budget.grant(BUCKET_BYTES * size):
+            return None
+        return DedupTable(self._digest_of, self._budget, size)
+
     @property
     def size_bytes(self) -> int:
-        return 4 * len(self.buckets)
+        return BUCKET_BYTES * self.size
+
+    @property
+    def wants_room(self) -> bool:
+        """Past GROW_LOAD: a larger table should be built."""
+        return self._filled > self.size * GROW_LOAD
+
+    def _home(self, digest: bytes) -> tuple[int, int]:
+        """The digest's first bucket and its tag."""
+        return ((int.from_bytes(digest[:8], "little") * self.size) >> 64,
+                int.from_bytes(digest[8:10], "little"))
 
     def find(self, digest: bytes) -> int | None:
         """The slot the table names for *digest*, or None."""
-        buckets, mask, image = self.buckets, self._mask, self._image()
-        at = int.from_bytes(digest[:8], "little") & mask
-        while True:
-            held = buckets[at]
+        slots, tags, size = self.slots, self.tags, self.size
+        at, tag = self._home(digest)
+        for _ in range(size):
+            held = slots[at]
             if held == _EMPTY:
                 return None
-            if held != _GONE:
-                offset = (held - 1) * _ENTRY
-                if image[offset:offset + _DIGEST] == digest:
-                    return held - 1
-            at = (at + 1) & mask
+            if held != _GONE and tags[at] == tag and self._digest_of(held - 1) == digest:
+                return held - 1
+            at += 1
+            if at == size:
+                at = 0
+        return None
 
     def add(self, digest: bytes, slot: int) -> bool:
         """Name *slot* for *digest* (which the table does not hold yet); False
-        when the table is full and may not grow."""
-        if (self._filled + 1) * 10 > len(self.buckets) * 7 and not self._make_room():
+        when the table is full."""
+        if self._filled >= self.size * FULL_LOAD:
             self.unindexed += 1
             return False
-        buckets, mask = self.buckets, self._mask
-        at = int.from_bytes(digest[:8], "little") & mask
-        while buckets[at] not in (_EMPTY, _GONE):
-            at = (at + 1) & mask
-        if buckets[at] == _EMPTY:
+        slots, size = self.slots, self.size
+        at, tag = self._home(digest)
+        while slots[at] != _EMPTY and slots[at] != _GONE:
+            at += 1
+            if at == size:
+                at = 0
+        if slots[at] == _EMPTY:
             self._filled += 1
-        buckets[at] = slot + 1
+        slots[at] = slot + 1
+        self.tags[at] = tag
         self.entries += 1
         return True
 
-    def add_all(self, slots: Sequence[int]) -> None:
-        """:meth:`add` each used slot, its digest read from the slot table, as
-        a state's table is loaded."""
-        with memoryview(self._image()) as image:
-            if (self._filled + len(slots)) * 10 > len(self.buckets) * 7:
-                for slot in slots:  # past the room it was sized for
-                    offset = slot * _ENTRY
-                    self.add(bytes(image[offset:offset + _DIGEST]), slot)
-                return
-            buckets, mask, from_bytes = self.buckets, self._mask, int.from_bytes
-            for slot in slots:
-                offset = slot * _ENTRY
-                at = from_bytes(image[offset:offset + 8], "little") & mask
-                while buckets[at]:  # a fresh table: no removed entries yet
-                    at = (at + 1) & mask
-                buckets[at] = slot + 1
-        self.entries += len(slots)
-        self._filled += len(slots)
-
     def remove(self, digest: bytes, slot: int) -> None:
         """Forget *slot* for *digest*, if the table names it."""
-        buckets, mask = self.buckets, self._mask
-        at = int.from_bytes(digest[:8], "little") & mask
-        while True:
-            held = buckets[at]
+        slots, size = self.slots, self.size
+        at, _ = self._home(digest)
+        for _ in range(size):
+            held = slots[at]
             if held == _EMPTY:
                 return
             if held == slot + 1:
-                buckets[at] = _GONE
+                slots[at] = _GONE
                 self.entries -= 1
                 return
-            at = (at + 1) & mask
+            at += 1
+            if at == size:
+                at = 0
 
     def release(self) -> None:
         """Give the table's bytes back to the budget: it is being dropped."""
         self._budget.give_back(self.size_bytes)
-        self.buckets = array("I")
-
-    def _make_room(self) -> bool:
-        """Double the table (if the budget allows), or else rebuild it at its
-        size when removed entries take the room; False if neither helps."""
-        size = len(self.buckets)
-        if self._budget.grant(4 * size):
-            self._rebuild(2 * size)
-            return True
-        if (self.entries + 1) * 10 <= size * 7:
-            self._rebuild(size)
-            return True
-        return False
-
-    def _rebuild(self, size: int) -> None:
-        old = self.buckets
-        self.buckets = array("I", bytes(4 * size))
-        self._mask = size - 1
-        self.entries = self._filled = 0
-        image = self._image()
-        for held in old:
-            if held != _EMPTY and held != _GONE:
-                offset = (held - 1) * _ENTRY
-                self.add(bytes(image[offset:offset + _DIGEST]), held - 1)
+        self.slots = array("I")
+        self.tags = array("H")

@@ -244,6 +244,7 @@ class _Checker:
                                 + ("past the end" if beyond else "malformed"),
                                 beyond and not self.damaged):
                     txn.delete_slot_run(chain_id, run)
+        lost = bool(table.bad)
         for slot in sorted(table.bad):
             # A lost entry is rebuilt from what is on disk: its digest from the
             # slot's data (keyed, so only this chain's key makes it) or from
@@ -307,6 +308,11 @@ class _Checker:
                     "stale-damaged-mark", f"chain {chain_id} slot {slot} is marked damaged "
                     "but its data matches its digest", True):
                 table.clear_mark(slot)
+        used = sum(1 for _ in table.used())
+        if used != table.stored and (lost or self.problem(
+                "chain-count", f"chain {chain_id} counts {table.stored} blocks stored, "
+                f"holds {used}", True)):
+            table.stored = used  # a lost entry may or may not have been counted
         table.save(txn)
 
 

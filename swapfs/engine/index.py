@@ -50,6 +50,8 @@ Invariants (``fsck`` checks each one):
 * ``Inode.blocks`` is the number of mapped blocks of that file, which is how
   a lost run of its map is noticed.
 * The slot table of a chain has every run below ``Chain.next_slot``.
+* ``Chain.stored`` is the number of the chain's slots with a refcount above
+  zero, so that an open knows it without reading the slot table.
 * A ``priorities`` entry names an existing file; deleting a file deletes it.
 """
 
@@ -71,7 +73,9 @@ from swapfs.engine.store import preallocate
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
+#: A chain record of format 4 did not count its stored blocks.
+STORED_UNKNOWN = -1
 #: The meta record of the generation of the lease of the last holder that
 #: wrote the index (Index.generation); readers that do not know it ignore it.
 LEASE_GENERATION = b"lease_generation"
@@ -154,14 +158,21 @@ class Chain:
     #: one, its secret wrapped by the master key (swapfs/engine/keys.py).
     key: bytes
     next_slot: int = 0  # slots below this have been handed out at least once
+    #: Slots with a refcount above zero (format 5; an index of format 4
+    #: reads as STORED_UNKNOWN until its conversion counts them).
+    stored: int = 0
 
-    _FORMAT = struct.Struct(">32sQ")
+    _FORMAT = struct.Struct(">32sQQ")
+    _FORMAT_4 = struct.Struct(">32sQ")
 
     def pack(self) -> bytes:
-        return self._FORMAT.pack(self.key, self.next_slot)
+        return self._FORMAT.pack(self.key, self.next_slot, self.stored)
 
     @classmethod
     def unpack(cls, id_: int, raw: bytes) -> "Chain":
+        if len(raw) == cls._FORMAT_4.size:
+            key, next_slot = cls._FORMAT_4.unpack(raw)
+            return cls(id_, key, next_slot, STORED_UNKNOWN)
         return cls(id_, *cls._FORMAT.unpack(raw))
 
 
@@ -351,6 +362,9 @@ class Index:
         #: the committed records plus the changes of the write transaction
         #: in progress, forgotten whole when one aborts (Txn.get_inode).
         self.inode_cache: dict[int, Inode] = {}
+        #: The write transaction in progress, if any: what is read on demand
+        #: while it runs (a slot table's runs) must see its changes.
+        self.writer: Txn | None = None
         self._calls = 0  # of keep_room
 
     def _open(self, name: bytes) -> Any:
@@ -369,8 +383,10 @@ class Index:
         if write:
             self.check_write()
         txn = Txn(self, self.env.begin(write=write), write)
-        if write and self.generation:
-            self._check_generation(txn)
+        if write:
+            self.writer = txn
+            if self.generation:
+                self._check_generation(txn)
         return txn
 
     def _check_generation(self, txn: "Txn") -> None:
@@ -503,8 +519,10 @@ class Txn:
         self._after.append(callback)
 
     def _ended(self, committed: bool) -> None:
-        if self.write and not committed:
-            self.index.inode_cache.clear()  # it may hold this transaction's changes
+        if self.write:
+            self.index.writer = None
+            if not committed:
+                self.index.inode_cache.clear()  # it may hold this transaction's changes
         callbacks, self._after = self._after, []
         for callback in callbacks:
             callback(committed)
@@ -702,8 +720,14 @@ class Txn:
 
     # -- the chains' slot tables (entries checksummed one by one) ---------------
 
-    def put_slot_run(self, chain_id: int, run: int, entries: bytes | memoryview) -> None:
+    def put_slot_run(self, chain_id: int, run: int,
+                     entries: bytes | bytearray | memoryview) -> None:
         self.txn.put(_CHAIN_RUN.pack(chain_id, run), entries, db=self.index.slots)
+
+    def get_slot_run(self, chain_id: int, run: int) -> bytes | None:
+        """One run of the chain's slot table as it is stored, or None."""
+        raw = self.txn.get(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
+        return None if raw is None else bytes(raw)
 
     def iter_slot_runs(self, chain_id: int) -> Iterator[tuple[int, bytes]]:
         """(run, raw entries) of the chain's slot table, in run order."""

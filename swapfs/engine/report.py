@@ -57,7 +57,11 @@ def stats(state: State, caches: Iterable[tuple[str, ReadCache | None]]) -> dict[
                 "seal_bytes": state.store.disk_bytes(chain.id_, seals=True),
                 "dedup_table": {"bytes": table.dedup.size_bytes,
                                 "entries": table.dedup.entries,
-                                "unindexed": table.dedup.unindexed},
+                                "unindexed": table.dedup.unindexed,
+                                "scanned": table.scanned},
+                "slot_table": {"runs_in_memory": len(table.runs),
+                               "runs_read": table.runs_loaded,
+                               "free_slots_known": table.free_count},
                 "files": files,
             }
         # Over every file and chain, unlinked files still open included:

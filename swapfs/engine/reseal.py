@@ -51,7 +51,7 @@ from swapfs.engine import cleanmark, keys
 from swapfs.engine.errors import CorruptBlock
 from swapfs.engine.index import FORMAT_VERSION, Chain, Index, Txn
 from swapfs.engine.sealing import BLOCK_KEYS, ChainKeys
-from swapfs.engine.slottable import RUN_BYTES, SlotTable
+from swapfs.engine.slottable import SlotTable
 from swapfs.engine.statedir import sync_directory
 from swapfs.engine.store import BlockStore
 
@@ -240,10 +240,10 @@ def _reseal_chain(old: Txn, store: BlockStore, old_keys: ChainKeys, chain: Chain
                  target_store)
 
     def save(txn: Txn) -> None:
+        record.stored = resealed.stored
         txn.put_chain(record)
-        view = memoryview(resealed.image)
-        for run in range(len(resealed.image) // RUN_BYTES):
-            txn.put_slot_run(chain.id_, run, view[run * RUN_BYTES:(run + 1) * RUN_BYTES])
+        for run in sorted(resealed.runs):
+            txn.put_slot_run(chain.id_, run, resealed.runs[run])
         for slot in resealed.damaged:
             txn.put_damaged(chain.id_, slot)
     _write(target, save)

@@ -41,7 +41,7 @@ from swapfs.engine.index import FORMAT_VERSION, KIND_DIR, ROOT_INO, Chain, Index
 from swapfs.engine.lookup import chain_of, file_of
 from swapfs.engine.reclaim import PendingPunches
 from swapfs.engine.sealing import BLOCK_KEYS, LEGACY, PLAIN, ChainKeys
-from swapfs.engine.slottable import SlotTable
+from swapfs.engine.slottable import RUN_BYTES, SLOT_CACHE_BYTES, SlotTable
 from swapfs.engine.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class State:
                  restamp: Callable[[int], int] | None = None,
                  progress: Callable[[], None] | None = None,
                  reseal_to: keys.MasterKey | None = None,
-                 restore_metas: bool = False) -> None:
+                 restore_metas: bool = False, background_scan: bool = False,
+                 slot_cache_bytes: int = SLOT_CACHE_BYTES) -> None:
         """Open (or create) the state directory *path*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -148,6 +149,16 @@ class State:
         written back as the clean mark has them where they differ, or a
         damaged mark removed, under the flock and the lease, before LMDB
         reads them (``swapfs/engine/cleanmark.py``); ``restored`` says what.
+
+        Nothing of a chain's slot table is read at open: its runs are read
+        as they are used, at most *slot_cache_bytes* of them kept per chain.
+        Its dedup table and free slots come from a scan of the whole table
+        (``swapfs/engine/slottable.py``), made when the table is first used,
+        or, with *background_scan*, by the caller a step at a time
+        (:meth:`scan_step`), so that the open costs the same whatever the
+        state holds. With *recover*, the scan punches the free slots it
+        finds: a crash between a commit and its punch, or a write that
+        failed after filling a free slot, leaves them holding data.
         """
         if not create and not ((path / INDEX_NAME / "data.mdb").is_file()
                                or reseal.pending(path)):
@@ -166,6 +177,9 @@ class State:
             #: What the repair of the meta pages did, if it did anything.
             self.restored = cleanmark.restore(path / INDEX_NAME) if restore_metas else None
             self._progress = progress
+            self._background_scan = background_scan
+            self._slot_runs_kept = max(slot_cache_bytes // RUN_BYTES, 16)
+            self._punch_found = recover
             self.index = Index(path / INDEX_NAME, guard, generation or 0)
             if generation and restamp is not None:
                 recorded = self.index.recorded_generation()
@@ -192,7 +206,8 @@ class State:
                 self.converted = self.reseal(reseal_to or self.master, self._reseal_step)
             if recover:
                 self._purge_orphans(still_open)
-                self._punch_free()
+            if not background_scan:
+                self._scan_all()
             self._progress = None  # open: no more steps to report
         except BaseException:
             # Refused (wrong key, wrong mode, old format) or failed: nothing
@@ -260,7 +275,7 @@ class State:
             version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
                 return False
-            if version in (1, 2, 3):
+            if version in (1, 2, 3, 4):
                 if not allow_upgrade:
                     raise OldFormat(f"{self.path} holds an index of format {version}: "
                                     "mount it, or run swapfs fsck --upgrade")
@@ -268,9 +283,11 @@ class State:
                     upgrade.from_format_1(txn)
                 if version <= 2:
                     upgrade.from_format_2(txn)
-                if txn.get_meta(b"cipher") == LEGACY:
-                    return True
-                upgrade.from_format_3(txn)
+                if version <= 3:
+                    if txn.get_meta(b"cipher") == LEGACY:
+                        return True  # sealed again: format 5 at once
+                    upgrade.from_format_3(txn)
+                upgrade.from_format_4(txn)
                 return False
             if version is not None:
                 raise SwapfsError(errno.EINVAL, f"unknown index format {version}")
@@ -418,19 +435,6 @@ class State:
             if self._progress is not None:
                 self._progress()
 
-    def _punch_free(self) -> None:
-        """Punch every free slot: a crash between a commit and its punch, or a
-        write that failed after filling a free slot, leaves them on disk."""
-        self.pending.clear()  # all punched below, those of the orphans just purged too
-        for chain_id in list(self.tables):
-            self.drop_table(chain_id)  # loaded with pending slots left out of free
-        with self.index.begin() as txn:
-            for chain in txn.iter_chains():
-                table = self.table(txn, chain.id_)
-                self.store.punch(chain.id_, table.free)
-                if self._progress is not None:
-                    self._progress()
-
     @writes_index
     def purge(self, ino: int) -> None:
         """Drop an unlinked file: unmap all its blocks, then forget it."""
@@ -475,24 +479,64 @@ class State:
     def change(self, txn: Txn, chain_id: int) -> ChainWrite:
         """The changes *txn* makes to the chain's maps and slots."""
         table = self.table(txn, chain_id)
+        if table.scanning and not self._background_scan:
+            self._scan(table, None)  # a larger dedup table, built at once
         return ChainWrite(txn, table, self.chain_keys(table.chain), self.store,
                           self.pending, self)
 
     def table(self, txn: Txn, chain_id: int) -> SlotTable:
-        """The chain's slot table (and record), loaded and verified at its first use."""
+        """The chain's slot table (and record), made at its first use: read
+        nothing yet, or scanned whole unless the scan runs in the background."""
         table = self.tables.get(chain_id)
         if table is None:
-            table = SlotTable.load(txn, chain_of(txn, chain_id),
-                                   self.pending.slots(chain_id), self.dedup_budget,
-                                   self._progress)
+            table = SlotTable(chain_of(txn, chain_id), functools.partial(
+                self._slot_run, chain_id), self.dedup_budget,
+                txn.iter_damaged(chain_id), self._slot_runs_kept)
             self.tables[chain_id] = table
+            if not self._background_scan:
+                self._scan(table, None)
         return table
 
+    def _slot_run(self, chain_id: int, run: int) -> bytes | None:
+        """A run of a slot table as the transaction in progress sees it, or
+        as the last commit left it when none is."""
+        txn = self.index.writer
+        if txn is not None:
+            return txn.get_slot_run(chain_id, run)
+        with self.index.begin() as txn:
+            return txn.get_slot_run(chain_id, run)
+
+    def _scan(self, table: SlotTable, max_runs: int | None) -> None:
+        found = table.scan_step(max_runs, self.pending.slots(table.chain_id))
+        if found and self._punch_found and self.index.writable():
+            self.store.punch(table.chain_id, found)
+        table.give_free(found)
+
+    def _scan_all(self) -> None:
+        """Make every chain's slot table, each scanned whole."""
+        with self.index.begin() as txn:
+            for chain in txn.iter_chains():
+                self.table(txn, chain.id_)
+
+    def scan_step(self, max_runs: int) -> bool:
+        """Scan up to *max_runs* runs of a slot table that needs it, every
+        chain's made first; True while some still do."""
+        with self.index.begin() as txn:
+            chains = [chain.id_ for chain in txn.iter_chains()]
+            for chain_id in chains:
+                if chain_id not in self.tables:
+                    self.table(txn, chain_id)
+        for table in list(self.tables.values()):
+            if table.scanning:
+                self._scan(table, max_runs)
+                return True
+        return False
+
     def drop_table(self, chain_id: int) -> None:
-        """Forget the chain's slot table (loaded again at its next use)."""
+        """Forget the chain's slot table (made again at its next use)."""
         table = self.tables.pop(chain_id, None)
         if table is not None:
-            table.dedup.release()
+            table.release()
 
     def remove_chain(self, chain_id: int) -> None:
         """Forget a chain just removed from the index, and delete its data files."""
@@ -513,7 +557,15 @@ class State:
 
     def forget(self, chain_id: int, inos: Collection[int]) -> None:
         """Drop what a transaction that aborted changed in memory."""
-        self.drop_table(chain_id)
+        table = self.tables.get(chain_id)
+        if table is not None:
+            with self.index.begin() as txn:
+                chain = txn.get_chain(chain_id)
+                damaged = list(txn.iter_damaged(chain_id))
+            if chain is None:
+                self.drop_table(chain_id)
+            else:
+                table.rollback(chain, damaged)
         for ino in inos:
             self.maps.pop(ino, None)
 

@@ -15,8 +15,9 @@ as they are. Format 3 had no UUID; its encrypted states sealed every block
 of a chain under one key and wrapped the chain secrets under a key bound to
 the chain alone. A plain state of format 3 is given a UUID here; an
 encrypted one is sealed again, under new chain secrets, by
-``swapfs/engine/reseal.py`` (which needs its master key). Format 4 is described in
-``swapfs/engine/index.py``.
+``swapfs/engine/reseal.py`` (which needs its master key). Format 4's chain
+records did not count the blocks stored, so an open had to read the whole
+slot table to know it. Format 5 is described in ``swapfs/engine/index.py``.
 """
 
 import logging
@@ -130,6 +131,18 @@ def from_format_3(txn: Txn) -> None:
     txn.put_state_id(new_state_id())
     txn.put_meta(b"format", 4)
     log.info("converted the index from format 3 to format 4")
+
+
+def from_format_4(txn: Txn) -> None:
+    """Convert a format 4 index to format 5 within *txn*: each chain record
+    counts its used slots (entries that do not verify count as free, as
+    fsck's recount does)."""
+    chains = list(txn.iter_chains())
+    for chain in chains:
+        chain.stored = SlotTable.count_used(txn, chain)
+        txn.put_chain(chain)
+    txn.put_meta(b"format", 5)
+    log.info("converted the index from format 4 to format 5: %d chains", len(chains))
 
 
 def _by_file(txn: Txn, maps: Any | None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:

@@ -141,6 +141,11 @@ class Volume:
         (:meth:`State.punch_pending`); returns how many slots were punched."""
         return self.opened.punch_pending(max_slots, freed_before)
 
+    def scan_step(self, max_runs: int) -> bool:
+        """Scan a step of a slot table that needs it (:meth:`State.scan_step`);
+        True while some still do."""
+        return self.opened.scan_step(max_runs)
+
     def rekey(self, new: keys.MasterKey) -> int:
         """Wrap every chain's secret under *new* (:meth:`State.rekey`)."""
         return self.opened.rekey(new)
@@ -644,8 +649,8 @@ class Volume:
         """The chain's free slots, punched or not."""
         with self.opened.index.begin() as txn:
             table = self.opened.table(txn, chain_id)
-            return set(range(table.next_slot)) - table.bad - {
-                slot for slot, _, _ in table.used()}
+            used = {slot for slot, _, _ in table.used()}  # finds the bad ones too
+            return set(range(table.next_slot)) - table.bad - used
 
     def mapped(self, ino: int) -> dict[int, int]:
         """The file's mapped blocks: logical block -> slot."""

@@ -1,10 +1,11 @@
 """The dedup table: digest -> slot in a few bytes per entry, bounded by a budget.
 
 A model (a dict of digest -> slots) checks it through random adds, removes
-and finds, across growth and rebuilds; a volume with a small budget still
+and finds; a volume with a small budget still
 reads every byte back right when the table is full, only dedups less.
 """
 
+import math
 import random
 import stat
 from contextlib import closing
@@ -12,29 +13,32 @@ from pathlib import Path
 
 from swapfs.engine import fsck
 from swapfs.engine.blocks import BLOCK_SIZE
-from swapfs.engine.deduptable import DedupBudget, DedupTable
+from swapfs.engine.deduptable import (
+    BUCKET_BYTES,
+    BUILD_LOAD,
+    FULL_LOAD,
+    GROW_LOAD,
+    DedupBudget,
+    DedupTable,
+)
 from swapfs.engine.index import ROOT_INO
-from swapfs.engine.slottable import ENTRY
 from swapfs.engine.volume import Volume
 
 
-class Image:
-    """Slot table entries whose first 16 bytes are the digest."""
+class Digests:
+    """What a slot table answers the dedup table: each used slot's digest."""
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.held: dict[int, bytes] = {}
 
-    def put(self, slot: int, digest: bytes) -> None:
-        end = (slot + 1) * ENTRY.size
-        if len(self.data) < end:
-            self.data += bytes(end - len(self.data))
-        self.data[slot * ENTRY.size:slot * ENTRY.size + 16] = digest
+    def __call__(self, slot: int) -> bytes | None:
+        return self.held.get(slot)
 
 
-def test_the_table_agrees_with_a_model_through_growth_and_removals() -> None:
+def test_the_table_agrees_with_a_model_through_removals() -> None:
     rng = random.Random(7)
-    image = Image()
-    table = DedupTable(lambda: image.data, DedupBudget())
+    digests_of = Digests()
+    table = DedupTable.for_entries(digests_of, DedupBudget(), 6000)
     model: dict[bytes, int] = {}
     digests = [rng.randbytes(16) for _ in range(6000)]
     next_slot = 0
@@ -43,10 +47,10 @@ def test_the_table_agrees_with_a_model_through_growth_and_removals() -> None:
         if digest in model and rng.random() < 0.4:
             slot = model.pop(digest)
             table.remove(digest, slot)
-            image.put(slot, bytes(16))
+            del digests_of.held[slot]
         elif digest not in model:
             assert table.find(digest) is None
-            image.put(next_slot, digest)
+            digests_of.held[next_slot] = digest
             assert table.add(digest, next_slot)
             model[digest] = next_slot
             next_slot += 1
@@ -55,20 +59,35 @@ def test_the_table_agrees_with_a_model_through_growth_and_removals() -> None:
     assert table.entries == len(model)
     for digest in digests:
         assert table.find(digest) == model.get(digest)
-    assert table.size_bytes <= 12 * len(model) + 4096 * 4, "a few bytes per entry"
+    assert table.size_bytes <= BUCKET_BYTES * 6000 / BUILD_LOAD + BUCKET_BYTES
 
 
-def test_a_full_table_at_its_budget_stops_taking_digests() -> None:
-    image = Image()
-    budget = DedupBudget(4 * 2048)
-    table = DedupTable(lambda: image.data, budget)
+def test_a_name_whose_slot_changed_is_a_miss_not_that_slot() -> None:
+    """An entry left behind (an aborted transaction, a slot taken again)
+    names a slot whose digest no longer matches: find passes over it."""
+    digests_of = Digests()
+    table = DedupTable.for_entries(digests_of, DedupBudget(), 10)
+    digest = bytes(range(16))
+    digests_of.held[5] = digest
+    table.add(digest, 5)
+    digests_of.held[5] = bytes(16)  # the slot now holds something else
+    assert table.find(digest) is None
+
+
+def test_a_filling_table_asks_for_room_then_stops_taking_digests() -> None:
+    digests_of = Digests()
+    budget = DedupBudget(BUCKET_BYTES * 1024)
+    table = DedupTable.for_entries(digests_of, budget, 100)
+    assert table.size == 1024 and budget.used == BUCKET_BYTES * 1024
     added = 0
-    for slot in range(3000):
+    for slot in range(1100):
         digest = slot.to_bytes(16, "little")
-        image.put(slot, digest)
+        digests_of.held[slot] = digest
         added += table.add(digest, slot)
-    assert table.size_bytes == 4 * 2048 and budget.used == 4 * 2048
-    assert added == 2048 * 7 // 10 and table.unindexed == 3000 - added
+        if slot == int(1024 * GROW_LOAD) + 1:
+            assert table.wants_room
+    assert table.larger() is None, "the budget refuses a larger table"
+    assert added == math.ceil(1024 * FULL_LOAD) and table.unindexed == 1100 - added
     for slot in range(added):
         assert table.find(slot.to_bytes(16, "little")) == slot
     table.release()
@@ -86,7 +105,7 @@ def test_a_volume_with_a_small_budget_reads_right_and_checks_clean(tmp_path: Pat
         vol.write(first.ino, 0, b"".join(blocks))
         vol.write(second.ino, 0, b"".join(blocks))  # the same data again
         stats = vol.stats()["chains"]["c"]
-        assert stats["dedup_table"]["bytes"] == 4096
+        assert stats["dedup_table"]["bytes"] == BUCKET_BYTES * 1024, "the least a chain has"
         assert stats["dedup_table"]["unindexed"] > 0
         assert 3000 < stats["unique_blocks"] < 6000, "deduped what the table held"
         assert vol.read(first.ino, 0, 3000 * BLOCK_SIZE) == b"".join(blocks)
@@ -95,3 +114,21 @@ def test_a_volume_with_a_small_budget_reads_right_and_checks_clean(tmp_path: Pat
     with closing(Volume(state)) as vol:  # no bound: every stored block is named again
         assert vol.stats()["chains"]["c"]["dedup_table"]["unindexed"] == 0
         assert vol.read(vol.resolve("c/b").ino, 0, 3000 * BLOCK_SIZE) == b"".join(blocks)
+
+
+def test_a_chain_outgrowing_its_table_dedups_every_block(tmp_path: Path) -> None:
+    """A table that fills is replaced by a larger one, built from the slot
+    table while the old one serves: no digest is forgotten on the way."""
+    blocks = [random.Random(n).randbytes(BLOCK_SIZE) for n in range(3000)]
+    with closing(Volume(tmp_path / "state")) as vol:
+        chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        first = vol.create(chain.ino, b"a", stat.S_IFREG | 0o600, 0, 0)
+        second = vol.create(chain.ino, b"b", stat.S_IFREG | 0o600, 0, 0)
+        for n, block in enumerate(blocks):
+            vol.write(first.ino, n * BLOCK_SIZE, block)
+        vol.write(second.ino, 0, b"".join(blocks))
+        stats = vol.stats()["chains"]["c"]
+        assert stats["unique_blocks"] == 3000
+        assert stats["dedup_table"]["entries"] == 3000
+        assert stats["dedup_table"]["bytes"] > BUCKET_BYTES * 3000
+        assert vol.read(second.ino, 0, 3000 * BLOCK_SIZE) == b"".join(blocks)

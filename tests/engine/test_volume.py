@@ -852,6 +852,13 @@ def test_the_lock_is_released_on_close(state_dir: Path) -> None:
         assert vol.getattr(ROOT_INO).is_dir
 
 
+def lasting(chains: dict) -> dict:
+    """The chains' figures that outlive the process: not what its slot
+    tables hold in memory."""
+    return {name: {key: value for key, value in chain.items() if key != "slot_table"}
+            for name, chain in chains.items()}
+
+
 def test_everything_survives_close_and_reopen(state_dir: Path) -> None:
     content = block(1) + bytes(BS) + block(2) + block(1, 77)
     with closing(Volume(state_dir)) as vol:
@@ -861,14 +868,14 @@ def test_everything_survives_close_and_reopen(state_dir: Path) -> None:
         vol.clone(f.ino, chain.ino, b"copy")
         vol.clone(f.ino, chain.ino, b"empty", empty=True)
         vol.setattr(f.ino, mode=0o640)
-        stats = vol.stats()["chains"]
+        stats = lasting(vol.stats()["chains"])
         counts = refcounts(vol, chain.chain)
     with closing(Volume(state_dir)) as vol:
         assert read_all(vol, f.ino) == content
         assert read_all(vol, vol.resolve("chain/copy").ino) == content
         assert read_all(vol, vol.resolve("chain/empty").ino) == bytes(len(content))
         assert stat.S_IMODE(vol.getattr(f.ino).mode) == 0o640
-        assert vol.stats()["chains"] == stats
+        assert lasting(vol.stats()["chains"]) == stats
         assert refcounts(vol, chain.chain) == counts
         # New allocations carry on where the old volume stopped.
         vol.write(f.ino, 0, block(3))
