@@ -27,6 +27,9 @@ slots       chain id (u32) + run (u32)      a run of the chain's slot table
                                             (``swapfs/engine/slottable.py``)
 filemaps    ino (u64) + run (u32)           a run of the file's block map
                                             (``swapfs/engine/filemap.py``)
+mapdirs     ino (u64)                       the file's run directory: a bitmap
+                                            of the runs of its map present in
+                                            ``filemaps`` (format 5)
 orphans     ino (u64)                       nothing: unlinked, still open
 damaged     chain id (u32) + slot (u32)     nothing: a used slot whose data was
                                             found not to match its digest, set
@@ -49,6 +52,9 @@ Invariants (``fsck`` checks each one):
   run of a file's map with no slot in it has no entry.
 * ``Inode.blocks`` is the number of mapped blocks of that file, which is how
   a lost run of its map is noticed.
+* A file's directory (``mapdirs``) names exactly the runs of its map present
+  in ``filemaps``, and a file with no run has none: a run it names that
+  LMDB lacks is lost, which a read finds without reading the other runs.
 * The slot table of a chain has every run below ``Chain.next_slot``.
 * ``Chain.stored`` is the number of the chain's slots with a refcount above
   zero, so that an open knows it without reading the slot table.
@@ -108,12 +114,13 @@ def verified(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
 
 # Each database's tag, so that a record copied under another database's key
 # does not verify.
-_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS, _DAMAGED = range(1, 9)
+(_META, _INODES, _DIRENTS, _CHAINS, _ORPHANS, _PRIORITIES, _FILEMAPS, _DAMAGED,
+ _MAPDIRS) = range(1, 10)
 #: The databases of checksummed records, by name (the slot table's entries are
 #: checked one by one instead: swapfs/engine/slottable.py).
 _CHECKSUMMED = {b"meta": _META, b"inodes": _INODES, b"dirents": _DIRENTS, b"chains": _CHAINS,
            b"orphans": _ORPHANS, b"priorities": _PRIORITIES, b"filemaps": _FILEMAPS,
-           b"damaged": _DAMAGED}
+           b"damaged": _DAMAGED, b"mapdirs": _MAPDIRS}
 
 
 @dataclass(slots=True)
@@ -356,6 +363,7 @@ class Index:
         self.orphans = self._open(b"orphans")
         self.damaged = self._open(b"damaged")
         self.priorities = self._open(b"priorities")
+        self.mapdirs = self._open(b"mapdirs")
         #: Why writes are refused (see fence); None while they are allowed.
         self.fenced: str | None = None
         #: Inodes read or written since they were last verified, by number:
@@ -365,6 +373,9 @@ class Index:
         #: The write transaction in progress, if any: what is read on demand
         #: while it runs (a slot table's runs) must see its changes.
         self.writer: Txn | None = None
+        #: Checksummed values read so far (Txn's gets and scans): what tests
+        #: count to show that a cost does not grow with the state.
+        self.values_read = 0
         self._calls = 0  # of keep_room
 
     def _open(self, name: bytes) -> Any:
@@ -570,7 +581,10 @@ class Txn:
 
     def _get(self, db: Any, tag: int, key: bytes, what: str) -> bytes | None:
         raw = self.txn.get(key, db=db)
-        return None if raw is None else verified(tag, key, raw, what)
+        if raw is None:
+            return None
+        self.index.values_read += 1
+        return verified(tag, key, raw, what)
 
     def _put(self, db: Any, tag: int, key: bytes, payload: bytes) -> None:
         self.txn.put(key, checksummed(tag, key, payload), db=db)
@@ -585,6 +599,7 @@ class Txn:
             for key, raw in cur:
                 if not key.startswith(prefix):
                     return
+                self.index.values_read += 1
                 yield key, raw
 
     def _iter(self, db: Any, tag: int, prefix: bytes = b"", start: bytes = b""
@@ -779,6 +794,11 @@ class Txn:
     def delete_map_run(self, ino: int, run: int) -> None:
         self.txn.delete(_INO_RUN.pack(ino, run), db=self.index.filemaps)
 
+    def get_map_run(self, ino: int, run: int) -> bytes | None:
+        """One run of file *ino*'s map, verified; None if it has no value."""
+        return self._get(self.index.filemaps, _FILEMAPS, _INO_RUN.pack(ino, run),
+                         f"run {run} of the map of file {ino}")
+
     def iter_map_runs(self, ino: int) -> Iterator[tuple[int, bytes | None]]:
         """(run, entries) of file *ino*'s map in run order; entries is None
         for a run whose checksum does not verify."""
@@ -800,8 +820,23 @@ class Txn:
                     last = ino
 
     def delete_map_runs(self, ino: int) -> None:
+        """Delete file *ino*'s map: every run, and its directory."""
         for run, _ in list(self.iter_map_runs(ino)):
             self.delete_map_run(ino, run)
+        self.delete_map_dir(ino)
+
+    # -- each file's run directory (which runs of its map are present) -------------
+
+    def get_map_dir(self, ino: int) -> bytes | None:
+        """File *ino*'s run directory, verified; None if it has none."""
+        return self._get(self.index.mapdirs, _MAPDIRS, _U64.pack(ino),
+                         f"the run directory of file {ino}")
+
+    def put_map_dir(self, ino: int, bitmap: bytes) -> None:
+        self._put(self.index.mapdirs, _MAPDIRS, _U64.pack(ino), bitmap)
+
+    def delete_map_dir(self, ino: int) -> None:
+        self.txn.delete(_U64.pack(ino), db=self.index.mapdirs)
 
     # -- orphans -------------------------------------------------------------------
 
