@@ -6,9 +6,9 @@ from the data in its slot (opening it, in an encrypted state), then reports
 each difference. With ``repair`` it
 fixes what can be fixed without inventing data: refcounts, leaked and
 unpunched slots, maps past the end of a file, dangling directory entries,
-orphans and priorities of missing files; and it sets aside each block whose
-data no longer matches its digest (swapfs/engine/slottable.py), so that no write
-dedups onto it. Damage it cannot undo (a record
+orphans and priorities of missing files, the files' run directories; and
+it sets aside each block whose data no longer matches its digest
+(swapfs/engine/slottable.py), so that no write dedups onto it. Damage it cannot undo (a record
 that does not verify, a map that lost a run, a block whose data no longer
 matches its digest) is reported and left alone; reads of what it touches
 keep answering EIO rather than returning wrong bytes. While any record is
@@ -36,7 +36,7 @@ from swapfs.engine.blocks import blocks_for
 from swapfs.engine.chainwrite import load_block
 from swapfs.engine.errors import CorruptBlock, SwapfsError
 from swapfs.engine.filemap import MAP_RUN, FileMap
-from swapfs.engine.index import ROOT_INO, Chain, CorruptIndex, Txn
+from swapfs.engine.index import ROOT_INO, Chain, CorruptIndex, Inode, Txn
 from swapfs.engine.keys import MasterKey
 from swapfs.engine.slottable import RUN_BYTES, SLOT_RUN, SlotTable
 from swapfs.engine.state import OldFormat, State
@@ -165,8 +165,12 @@ class _Checker:
         self.txn.delete_priority(ino)
 
     def check_records(self) -> None:
-        """Every checksummed record verifies; iterators skip those that do not."""
+        """Every checksummed record verifies; iterators skip those that do not.
+        A run directory is left to check_map_dir: it says nothing that the
+        runs do not, and is rebuilt from them."""
         for db, key in self.txn.corrupt_records():
+            if db == "mapdirs":
+                continue
             self.damaged = True
             self.problem("corrupt-record", f"{db} record {key.hex()} does not verify", False)
         self.txn.lenient = True
@@ -206,6 +210,8 @@ class _Checker:
                 self.problem("block-count", f"file {ino} counts {inode.blocks} blocks, its "
                              f"map holds {mapped}: a run of it may be lost", False)
             uses[inode.chain].update(slot for _, slot in fmap.mapped())
+            self.check_map_dir(inode, fmap)
+        self.check_stray_map_dirs(inodes)
         # Every record and map verified: the maps alone say which slots are
         # used and how often, so a lost slot entry can be rebuilt.
         maps_intact = not self.damaged
@@ -216,6 +222,44 @@ class _Checker:
                 self.problem("missing-chain", f"files map {sum(counter.values())} blocks of "
                              f"missing chain {chain_id}", False)
         self.check_strays()
+
+    def check_map_dir(self, inode: Inode, fmap: FileMap) -> None:
+        """The file's run directory names exactly the runs of its map that
+        LMDB holds. While the runs do not add up to the inode's count, a run
+        named but missing is a lost run, not a wrong name: it stays named, so
+        that its blocks read EIO and not zeros; and a directory missing or
+        damaged then is not rebuilt (the file's map is read whole instead)."""
+        txn, ino = self.txn, inode.ino
+        present = fmap.directory()
+        try:
+            stored = txn.get_map_dir(ino)
+        except CorruptIndex:
+            stored, what = None, "does not verify"
+        else:
+            if stored is None and not present:
+                return
+            what = "is missing" if stored is None else "names other runs than its map has"
+        want: bytes | None = present
+        if not fmap.complete:
+            want = None if stored is None else _union(stored, present)
+        if stored is not None and stored == want:
+            return
+        if self.problem("map-directory", f"file {ino}: its run directory {what}"
+                        + ("" if want is not None else ", and a run of its map is lost"),
+                        want is not None) and want is not None:
+            if want:
+                txn.put_map_dir(ino, want)
+            else:
+                txn.delete_map_dir(ino)
+
+    def check_stray_map_dirs(self, inodes: dict[int, Inode]) -> None:
+        """Every run directory belongs to a file."""
+        for key in self.txn.keys_of(b"mapdirs"):
+            owner = inodes.get(int.from_bytes(key, "big")) if len(key) == 8 else None
+            if (owner is None or owner.is_dir) and self.problem(
+                    "stray-map-directory", f"mapdirs key {key.hex()} belongs to no file",
+                    True):
+                self.txn.delete_key(b"mapdirs", key)
 
     def check_strays(self) -> None:
         """Slot runs and damaged marks under no chain: every key of those
@@ -314,6 +358,12 @@ class _Checker:
                 f"holds {used}", True)):
             table.stored = used  # a lost entry may or may not have been counted
         table.save(txn)
+
+
+def _union(one: bytes, other: bytes) -> bytes:
+    """The runs either of two run directories names."""
+    return (int.from_bytes(one, "little") | int.from_bytes(other, "little")).to_bytes(
+        max(len(one), len(other)), "little").rstrip(b"\0")
 
 
 def check(state: Path, repair: bool = False, upgrade: bool = False,

@@ -11,7 +11,8 @@ is done here too, as is closing it.
 
 While it is open, a State also keeps the file maps and the chains' slot
 tables in memory (``swapfs/engine/filemap.py``, ``swapfs/engine/slottable.py``),
-loaded and verified the first time they are used; every transaction that
+loaded and verified the first time they are used (a map's runs one by one,
+as they are used, within the bound ``map_cache_bytes``); every transaction that
 changes them does so through a :class:`~swapfs.engine.chainwrite.ChainWrite`
 (:meth:`State.change`). ``fsck`` and ``swapfs rekey`` use a State alone;
 :class:`~swapfs.engine.volume.Volume` builds the namespace and the data path
@@ -36,12 +37,12 @@ from swapfs.engine.chainwrite import ChainWrite
 from swapfs.engine.deduptable import DedupBudget
 from swapfs.engine.digest import new_key
 from swapfs.engine.errors import CorruptBlock, CorruptIndex, SwapfsError
-from swapfs.engine.filemap import FileMap
+from swapfs.engine.filemap import MAP_CACHE_BYTES, FileMap, RunCache
 from swapfs.engine.index import FORMAT_VERSION, KIND_DIR, ROOT_INO, Chain, Index, Inode, Txn
 from swapfs.engine.lookup import chain_of, file_of
 from swapfs.engine.reclaim import PendingPunches
 from swapfs.engine.sealing import BLOCK_KEYS, LEGACY, PLAIN, ChainKeys
-from swapfs.engine.slottable import RUN_BYTES, SLOT_CACHE_BYTES, SlotTable
+from swapfs.engine.slottable import RUN_BYTES, SLOT_CACHE_BYTES, SLOT_RUN, SlotTable
 from swapfs.engine.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,12 @@ class OldFormat(SwapfsError):
         super().__init__(errno.EINVAL, message)
 
 
+#: A slot table of at most this many slots is scanned at once when a write
+#: finds it needs a scan (about 2 ms), even where the scan runs in the
+#: background: a small chain's dedup table fills fastest under churn.
+INLINE_SCAN_SLOTS = 64 * SLOT_RUN
+
+
 class State:
     """One state directory: the index, the data files, the keys and the lock on them."""
 
@@ -105,7 +112,8 @@ class State:
                  progress: Callable[[], None] | None = None,
                  reseal_to: keys.MasterKey | None = None,
                  restore_metas: bool = False, background_scan: bool = False,
-                 slot_cache_bytes: int = SLOT_CACHE_BYTES) -> None:
+                 slot_cache_bytes: int = SLOT_CACHE_BYTES,
+                 map_cache_bytes: int = MAP_CACHE_BYTES) -> None:
         """Open (or create) the state directory *path*, locking it for this process.
 
         *recover* purges files left unlinked-while-open by the last mount,
@@ -133,7 +141,9 @@ class State:
         earlier format is an error (:class:`OldFormat`) rather than
         converted (``swapfs/engine/upgrade.py``). *dedup_table_bytes* bounds the
         memory of all chains' dedup tables (``swapfs/engine/deduptable.py``; None:
-        no bound).
+        no bound). *map_cache_bytes* bounds the memory of the runs of the
+        file maps read (``swapfs/engine/filemap.py``, :class:`RunCache`):
+        past it, runs read longest ago are dropped, to be read again.
 
         An encrypted state opens only with its *master* key (ENOKEY without
         one, EKEYREJECTED with another). A new state is encrypted if
@@ -180,6 +190,7 @@ class State:
             self._background_scan = background_scan
             self._slot_runs_kept = max(slot_cache_bytes // RUN_BYTES, 16)
             self._punch_found = recover
+            self._all_tables = False
             self.index = Index(path / INDEX_NAME, guard, generation or 0)
             if generation and restamp is not None:
                 recorded = self.index.recorded_generation()
@@ -192,6 +203,8 @@ class State:
             #: (:meth:`map`, :meth:`table`); read them, change them only
             #: through a ChainWrite (:meth:`change`).
             self.maps: dict[int, FileMap] = {}
+            #: The runs of those maps in memory, within their bound.
+            self.map_runs = RunCache(self._read_map_run, map_cache_bytes)
             self.tables: dict[int, SlotTable] = {}
             self.dedup_budget = DedupBudget(dedup_table_bytes)
             self.master = master
@@ -204,6 +217,7 @@ class State:
             self.converted: int | None = None
             if legacy:
                 self.converted = self.reseal(reseal_to or self.master, self._reseal_step)
+                self._add_map_dirs()
             if recover:
                 self._purge_orphans(still_open)
             if not background_scan:
@@ -311,6 +325,14 @@ class State:
             txn.put_inode(Inode(ROOT_INO, KIND_DIR, stat.S_IFDIR | 0o755, os.getuid(),
                                 os.getgid(), 0, atime_ns=now, mtime_ns=now, ctime_ns=now))
             return False
+
+    @writes_index
+    def _add_map_dirs(self) -> None:
+        """Give the files of a state converted from format 3 by a reseal
+        their run directories: that format had none, and the reseal copies
+        the maps as they are."""
+        with self.index.begin(write=True) as txn:
+            upgrade.add_map_dirs(txn)
 
     def _reseal_step(self, _chain_id: int, _done: int, _total: int) -> None:
         """A batch of blocks sealed again while the state opens: a step."""
@@ -447,7 +469,7 @@ class State:
             txn.delete_inode(ino)
             txn.delete_orphan(ino)
             txn.delete_priority(ino)
-        self.maps.pop(ino, None)
+        self._drop_map(ino)
 
     # -- damage -----------------------------------------------------------------
 
@@ -479,8 +501,9 @@ class State:
     def change(self, txn: Txn, chain_id: int) -> ChainWrite:
         """The changes *txn* makes to the chain's maps and slots."""
         table = self.table(txn, chain_id)
-        if table.scanning and not self._background_scan:
-            self._scan(table, None)  # a larger dedup table, built at once
+        if table.scanning and (not self._background_scan
+                               or table.next_slot <= INLINE_SCAN_SLOTS):
+            self._scan(table, None)  # at once: a small table takes a moment
         return ChainWrite(txn, table, self.chain_keys(table.chain), self.store,
                           self.pending, self)
 
@@ -521,11 +544,11 @@ class State:
     def scan_step(self, max_runs: int) -> bool:
         """Scan up to *max_runs* runs of a slot table that needs it, every
         chain's made first; True while some still do."""
-        with self.index.begin() as txn:
-            chains = [chain.id_ for chain in txn.iter_chains()]
-            for chain_id in chains:
-                if chain_id not in self.tables:
-                    self.table(txn, chain_id)
+        if not self._all_tables:
+            with self.index.begin() as txn:
+                for chain in txn.iter_chains():
+                    self.table(txn, chain.id_)
+            self._all_tables = True  # a chain made later has nothing to scan
         for table in list(self.tables.values()):
             if table.scanning:
                 self._scan(table, max_runs)
@@ -545,11 +568,25 @@ class State:
         self.store.remove(chain_id)
 
     def map(self, txn: Txn, inode: Inode) -> FileMap:
-        """The file's map, loaded and verified at its first use."""
+        """The file's map, its directory read at its first use; its runs are
+        read as they are used, through *txn* while it lasts."""
         fmap = self.maps.get(inode.ino)
         if fmap is None:
-            fmap = self.maps[inode.ino] = FileMap.load(txn, inode)
+            fmap = self.maps[inode.ino] = FileMap.open(txn, inode, self.map_runs)
+        fmap.use(txn)
         return fmap
+
+    def _read_map_run(self, ino: int, run: int) -> bytes | None:
+        """A run of a file's map as the last commit left it (a read outside
+        any transaction: Volume.read)."""
+        with self.index.begin() as txn:
+            return txn.get_map_run(ino, run)
+
+    def _drop_map(self, ino: int) -> None:
+        """Forget a file's map, and its runs' room in the bound."""
+        fmap = self.maps.pop(ino, None)
+        if fmap is not None:
+            fmap.release()
 
     def adopt_map(self, fmap: FileMap) -> None:
         """Keep a map made in memory (a clone's) as its file's."""
@@ -567,7 +604,7 @@ class State:
             else:
                 table.rollback(chain, damaged)
         for ino in inos:
-            self.maps.pop(ino, None)
+            self._drop_map(ino)
 
 
 def _lock_state(path: Path) -> int:

@@ -17,7 +17,9 @@ the chain alone. A plain state of format 3 is given a UUID here; an
 encrypted one is sealed again, under new chain secrets, by
 ``swapfs/engine/reseal.py`` (which needs its master key). Format 4's chain
 records did not count the blocks stored, so an open had to read the whole
-slot table to know it. Format 5 is described in ``swapfs/engine/index.py``.
+slot table to know it, and its files had no run directory (``mapdirs``), so
+a file's map was read whole at its first use to notice a lost run. Format
+5 is described in ``swapfs/engine/index.py``.
 """
 
 import logging
@@ -27,7 +29,7 @@ from typing import Any
 
 import lmdb
 
-from swapfs.engine.filemap import FileMap
+from swapfs.engine.filemap import FileMap, run_directory
 from swapfs.engine.index import Chain, CorruptIndex, Inode, Txn
 from swapfs.engine.keys import new_state_id
 from swapfs.engine.slottable import SlotTable
@@ -136,13 +138,25 @@ def from_format_3(txn: Txn) -> None:
 def from_format_4(txn: Txn) -> None:
     """Convert a format 4 index to format 5 within *txn*: each chain record
     counts its used slots (entries that do not verify count as free, as
-    fsck's recount does)."""
+    fsck's recount does), and each file gets its run directory."""
     chains = list(txn.iter_chains())
     for chain in chains:
         chain.stored = SlotTable.count_used(txn, chain)
         txn.put_chain(chain)
+    files = add_map_dirs(txn)
     txn.put_meta(b"format", 5)
-    log.info("converted the index from format 4 to format 5: %d chains", len(chains))
+    log.info("converted the index from format 4 to format 5: %d chains, %d files",
+             len(chains), files)
+
+
+def add_map_dirs(txn: Txn) -> int:
+    """Write the run directory of every file that has map runs, from the
+    runs LMDB holds (a run that does not verify is named: it reads EIO);
+    returns how many."""
+    inos = list(txn.iter_mapped_inos())
+    for ino in inos:
+        txn.put_map_dir(ino, run_directory(txn, ino))
+    return len(inos)
 
 
 def _by_file(txn: Txn, maps: Any | None) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:

@@ -1,8 +1,9 @@
 """Upgrading an index in place: state directories made by formats 1, 2 and
-3 (the fixtures in tests/fixtures) open with today's code, read back every
-byte, and check clean; a kill at any point of the conversion leaves one
-format or the other, never a mix, and either reads back the same bytes. An
-encrypted state of format 3 is sealed again as it is converted."""
+3 (the fixtures in tests/fixtures), and 4 (made from today's), open with
+today's code, read back every byte, and check clean; a kill at any point
+of the conversion leaves one format or the other, never a mix, and either
+reads back the same bytes. An encrypted state of format 3 is sealed again
+as it is converted."""
 
 import errno
 import struct
@@ -18,13 +19,15 @@ import pytest
 
 from swapfs.cli import commands as cli
 from swapfs.engine import cleanmark, fsck, keys, reseal
+from swapfs.engine import index as index_module
 from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
-from swapfs.engine.index import FORMAT_VERSION
+from swapfs.engine.filemap import MAP_RUN, run_directory
+from swapfs.engine.index import FORMAT_VERSION, Index
 from swapfs.engine.slottable import ENTRY, SLOT_RUN
 from swapfs.engine.state import OldFormat
 from swapfs.engine.volume import Volume
-from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, small_contents
+from tests.fixtures.make_state import FIXTURE_KEY, expected_contents, make, small_contents
 from tests.killing import REPO, run_until_killed
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -80,6 +83,41 @@ def test_an_old_state_opens_converted_and_checks_clean(tmp_path: Path, version: 
         vol.write(base.ino, 0, b"\x01" * BLOCK_SIZE)
         vol.clone(base.ino, vol.resolve("vms").ino, b"again")
         vol.fallocate(base.ino, 0x03, 10 * BLOCK_SIZE, 100 * BLOCK_SIZE)
+    assert fsck.check(state).clean
+
+
+def to_format_4(state: Path) -> None:
+    """Make today's state one of format 4, as that format wrote it: no run
+    directories, chain records without the count of blocks stored."""
+    index = Index(state / "index.lmdb")
+    try:
+        with index.begin(write=True) as txn:
+            for chain in list(txn.iter_chains()):
+                key = struct.pack(">I", chain.id_)
+                txn.txn.put(key, index_module.checksummed(
+                    index_module._CHAINS, key, struct.pack(">32sQ", chain.key, chain.next_slot)),
+                    db=index.chains)
+            txn.txn.drop(index.mapdirs, delete=True)
+            txn.put_meta(b"format", 4)
+    finally:
+        index.close()
+
+
+def test_a_format_4_state_gets_its_files_run_directories(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    make(state)
+    to_format_4(state)
+    assert raw_format(state) == 4
+    assert_contents(state)
+    assert raw_format(state) == FORMAT_VERSION
+    with closing(Volume(state)) as vol, vol.index.begin() as txn:
+        clone = vol.resolve("vms/clone").ino
+        assert vol.getattr(clone).size > MAP_RUN * BLOCK_SIZE  # a map of two runs
+        for path in expected_contents():
+            ino = vol.resolve(path).ino
+            named = txn.get_map_dir(ino)
+            assert named == (run_directory(txn, ino) or None), path
+        assert txn.get_map_dir(clone) == b"\x03"
     assert fsck.check(state).clean
 
 
