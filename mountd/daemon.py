@@ -62,7 +62,7 @@ PUNCH_BATCH = 32
 #: 11,000 slots, a few milliseconds), and the seconds between two looks
 #: for a table that needs a scan once all are done.
 SCAN_RUNS = 64
-SCAN_INTERVAL = 1.0
+SCAN_INTERVAL = 0.2
 
 
 def control_socket_path(state: Path, shared: bool = False) -> str:

@@ -16,8 +16,11 @@ fills, where a Python dict of digests costs about 130.
 A table never rehashes itself: that would read the digest of every entry,
 the whole slot table, while a request waits. When it is past 85% full it
 asks for room (:attr:`DedupTable.wants_room`), and its slot table builds a
-larger one in the background from its runs (``swapfs/engine/slottable.py``),
-as it builds the first one after an open. Up to 95% full it still takes
+successor in the background from its runs (``swapfs/engine/slottable.py``),
+as it builds the first one after an open: larger if its live entries
+filled it, the same size if removed ones did (a removed entry stays as a
+marker that probes pass over, since moving the entries after it back
+would need their digests). Up to 95% full it still takes
 entries; past that, or when the budget refuses a larger table, a new block
 is simply not named: dedup is advisory, so such a block is stored again in
 a slot of its own and everything still reads back right; ``swapfs stats``
@@ -80,7 +83,7 @@ class DedupTable:
     def __init__(self, digest_of: Callable[[int], bytes | None], budget: DedupBudget,
                  size: int) -> None:
         """A table of *size* buckets, whose bytes *budget* granted already
-        (:meth:`for_entries`, :meth:`larger`)."""
+        (:meth:`for_entries`, :meth:`successor`)."""
         self._digest_of = digest_of
         self._budget = budget
         self.slots = array("I", bytes(4 * size))
@@ -102,11 +105,18 @@ class DedupTable:
             budget.grant(BUCKET_BYTES * size)
         return cls(digest_of, budget, size)
 
-    def larger(self) -> "DedupTable | None":
-        """An empty table half as large again, if the budget grants it."""
-        size = self.size * 3 // 2
+    def successor(self) -> "DedupTable | None":
+        """An empty table to replace this one once filled: sized for its live
+        entries and a fifth more, at BUILD_LOAD (so a table that filled with
+        removed entries is rebuilt at its size, and one that filled with
+        live ones half as large again); None if the budget refuses a larger
+        table. One no larger is granted past the budget: this one's bytes
+        come back when it is dropped."""
+        size = buckets_for(self.entries * 6 // 5)
         if not self._budget.grant(BUCKET_BYTES * size):
-            return None
+            if size > self.size:
+                return None
+            self._budget.used += BUCKET_BYTES * size
         return DedupTable(self._digest_of, self._budget, size)
 
     @property
@@ -115,7 +125,7 @@ class DedupTable:
 
     @property
     def wants_room(self) -> bool:
-        """Past GROW_LOAD: a larger table should be built."""
+        """Past GROW_LOAD: a successor should be built."""
         return self._filled > self.size * GROW_LOAD
 
     def _home(self, digest: bytes) -> tuple[int, int]:

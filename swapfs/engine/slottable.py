@@ -26,7 +26,7 @@ free slots whose space is punched, and the entries that do not verify.
 Until the scan has passed a slot, a write of the same content stores a
 second copy, and a new block takes a slot at the end of the data file
 rather than a free one below: dedup and reuse are late, never wrong. The
-same walk builds a larger dedup table when the one in use fills.
+same walk builds a new dedup table when the one in use fills.
 
 Dedup is advisory: a block whose digest the dedup table does not name is
 simply stored again. Correctness rests on the refcounts, which count map
@@ -125,8 +125,8 @@ class SlotTable:
         self.free_count = 0
         #: The next run the scan reads; True once it has read them all.
         self._scan_at = 0
-        self.scanned = False
-        #: The larger dedup table the scan is filling, once the one in use
+        self.scanned = not chain.next_slot  # nothing to scan in a new chain
+        #: The dedup table the scan is filling, once the one in use
         #: asked for room.
         self._building: DedupTable | None = None
 
@@ -317,7 +317,7 @@ class SlotTable:
     @property
     def scanning(self) -> bool:
         """Whether a scan is under way or due: after the table was made, or
-        to fill a larger dedup table."""
+        to fill a new dedup table."""
         return not self.scanned or self._building is not None
 
     # -- changing -----------------------------------------------------------
@@ -334,8 +334,8 @@ class SlotTable:
         if self._building is not None:
             self._building.add(digest, slot)
         elif self.scanned and self.dedup.wants_room:
-            # A scan fills a larger table while this one still serves.
-            self._building = self.dedup.larger()
+            # A scan fills its successor while this one still serves.
+            self._building = self.dedup.successor()
 
     def _unindex(self, digest: bytes, slot: int) -> None:
         self.dedup.remove(digest, slot)
@@ -502,7 +502,9 @@ class SlotTable:
         """Forget what a transaction that aborted changed: its runs are read
         again, the counts and marks are the last commit's (*committed*,
         *damaged*). The dedup table may still name slots the transaction
-        took; those entries no longer match, and cost a miss."""
+        took; those entries no longer match, and cost a miss. The digests it
+        forgot, of slots the transaction freed, are named again by a scan
+        that builds its successor."""
         self.runs.clear()
         self._dirty.clear()
         self._damaged_dirty.clear()
@@ -511,3 +513,5 @@ class SlotTable:
         self._saved = (committed.next_slot, committed.stored)
         self.damaged = set(damaged)
         self.bad = {slot for slot in self.bad if slot < self.next_slot}
+        if self.scanned and self._building is None:
+            self._building = self.dedup.successor()

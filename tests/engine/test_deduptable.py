@@ -86,7 +86,7 @@ def test_a_filling_table_asks_for_room_then_stops_taking_digests() -> None:
         added += table.add(digest, slot)
         if slot == int(1024 * GROW_LOAD) + 1:
             assert table.wants_room
-    assert table.larger() is None, "the budget refuses a larger table"
+    assert table.successor() is None, "the budget refuses a larger table"
     assert added == math.ceil(1024 * FULL_LOAD) and table.unindexed == 1100 - added
     for slot in range(added):
         assert table.find(slot.to_bytes(16, "little")) == slot

@@ -17,6 +17,7 @@ from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
 from swapfs.engine.index import ROOT_INO, Chain
 from swapfs.engine.slottable import RUN_BYTES, SLOT_RUN
+from swapfs.engine.state import INLINE_SCAN_SLOTS
 from swapfs.engine.volume import Volume
 
 BS = BLOCK_SIZE
@@ -57,14 +58,15 @@ def test_open_and_a_first_read_read_the_same_runs_whatever_the_chain_holds(
 
 
 def test_writes_before_the_scan_store_again_and_read_right(tmp_path: Path) -> None:
+    """A chain too large to scan at a write's request (INLINE_SCAN_SLOTS)."""
     state = tmp_path / "state"
-    blocks = distinct(3 * SLOT_RUN)
+    blocks = distinct(INLINE_SCAN_SLOTS + SLOT_RUN)
     ino = fill(state, blocks)
     with closing(Volume(state, background_scan=True)) as vol:
         other = vol.create(vol.resolve("c").ino, b"g", stat.S_IFREG | 0o600, 0, 0)
         vol.write(other.ino, 0, blocks[0])  # not named yet: a second copy
         assert vol.stats()["chains"]["c"]["unique_blocks"] == len(blocks) + 1
-        while vol.scan_step(1):
+        while vol.scan_step(16):
             pass
         assert vol.stats()["chains"]["c"]["dedup_table"]["scanned"]
         vol.write(other.ino, BS, blocks[1])  # named now: deduplicated
@@ -162,4 +164,27 @@ def test_a_format_4_chain_record_is_counted_at_conversion(tmp_path: Path) -> Non
     with closing(Volume(state, background_scan=True)) as vol, vol.index.begin() as txn:
         assert next(txn.iter_chains()).stored == 300
         assert txn.get_meta(b"format") == 5
+    assert fsck.check(state).clean
+
+
+def test_churn_names_every_block_once(tmp_path: Path) -> None:
+    """Overwrites free as many digests as they add: the removed entries they
+    leave fill a small table, whose successor is built before it turns
+    blocks away, so nothing is stored twice."""
+    state = tmp_path / "state"
+    blocks = 256
+    with closing(Volume(state, background_scan=True)) as vol:
+        chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        files = [vol.create(chain.ino, name, stat.S_IFREG | 0o600, 0, 0).ino
+                 for name in (b"a", b"b")]
+        for step in range(4000):
+            block = (step * 7919) % blocks
+            data = (block << 32 | step + 1).to_bytes(8, "little") * (BS // 8)
+            for ino in files:  # both files the same: one copy
+                vol.write(ino, block * BS, data)
+        figures = vol.stats()["chains"]["c"]
+        held = {vol.read(files[0], n * BS, BS) for n in range(blocks)} - {bytes(BS)}
+        assert figures["unique_blocks"] == figures["dedup_table"]["entries"] == len(held)
+        assert figures["dedup_table"]["unindexed"] == 0
+        assert vol.read(files[1], 0, blocks * BS) == vol.read(files[0], 0, blocks * BS)
     assert fsck.check(state).clean

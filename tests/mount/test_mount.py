@@ -360,6 +360,14 @@ def test_punching_a_hole_frees_the_blocks(mount: Mount) -> None:
     assert mount.chain("c")["stored_bytes"] == 8 * BLOCK
 
 
+def lasting(chains: dict) -> dict:
+    """The chains' figures that outlive the daemon: not what its slot tables
+    hold in memory, nor how far its scan of them has come."""
+    return {name: {key: ({**value, "scanned": None} if key == "dedup_table" else value)
+                   for key, value in chain.items() if key != "slot_table"}
+            for name, chain in chains.items()}
+
+
 def test_every_byte_survives_a_remount(mount: Mount) -> None:
     files = {
         ("a", "random"): randbytes(50 * BLOCK + 123, 8),
@@ -375,14 +383,14 @@ def test_every_byte_survives_a_remount(mount: Mount) -> None:
         write_file(mount.path(chain, name), data)
     digests = {key: hashlib.sha256(mount.path(*key).read_bytes()).hexdigest()
                for key in files}
-    before = mount.stats()["chains"]
+    before = lasting(mount.stats()["chains"])
     mount.remount()
     for key, data in files.items():
         got = mount.path(*key).read_bytes()
         assert got == data
         assert hashlib.sha256(got).hexdigest() == digests[key]
         assert os.stat(mount.path(*key)).st_size == len(data)
-    assert mount.stats()["chains"] == before
+    assert lasting(mount.stats()["chains"]) == before
     assert before["a"]["unique_blocks"] == unique_blocks(
         *(data for (chain, _), data in files.items() if chain == "a"))
 
