@@ -192,6 +192,25 @@ def test_a_run_lost_behind_the_engines_back_reads_eio(state_dir: Path) -> None:
     assert_lost_run(state_dir, model, 2)
 
 
+def test_a_write_that_fails_leaves_the_map_as_last_committed(state_dir: Path) -> None:
+    """A write that makes a run appear, then meets a lost run, aborts: the
+    map it changed in memory is dropped, and read again as committed."""
+    model = closed_runs_file(state_dir)
+    edit_index(state_dir, delete_run(model.ino, 2))
+    with closing(Volume(state_dir, map_cache_bytes=ONE_RUN)) as vol:
+        model.vol = vol
+        with pytest.raises(SwapfsError) as lost:
+            vol.write(model.ino, (2 * MAP_RUN - 1) * BS, block(9) + block(10))
+        assert lost.value.errno == errno.EIO
+        assert vol.read(model.ino, (2 * MAP_RUN - 1) * BS, BS) == bytes(BS)
+        model.write(MAP_RUN, block(11))  # a run of its own, named now
+        assert vol.read(model.ino, MAP_RUN * BS, BS) == block(11)
+    with closing(Volume(state_dir)) as vol:
+        assert vol.read(model.ino, MAP_RUN * BS, BS) == block(11)
+        assert vol.read(model.ino, 0, 2 * BS) == block(0) + block(1)
+    assert "map-directory" not in kinds(fsck.check(state_dir))
+
+
 @pytest.mark.parametrize("damage", ["deleted", "flipped"])
 def test_a_lost_directory_reads_right_and_fsck_rebuilds_it(
         state_dir: Path, damage: str) -> None:
