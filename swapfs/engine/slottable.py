@@ -83,7 +83,7 @@ class SlotTable:
     __slots__ = ("chain", "chain_id", "runs", "next_slot", "stored", "dedup", "bad",
                  "damaged", "runs_kept", "scanned", "runs_loaded", "_source", "_dirty",
                  "_damaged_dirty", "_saved", "_free", "_free_runs", "free_count",
-                 "_scan_at", "_building")
+                 "_scan_at", "_building", "_named_in_scan")
 
     def __init__(self, chain: Chain, source: RunSource, budget: DedupBudget | None = None,
                  damaged: Iterable[int] = (),
@@ -129,6 +129,10 @@ class SlotTable:
         #: The dedup table the scan is filling, once the one in use
         #: asked for room.
         self._building: DedupTable | None = None
+        #: Slots named in the table being filled since its scan began: the
+        #: scan passes over them (without this it would look up every
+        #: digest before naming it, which doubles its cost).
+        self._named_in_scan: set[int] = set()
 
     @classmethod
     def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = (),
@@ -289,6 +293,7 @@ class SlotTable:
         runs = -(-self.next_slot // SLOT_RUN)
         stop = runs if max_runs is None else min(runs, self._scan_at + max_runs)
         found: list[int] = []
+        named = self._named_in_scan
         for run in range(self._scan_at, stop):
             raw = self.runs.get(run) or self._read(run)
             if raw is None:
@@ -301,7 +306,7 @@ class SlotTable:
                 if slot in self.bad:
                     continue
                 if refcount:
-                    if slot not in self.damaged and target.find(digest) is None:
+                    if slot not in self.damaged and slot not in named:
                         target.add(digest, slot)
                 elif initial and not known >> (slot - first) & 1 and slot not in pending:
                     found.append(slot)
@@ -309,6 +314,7 @@ class SlotTable:
         if stop >= runs:
             self._scan_at = 0
             self.scanned = True
+            named.clear()
             if self._building is not None and not initial:
                 self.dedup.release()
                 self.dedup, self._building = self._building, None
@@ -331,8 +337,11 @@ class SlotTable:
 
     def _index(self, digest: bytes, slot: int) -> None:
         self.dedup.add(digest, slot)
+        if not self.scanned:
+            self._named_in_scan.add(slot)
         if self._building is not None:
             self._building.add(digest, slot)
+            self._named_in_scan.add(slot)
         elif self.scanned and self.dedup.wants_room:
             # A scan fills its successor while this one still serves.
             self._building = self.dedup.successor()
