@@ -742,7 +742,10 @@ class Txn:
     def get_slot_run(self, chain_id: int, run: int) -> bytes | None:
         """One run of the chain's slot table as it is stored, or None."""
         raw = self.txn.get(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
-        return None if raw is None else bytes(raw)
+        if raw is None:
+            return None
+        self.index.values_read += 1
+        return bytes(raw)
 
     def iter_slot_runs(self, chain_id: int) -> Iterator[tuple[int, bytes]]:
         """(run, raw entries) of the chain's slot table, in run order."""
