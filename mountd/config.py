@@ -89,6 +89,11 @@ class Config:
         the memory each chain's slot table may keep of its runs (24 bytes a
         slot; 16 MiB covers about 10 GiB of stored blocks); runs beyond it
         are read again from the index when needed. The open reads none""")
+    map_cache_bytes: int = setting(8 << 20, """
+        the memory the files' maps may keep of their runs, over all files (4
+        bytes a logical block; 8 MiB covers about 8 GiB of mapped blocks);
+        runs beyond it are read again from the index when needed. The open
+        reads none""")
     manifest_interval: float = setting(5, """
         seconds between two writes of the content cache's manifest,
         `<state>/cache.manifest` (also written at stop; a restarted daemon
@@ -222,6 +227,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("dedup_table_bytes must be at least 4096")
     if config.slot_table_cache_bytes < 1 << 20:
         raise ConfigError("slot_table_cache_bytes must be at least 1048576")
+    if config.map_cache_bytes < 1 << 20:
+        raise ConfigError("map_cache_bytes must be at least 1048576")
     if config.host_cache_bytes < 0:
         raise ConfigError("host_cache_bytes must not be negative")
     if not 0 < config.manifest_interval < 1e9:

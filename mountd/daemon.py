@@ -63,6 +63,9 @@ PUNCH_BATCH = 32
 #: for a table that needs a scan once all are done.
 SCAN_RUNS = 64
 SCAN_INTERVAL = 0.2
+#: Seconds between two unlockings of the state's mapped files (a seal file
+#: mapped anew as it grows is locked until then).
+UNLOCK_INTERVAL = 5.0
 
 
 def control_socket_path(state: Path, shared: bool = False) -> str:
@@ -252,6 +255,14 @@ async def _scan_slot_tables(volume: Volume) -> None:
             await trio.sleep(0)
 
 
+async def _unlock_state_files(state: Path) -> None:
+    """Keep the pages of the state's own files that the daemon maps (the
+    index, the seal files) out of its locked memory (lifecycle.py)."""
+    while True:
+        lifecycle.unlock_files_under(state)
+        await trio.sleep(UNLOCK_INTERVAL)
+
+
 async def _watch_standby(control: ControlServer, pid: int, pidfd: int) -> None:
     """Let go of the standby that started this daemon when it dies, attached
     or not: a dead keeper must not block the next one nor keep a failed
@@ -280,6 +291,8 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         nursery.start_soon(_watch_signals, ops)
         nursery.start_soon(_punch_free_slots, control.volume)
         nursery.start_soon(_scan_slot_tables, control.volume)
+        if control.protections.get("memory_locked"):
+            nursery.start_soon(_unlock_state_files, control.volume.state)
         if link.keeper_pidfd is not None and link.keeper_pid is not None:
             nursery.start_soon(_watch_standby, control, link.keeper_pid, link.keeper_pidfd)
         if link.lease is not None:
@@ -314,6 +327,7 @@ def _open_volume(config: Config, link: Link, master: keys.MasterKey | None,
                       dedup_table_bytes=config.dedup_table_bytes,
                       background_scan=True,
                       slot_cache_bytes=config.slot_table_cache_bytes,
+                      map_cache_bytes=config.map_cache_bytes,
                       master=master, encrypt=config.encrypt,
                       guard=link.guard if lease_seconds else None,
                       progress=on_progress)

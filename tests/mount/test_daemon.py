@@ -7,6 +7,7 @@ kernel's own view of the process.
 """
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -62,11 +63,54 @@ def test_memory_per_gib_stored_is_the_daemons_own(mount: Mount) -> None:
 
 def test_no_memory_per_gib_with_nothing_stored(tmp_path: Path) -> None:
     status = tmp_path / "status"
-    status.write_text("Name:\tpython\nVmLck:\t     128 kB\nVmRSS:\t   65536 kB\n")
+    status.write_text("Name:\tpython\nVmLck:\t     128 kB\nVmRSS:\t   65536 kB\n"
+                      "RssAnon:\t   49152 kB\nRssFile:\t   16384 kB\n")
     assert lifecycle.memory(0, str(status)) == {
-        "rss_bytes": 64 << 20, "locked_bytes": 128 << 10, "stored_bytes": 0,
-        "rss_bytes_per_gib_stored": None, "locked_bytes_per_gib_stored": None}
+        "rss_bytes": 64 << 20, "own_bytes": 48 << 20, "file_bytes": 16 << 20,
+        "locked_bytes": 128 << 10, "stored_bytes": 0,
+        "rss_bytes_per_gib_stored": None, "own_bytes_per_gib_stored": None,
+        "locked_bytes_per_gib_stored": None}
     assert lifecycle.memory(1 << 29, str(status))["rss_bytes_per_gib_stored"] == 128 << 20
+
+
+def _state_file_maps(pid: int, state: Path) -> dict[str, tuple[int, int]]:
+    """(Rss, Locked) in kB of each of the process's mappings of files under
+    *state*, by range (/proc/PID/smaps)."""
+    maps: dict[str, tuple[int, int]] = {}
+    current = None
+    rss = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            current = fields[0] if len(fields) >= 6 and fields[5].startswith(
+                str(state) + "/") else None
+        elif current is not None and fields[0] == "Rss:":
+            rss = int(fields[1])
+        elif current is not None and fields[0] == "Locked:":
+            maps[current] = (rss, int(fields[1]))
+    return maps
+
+
+def test_the_state_files_mapped_are_not_locked(mount: Mount) -> None:
+    """The index and the seal files are page cache the kernel may drop:
+    locked, they grew with every index page the daemon touched."""
+    assert mount.pid is not None
+    if not mount.status()["memory_locked"]:
+        pytest.skip("the daemon cannot lock its memory here")
+    (mount.mnt / "c").mkdir()
+    with open(mount.path("c", "f"), "wb") as out:
+        out.write(os.urandom(8 << 20))
+    deadline = time.monotonic() + 15
+    while True:
+        maps = _state_file_maps(mount.pid, mount.state)
+        if maps and all(locked == 0 for _, locked in maps.values()):
+            break
+        assert time.monotonic() < deadline, maps
+        time.sleep(0.5)
+    assert sum(rss for rss, _ in maps.values()) > 0, "the daemon maps the index"
+    memory = mount.stats()["memory"]
+    assert memory["own_bytes"] + memory["file_bytes"] == pytest.approx(
+        memory["rss_bytes"], rel=0.2)
 
 
 def test_oom_protection_is_reported_truthfully(mount: Mount) -> None:
