@@ -43,15 +43,17 @@ from mountd.takeover.memo import ConnectionMemo
 from swapfs.cache import BlockCache, TransientCache
 from swapfs.cli import mountcheck
 from swapfs.control import SOURCE_PREFIX, nodump
-from swapfs.engine import BLOCK_SIZE, Volume, compiled, keys, lease
+from swapfs.engine import BLOCK_SIZE, SwapfsError, Volume, compiled, keys, lease
 
 log = logging.getLogger(__name__)
 
 #: Unix socket paths longer than this do not fit in sockaddr_un.
 _SUN_PATH_MAX = 107
 
-#: Seconds between two rounds of hole punching: a freed slot that no new
-#: block took within one to two of them gives its disk space back.
+#: Seconds between two checkpoints (when anything was committed) and rounds
+#: of hole punching: a power cut loses at most this much of what was not
+#: fsynced, and a freed slot that no new block took within one to two of
+#: them gives its disk space back.
 PUNCH_INTERVAL = 1.0
 #: Slots punched between two checkpoints of the trio loop. Each run of
 #: consecutive slots is one fallocate (0.05 to 0.2 ms on the machine of
@@ -225,17 +227,28 @@ def _fence(volume: Volume, link: Link) -> None:
     volume.index.fence(f"the lease on {volume.state} is lost")
 
 
-async def _punch_free_slots(volume: Volume) -> None:
-    """Give back the disk space of slots that stayed free, in bounded batches.
+async def _checkpoint_and_punch(volume: Volume) -> None:
+    """Every PUNCH_INTERVAL: a checkpoint if anything was committed since the
+    last (swapfs/engine/checkpoint.py), so that a power cut loses at most that
+    much and the slots freed before it may be reused; then give back the
+    disk space of slots that stayed free, in bounded batches.
 
     Each round punches what was freed before the previous round began and
     has not been reused since (Volume.punch_pending), a batch at a time with
-    a checkpoint in between, so that FUSE requests are served meanwhile.
+    a checkpoint of the trio loop in between, so that FUSE requests are
+    served meanwhile. A state this daemon may no longer write (its lease
+    lapsed) is neither checkpointed nor punched.
     """
     previous = time.monotonic()
     while True:
         await trio.sleep(PUNCH_INTERVAL)
         cutoff, previous = previous, time.monotonic()
+        if not volume.synced():
+            try:
+                volume.sync()
+            except (SwapfsError, OSError) as exc:
+                log.warning("no checkpoint: %s", exc)
+                continue
         while volume.punch_pending(PUNCH_BATCH, freed_before=cutoff) == PUNCH_BATCH:
             await trio.sleep(0)
 
@@ -289,7 +302,7 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
         nursery.start_soon(_watch_signals, ops)
-        nursery.start_soon(_punch_free_slots, control.volume)
+        nursery.start_soon(_checkpoint_and_punch, control.volume)
         nursery.start_soon(_scan_slot_tables, control.volume)
         if control.protections.get("memory_locked"):
             nursery.start_soon(_unlock_state_files, control.volume.state)

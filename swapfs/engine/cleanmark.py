@@ -41,21 +41,21 @@ log = logging.getLogger(__name__)
 MARK_NAME = "clean"
 #: The page header (16 bytes) and LMDB's MDB_meta (136): everything of a
 #: meta page that LMDB reads; the rest of the page is zeros it ignores.
-_META_BYTES = 152
+META_BYTES = 152
 #: magic, page size, both meta pages, then a CRC-32 of all that.
-_MARK = struct.Struct(f"<4sI{2 * _META_BYTES}sI")
+_MARK = struct.Struct(f"<4sI{2 * META_BYTES}sI")
 _MAGIC = b"SWM2"
 #: The first format: magic, page size, CRC-32 of both meta pages.
 _FIRST = struct.Struct("<4sII")
 _FIRST_MAGIC = b"SWCM"
 
 
-def _metas(data: Path, page_size: int) -> bytes:
+def meta_pages(data: Path, page_size: int) -> bytes:
     """What LMDB reads of the two meta pages of *data*, one after the other."""
     with open(data, "rb") as index:
-        first = index.read(_META_BYTES)
+        first = index.read(META_BYTES)
         index.seek(page_size)
-        return first + index.read(_META_BYTES)
+        return first + index.read(META_BYTES)
 
 
 def _read(mark: Path) -> tuple[int, bytes | None, int | None] | None:
@@ -73,25 +73,27 @@ def _read(mark: Path) -> tuple[int, bytes | None, int | None] | None:
     return None
 
 
-def check_and_clear(directory: Path) -> None:
+def check_and_clear(directory: Path) -> bool:
     """Before LMDB opens the index in *directory*: the meta pages are as the
-    clean mark says (CorruptIndex if not); then remove the mark."""
+    clean mark says (CorruptIndex if not); then remove the mark. False if
+    there was none: the index was not closed cleanly."""
     mark = directory / MARK_NAME
     try:
         found = _read(mark)
     except FileNotFoundError:
-        return
+        return False
     if found is None:
         raise CorruptIndex(f"{mark} is damaged, no clean mark: swapfs fsck --repair "
                            "removes it")
     page_size, metas, crc = found
-    now = _metas(directory / "data.mdb", page_size)
+    now = meta_pages(directory / "data.mdb", page_size)
     if now != metas and zlib.crc32(now) != crc:
         raise CorruptIndex(f"the meta pages of {directory / 'data.mdb'} changed since the "
                            f"index was closed (a flipped bit?); {mark} says how they were"
                            + (": swapfs fsck --repair writes them back" if metas else ""))
     mark.unlink()
     sync_directory(directory)
+    return True
 
 
 def restore(directory: Path) -> str | None:
@@ -110,17 +112,23 @@ def restore(directory: Path) -> str | None:
         return f"{mark} was damaged: removed (the meta pages go unchecked this once)"
     page_size, metas, _crc = found
     data = directory / "data.mdb"
-    if metas is None or _metas(data, page_size) == metas:
+    if metas is None or meta_pages(data, page_size) == metas:
         return None
+    write_meta_pages(data, page_size, metas)
+    return f"the meta pages of {data} differed from the clean mark: written back as closed"
+
+
+def write_meta_pages(data: Path, page_size: int, metas: bytes) -> None:
+    """Write both meta pages of the index file *data* as *metas* has them
+    (what :func:`meta_pages` read), and flush them, before LMDB opens it."""
     fd = os.open(data, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        for page, saved in enumerate((metas[:_META_BYTES], metas[_META_BYTES:])):
-            if os.pwrite(fd, saved, page * page_size) != _META_BYTES:
+        for page, saved in enumerate((metas[:META_BYTES], metas[META_BYTES:])):
+            if os.pwrite(fd, saved, page * page_size) != META_BYTES:
                 raise OSError(errno.EIO, f"short write to {data}")
         os.fsync(fd)
     finally:
         os.close(fd)
-    return f"the meta pages of {data} differed from the clean mark: written back as closed"
 
 
 def mark_clean(directory: Path, page_size: int) -> None:
@@ -131,7 +139,7 @@ def mark_clean(directory: Path, page_size: int) -> None:
     """
     temporary = directory / (MARK_NAME + ".tmp")
     try:
-        body = _MARK.pack(_MAGIC, page_size, _metas(directory / "data.mdb", page_size), 0)
+        body = _MARK.pack(_MAGIC, page_size, meta_pages(directory / "data.mdb", page_size), 0)
         raw = body[:-4] + zlib.crc32(body[:-4]).to_bytes(4, "little")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:

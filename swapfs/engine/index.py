@@ -73,7 +73,7 @@ from typing import Any
 
 import lmdb
 
-from swapfs.engine import cleanmark
+from swapfs.engine import checkpoint, cleanmark
 from swapfs.engine.errors import CorruptIndex, SwapfsError
 from swapfs.engine.store import preallocate
 
@@ -308,7 +308,10 @@ class Index:
     """
 
     def __init__(self, path: Path, guard: Callable[[], None] | None = None,
-                 generation: int = 0) -> None:
+                 generation: int = 0, roll_back: bool = True) -> None:
+        """Open (or create) the index in *path*. One left by a process of an
+        earlier boot, not closed cleanly, is rolled back to its checkpoint
+        first if *roll_back* allows (swapfs/engine/checkpoint.py)."""
         self.path = path
         #: Raises (EROFS) when this process may not write the state now: the
         #: lease's check (swapfs/engine/lease.py), made at every write transaction.
@@ -324,8 +327,27 @@ class Index:
         except FileNotFoundError:
             used = 0
         self.map_size = _map_steps(used)
+        #: The checkpoint in force (None before the first), and what the
+        #: open did to reach it.
+        self.checkpointed: checkpoint.Record | None = None
+        self.rolled_back: str | None = None
+        #: Whether the open may write: roll back, checkpoint, mark clean. A
+        #: read-only check (fsck without --repair) leaves an index a crash
+        #: left as it found it, so that the next open still rolls it back.
+        self._roll_back = roll_back
+        #: Whether the index was closed cleanly (or is new).
+        self.clean_at_open = True
         if used:
-            cleanmark.check_and_clear(path)
+            self.clean_at_open = cleanmark.check_and_clear(path)
+            self.checkpointed, self.rolled_back = checkpoint.at_open(
+                path, self.clean_at_open, roll_back)
+        #: The read transaction that keeps the checkpoint's tree whole.
+        self._pin: lmdb.Transaction | None = None
+        #: Flushes the data files before a checkpoint (State sets it).
+        self.flush_data: Callable[[], None] = lambda: None
+        #: Commits since the last checkpoint; 1 for an index a crash left,
+        #: whose last commits may not be on disk.
+        self.commits = 0 if self.clean_at_open else 1
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
@@ -469,22 +491,44 @@ class Index:
         except OSError as exc:
             raise SwapfsError(exc.errno or errno.EIO,
                               f"the index cannot grow to {size} bytes: {exc}") from exc
+        pinned = self._pin is not None
+        self._unpin()  # LMDB resizes its map only with no transaction open
         self.env.set_mapsize(size)
         log.info("the index grew to %d MiB", size >> 20)
         self.map_size = size
+        if pinned:
+            self.checkpoint()  # the tree the old pin kept may be reused now
 
-    def sync(self) -> None:
+    def checkpoint(self) -> None:
+        """Make every commit durable and the tree it left the checkpoint:
+        the data files flushed, then the index's pages, then its meta pages
+        recorded (swapfs/engine/checkpoint.py), and that tree pinned by a read
+        transaction until the next checkpoint."""
+        self.flush_data()
         self.env.sync(True)
+        self._unpin()
+        self.checkpointed = checkpoint.taken(self.path, self._page_size, self.checkpointed)
+        self._pin = self.env.begin()
+        self.commits = 0
+
+    def _unpin(self) -> None:
+        if self._pin is not None:
+            self._pin.abort()
+            self._pin = None
 
     def close(self) -> None:
         """Flush and close; then mark the index clean (swapfs/engine/cleanmark.py).
         An index that may not be written any more (fenced, or its lease
         lapsed: another host may own it) is closed without either."""
-        if not self.writable():
+        if not self.writable() or not self._roll_back:
+            self._unpin()
             self.env.close()
             os.close(self._fd)
+            if self._roll_back is False and self.clean_at_open:
+                cleanmark.mark_clean(self.path, self._page_size)  # as it was found
             return
-        self.env.sync(True)
+        self.checkpoint()
+        self._unpin()
         self.env.close()
         os.close(self._fd)
         cleanmark.mark_clean(self.path, self._page_size)
@@ -532,7 +576,9 @@ class Txn:
     def _ended(self, committed: bool) -> None:
         if self.write:
             self.index.writer = None
-            if not committed:
+            if committed:
+                self.index.commits += 1
+            else:
                 self.index.inode_cache.clear()  # it may hold this transaction's changes
         callbacks, self._after = self._after, []
         for callback in callbacks:

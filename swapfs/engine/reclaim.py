@@ -13,10 +13,15 @@ every second).
 
 Only committed frees come in, so a slot is never reused before the
 transaction that freed it has committed (docs/write-ordering.md, rule 2).
+Nor before a checkpoint has covered that transaction
+(``swapfs/engine/checkpoint.py``): until then the checkpoint's tree still
+names the slot's block, and a power cut rolls the index back to that tree,
+so the block must still be there. A slot freed since the last checkpoint
+waits; the next checkpoint makes it ready (:meth:`PendingPunches.covered`).
 Everything listed here is also free (refcount 0) in the committed slot
-table, but out of the table's punched free slots; this list
-lives in memory only, so a crash forgets it and the next mount punches every
-free slot (:class:`~swapfs.engine.state.State` does at open).
+table, but out of the table's punched free slots; this list lives in
+memory only, so a crash forgets it, and the scan of the slot tables after
+the next open finds those slots again (``swapfs/engine/slottable.py``).
 """
 
 import collections
@@ -28,19 +33,22 @@ class PendingPunches:
     """Per chain, the free slots not punched yet, in the order they were freed.
 
     A slot is added when the transaction that freed it has committed, and
-    leaves either by :meth:`take` (reused: the newest) or by :meth:`batch`
-    (to be punched: the oldest). Both ends of one deque, so neither ever
-    searches.
+    waits for the next checkpoint; then it is ready, and leaves either by
+    :meth:`take` (reused: the newest) or by :meth:`batch` (to be punched:
+    the oldest). Both ends of one deque, so neither ever searches.
     """
 
-    __slots__ = ("_chains",)
+    __slots__ = ("_ready", "_waiting")
 
     def __init__(self) -> None:
-        #: chain id -> (slot, when it was freed), oldest on the left.
-        self._chains: dict[int, collections.deque[tuple[int, float]]] = {}
+        #: chain id -> (slot, when it was freed), oldest on the left: the
+        #: slots a checkpoint covers, and those freed since.
+        self._ready: dict[int, collections.deque[tuple[int, float]]] = {}
+        self._waiting: dict[int, list[tuple[int, float]]] = {}
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._chains.values())
+        return (sum(len(queue) for queue in self._ready.values())
+                + sum(len(queue) for queue in self._waiting.values()))
 
     def add(self, chain_id: int, slots: Collection[int], now: float) -> None:
         """Slots of *chain_id* that a committed transaction left free, freed at *now*.
@@ -50,28 +58,35 @@ class PendingPunches:
         the one before it lays them out in file order again, and a
         sequential read of them stays one ``pread`` per run of slots.
         """
-        queue = self._chains.get(chain_id)
-        if queue is None:
-            queue = self._chains[chain_id] = collections.deque()
+        waiting = self._waiting.setdefault(chain_id, [])
         if len(slots) == 1:  # a 4 KiB overwrite's: the common case
             (slot,) = slots
-            queue.append((slot, now))
+            waiting.append((slot, now))
         else:
-            queue.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
+            waiting.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
+
+    def covered(self) -> None:
+        """A checkpoint has covered every commit so far: what waited is ready."""
+        for chain_id, waiting in self._waiting.items():
+            queue = self._ready.get(chain_id)
+            if queue is None:
+                queue = self._ready[chain_id] = collections.deque()
+            queue.extend(waiting)
+        self._waiting.clear()
 
     def take(self, chain_id: int) -> int | None:
-        """The lowest slot of the chain's newest freeing commit, no longer
-        pending; None if none is."""
-        queue = self._chains.get(chain_id)
+        """The lowest slot of the chain's newest freeing commit that a
+        checkpoint covers, no longer pending; None if none is."""
+        queue = self._ready.get(chain_id)
         return queue.pop()[0] if queue else None
 
     def batch(self, max_slots: int | None = None, freed_before: float | None = None
               ) -> dict[int, list[int]]:
-        """Take the oldest pending slots to punch them: at most *max_slots* (all
+        """Take the oldest ready slots to punch them: at most *max_slots* (all
         with None), and only those freed before *freed_before* if given."""
         out: dict[int, list[int]] = {}
         left = max_slots
-        for chain_id, queue in self._chains.items():
+        for chain_id, queue in self._ready.items():
             slots = []
             while queue and left != 0 and (freed_before is None or queue[0][1] < freed_before):
                 slots.append(queue.popleft()[0])
@@ -84,13 +99,16 @@ class PendingPunches:
         return out
 
     def slots(self, chain_id: int) -> set[int]:
-        """The chain's pending slots."""
-        return {slot for slot, _ in self._chains.get(chain_id, ())}
+        """The chain's pending slots, ready or waiting."""
+        return ({slot for slot, _ in self._ready.get(chain_id, ())}
+                | {slot for slot, _ in self._waiting.get(chain_id, ())})
 
     def drop(self, chain_id: int) -> None:
         """Forget a chain's slots (its data file is gone)."""
-        self._chains.pop(chain_id, None)
+        self._ready.pop(chain_id, None)
+        self._waiting.pop(chain_id, None)
 
     def clear(self) -> None:
-        """Forget every slot (all free slots were just punched)."""
-        self._chains.clear()
+        """Forget every slot."""
+        self._ready.clear()
+        self._waiting.clear()

@@ -189,14 +189,21 @@ class State:
             self._progress = progress
             self._background_scan = background_scan
             self._slot_runs_kept = max(slot_cache_bytes // RUN_BYTES, 16)
-            self._punch_found = recover
+            #: A read-only check (fsck without --repair) syncs, checkpoints
+            #: and punches nothing, even at close.
+            self._writes = recover or restore_metas
             self._all_tables = False
-            self.index = Index(path / INDEX_NAME, guard, generation or 0)
+            self.index = Index(path / INDEX_NAME, guard, generation or 0,
+                               roll_back=recover or restore_metas)
+            #: What the open did to roll the index back to its checkpoint
+            #: after its machine stopped (swapfs/engine/checkpoint.py), if anything.
+            self.rolled_back = self.index.rolled_back
             if generation and restamp is not None:
                 recorded = self.index.recorded_generation()
                 if recorded >= generation:
                     self.index.generation = restamp(recorded)
             self.store = BlockStore(path / "data", guard)
+            self.index.flush_data = self.store.sync
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()
             #: The file maps and slot tables in memory, by inode and chain
@@ -222,6 +229,8 @@ class State:
                 self._purge_orphans(still_open)
             if not background_scan:
                 self._scan_all()
+            if self._writes and self.index.checkpointed is None and self.index.writable():
+                self.sync()  # a new index, or one of a format before checkpoints
             self._progress = None  # open: no more steps to report
         except BaseException:
             # Refused (wrong key, wrong mode, old format) or failed: nothing
@@ -237,19 +246,25 @@ class State:
         """Punch what is pending, flush everything to disk, release the state
         directory. A state that may no longer be written (fenced, or its lease
         lapsed) punches and flushes nothing: another host may own it."""
-        if self.index.writable():
-            self.punch_pending()
+        if self._writes and self.index.writable():
             self.sync()
+            self.punch_pending()
         self.store.close()
         self.index.close()
         os.close(self._lock_fd)
 
     def sync(self) -> None:
-        """Make every committed change durable: data files first, then the index.
-        EROFS once this process may no longer write the state."""
+        """Make every committed change durable: a checkpoint (data files
+        first, then the index, swapfs/engine/checkpoint.py), after which the
+        slots freed so far may be reused and punched. EROFS once this
+        process may no longer write the state."""
         self.check_writable(errno.EROFS)
-        self.store.sync()
-        self.index.sync()
+        self.index.checkpoint()
+        self.pending.covered()
+
+    def synced(self) -> bool:
+        """Whether every commit is durable already (:meth:`sync` has nothing to do)."""
+        return self.index.commits == 0
 
     def punch_pending(self, max_slots: int | None = None,
                       freed_before: float | None = None) -> int:
@@ -531,9 +546,16 @@ class State:
 
     def _scan(self, table: SlotTable, max_runs: int | None) -> None:
         found = table.scan_step(max_runs, self.pending.slots(table.chain_id))
-        if found and self._punch_found and self.index.writable():
-            self.store.punch(table.chain_id, found)
-        table.give_free(found)
+        if not found:
+            return
+        if self.index.clean_at_open:
+            table.give_free(found)  # the clean close punched them
+        else:
+            # Left by a crash, maybe holding data: punched, like any slot a
+            # commit freed, once a checkpoint covers the state that says so.
+            self.pending.add(table.chain_id, found, time.monotonic())
+            if self.index.commits == 0:
+                self.pending.covered()  # every commit is durable: so is their freeing
 
     def _scan_all(self) -> None:
         """Make every chain's slot table, each scanned whole."""

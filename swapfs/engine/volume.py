@@ -132,8 +132,12 @@ class Volume:
         self.opened.close()
 
     def sync(self) -> None:
-        """Make every committed change durable (EROFS once fenced)."""
+        """Make every committed change durable: a checkpoint (EROFS once fenced)."""
         self.opened.sync()
+
+    def synced(self) -> bool:
+        """Whether every commit is durable already (:meth:`State.synced`)."""
+        return self.opened.synced()
 
     def punch_pending(self, max_slots: int | None = None,
                       freed_before: float | None = None) -> int:

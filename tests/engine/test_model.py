@@ -204,11 +204,12 @@ class VolumeMachine(RuleBasedStateMachine):
 
     @rule(max_slots=st.one_of(st.none(), st.integers(1, 4)))
     def punch(self, max_slots: int | None) -> None:
-        """Punch some or all of the free slots still on disk (what the daemon
-        does every second): contents stay; once all are punched, no free
-        slot holds disk space. (Checked slot by slot: the data file's
-        st_blocks also counts the file system's extent blocks, which depend
-        on how fragmented the disk is.)"""
+        """A checkpoint, then punch some or all of the free slots still on disk
+        (what the daemon does every second): contents stay; once all are
+        punched, no free slot holds disk space. (Checked slot by slot: the
+        data file's st_blocks also counts the file system's extent blocks,
+        which depend on how fragmented the disk is.)"""
+        self.vol.sync()  # slots freed since the last checkpoint are not punched
         self.vol.punch_pending(max_slots)
         if max_slots is None:
             with self.vol.index.begin() as txn:
