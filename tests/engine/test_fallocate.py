@@ -141,8 +141,12 @@ def test_punch_across_blocks_frees_the_whole_ones_and_keeps_the_edges(
     stats = engine.stats()
     assert stats["zero_blocks"] == 3
     # The freed slots (blocks 2-4, and the old 1 and 5, rewritten into new
-    # slots) keep their space until the pending punches run.
+    # slots) keep their space until a checkpoint covers their freeing and
+    # the pending punches run.
     assert stats["disk_bytes"] == 10 * BS
+    assert engine.volume.punch_pending() == 0, "not before a checkpoint"
+    assert engine.stats()["disk_bytes"] == 10 * BS
+    engine.volume.sync()
     assert engine.volume.punch_pending() == 5
     stats = engine.stats()
     assert stats["disk_bytes"] == stats["stored_bytes"] == 5 * BS
@@ -155,7 +159,10 @@ def test_punching_a_whole_file_frees_everything_and_keeps_the_size(
     engine.volume.fallocate(f.ino, PUNCH, 0, len(data))
     assert engine.content(f.ino) == bytes(len(data))
     assert engine.mapped(f.ino) == 0
-    engine.volume.punch_pending()
+    assert engine.volume.punch_pending() == 0, "not before a checkpoint"
+    assert engine.stats()["disk_bytes"] == 11 * BS
+    engine.volume.sync()
+    assert engine.volume.punch_pending() == 11
     stats = engine.stats()
     assert stats["stored_bytes"] == stats["disk_bytes"] == 0
     # The slots are on the free list: new data reuses them.

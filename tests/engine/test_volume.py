@@ -488,6 +488,9 @@ def test_unlink_frees_blocks_whose_refcount_drops_to_zero(
     assert list(refcounts(volume, chain.chain).values()) == [1]
     assert chain_stats(volume)["stored_bytes"] == BS
     assert disk_usage(state_dir) == usage, "the freed slot waits to be punched"
+    assert volume.punch_pending() == 0, "not before a checkpoint covers its freeing"
+    assert disk_usage(state_dir) == usage
+    volume.sync()
     assert volume.punch_pending() == 1
     assert disk_usage(state_dir) == usage - BS, "the freed slot is hole-punched"
     assert read_all(volume, b.ino) == block(2)
@@ -501,20 +504,28 @@ def test_a_freed_slot_is_reused(volume: Volume, chain: Inode) -> None:
     freed = slots(volume, chain.chain)[digest_at(volume, a.ino, 0)]
     volume.unlink(chain.ino, b"a", still_open=False)
     top = next_slot(volume, chain.chain)
-    volume.write(b.ino, BS, block(3))
-    assert next_slot(volume, chain.chain) == top
+    volume.write(b.ino, BS, block(3))  # before a checkpoint: a new slot
+    assert slots(volume, chain.chain)[digest_at(volume, b.ino, 1)] == top
+    assert next_slot(volume, chain.chain) == top + 1
+    assert free_slots(volume, chain.chain) == {freed}
+    volume.sync()  # the checkpoint covers the unlink: the slot may be reused
+    volume.write(b.ino, 2 * BS, block(4))
+    assert next_slot(volume, chain.chain) == top + 1
     assert free_slots(volume, chain.chain) == set()
-    assert slots(volume, chain.chain)[digest_at(volume, b.ino, 1)] == freed
-    assert read_all(volume, b.ino) == block(2) + block(3)
+    assert slots(volume, chain.chain)[digest_at(volume, b.ino, 2)] == freed
+    assert read_all(volume, b.ino) == block(2) + block(3) + block(4)
 
 
 def test_unpunched_slots_are_reused_newest_first_then_punched_ones_then_new(
         volume: Volume, state_dir: Path, chain: Inode, file: Inode) -> None:
     volume.write(file.ino, 0, b"".join(block(n) for n in range(4)))  # slots 0-3
     volume.write(file.ino, 0, bytes(BS))  # frees slot 0...
-    assert volume.punch_pending() == 1  # ...which is punched
+    assert volume.punch_pending() == 0  # ...which waits for a checkpoint,
+    volume.sync()
+    assert volume.punch_pending() == 1  # ...and then is punched
     volume.write(file.ino, 2 * BS, bytes(BS))  # frees slot 2, then
     volume.write(file.ino, BS, bytes(BS))  # slot 1: both keep their space
+    volume.sync()  # and may be reused once a checkpoint covers their freeing
     assert free_slots(volume, chain.chain) == {0, 1, 2}
     usage = disk_usage(state_dir)
     assert usage == 3 * BS
@@ -530,13 +541,17 @@ def test_unpunched_slots_are_reused_newest_first_then_punched_ones_then_new(
 
 def test_a_sequential_overwrite_reuses_slots_in_file_order(
         volume: Volume, chain: Inode, file: Inode) -> None:
-    """Each 64 KiB write takes the slots the one before it freed: in ascending
-    order, so that the file's blocks stay in runs of consecutive slots (one
-    pread each when read back sequentially)."""
+    """Each 64 KiB write takes the slots the one before it freed (a checkpoint
+    in between, as the daemon's every second): in ascending order, so that
+    the file's blocks stay in runs of consecutive slots (one pread each when
+    read back sequentially)."""
     for round_ in range(3):
         for chunk in range(4):
             volume.write(file.ino, chunk * 16 * BS, b"".join(
                 block(1000 * round_ + 16 * chunk + n) for n in range(16)))
+            volume.sync()
+    # 64 slots, and the 16 the first overwrite took before any was free.
+    assert next_slot(volume, chain.chain) == 80, "the overwrites reused slots"
     by_digest = slots(volume, chain.chain)
     placed = [by_digest[digest_at(volume, file.ino, n)] for n in range(64)]
     breaks = sum(1 for a, b in zip(placed, placed[1:], strict=False) if b != a + 1)
@@ -551,6 +566,9 @@ def test_punch_pending_takes_the_oldest_first_within_its_bounds(
     freed_by_now = time.monotonic()
     volume.write(file.ino, BS, bytes(BS))
     assert disk_usage(state_dir) == 6 * BS
+    assert volume.punch_pending() == 0, "nothing before a checkpoint"
+    assert disk_usage(state_dir) == 6 * BS
+    volume.sync()
     assert volume.punch_pending(2) == 2
     assert [volume.store.holds_data(chain.chain, slot) for slot in range(6)] == [
         False, True, True, True, True, False]
@@ -566,14 +584,20 @@ def test_a_slot_is_not_reused_by_the_transaction_that_frees_it(
         volume: Volume, chain: Inode, file: Inode) -> None:
     """One write frees slot 0 (block 0) and stores a new block (block 1): the
     new block goes to a new slot, since slot 0 must keep its data until the
-    commit that frees it (docs/write-ordering.md, rule 2)."""
+    commit that frees it (docs/write-ordering.md, rule 2). Nor does a later
+    transaction reuse it before a checkpoint covers that commit: until then
+    the checkpoint's tree still names its block."""
     volume.write(file.ino, 0, block(1))
     volume.write(file.ino, 0, block(2) + block(3))
     assert slots(volume, chain.chain) == {digest_at(volume, file.ino, 0): 1,
                                           digest_at(volume, file.ino, 1): 2}
     assert free_slots(volume, chain.chain) == {0}
-    volume.write(file.ino, 2 * BS, block(4))  # a later transaction may reuse it
-    assert slots(volume, chain.chain)[digest_at(volume, file.ino, 2)] == 0
+    volume.write(file.ino, 2 * BS, block(4))  # a later transaction, before a checkpoint
+    assert slots(volume, chain.chain)[digest_at(volume, file.ino, 2)] == 3
+    assert free_slots(volume, chain.chain) == {0}
+    volume.sync()
+    volume.write(file.ino, 3 * BS, block(5))  # one after the checkpoint may reuse it
+    assert slots(volume, chain.chain)[digest_at(volume, file.ino, 3)] == 0
 
 
 def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
@@ -581,6 +605,7 @@ def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
         monkeypatch: pytest.MonkeyPatch) -> None:
     volume.write(file.ino, 0, block(1) + block(2))
     volume.write(file.ino, 0, bytes(2 * BS))  # slots 0 and 1 pending
+    volume.sync()  # and ready: the next write takes them
     with monkeypatch.context() as patch:
         def full(chain_id: int, blocks: list[tuple[int, bytes]]) -> None:
             for slot, data in blocks:  # the data lands, then the disk is full
@@ -596,6 +621,8 @@ def test_a_failed_write_gives_its_slots_back_to_the_pending_punches(
     # the slot table) is forgotten: the volume holds what the index commits.
     assert volume.getattr(file.ino).blocks == 0 and volume.mapped(file.ino) == {}
     assert free_slots(volume, chain.chain) == {0, 1}
+    assert volume.opened.pending.slots(chain.chain) == {0, 1}
+    volume.sync()
     assert volume.punch_pending() == 2
     assert disk_usage(state_dir) == 0
 
@@ -614,6 +641,7 @@ def test_a_write_retried_after_a_full_map_leaves_no_slot_to_two_blocks(
         a, b = mkfile(vol, chain, b"a.swap"), mkfile(vol, chain, b"b.swap")
         vol.write(a.ino, 0, b"".join(block(n) for n in range(8)))
         vol.write(a.ino, 0, bytes(4 * BS))  # four slots pending, four in use
+        vol.sync()  # the four may be reused now
         attempts = []
         finish = ChainWrite.finish
 
@@ -660,6 +688,7 @@ def test_a_truncate_that_fails_on_a_damaged_tail_leaves_its_freed_slots_in_use(
     with raises_errno(errno.EIO):
         volume.setattr(a.ino, size=3 * BS + 100)
     assert volume.getattr(a.ino).size == 8 * BS
+    volume.sync()  # had the slots gone to the pending punches, b could take them now
     new_b = b"".join(block(n) for n in range(200, 216))
     volume.write(b.ino, 0, new_b)
     assert read_all(volume, b.ino) == new_b
@@ -673,6 +702,7 @@ def test_a_fenced_volume_punches_nothing(
         volume: Volume, state_dir: Path, file: Inode) -> None:
     volume.write(file.ino, 0, block(1))
     volume.write(file.ino, 0, block(2))
+    volume.sync()  # the freed slot is ready: only the fence keeps it
     volume.index.fence("the lease is lost")
     assert volume.punch_pending() == 0
     assert disk_usage(state_dir) == 2 * BS
@@ -819,6 +849,7 @@ def test_rmdir_removes_the_chain_and_its_data_file(
     volume.setattr(file.ino, size=BS)  # leaves a free slot behind
     assert data_file(state_dir, chain.chain).exists()
     volume.unlink(chain.ino, b"f.swap", still_open=False)
+    volume.sync()  # both freed slots are ready to be punched
     volume.rmdir(ROOT_INO, b"chain")
     assert not data_file(state_dir, chain.chain).exists()
     assert volume.punch_pending() == 0, "the chain's pending punches went with it"
@@ -884,12 +915,13 @@ def test_everything_survives_close_and_reopen(state_dir: Path) -> None:
 
 
 def test_disk_usage_tracks_stored_bytes(volume: Volume, state_dir: Path) -> None:
-    """Data files occupy exactly the stored blocks once the pending punches ran:
-    holes for zeros, punched frees."""
+    """Data files occupy exactly the stored blocks once a checkpoint let the
+    pending punches run: holes for zeros, punched frees."""
     a_chain, b_chain = mkchain(volume, b"a"), mkchain(volume, b"b")
     a, b = mkfile(volume, a_chain), mkfile(volume, b_chain)
 
     def check() -> None:
+        volume.sync()
         volume.punch_pending()
         stats = volume.stats()["chains"]
         stored = sum(c["stored_bytes"] for c in stats.values())
@@ -913,9 +945,11 @@ def test_disk_usage_tracks_stored_bytes(volume: Volume, state_dir: Path) -> None
     check()
 
 
-def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
-    """A crash between a commit and its hole punch leaves a free slot on disk."""
-    vol = Volume(state_dir)
+def a_free_slot_holding_data(state: Path, clean: bool) -> tuple[Path, int, int]:
+    """A state whose chain's slot 0 is free but holds data, as a crash between
+    a commit and its hole punch leaves it: closed cleanly, or not (no clean
+    mark). Its data file, chain id and file's inode."""
+    vol = Volume(state)
     chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
     file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
     vol.write(file.ino, 0, b"\1" * BLOCK_SIZE + b"\2" * BLOCK_SIZE)
@@ -924,9 +958,48 @@ def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
     vol.close()  # punches slot 0
     with open(data_file, "r+b") as data:
         data.write(b"\1" * BLOCK_SIZE)  # as if the punch had never happened
+    if not clean:
+        (state / "index.lmdb" / "clean").unlink()  # nor the clean close
     assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
+    return data_file, chain.chain, file.ino
+
+
+def test_reopening_punches_free_slots_that_hold_data(state_dir: Path) -> None:
+    """After a stop with no clean mark, the open's scan puts a free slot in the
+    pending punches: punched once a checkpoint covers the state that says it
+    is free, not before."""
+    data_file, chain_id, ino = a_free_slot_holding_data(state_dir, clean=False)
+    with closing(Volume(state_dir)) as vol:
+        assert vol.opened.pending.slots(chain_id) == {0}
+        assert vol.punch_pending() == 0, "not before a checkpoint"
+        assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
+        vol.sync()
+        assert vol.punch_pending() == 1
+        assert data_file.stat().st_blocks * 512 == 2 * BLOCK_SIZE
+        assert read_all(vol, ino) == b"\3" * BLOCK_SIZE + b"\2" * BLOCK_SIZE
+    assert fsck.check(state_dir).clean
+
+
+def test_reopening_after_a_crash_punches_free_slots_at_close(state_dir: Path) -> None:
+    """A close checkpoints, then punches what the scan found."""
+    data_file, _, _ = a_free_slot_holding_data(state_dir, clean=False)
     Volume(state_dir).close()
     assert data_file.stat().st_blocks * 512 == 2 * BLOCK_SIZE
+
+
+def test_after_a_clean_close_free_slots_are_taken_as_punched(state_dir: Path) -> None:
+    """A clean close punched every free slot, so the open's scan trusts it:
+    nothing to punch, and the slot is handed out as a punched free one at
+    once. (Here one that a damage after the close filled stays so: the scan
+    reads the slot table, not the data file.)"""
+    data_file, chain_id, ino = a_free_slot_holding_data(state_dir, clean=True)
+    with closing(Volume(state_dir)) as vol:
+        assert vol.opened.pending.slots(chain_id) == set()
+        vol.sync()
+        assert vol.punch_pending() == 0
+        assert data_file.stat().st_blocks * 512 == 3 * BLOCK_SIZE
+        vol.write(ino, 2 * BS, b"\4" * BS)
+        assert vol.mapped(ino)[2] == 0, "taken at once, no checkpoint needed"
 
 
 # -- the index's map -------------------------------------------------------------------
