@@ -343,8 +343,10 @@ class Index:
                 path, self.clean_at_open, roll_back)
         #: The read transaction that keeps the checkpoint's tree whole.
         self._pin: lmdb.Transaction | None = None
-        #: Flushes the data files before a checkpoint (State sets it).
+        #: Flushes the data files before a checkpoint, and hears of each one
+        #: taken (State sets them: the slots freed so far become reusable).
         self.flush_data: Callable[[], None] = lambda: None
+        self.checkpoint_taken: Callable[[], None] = lambda: None
         #: Commits since the last checkpoint; 1 for an index a crash left,
         #: whose last commits may not be on disk.
         self.commits = 0 if self.clean_at_open else 1
@@ -510,6 +512,7 @@ class Index:
         self.checkpointed = checkpoint.taken(self.path, self._page_size, self.checkpointed)
         self._pin = self.env.begin()
         self.commits = 0
+        self.checkpoint_taken()
 
     def _unpin(self) -> None:
         if self._pin is not None:

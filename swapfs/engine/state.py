@@ -206,6 +206,7 @@ class State:
             self.index.flush_data = self.store.sync
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()
+            self.index.checkpoint_taken = self.pending.covered
             #: The file maps and slot tables in memory, by inode and chain
             #: (:meth:`map`, :meth:`table`); read them, change them only
             #: through a ChainWrite (:meth:`change`).
@@ -260,7 +261,6 @@ class State:
         process may no longer write the state."""
         self.check_writable(errno.EROFS)
         self.index.checkpoint()
-        self.pending.covered()
 
     def synced(self) -> bool:
         """Whether every commit is durable already (:meth:`sync` has nothing to do)."""

@@ -449,7 +449,9 @@ def test_discarded_and_truncated_space_goes_back_within_seconds(mount: Mount) ->
 
 def test_a_new_block_takes_the_slot_freed_last(mount: Mount) -> None:
     """Slots freed by overwrites keep their disk space for a while, and the
-    next new block of the chain takes the one freed most recently."""
+    next new block of the chain takes the one freed most recently, once a
+    checkpoint covers its freeing (here the fsync; the daemon takes one
+    every second)."""
     os.mkdir(mount.path("c"))
     path = mount.path("c", "f")
     blocks = [randbytes(BLOCK, 40 + n) for n in range(8)]
@@ -459,6 +461,7 @@ def test_a_new_block_takes_the_slot_freed_last(mount: Mount) -> None:
     try:
         os.pwrite(fd, bytes(BLOCK), BLOCK)  # frees slot 1
         os.pwrite(fd, bytes(BLOCK), 5 * BLOCK)  # then slot 5
+        os.fsync(fd)  # a checkpoint: slots 1 and 5 may be reused
         os.pwrite(fd, new, 2 * BLOCK)  # frees slot 2, stores the new block in slot 5
     finally:
         os.close(fd)
