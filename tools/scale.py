@@ -108,12 +108,14 @@ def wait_until(predicate: Any, timeout: float, what: str = "") -> bool:
 
 
 def memory(pid: int) -> dict[str, float]:
-    """The daemon's VmRSS, VmHWM and VmLck in MiB (/proc/PID/status)."""
+    """The daemon's VmRSS (and of it RssAnon, its own memory, and RssFile,
+    the pages of the files it maps: the index), VmHWM and VmLck in MiB
+    (/proc/PID/status)."""
     figures = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
             name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM", "VmLck"):
+            if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM", "VmLck"):
                 figures[name] = int(value.split()[0]) / 1024  # kB
     return figures
 
@@ -252,6 +254,15 @@ def status(socket_path: str) -> dict[str, Any]:
     return protocol.request(socket_path, {"op": "status"}, timeout=30)
 
 
+def scanned(socket_path: str, timeout: float = 600.0) -> float:
+    """Seconds until the daemon has scanned every chain's slot table."""
+    start = time.monotonic()
+    wait_until(lambda: all(chain["dedup_table"]["scanned"] for chain in protocol.request(
+        socket_path, {"op": "stats"}, timeout=30)["chains"].values()), timeout,
+        "the slot tables to be scanned")
+    return time.monotonic() - start
+
+
 def takeovers(mnt: Path, state: Path, pid: int, kills: int, gap: float,
               setup: Setup) -> tuple[list[float], int]:
     """Start the standby, kill the daemon *kills* times; the seconds from
@@ -301,9 +312,12 @@ def measure(root: Path, size: int, kills: int, gap: float, master: keys.MasterKe
     pid = mount(state, mnt, setup)
     mount_seconds = time.monotonic() - start
     after_mount = memory(pid)
+    scan_seconds = scanned(protocol.socket_of(str(mnt)))
+    after_scan = memory(pid)
     progress(f"remount {umount_seconds + mount_seconds:.2f} s "
              f"(umount {umount_seconds:.2f}, mount {mount_seconds:.2f}); "
-             f"RSS {after_mount['VmRSS']:.0f} MiB")
+             f"RSS {after_mount['VmRSS']:.0f} MiB; scanned in {scan_seconds:.1f} s more, "
+             f"RSS {after_scan['VmRSS']:.0f} MiB ({after_scan['RssAnon']:.0f} its own)")
     probe_seconds, pid = takeovers(mnt, state, pid, kills, gap, setup)
     after_takeover = memory(pid)
     umount(mnt, pid, setup)
@@ -325,17 +339,26 @@ def measure(root: Path, size: int, kills: int, gap: float, master: keys.MasterKe
         "hwm_mib": after_mount["VmHWM"],
         "locked_mib": after_mount["VmLck"],
         "rss_mib_per_gib": after_mount["VmRSS"] / gib,
+        "scan_seconds": scan_seconds,
+        "rss_scanned_mib": after_scan["VmRSS"],
+        "anon_scanned_mib": after_scan["RssAnon"],
+        "file_scanned_mib": after_scan["RssFile"],
+        "locked_scanned_mib": after_scan["VmLck"],
+        "anon_scanned_mib_per_gib": after_scan["RssAnon"] / gib,
         "rss_after_takeover_mib": after_takeover["VmRSS"],
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["size GiB  build s  remount s  takeover median/worst ms  RSS MiB  RSS MiB/GiB"]
+    lines = ["size GiB  build s  remount s  takeover median/worst ms  RSS MiB  "
+             "scan s  scanned: RSS MiB  own MiB  own MiB/GiB"]
     for row in rows:
         lines.append(f"{row['size_gib']:>8g}  {row['build_seconds']:>7.1f}  "
                      f"{row['remount_seconds']:>9.2f}  "
                      f"{row['takeover_median_ms']:>12.0f} / {row['takeover_worst_ms']:<9.0f}  "
-                     f"{row['rss_mib']:>7.0f}  {row['rss_mib_per_gib']:>11.1f}")
+                     f"{row['rss_mib']:>7.0f}  {row['scan_seconds']:>6.1f}  "
+                     f"{row['rss_scanned_mib']:>16.0f}  {row['anon_scanned_mib']:>7.0f}  "
+                     f"{row['anon_scanned_mib_per_gib']:>11.1f}")
     return "\n".join(lines)
 
 

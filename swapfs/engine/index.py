@@ -530,7 +530,8 @@ class Index:
             if self._roll_back is False and self.clean_at_open:
                 cleanmark.mark_clean(self.path, self._page_size)  # as it was found
             return
-        self.checkpoint()
+        if self.commits or self.checkpointed is None:
+            self.checkpoint()
         self._unpin()
         self.env.close()
         os.close(self._fd)

@@ -24,7 +24,8 @@ FIELDS = {
     "size_gib", "state_bytes", "build_seconds", "build_mib_per_second", "umount_seconds",
     "mount_seconds", "remount_seconds", "takeover_ms", "takeover_median_ms",
     "takeover_worst_ms", "rss_mib", "hwm_mib", "locked_mib", "rss_mib_per_gib",
-    "rss_after_takeover_mib",
+    "scan_seconds", "rss_scanned_mib", "anon_scanned_mib", "file_scanned_mib",
+    "locked_scanned_mib", "anon_scanned_mib_per_gib", "rss_after_takeover_mib",
 }
 
 
@@ -56,6 +57,10 @@ def test_a_tiny_scale_run_reports_every_figure(tmp_path: Path) -> None:
         assert 0 < row["rss_mib"] <= row["hwm_mib"]
         assert row["locked_mib"] >= 0 and row["rss_after_takeover_mib"] > 0
         assert row["rss_mib_per_gib"] == pytest.approx(row["rss_mib"] / row["size_gib"])
+        assert row["scan_seconds"] >= 0
+        assert 0 < row["anon_scanned_mib"] <= row["rss_scanned_mib"]
+        assert row["anon_scanned_mib_per_gib"] == pytest.approx(
+            row["anon_scanned_mib"] / row["size_gib"])
 
     # Nothing left: the states are gone, nothing is mounted under them, no
     # daemon of the run lives (the pids its status gave are in the log only,
