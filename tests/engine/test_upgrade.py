@@ -141,8 +141,9 @@ def test_fsck_leaves_an_old_format_alone_unless_told(tmp_path: Path) -> None:
 #: dying on its Nth call (tests/killing.py).
 _CONVERT = """
 from pathlib import Path
-from swapfs.engine import filemap, index, slottable, volume
-owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn}[sys.argv[2]]
+from swapfs.engine import filemap, index, slottable, upgrade, volume
+owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn,
+         "upgrade": upgrade}[sys.argv[2]]
 _die_at_call(owner, sys.argv[3], int(sys.argv[4]))
 volume.Volume(Path(sys.argv[1])).close()
 """
@@ -160,6 +161,23 @@ def test_a_kill_during_the_conversion_leaves_one_format(
     run_until_killed(_CONVERT, str(state), target, name, str(nth))
     assert raw_format(state) == (FORMAT_VERSION if converted else 1)
     assert_contents(state)  # converts now if it was not
+    assert raw_format(state) == FORMAT_VERSION
+    assert fsck.check(state).clean
+
+
+@pytest.mark.parametrize(("target", "name", "nth"), [
+    ("table", "count_used", 2),  # counting the second chain's blocks
+    ("upgrade", "add_map_dirs", 1),  # counted, the run directories not written
+    ("txn", "commit", 1),  # everything written, not committed
+])
+def test_a_kill_during_the_conversion_from_format_4_leaves_format_4(
+        tmp_path: Path, target: str, name: str, nth: int) -> None:
+    state = tmp_path / "state"
+    make(state)
+    to_format_4(state)
+    run_until_killed(_CONVERT, str(state), target, name, str(nth))
+    assert raw_format(state) == 4
+    assert_contents(state)  # converts now
     assert raw_format(state) == FORMAT_VERSION
     assert fsck.check(state).clean
 
