@@ -9,9 +9,10 @@ and compares tags; only a bucket whose tag matches has its slot's digest
 read and compared, from the slot table, which may have to read that slot's
 run from the index. Without the tags every bucket probed would cost such a
 read: the slot table is no longer held whole in memory. A bucket is 6
-bytes; a table is built at most 70% full and keeps taking entries up to
-85%, so an entry costs 7 to 8.6 bytes at the table's build and fewer as it
-fills, where a Python dict of digests costs about 130.
+bytes; a table is built 75% full and keeps taking entries up to 85%, and
+its successor is sized for a tenth more entries than the table holds, so
+an entry costs 7.1 to 8.8 bytes (8 at the build after an open: 2 MiB per
+GiB stored), where a Python dict of digests costs about 130.
 
 A table never rehashes itself: that would read the digest of every entry,
 the whole slot table, while a request waits. When it is past 85% full it
@@ -38,7 +39,7 @@ _GONE = 0xFFFFFFFF
 _MIN_BUCKETS = 1024
 BUCKET_BYTES = 6  # a slot number (4) and a tag (2)
 #: The load a table is built for, asks for room at, and stops taking entries at.
-BUILD_LOAD = 0.70
+BUILD_LOAD = 0.75
 GROW_LOAD = 0.85
 FULL_LOAD = 0.95
 
@@ -107,12 +108,12 @@ class DedupTable:
 
     def successor(self) -> "DedupTable | None":
         """An empty table to replace this one once filled: sized for its live
-        entries and a fifth more, at BUILD_LOAD (so a table that filled with
+        entries and a tenth more, at BUILD_LOAD (so a table that filled with
         removed entries is rebuilt at its size, and one that filled with
-        live ones half as large again); None if the budget refuses a larger
+        live ones a quarter larger); None if the budget refuses a larger
         table. One no larger is granted past the budget: this one's bytes
         come back when it is dropped."""
-        size = buckets_for(self.entries * 6 // 5)
+        size = buckets_for(self.entries * 11 // 10)
         if not self._budget.grant(BUCKET_BYTES * size):
             if size > self.size:
                 return None
