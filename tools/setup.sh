@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything swapfs needs on a fresh Debian machine: the Debian
 # packages (FUSE 3 and its headers, a compiler and patch for building
-# pyfuse3 and swapfs's compiled modules, fio, util-linux) and a virtual
+# pyfuse3 and swapfs's compiled modules, fio, util-linux; QEMU, a kernel
+# and a static busybox for the guests of tools/guest.py) and a virtual
 # environment in .venv with pyfuse3 built with our patches
 # (tools/build-pyfuse3.sh), swapfs (its engine's per-block modules compiled
 # where they compile) and its other Python dependencies; then the
@@ -11,7 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc python3-dev patch python3-venv binutils)
+packages=(libfuse3-dev fuse3 pkg-config fio util-linux gcc python3-dev patch python3-venv binutils
+          qemu-system-x86 linux-image-amd64 busybox-static)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
