@@ -38,8 +38,13 @@ A block is then judged, in the next cycle, as
 - ``EIO`` is also counted on its own.
 
 A state that ``swapfs mount`` refuses needs a human: it is counted, and
-the campaign starts again on a fresh state (a fresh ext4 image) so that
-the remaining cuts still test something. The last boot only checks.
+the lane starts again on a fresh state (a fresh ext4 image) so that the
+remaining cuts still test something. The cuts are shared among lanes
+(``--lanes``, two by default: a guest under TCG keeps one CPU busy), each
+a guest after another on a state disk of its own; the last boot of a lane
+only checks. ``--no-fsync`` is the control: batches acknowledged without
+an fsync, whose cuts must be seen to lose acknowledged writes, or the
+campaign could not tell.
 
 Runs repeat: every plan of writes and every cut's delay comes from
 ``--seed`` (the guest's speed still varies, so the moment of a cut within
@@ -335,9 +340,11 @@ def check(model: Model, mnt: Path, file_blocks: int) -> dict[str, Any]:
     return {"counts": counts, "examples": examples, "newer": newer}
 
 
-def write(seed: str, cycle: int, mnt: Path, file_blocks: int, seconds: float) -> None:
-    """Batches of writes, each fsynced and acknowledged, until killed (or
-    *seconds* have passed: then it says so and stops)."""
+def write(seed: str, cycle: int, mnt: Path, file_blocks: int, seconds: float,
+          fsync: bool = True) -> None:
+    """Batches of writes, each fsynced (unless not *fsync*: the control) and
+    acknowledged, until killed (or *seconds* have passed: then it says so
+    and stops)."""
     chain = mnt / CHAIN
     chain.mkdir(exist_ok=True)
     fds = {}
@@ -363,7 +370,7 @@ def write(seed: str, cycle: int, mnt: Path, file_blocks: int, seconds: float) ->
                     punch(fds[name], op.start * BLOCK, length)
                 else:
                     os.pwritev(fds[name], [memoryview(buffer)[:length]], op.start * BLOCK)
-        for fd in fds.values():
+        for fd in fds.values() if fsync else ():
             os.fsync(fd)
         say("ack", batch)
         batch += 1
@@ -413,7 +420,8 @@ def guest_cycle(spec: dict[str, Any]) -> int:
         report["seconds"] = time.monotonic() - start
         say("check", report)
     if spec["write_seconds"] > 0:
-        write(spec["seed"], spec["cycle"], mnt, file_blocks, spec["write_seconds"])
+        write(spec["seed"], spec["cycle"], mnt, file_blocks, spec["write_seconds"],
+              spec["fsync"])
         return 0
     unmounted = swapfs_command("umount", str(mnt))
     subprocess.run(["umount", str(disk)], check=False)
@@ -468,6 +476,9 @@ class Settings:
     cpus: int = 1
     disk_mib: int = 1024
     boot_timeout: float = 300.0
+    #: False for the control: acknowledgements without fsyncs, which a cut
+    #: should be seen to lose (else the campaign could not tell).
+    fsync: bool = True
 
 
 class Campaign:
@@ -516,6 +527,7 @@ class Campaign:
         spec = {"cycle": number, "seed": self.seed, "device": "/dev/vda",
                 "key_file": str(self.key_file), "file_blocks": self.file_blocks,
                 "write_seconds": 0 if last else settings.write_seconds * 3 + 60,
+                "fsync": settings.fsync,
                 "history": [asdict(record) for record in self.history]}
         spec_path = self.workdir / f"cycle-{number}.json"
         spec_path.write_text(json.dumps(spec))
@@ -612,6 +624,10 @@ def summary(cycles: list[Cycle]) -> dict[str, Any]:
         "missing_acks": sum(cycle.missing for cycle in cycles),
         "eio_blocks": sum(int(cycle.check["counts"]["eio"]) for cycle in checked
                           if cycle.check is not None),
+        # Versions newer than acknowledged that a check read: the cuts came
+        # while writes were on their way.
+        "newer_blocks": sum(len(cycle.check["newer"]) for cycle in checked
+                            if cycle.check is not None),
         "needs_human": sum(1 for cycle in cycles if cycle.needs_human),
         "fsck_not_clean": sum(1 for cycle in fscked if cycle.fsck and cycle.fsck["rc"] != 0),
         "fsck_exit_codes": sorted({cycle.fsck["rc"] for cycle in fscked if cycle.fsck}),
@@ -723,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 2)")
     parser.add_argument("--memory-mib", type=int, default=1024, help="guest RAM (default 1024)")
     parser.add_argument("--cpus", type=int, default=1, help="CPUs per guest (default 1)")
+    parser.add_argument("--no-fsync", dest="fsync", action="store_false",
+                        help="the control: acknowledge batches without fsyncing them "
+                             "(cuts should then be seen to lose acknowledged writes)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (the image, the consoles)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -749,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table([cycle]).splitlines()[1], file=sys.stderr, flush=True)
 
     try:
-        settings = Settings(args.file_mib, args.write_seconds, args.memory_mib, args.cpus)
+        settings = Settings(args.file_mib, args.write_seconds, args.memory_mib, args.cpus,
+                            fsync=args.fsync)
         results = run(args.cuts, seed, settings, args.lanes, args.keep, progress)
     except (GuestError, OSError, subprocess.CalledProcessError) as exc:
         print(f"swapfs powercut: {exc}", file=sys.stderr)
