@@ -516,7 +516,7 @@ class Campaign:
             if self.stop.is_set():
                 return
             cycle = self.boot(number, last=number == cuts)
-            if progress is not None:
+            if progress is not None and not self.stop.is_set():
                 progress(cycle)
 
     def boot(self, number: int, last: bool) -> Cycle:
@@ -571,6 +571,8 @@ class Campaign:
                 tail = guest.transcript.read_text(errors="replace").splitlines()[-40:]
                 cycle.error = (cycle.error or "swapfs mount failed") + "\n" + "\n".join(tail)
         cycle.seconds = time.monotonic() - start
+        if self.stop.is_set():
+            return cycle  # interrupted: neither a cut nor a check
         record = CycleRecord(number, cycle.begun, cycle.acked,
                              cycle.check["newer"] if cycle.check else [])
         if cycle.needs_human or (cycle.mount is None and not last):
@@ -680,20 +682,20 @@ def run(cuts: int, seed: int, settings: Settings, lanes: int = 2, keep: bool = F
     def lane_run(campaign: Campaign, count: int) -> None:
         try:
             campaign.run(count, progress)
-        except BaseException as exc:  # noqa: B036 - handed to the main thread, which raises it
+        except Exception as exc:  # handed to the main thread, which raises it
             failures.append(exc)
             stop.set()
 
     start = time.monotonic()
+    threads = [threading.Thread(target=lane_run, name=f"lane-{campaign.lane}",
+                                args=(campaign, cuts // lanes + (lane < cuts % lanes)))
+               for lane, campaign in enumerate(campaigns)]
     try:
         precompile(ROOT / "swapfs", ROOT / "mountd", ROOT / "tools")
         made = subprocess.run([*_swapfs(), "keygen", str(key_file)], capture_output=True,
                               text=True)
         if made.returncode != 0:
             raise GuestError(f"swapfs keygen: {made.stderr.strip()}")
-        threads = [threading.Thread(target=lane_run, name=f"lane-{campaign.lane}",
-                                    args=(campaign, cuts // lanes + (lane < cuts % lanes)))
-                   for lane, campaign in enumerate(campaigns)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -702,14 +704,12 @@ def run(cuts: int, seed: int, settings: Settings, lanes: int = 2, keep: bool = F
         if failures:
             raise failures[0]
     except BaseException:
-        stop.set()
-        kill_all()
+        _stop_lanes(stop, threads)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
-        stop.set()
-        kill_all()  # before the work directory goes: the guests use it
+        _stop_lanes(stop, threads)
         signal.signal(signal.SIGTERM, previous)
     cycles = [cycle for campaign in campaigns for cycle in campaign.cycles]
     failed = any(cycle.error for cycle in cycles)
@@ -719,6 +719,16 @@ def run(cuts: int, seed: int, settings: Settings, lanes: int = 2, keep: bool = F
             "workdir": str(workdir) if keep or failed else None,
             "wall_seconds": time.monotonic() - start,
             "summary": summary(cycles), "cycles": [asdict(cycle) for cycle in cycles]}
+
+
+def _stop_lanes(stop: threading.Event, threads: list[threading.Thread]) -> None:
+    """Stop every lane and its guest, and wait for the lanes to end (before
+    their work directory goes)."""
+    stop.set()
+    kill_all()
+    for thread in threads:
+        if thread.is_alive():
+            thread.join(60)
 
 
 def main(argv: list[str] | None = None) -> int:
