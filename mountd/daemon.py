@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -243,10 +244,12 @@ async def _checkpoint_and_punch(volume: Volume) -> None:
     while True:
         await trio.sleep(PUNCH_INTERVAL)
         cutoff, previous = previous, time.monotonic()
+        if not volume.index.writable():
+            continue  # fenced or lapsed: another host may own the state
         if not volume.synced():
             try:
                 volume.sync()
-            except (SwapfsError, OSError) as exc:
+            except (SwapfsError, OSError, lmdb.Error) as exc:
                 log.warning("no checkpoint: %s", exc)
                 continue
         while volume.punch_pending(PUNCH_BATCH, freed_before=cutoff) == PUNCH_BATCH:

@@ -51,6 +51,13 @@ _MAGIC = b"SWCK"
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+def _txnid(metas: bytes) -> int:
+    """The newer transaction id of two meta pages (MDB_meta's mm_txnid, the
+    last 8 bytes of what LMDB reads of a meta page)."""
+    return max(int.from_bytes(metas[at - 8:at], "little")
+               for at in (META_BYTES, 2 * META_BYTES))
+
+
 def boot_id() -> bytes:
     """This boot's id: 16 bytes, different at every boot."""
     return bytes.fromhex(_BOOT_ID.read_text().strip().replace("-", ""))
@@ -127,11 +134,19 @@ def at_open(directory: Path, clean: bool, roll_back: bool) -> tuple[Record | Non
         return record, None
     done = None
     data = directory / "data.mdb"
-    if not clean and roll_back and meta_pages(data, record.page_size) != record.metas:
-        write_meta_pages(data, record.page_size, record.metas)
-        done = (f"the index in {directory} was in use when its machine stopped: "
-                f"rolled back to its checkpoint {record.sequence}")
-        log.warning("%s", done)
+    now = meta_pages(data, record.page_size)
+    if not clean and roll_back and now != record.metas:
+        if _txnid(now) < _txnid(record.metas):
+            # Not the index the checkpoint was taken of: an older copy put
+            # back (mdb_copy, a restore). Its own tree is all it has.
+            log.warning("the index in %s is older than its checkpoint %d (restored from "
+                        "a copy?): opened as it is", directory, record.sequence)
+            record = Record(record.sequence, record.boot, record.page_size, now)
+        else:
+            write_meta_pages(data, record.page_size, record.metas)
+            done = (f"the index in {directory} was in use when its machine stopped: "
+                    f"rolled back to its checkpoint {record.sequence}")
+            log.warning("%s", done)
     if not roll_back:
         return record, None
     metas = record.metas if done or not clean else meta_pages(data, record.page_size)

@@ -31,7 +31,7 @@ The tables of all chains of a volume share a :class:`DedupBudget` of bytes
 (``dedup_table_bytes``).
 """
 
-from array import array
+import mmap
 from collections.abc import Callable
 
 _EMPTY = 0
@@ -79,7 +79,7 @@ class DedupTable:
     """
 
     __slots__ = ("_digest_of", "_budget", "slots", "tags", "size", "entries", "_filled",
-                 "unindexed")
+                 "unindexed", "_maps")
 
     def __init__(self, digest_of: Callable[[int], bytes | None], budget: DedupBudget,
                  size: int) -> None:
@@ -87,8 +87,13 @@ class DedupTable:
         (:meth:`for_entries`, :meth:`successor`)."""
         self._digest_of = digest_of
         self._budget = budget
-        self.slots = array("I", bytes(4 * size))
-        self.tags = array("H", bytes(2 * size))
+        # Anonymous maps, not arrays: their zeros cost nothing until a bucket
+        # is written, so a table sized at open for every block the chain
+        # holds touches (and locks) only what the scan then fills; an array
+        # wrote all its zeros first (137 MB before a 64 GiB state served).
+        self._maps = (mmap.mmap(-1, 4 * size), mmap.mmap(-1, 2 * size))
+        self.slots = memoryview(self._maps[0]).cast("I")
+        self.tags = memoryview(self._maps[1]).cast("H")
         self.size = size
         self.entries = 0  # live entries
         self._filled = 0  # live and removed ones: what probing walks over
@@ -187,5 +192,8 @@ class DedupTable:
     def release(self) -> None:
         """Give the table's bytes back to the budget: it is being dropped."""
         self._budget.give_back(self.size_bytes)
-        self.slots = array("I")
-        self.tags = array("H")
+        self.slots.release()
+        self.tags.release()
+        for held in self._maps:
+            held.close()
+        self.size = 0

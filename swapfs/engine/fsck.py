@@ -428,6 +428,7 @@ def _check(opened: State, repair: bool) -> Report:
         txn.abort()
         return report
     txn.commit()
+    opened.sync()  # the blocks the repairs freed are the last checkpoint's until then
     for chain_id, slots in checker.punch.items():
         opened.store.punch(chain_id, slots)
     for chain_id in checker.remove:

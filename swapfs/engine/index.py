@@ -347,9 +347,15 @@ class Index:
         #: taken (State sets them: the slots freed so far become reusable).
         self.flush_data: Callable[[], None] = lambda: None
         self.checkpoint_taken: Callable[[], None] = lambda: None
-        #: Commits since the last checkpoint; 1 for an index a crash left,
-        #: whose last commits may not be on disk.
-        self.commits = 0 if self.clean_at_open else 1
+        #: Commits since the last checkpoint; 1 for an index a crash left
+        #: (opened to be written), whose last commits may not be on disk.
+        self.commits = 1 if roll_back and not self.clean_at_open else 0
+        #: Whether the tree of the checkpoint in force is the one LMDB opened:
+        #: it was closed cleanly, or rolled back. Then it is pinned at once;
+        #: otherwise (a crash in this boot: commits since the checkpoint are
+        #: in the page cache) the first write transaction takes a checkpoint
+        #: first, since its commits could reuse the checkpoint's pages.
+        self._unprotected = roll_back and not self.clean_at_open and not self.rolled_back
         # sync=False: a commit reaches the page cache, which a crash of this
         # process cannot lose; fsync(2) on a swap file and unmount flush it to
         # disk (see docs/write-ordering.md).
@@ -374,6 +380,8 @@ class Index:
             self.env.close()
             raise
         self._page_size = self.env.stat()["psize"]
+        if not self._unprotected and self.checkpointed is not None:
+            self._pin = self.env.begin()
         #: The main database, whose keys are the names of the named ones.
         self.main = self.env.open_db(None)
         #: The handles of the named databases opened here, by name.
@@ -417,6 +425,8 @@ class Index:
     def begin(self, write: bool = False) -> "Txn":
         if write:
             self.check_write()
+            if self._unprotected:
+                self.checkpoint()
         txn = Txn(self, self.env.begin(write=write), write)
         if write:
             self.writer = txn
@@ -494,12 +504,14 @@ class Index:
             raise SwapfsError(exc.errno or errno.EIO,
                               f"the index cannot grow to {size} bytes: {exc}") from exc
         pinned = self._pin is not None
+        if pinned:
+            self.checkpoint()  # the tree now: pinned again once the map is resized
         self._unpin()  # LMDB resizes its map only with no transaction open
         self.env.set_mapsize(size)
         log.info("the index grew to %d MiB", size >> 20)
         self.map_size = size
         if pinned:
-            self.checkpoint()  # the tree the old pin kept may be reused now
+            self._pin = self.env.begin()
 
     def checkpoint(self) -> None:
         """Make every commit durable and the tree it left the checkpoint:
@@ -508,10 +520,14 @@ class Index:
         transaction until the next checkpoint."""
         self.flush_data()
         self.env.sync(True)
-        self._unpin()
         self.checkpointed = checkpoint.taken(self.path, self._page_size, self.checkpointed)
-        self._pin = self.env.begin()
+        # The new pin first: should anything above fail, the old one keeps
+        # the tree of the checkpoint still in force.
+        pin, self._pin = self._pin, self.env.begin()
+        if pin is not None:
+            pin.abort()
         self.commits = 0
+        self._unprotected = False
         self.checkpoint_taken()
 
     def _unpin(self) -> None:
@@ -523,19 +539,22 @@ class Index:
         """Flush and close; then mark the index clean (swapfs/engine/cleanmark.py).
         An index that may not be written any more (fenced, or its lease
         lapsed: another host may own it) is closed without either."""
-        if not self.writable() or not self._roll_back:
+        if not self.writable():
             self._unpin()
             self.env.close()
             os.close(self._fd)
-            if self._roll_back is False and self.clean_at_open:
-                cleanmark.mark_clean(self.path, self._page_size)  # as it was found
             return
-        if self.commits or self.checkpointed is None:
+        # A check that wrote nothing leaves an index a crash left as it found
+        # it (no checkpoint, no mark), for the next open to roll back.
+        synced = False
+        if self.commits or (self._roll_back and self.checkpointed is None):
             self.checkpoint()
+            synced = True
         self._unpin()
         self.env.close()
         os.close(self._fd)
-        cleanmark.mark_clean(self.path, self._page_size)
+        if synced or self.clean_at_open:
+            cleanmark.mark_clean(self.path, self._page_size)
 
     def file_bytes(self) -> int:
         """Bytes of the index's pages in use (the file itself is the whole map)."""

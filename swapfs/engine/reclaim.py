@@ -27,6 +27,7 @@ the next open finds those slots again (``swapfs/engine/slottable.py``).
 import collections
 import itertools
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 
 
 class PendingPunches:
@@ -38,13 +39,15 @@ class PendingPunches:
     the oldest). Both ends of one deque, so neither ever searches.
     """
 
-    __slots__ = ("_ready", "_waiting")
+    __slots__ = ("_ready", "_waiting", "_members")
 
     def __init__(self) -> None:
         #: chain id -> (slot, when it was freed), oldest on the left: the
         #: slots a checkpoint covers, and those freed since.
         self._ready: dict[int, collections.deque[tuple[int, float]]] = {}
         self._waiting: dict[int, list[tuple[int, float]]] = {}
+        #: chain id -> how often each slot is in either, for :meth:`slots`.
+        self._members: dict[int, collections.Counter[int]] = {}
 
     def __len__(self) -> int:
         return (sum(len(queue) for queue in self._ready.values())
@@ -64,6 +67,7 @@ class PendingPunches:
             waiting.append((slot, now))
         else:
             waiting.extend(zip(sorted(slots, reverse=True), itertools.repeat(now)))
+        self._members.setdefault(chain_id, collections.Counter()).update(slots)
 
     def covered(self) -> None:
         """A checkpoint has covered every commit so far: what waited is ready."""
@@ -78,7 +82,11 @@ class PendingPunches:
         """The lowest slot of the chain's newest freeing commit that a
         checkpoint covers, no longer pending; None if none is."""
         queue = self._ready.get(chain_id)
-        return queue.pop()[0] if queue else None
+        if not queue:
+            return None
+        slot = queue.pop()[0]
+        self._leave(chain_id, (slot,))
+        return slot
 
     def batch(self, max_slots: int | None = None, freed_before: float | None = None
               ) -> dict[int, list[int]]:
@@ -94,21 +102,32 @@ class PendingPunches:
                     left -= 1
             if slots:
                 out[chain_id] = slots
+                self._leave(chain_id, slots)
             if left == 0:
                 break
         return out
 
-    def slots(self, chain_id: int) -> set[int]:
-        """The chain's pending slots, ready or waiting."""
-        return ({slot for slot, _ in self._ready.get(chain_id, ())}
-                | {slot for slot, _ in self._waiting.get(chain_id, ())})
+    def _leave(self, chain_id: int, slots: Collection[int]) -> None:
+        members = self._members[chain_id]
+        for slot in slots:
+            members[slot] -= 1
+            if not members[slot]:
+                del members[slot]
+
+    def slots(self, chain_id: int) -> AbstractSet[int]:
+        """The chain's pending slots, ready or waiting (kept as they change,
+        not gathered: the scan of a slot table asks at every step)."""
+        members = self._members.get(chain_id)
+        return frozenset() if members is None else members.keys()
 
     def drop(self, chain_id: int) -> None:
         """Forget a chain's slots (its data file is gone)."""
         self._ready.pop(chain_id, None)
         self._waiting.pop(chain_id, None)
+        self._members.pop(chain_id, None)
 
     def clear(self) -> None:
         """Forget every slot."""
         self._ready.clear()
         self._waiting.clear()
+        self._members.clear()

@@ -203,10 +203,9 @@ class State:
                 if recorded >= generation:
                     self.index.generation = restamp(recorded)
             self.store = BlockStore(path / "data", guard)
-            self.index.flush_data = self.store.sync
             #: Free slots whose disk space is not given back yet (punch_pending).
             self.pending = PendingPunches()
-            self.index.checkpoint_taken = self.pending.covered
+            self._hook_checkpoints()
             #: The file maps and slot tables in memory, by inode and chain
             #: (:meth:`map`, :meth:`table`); read them, change them only
             #: through a ChainWrite (:meth:`change`).
@@ -254,6 +253,12 @@ class State:
         self.index.close()
         os.close(self._lock_fd)
 
+    def _hook_checkpoints(self) -> None:
+        """Have the index flush the data files before each checkpoint, and
+        make the slots freed so far reusable after it."""
+        self.index.flush_data = self.store.sync
+        self.index.checkpoint_taken = self.pending.covered
+
     def sync(self) -> None:
         """Make every committed change durable: a checkpoint (data files
         first, then the index, swapfs/engine/checkpoint.py), after which the
@@ -300,6 +305,9 @@ class State:
         """Format a new index, or convert an old one; True for an encrypted
         state of format 3, which is converted by sealing it again once its
         key is checked (swapfs/engine/reseal.py)."""
+        with self.index.begin() as txn:
+            if upgrade.format_of(txn) == FORMAT_VERSION:
+                return False  # no write: a read-only check stays one
         with self.index.begin(write=True) as txn:
             version = upgrade.format_of(txn)
             if version == FORMAT_VERSION:
@@ -451,11 +459,12 @@ class State:
         reseal.finish(self.path)
         self.index = Index(self.path / INDEX_NAME, guard, generation)
         self.store = BlockStore(self.path / "data", guard)
+        self.pending.clear()
+        self._hook_checkpoints()
         for chain_id in list(self.tables):  # they hold the old digests
             self.drop_table(chain_id)
         self.maps.clear()
         self._keys.clear()
-        self.pending.clear()
         self.master = new
         self._check_key(True)
         return chains
@@ -548,14 +557,12 @@ class State:
         found = table.scan_step(max_runs, self.pending.slots(table.chain_id))
         if not found:
             return
-        if self.index.clean_at_open:
-            table.give_free(found)  # the clean close punched them
-        else:
-            # Left by a crash, maybe holding data: punched, like any slot a
-            # commit freed, once a checkpoint covers the state that says so.
-            self.pending.add(table.chain_id, found, time.monotonic())
-            if self.index.commits == 0:
-                self.pending.covered()  # every commit is durable: so is their freeing
+        # Maybe holding data (a crash, a scan a close cut short): punched, like
+        # any slot a commit freed, once a checkpoint covers the state that
+        # says they are free.
+        self.pending.add(table.chain_id, found, time.monotonic())
+        if self.index.commits == 0:
+            self.pending.covered()  # every commit is durable: so is their freeing
 
     def _scan_all(self) -> None:
         """Make every chain's slot table, each scanned whole."""
@@ -584,7 +591,10 @@ class State:
             table.release()
 
     def remove_chain(self, chain_id: int) -> None:
-        """Forget a chain just removed from the index, and delete its data files."""
+        """Forget a chain just removed from the index, and delete its data files,
+        after a checkpoint: the one before still names its blocks."""
+        if self.index.writable():
+            self.sync()
         self.pending.drop(chain_id)
         self.drop_table(chain_id)
         self.store.remove(chain_id)

@@ -200,3 +200,25 @@ def test_a_damaged_checkpoint_record_costs_no_rollback_and_no_crash(
         assert vol.opened.rolled_back is None  # nothing to roll back to
         assert vol.read(ino, 0, BS) == version(0, 2)
     assert checkpoint.read(state / "index.lmdb") is not None, "a new record at close"
+
+
+def test_the_first_write_after_a_crash_in_this_boot_takes_a_checkpoint_first(
+        tmp_path: Path) -> None:
+    """The commits the dead process made since its last checkpoint are in the
+    page cache; the next ones could reuse that checkpoint's pages, which
+    nothing pins any more. So the first write transaction makes the tree
+    it finds the checkpoint, and pins it, before it changes anything."""
+    state = tmp_path / "state"
+    vol, ino = written(state)
+    vol.sync()
+    vol.write(ino, 0, version(0, 2))
+    crash(vol)
+    with closing(Volume(state, background_scan=True)) as vol:
+        record = vol.opened.index.checkpointed
+        assert record is not None
+        assert vol.read(ino, 0, BS) == version(0, 2), "reads take no checkpoint"
+        assert vol.opened.index.checkpointed == record
+        vol.write(ino, BS, version(1, 2))
+        after = vol.opened.index.checkpointed
+        assert after is not None and after.sequence == record.sequence + 1
+        assert after.metas != record.metas
