@@ -8,6 +8,7 @@ background), and while the first read of a block is answered, which after
 a takeover is the first request the new daemon serves.
 """
 
+import shutil
 import stat
 from contextlib import closing
 from pathlib import Path
@@ -52,12 +53,16 @@ def test_open_and_takeover_read_as_much_for_2_gib_as_for_128_mib(tmp_path: Path)
         state = tmp_path / str(size)
         ino = build(state, size)
         last = size // BLOCK_SIZE - 1
-        counts[size] = {
-            "open": values_read(state, ino, last),
-            # As a daemon taking over a live mount opens it: no new state, the
-            # files the kernel holds open named.
-            "takeover": values_read(state, ino, last // 2, create=False, still_open=(ino,)),
-        }
+        try:
+            counts[size] = {
+                "open": values_read(state, ino, last),
+                # As a daemon taking over a live mount opens it: no new state,
+                # the files the kernel holds open named.
+                "takeover": values_read(state, ino, last // 2, create=False,
+                                        still_open=(ino,)),
+            }
+        finally:
+            shutil.rmtree(state)  # 2 GiB: not left for pytest's kept temporaries
     small, large = counts[128 * MIB], counts[2048 * MIB]
     assert small == large, counts
     for at_open, first_read in small.values():
