@@ -256,6 +256,8 @@ _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 def punch(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) punching a hole, as a discard through a loop device does
+    (the os module has only posix_fallocate)."""
     if _libc.fallocate(fd, _PUNCH, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -399,10 +401,15 @@ def guest_cycle(spec: dict[str, Any]) -> int:
             report = json.loads(fsck.stdout)
         except ValueError:
             report = {"problems": [], "error": (fsck.stdout + fsck.stderr).strip()[-2000:]}
+        problems = report.get("problems", [])
         say("fsck", {"rc": fsck.returncode, "seconds": time.monotonic() - start,
                      "blocks_checked": report.get("blocks_checked"),
-                     "problems": report.get("problems", [])[:20],
-                     "problem_count": len(report.get("problems", [])),
+                     # The serious ones first: the list is cut at 20.
+                     "problems": sorted(problems, key=lambda problem: bool(
+                         problem.get("info")))[:20],
+                     "problem_count": len(problems),
+                     # Not those for information (what the next mount fixes by itself).
+                     "serious_count": sum(1 for problem in problems if not problem.get("info")),
                      "error": report.get("error")})
     start = time.monotonic()
     mounted = swapfs_command("mount", "--state", str(state), *key, str(mnt))
@@ -632,6 +639,8 @@ def summary(cycles: list[Cycle]) -> dict[str, Any]:
                             if cycle.check is not None),
         "needs_human": sum(1 for cycle in cycles if cycle.needs_human),
         "fsck_not_clean": sum(1 for cycle in fscked if cycle.fsck and cycle.fsck["rc"] != 0),
+        "fsck_serious_problems": sum(int(cycle.fsck.get("serious_count") or 0)
+                                     for cycle in fscked if cycle.fsck),
         "fsck_exit_codes": sorted({cycle.fsck["rc"] for cycle in fscked if cycle.fsck}),
         "failed_cycles": sum(1 for cycle in cycles if cycle.error),
         "acked_batches": sum(cycle.acked + 1 for cycle in cycles),
