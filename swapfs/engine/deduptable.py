@@ -91,7 +91,9 @@ class DedupTable:
         # is written, so a table sized at open for every block the chain
         # holds touches (and locks) only what the scan then fills; an array
         # wrote all its zeros first (137 MB before a 64 GiB state served).
-        self._maps = (mmap.mmap(-1, 4 * size), mmap.mmap(-1, 2 * size))
+        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # not shmem, which could swap
+        self._maps = (mmap.mmap(-1, 4 * size, flags=private),
+                      mmap.mmap(-1, 2 * size, flags=private))
         self.slots = memoryview(self._maps[0]).cast("I")
         self.tags = memoryview(self._maps[1]).cast("H")
         self.size = size
