@@ -46,9 +46,10 @@ def _lacks() -> list[str]:
     return lacks
 
 
+LACKS = _lacks()
 pytestmark = [
     pytest.mark.slow, pytest.mark.mount,
-    pytest.mark.skipif(bool(_lacks()), reason=f"a QEMU guest needs: {'; '.join(_lacks())}"),
+    pytest.mark.skipif(bool(LACKS), reason=f"a QEMU guest needs: {'; '.join(LACKS)}"),
 ]
 
 
