@@ -62,9 +62,12 @@ PUNCH_INTERVAL = 1.0
 #: few milliseconds at most.
 PUNCH_BATCH = 32
 #: Runs of a slot table scanned between two checkpoints of the loop (about
-#: 11,000 slots, a few milliseconds), and the seconds between two looks
-#: for a table that needs a scan once all are done.
-SCAN_RUNS = 64
+#: 2,700 slots, 2 to 4 ms that a request may wait), the seconds after the
+#: start before the scan begins (a takeover's resent requests and first
+#: reads come first), and the seconds between two looks for a table that
+#: needs a scan once all are done.
+SCAN_RUNS = 16
+SCAN_DELAY = 1.0
 SCAN_INTERVAL = 0.2
 #: Seconds between two unlockings of the state's mapped files (a seal file
 #: mapped anew as it grows is locked until then).
@@ -261,6 +264,7 @@ async def _scan_slot_tables(volume: Volume) -> None:
     open read none of them, and their dedup tables and free slots come from
     this scan (swapfs/engine/slottable.py); a table that fills is rebuilt
     larger the same way."""
+    await trio.sleep(SCAN_DELAY)
     start = time.monotonic()
     while volume.scan_step(SCAN_RUNS):
         await trio.sleep(0)
