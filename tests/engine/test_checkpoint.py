@@ -60,6 +60,17 @@ def written(state: Path) -> tuple[Volume, int]:
     return vol, ino
 
 
+def stopped_after_a_checkpoint(state: Path) -> int:
+    """A state whose machine stopped after block 0 was written twice, the
+    second time after its last checkpoint; the file's inode."""
+    vol, ino = written(state)
+    vol.sync()
+    vol.write(ino, 0, version(0, 2))
+    crash(vol)
+    other_boot(state)
+    return ino
+
+
 def test_records_alternate_and_a_torn_one_leaves_the_other(tmp_path: Path) -> None:
     metas = bytes(range(256)) + bytes(range(48))  # two meta pages' 152 bytes
     for sequence in range(3):
@@ -133,11 +144,7 @@ def test_a_rollback_is_made_once_then_the_boot_is_this_one(tmp_path: Path) -> No
     """After the rollback the record names this boot: writes made after it,
     then a kill, are not rolled back again."""
     state = tmp_path / "state"
-    vol, ino = written(state)
-    vol.sync()
-    vol.write(ino, 0, version(0, 2))
-    crash(vol)
-    other_boot(state)
+    ino = stopped_after_a_checkpoint(state)
     vol = Volume(state)
     assert vol.opened.rolled_back is not None
     vol.write(ino, 0, version(0, 3))
@@ -149,11 +156,7 @@ def test_a_rollback_is_made_once_then_the_boot_is_this_one(tmp_path: Path) -> No
 
 def test_a_read_only_check_leaves_the_rollback_to_the_next_open(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    vol, ino = written(state)
-    vol.sync()
-    vol.write(ino, 0, version(0, 2))
-    crash(vol)
-    other_boot(state)
+    ino = stopped_after_a_checkpoint(state)
     record = (state / "index.lmdb" / checkpoint.NAME).read_bytes()
     fsck.check(state)
     assert (state / "index.lmdb" / checkpoint.NAME).read_bytes() == record
@@ -186,11 +189,7 @@ def test_a_slot_freed_after_the_checkpoint_waits_for_the_next(tmp_path: Path) ->
 def test_a_damaged_checkpoint_record_costs_no_rollback_and_no_crash(
         tmp_path: Path, flip: int) -> None:
     state = tmp_path / "state"
-    vol, ino = written(state)
-    vol.sync()
-    vol.write(ino, 0, version(0, 2))
-    crash(vol)
-    other_boot(state)
+    ino = stopped_after_a_checkpoint(state)
     path = state / "index.lmdb" / checkpoint.NAME
     raw = bytearray(path.read_bytes())
     for offset in (flip, flip + len(raw) // 2):  # both records
