@@ -4,15 +4,19 @@ A :class:`State` is one state directory, open and locked for this process:
 the LMDB index (:class:`~swapfs.engine.index.Index`), the chains' data
 files (:class:`~swapfs.engine.store.BlockStore`) and the keys. Opening it
 takes the lock and the lease, secures the modes, checks (and converts) the
-index's format, checks the master key, and, unless told otherwise, purges
-the files left unlinked-while-open and punches every free slot. Changing
+index's format (rolling it back to its checkpoint if its machine stopped
+while it was in use, ``swapfs/engine/checkpoint.py``), checks the master
+key, and, unless told otherwise, purges the files left unlinked-while-open.
+Changing
 the keys of the whole state (:meth:`State.rekey`, :meth:`State.reseal`)
 is done here too, as is closing it.
 
-While it is open, a State also keeps the file maps and the chains' slot
-tables in memory (``swapfs/engine/filemap.py``, ``swapfs/engine/slottable.py``),
-loaded and verified the first time they are used (a map's runs one by one,
-as they are used, within the bound ``map_cache_bytes``); every transaction that
+While it is open, a State also keeps runs of the file maps and the chains'
+slot tables in memory (``swapfs/engine/filemap.py``, ``swapfs/engine/slottable.py``),
+each read and verified the first time it is used, within the bounds
+``map_cache_bytes`` and ``slot_cache_bytes``, and the scan of the slot
+tables that finds their free slots and builds their dedup tables
+(:meth:`State.scan_step`); every transaction that
 changes them does so through a :class:`~swapfs.engine.chainwrite.ChainWrite`
 (:meth:`State.change`). ``fsck`` and ``swapfs rekey`` use a State alone;
 :class:`~swapfs.engine.volume.Volume` builds the namespace and the data path
@@ -132,9 +136,9 @@ class State:
         is not below the claimed one (the lease file lost its generation
         since: broken when corrupt, or removed): it re-stamps the lease
         above it and returns the new generation (``Lease.restamp_above``).
-        *progress* is called at each step of the opening (a chain's slot
-        table loaded, an orphan purged), which a large state takes long
-        for: the daemon reports it to whoever waits for its start.
+        *progress* is called at each step of the opening (an orphan purged,
+        a batch of blocks of a conversion sealed again), which can take
+        long: the daemon reports it to whoever waits for its start.
         Without *create*, a state with no index is an error (ENOENT): a
         daemon taking over a live mount must serve the state the kernel
         knows, never a new, empty one. Without *upgrade*, an index of an
