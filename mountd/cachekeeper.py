@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = peers.MANIFEST_NAME
 #: The planner's name for this state's own last manifest.
 OWN = "this state's last manifest"
+#: Runs of a slot table scanned between two checkpoints of the trio loop
+#: while the warm-up waits for the scan (as mountd/daemon.py steps it).
+SCAN_RUNS = 16
 #: Blocks warmed between two checkpoints of the trio loop.
 WARM_BATCH = 256
 
@@ -109,6 +112,11 @@ class CacheKeeper:
         others = await trio.to_thread.run_sync(peers.peers, self.volume.state,
                                                self.max_blocks)
         chosen, entries = await trio.to_thread.run_sync(self.plan, own, others)
+        # Blocks are found by digest, in the dedup tables that the scan of
+        # the slot tables builds after the open: it is driven to its end
+        # first (the daemon's own scan task steps it too).
+        while self.volume.scan_step(SCAN_RUNS):
+            await trio.sleep(0)
         loaded = 0
         for start in range(0, len(entries), WARM_BATCH):
             if not self.cache.free_blocks:

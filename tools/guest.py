@@ -96,8 +96,16 @@ mount -t devtmpfs devtmpfs /host/dev
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
+# A checkout under /tmp or /run (guest.keep=) stays seen through the tmpfs.
+keep=$(sed -n 's/.*guest\.keep=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$keep" ]; then
+    mkdir -p /keep && mount -o bind "/host$keep" /keep || fail "cannot keep $keep"
+fi
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
+if [ -n "$keep" ]; then
+    mkdir -p "/host$keep" && mount -o bind /keep "/host$keep" || fail "cannot keep $keep"
+fi
 script=$(sed -n 's/.*guest\.run=\([^ ]*\).*/\1/p' /proc/cmdline)
 env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
     LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1 chroot /host /bin/sh "$script"
@@ -371,6 +379,14 @@ def kill_all() -> None:
         guest.kill()
 
 
+def _keep(checkout: Path) -> str:
+    """The kernel parameter that keeps *checkout* seen in the guest when
+    its own tmpfs on /tmp or /run would hide it (a clone under /tmp), else
+    nothing."""
+    hidden = any(str(checkout).startswith(top + "/") for top in ("/tmp", "/run"))
+    return f" guest.keep={checkout}" if hidden else ""
+
+
 class Guest:
     """One boot of a guest that runs *script* (shell, run by the host's
     /bin/sh as root in the chroot of the host's root) with *disks* attached
@@ -416,7 +432,7 @@ class Guest:
                 # No speculation mitigations: nothing to protect in a test guest,
                 # and each is emulated at a cost under TCG.
                 "-append", f"console=ttyS0 loglevel=4 panic=-1 mitigations=off "
-                           f"guest.run={script_path}",
+                           f"guest.run={script_path}" + _keep(ROOT),
                 "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,"
                           "multidevs=remap",
                 "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",

@@ -248,8 +248,13 @@ class SlotTable:
         return self._entry(slot)[1]
 
     def find(self, digest: bytes) -> int | None:
-        """A slot holding the block *digest*, if the dedup table knows one."""
-        return self.dedup.find(digest)
+        """A slot holding the block *digest*, if the dedup table knows one, or
+        the one the scan is filling (which names every block stored since it
+        began, even those the full table in use could not take)."""
+        slot = self.dedup.find(digest)
+        if slot is None and self._building is not None:
+            slot = self._building.find(digest)
+        return slot
 
     def find_prefix(self, prefix: bytes) -> tuple[bytes, int] | None:
         """(digest, slot) of a block whose digest is, or starts with, *prefix*:

@@ -362,9 +362,9 @@ def test_punching_a_hole_frees_the_blocks(mount: Mount) -> None:
 
 def lasting(chains: dict) -> dict:
     """The chains' figures that outlive the daemon: not what its slot tables
-    hold in memory, nor how far its scan of them has come."""
-    return {name: {key: ({**value, "scanned": None} if key == "dedup_table" else value)
-                   for key, value in chain.items() if key != "slot_table"}
+    and dedup tables hold in memory, which its scan of them builds."""
+    return {name: {key: value for key, value in chain.items()
+                   if key not in ("slot_table", "dedup_table")}
             for name, chain in chains.items()}
 
 

@@ -814,23 +814,23 @@ def take_by_force(state: Path) -> bytes:
 def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another host breaks the lease and takes the state while this one
-    still loads its slot tables: what opened writes nothing from then on,
+    still scans its slot tables: what opened writes nothing from then on,
     and the daemon sees the lease lost before it serves (mountd/daemon.py)."""
     state = two_chains(tmp_path / "state")
     seconds = 4.0  # the daemon's least lease_seconds
-    load = SlotTable.load.__func__  # type: ignore[attr-defined]
+    scan = SlotTable.scan_step
     taken: list[Any] = []  # the other host's holder id, then the state as it took it
 
-    def contended_load(cls: type, *args: Any, **kwargs: Any) -> SlotTable:
+    def contended_scan(table: SlotTable, *args: Any, **kwargs: Any) -> list[int]:
         if not taken:
             taken.append(take_by_force(state))
             taken.append(snapshot(state))
             # This host's next renewal, in its Renewer thread, finds it lost.
             assert wait_until(lambda: link.lease is not None and link.lease.valid_for() == 0,
                               timeout=30)
-        return load(cls, *args, **kwargs)
+        return scan(table, *args, **kwargs)
 
-    monkeypatch.setattr(SlotTable, "load", classmethod(contended_load))
+    monkeypatch.setattr(SlotTable, "scan_step", contended_scan)
     link = Link(str(tmp_path / "m"), None, None, None)
     try:
         volume = Volume(state, claim=lambda: link.claim_lease(state, seconds),
@@ -852,12 +852,15 @@ def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
 
 
 def test_the_opening_reports_each_slow_step(tmp_path: Path) -> None:
-    """A chain's slot table verified is a step the daemon reports as
-    progress of its start (swapfs/cli/spawn.py), so a standby waits for it."""
+    """An orphan purged is a step the daemon reports as progress of its
+    start (swapfs/cli/spawn.py), so a standby waits for it."""
     state = tmp_path / "state"
     volume = Volume(state)
+    chain = volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
     for name in (b"a", b"b", b"c"):
-        volume.mkdir(ROOT_INO, name, 0o755, 0, 0)
+        file = volume.create(chain.ino, name, 0o100600, 0, 0)
+        volume.write(file.ino, 0, name * 4096)
+        volume.unlink(chain.ino, name, still_open=True)
     volume.close()
     steps: list[int] = []
     Volume(state, progress=lambda: steps.append(1)).close()
