@@ -261,7 +261,7 @@ class SlotTable:
         a whole digest through the dedup table, a shorter prefix by a walk
         over the slot table (for the rare caller that lacks the digest)."""
         if len(prefix) == DIGEST_SIZE:
-            slot = self.dedup.find(prefix)
+            slot = self.find(prefix)
             return None if slot is None else (prefix, slot)
         for slot, digest, _ in self.used():
             if digest.startswith(prefix):
