@@ -78,10 +78,10 @@ class Config:
         [caches.md](caches.md)""")
     dedup_table_bytes: int = setting(256 << 20, """
         the memory all chains' dedup tables (digest -> slot) may take
-        together, at least 4096. An entry takes 7.1 to 8.8 bytes (a table is
+        together, at least 4096. An entry takes 7.1 to 12 bytes (a table is
         built 75% full and rebuilt larger when it is 85% full), so the
-        default names at least 30 million stored blocks (about 116 GiB of
-        distinct data). Past it a chain's table stops growing and dedup is partial: a
+        default names at least 22 million stored blocks (about 85 GiB of
+        distinct data), 33 million (128 GiB) in tables built at an open. Past it a chain's table stops growing and dedup is partial: a
         block the table does not name is stored again, nothing is lost, and
         `swapfs stats` counts such blocks (`dedup_table.unindexed`). See
         [performance.md](performance.md#what-bounds-the-rest)""")

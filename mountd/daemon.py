@@ -68,7 +68,7 @@ PUNCH_BATCH = 32
 #: needs a scan once all are done.
 SCAN_RUNS = 16
 SCAN_DELAY = 1.0
-SCAN_INTERVAL = 0.2
+SCAN_INTERVAL = 0.01
 #: Seconds between two unlockings of the state's mapped files (a seal file
 #: mapped anew as it grows is locked until then).
 UNLOCK_INTERVAL = 5.0

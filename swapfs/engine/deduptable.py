@@ -10,9 +10,9 @@ read and compared, from the slot table, which may have to read that slot's
 run from the index. Without the tags every bucket probed would cost such a
 read: the slot table is no longer held whole in memory. A bucket is 6
 bytes; a table is built 75% full and keeps taking entries up to 85%, and
-its successor is sized for a tenth more entries than the table holds, so
-an entry costs 7.1 to 8.8 bytes (8 at the build after an open: 2 MiB per
-GiB stored), where a Python dict of digests costs about 130.
+its successor is sized for half as many entries again as the table holds,
+so an entry costs 7.1 to 12 bytes (8 at the build after an open: 2 MiB
+per GiB stored), where a Python dict of digests costs about 130.
 
 A table never rehashes itself: that would read the digest of every entry,
 the whole slot table, while a request waits. When it is past 85% full it
@@ -115,12 +115,13 @@ class DedupTable:
 
     def successor(self) -> "DedupTable | None":
         """An empty table to replace this one once filled: sized for its live
-        entries and a tenth more, at BUILD_LOAD (so a table that filled with
-        removed entries is rebuilt at its size, and one that filled with
-        live ones a quarter larger); None if the budget refuses a larger
-        table. One no larger is granted past the budget: this one's bytes
+        entries and half as many more, at BUILD_LOAD (so a table that filled
+        with removed entries is rebuilt at about its size, and one that
+        filled with live ones 1.7 times larger: room for the blocks a fast
+        fill stores while the scan builds it); None if the budget refuses a
+        larger table. One no larger is granted past the budget: this one's bytes
         come back when it is dropped."""
-        size = buckets_for(self.entries * 11 // 10)
+        size = buckets_for(self.entries * 3 // 2)
         if not self._budget.grant(BUCKET_BYTES * size):
             if size > self.size:
                 return None
