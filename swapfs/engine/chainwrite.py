@@ -202,6 +202,7 @@ class ChainWrite:
 
     def _ended(self, committed: bool) -> None:
         if committed:
+            self.table.committed()
             if self.freed:
                 self.pending.add(self.chain.id_, self.freed, time.monotonic())
             return

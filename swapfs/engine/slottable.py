@@ -83,7 +83,7 @@ class SlotTable:
     __slots__ = ("chain", "chain_id", "runs", "next_slot", "stored", "dedup", "bad",
                  "damaged", "runs_kept", "scanned", "runs_loaded", "_source", "_dirty",
                  "_damaged_dirty", "_saved", "_free", "_free_runs", "free_count",
-                 "_scan_at", "_building", "_named_in_scan")
+                 "_scan_at", "_building", "_named_in_scan", "_unnamed")
 
     def __init__(self, chain: Chain, source: RunSource, budget: DedupBudget | None = None,
                  damaged: Iterable[int] = (),
@@ -133,6 +133,9 @@ class SlotTable:
         #: scan passes over them (without this it would look up every
         #: digest before naming it, which doubles its cost).
         self._named_in_scan: set[int] = set()
+        #: The digests the transaction in progress took out of the dedup
+        #: tables (with their slots): named again if it aborts.
+        self._unnamed: list[tuple[bytes, int]] = []
 
     @classmethod
     def load(cls, txn: Txn, chain: Chain, unpunched: Collection[int] = (),
@@ -352,6 +355,7 @@ class SlotTable:
             self._building = self.dedup.successor()
 
     def _unindex(self, digest: bytes, slot: int) -> None:
+        self._unnamed.append((digest, slot))
         self.dedup.remove(digest, slot)
         if self._building is not None:
             self._building.remove(digest, slot)
@@ -517,8 +521,7 @@ class SlotTable:
         again, the counts and marks are the last commit's (*committed*,
         *damaged*). The dedup table may still name slots the transaction
         took; those entries no longer match, and cost a miss. The digests it
-        forgot, of slots the transaction freed, are named again by a scan
-        that builds its successor."""
+        took out, of slots the transaction freed, are named again."""
         self.runs.clear()
         self._dirty.clear()
         self._damaged_dirty.clear()
@@ -527,5 +530,11 @@ class SlotTable:
         self._saved = (committed.next_slot, committed.stored)
         self.damaged = set(damaged)
         self.bad = {slot for slot in self.bad if slot < self.next_slot}
-        if self.scanned and self._building is None:
-            self._building = self.dedup.successor()
+        unnamed, self._unnamed = self._unnamed, []
+        for digest, slot in unnamed:
+            if self._digest_of(slot) == digest and self.find(digest) is None:
+                self._index(digest, slot)
+
+    def committed(self) -> None:
+        """The transaction in progress committed: nothing to name again."""
+        self._unnamed.clear()

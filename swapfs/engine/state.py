@@ -101,6 +101,9 @@ class OldFormat(SwapfsError):
 #: finds it needs a scan (about 2 ms), even where the scan runs in the
 #: background: a small chain's dedup table fills fastest under churn.
 INLINE_SCAN_SLOTS = 64 * SLOT_RUN
+#: Runs of a larger table's scan each write transaction takes on (about
+#: 1,400 slots, well under a millisecond), besides the background's steps.
+WRITE_SCAN_RUNS = 8
 
 
 class State:
@@ -529,9 +532,12 @@ class State:
     def change(self, txn: Txn, chain_id: int) -> ChainWrite:
         """The changes *txn* makes to the chain's maps and slots."""
         table = self.table(txn, chain_id)
-        if table.scanning and (not self._background_scan
-                               or table.next_slot <= INLINE_SCAN_SLOTS):
-            self._scan(table, None)  # at once: a small table takes a moment
+        if table.scanning:
+            # A small table at once; a large one a step with each write, so
+            # that the scan keeps ahead of a fill even when requests leave
+            # the daemon's background task no turn.
+            small = not self._background_scan or table.next_slot <= INLINE_SCAN_SLOTS
+            self._scan(table, None if small else WRITE_SCAN_RUNS)
         return ChainWrite(txn, table, self.chain_keys(table.chain), self.store,
                           self.pending, self)
 

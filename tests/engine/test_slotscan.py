@@ -58,21 +58,25 @@ def test_open_and_a_first_read_read_the_same_runs_whatever_the_chain_holds(
 
 
 def test_writes_before_the_scan_store_again_and_read_right(tmp_path: Path) -> None:
-    """A chain too large to scan at a write's request (INLINE_SCAN_SLOTS)."""
+    """A chain too large to scan at a write's request (INLINE_SCAN_SLOTS):
+    each write scans WRITE_SCAN_RUNS runs of it, from the first; a block
+    stored in a later run is not named yet, and stored again."""
     state = tmp_path / "state"
     blocks = distinct(INLINE_SCAN_SLOTS + SLOT_RUN)
     ino = fill(state, blocks)
     with closing(Volume(state, background_scan=True)) as vol:
         other = vol.create(vol.resolve("c").ino, b"g", stat.S_IFREG | 0o600, 0, 0)
-        vol.write(other.ino, 0, blocks[0])  # not named yet: a second copy
+        vol.write(other.ino, 0, blocks[-1])  # not named yet: a second copy
+        assert vol.stats()["chains"]["c"]["unique_blocks"] == len(blocks) + 1
+        vol.write(other.ino, BS, blocks[0])  # in the runs scanned: deduplicated
         assert vol.stats()["chains"]["c"]["unique_blocks"] == len(blocks) + 1
         while vol.scan_step(16):
             pass
         assert vol.stats()["chains"]["c"]["dedup_table"]["scanned"]
-        vol.write(other.ino, BS, blocks[1])  # named now: deduplicated
+        vol.write(other.ino, 2 * BS, blocks[-2])  # named now: deduplicated
         assert vol.stats()["chains"]["c"]["unique_blocks"] == len(blocks) + 1
         assert vol.read(ino, 0, len(blocks) * BS) == b"".join(blocks)
-        assert vol.read(other.ino, 0, 2 * BS) == blocks[0] + blocks[1]
+        assert vol.read(other.ino, 0, 3 * BS) == blocks[-1] + blocks[0] + blocks[-2]
     assert fsck.check(state).clean
 
 
