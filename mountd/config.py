@@ -81,7 +81,8 @@ class Config:
         together, at least 4096. An entry takes 7.1 to 12 bytes (a table is
         built 75% full and rebuilt larger when it is 85% full), so the
         default names at least 22 million stored blocks (about 85 GiB of
-        distinct data), 33 million (128 GiB) in tables built at an open. Past it a chain's table stops growing and dedup is partial: a
+        distinct data), 33 million (128 GiB) in tables built at an open.
+        Past it a chain's table stops growing and dedup is partial: a
         block the table does not name is stored again, nothing is lost, and
         `swapfs stats` counts such blocks (`dedup_table.unindexed`). See
         [performance.md](performance.md#what-bounds-the-rest)""")
