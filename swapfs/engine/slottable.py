@@ -22,7 +22,8 @@ What is derived from the whole table is found by a *scan*, a walk over the
 runs a step at a time (:meth:`SlotTable.scan_step`) that the daemon runs in
 the background while it serves (each write of the chain taking a step too,
 ``State.change``), and that an open without a daemon runs at once: the
-dedup table (digest -> slot, ``swapfs/engine/deduptable.py``), the free slots whose space is punched, and the entries that do not verify.
+dedup table (digest -> slot, ``swapfs/engine/deduptable.py``), the free
+slots whose space is punched, and the entries that do not verify.
 Until the scan has passed a slot, a write of the same content stores a
 second copy, and a new block takes a slot at the end of the data file
 rather than a free one below: dedup and reuse are late, never wrong. The
