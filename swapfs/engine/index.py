@@ -73,7 +73,7 @@ from typing import Any
 
 import lmdb
 
-from swapfs.engine import checkpoint, cleanmark
+from swapfs.engine import checkpoint, cleanmark, journal
 from swapfs.engine.errors import CorruptIndex, SwapfsError
 from swapfs.engine.store import preallocate
 
@@ -290,6 +290,58 @@ def _map_steps(size: int) -> int:
     return MAP_STEP * max(1, -(-size // MAP_STEP))
 
 
+class _Recorder:
+    """A write transaction's view of the batch's LMDB transaction that notes
+    its puts and deletes for the journal (swapfs/engine/journal.py). Any
+    other change, a database the journal does not name, or more than the
+    journal holds leaves it unjournaled (``ops`` None): its commit is LMDB's."""
+
+    __slots__ = ("raw", "names", "ops", "bytes", "get", "cursor")
+
+    def __init__(self, raw: Any, names: dict[int, bytes]) -> None:
+        self.raw = raw
+        self.names = names
+        self.ops: list[journal.Op] | None = []
+        self.bytes = 0
+        self.get = raw.get
+        self.cursor = raw.cursor
+
+    def _note(self, kind: int, db: Any, key: bytes, value: bytes) -> None:
+        if self.ops is None:
+            return
+        name = self.names.get(id(db))
+        self.bytes += len(key) + len(value)
+        if name is None or self.bytes > journal.JOURNAL_BYTES:
+            self.ops = None
+        else:
+            self.ops.append((kind, name, bytes(key), bytes(value)))
+
+    def put(self, key: bytes, value: bytes, db: Any = None, **flags: Any) -> bool:
+        if flags:
+            self.ops = None
+        self._note(journal.PUT, db, key, value)
+        return bool(self.raw.put(key, value, db=db, **flags))
+
+    def delete(self, key: bytes, value: bytes = b"", db: Any = None) -> bool:
+        if value:
+            self.ops = None
+        self._note(journal.DELETE, db, key, b"")
+        return bool(self.raw.delete(key, value, db=db))
+
+    def drop(self, db: Any, delete: bool = True) -> None:
+        self.ops = None
+        self.raw.drop(db, delete=delete)
+
+
+def _apply(raw: Any, named: dict[bytes, Any], ops: list[journal.Op]) -> None:
+    """Make a journal record's changes in LMDB transaction *raw*."""
+    for kind, name, key, value in ops:
+        if kind == journal.PUT:
+            raw.put(key, value, db=named[name])
+        else:
+            raw.delete(key, db=named[name])
+
+
 class Index:
     """The LMDB environment and its named databases.
 
@@ -409,6 +461,44 @@ class Index:
         #: count to show that a cost does not grow with the state.
         self.values_read = 0
         self._calls = 0  # of keep_room
+        #: The LMDB write transaction that the write transactions of a batch
+        #: share (swapfs/engine/journal.py), None between batches; LMDB's
+        #: last transaction id when it began; whether the lease generation
+        #: was checked in it.
+        self._batch: Any = None
+        self._base = 0
+        self._generation_checked = False
+        #: What each write transaction of the batch changed, in order. While
+        #: LMDB's transaction is given up (an abort, a full map), these are
+        #: made again in a new one before anything reads the index.
+        self._records: list[list[journal.Op]] = []
+        self._names = {id(handle): name for name, handle in self.named.items()
+                       if journal.journaled(name)}
+        self.journal: journal.Journal | None = None
+        self._open_journal()
+
+    def _open_journal(self) -> None:
+        """Open the journal; take up the batch a killed process of this boot
+        left in it (applied at the first transaction, once the state has
+        hooked its checkpoints). A read-only check applies it too, in a
+        transaction it never commits: it checks the index as the next open
+        will find it."""
+        try:
+            self.journal = journal.Journal(self.path, checkpoint.boot_id(),
+                                           writable=self._roll_back)
+        except FileNotFoundError:
+            return  # read-only, and nothing ever wrote one
+        except OSError as exc:
+            log.warning("%s: no journal (%s): every write transaction commits in LMDB",
+                        self.path, exc)
+            return
+        if self.clean_at_open or self.rolled_back:
+            return  # a clean close committed the last batch; a rollback left it
+        self._base = int(self.env.info()["last_txnid"])
+        self._records = list(self.journal.records(self._base))
+        if self._records:
+            log.info("%s: %d write transactions of the journal to apply", self.path,
+                     len(self._records))
 
     def _open(self, name: bytes) -> Any:
         handle = self.named[name] = self.env.open_db(name)
@@ -423,20 +513,104 @@ class Index:
             self.guard()
 
     def begin(self, write: bool = False) -> "Txn":
+        """A transaction. A write transaction joins the batch (LMDB's write
+        transaction, begun if none is open); a read transaction reads
+        through the batch while one is open, so that it sees every write
+        transaction's changes."""
         if write:
             self.check_write()
-            if self._unprotected:
-                self.checkpoint()
-        txn = Txn(self, self.env.begin(write=write), write)
+        if self._batch is None and (write or self._records):
+            self._open_batch()
         if write:
+            if self.generation and not self._generation_checked:
+                self._check_generation()
+            txn = Txn(self, _Recorder(self._batch, self._names), write=True)
             self.writer = txn
-            if self.generation:
-                self._check_generation(txn)
-        return txn
+            return txn
+        if self._batch is not None:
+            return Txn(self, self._batch, shared=True)
+        return Txn(self, self.env.begin())
 
-    def _check_generation(self, txn: "Txn") -> None:
-        """Refuse a write transaction if a later lease holder has written the
-        index; record this holder's generation if it is the first to write."""
+    def _open_batch(self) -> None:
+        """Begin LMDB's write transaction for a batch and make in it again
+        the changes of the batch's write transactions so far, growing the
+        map if it is too small for them."""
+        if self._unprotected:
+            # Commits of this boot since the checkpoint may not be on disk,
+            # and this batch could reuse the checkpoint's pages.
+            self._checkpoint_tree(cover=not self._records)
+        while True:
+            batch = self.env.begin(write=True)
+            try:
+                for ops in self._records:
+                    _apply(batch, self.named, ops)
+            except lmdb.MapFullError:
+                batch.abort()
+                self._resize()
+                continue
+            except BaseException:
+                batch.abort()
+                raise
+            break
+        self._batch = batch
+        self._base = batch.id() - 1
+        self._generation_checked = False
+
+    def _give_up_batch(self) -> None:
+        """Abort LMDB's transaction; the journal's records are kept, to be
+        made again in the next one."""
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.abort()
+
+    def write_committed(self, recorder: _Recorder) -> None:
+        """A write transaction of the batch commits: its record is appended
+        to the journal; or, when the journal cannot name it or has no room
+        left, LMDB commits the batch with it. On an error, nothing of it
+        happened (lmdb.MapFullError for the caller to grow the index and try
+        again)."""
+        if recorder.ops is not None and self.journal is not None:
+            try:
+                if self.journal.append(self._base, recorder.ops):
+                    self._records.append(recorder.ops)
+                    return
+            except OSError as exc:
+                log.warning("%s: the journal failed (%s): the batch commits now",
+                            self.path, exc)
+        batch, self._batch = self._batch, None
+        batch.commit()  # should it fail, LMDB aborts it: the records are made again
+        self._batch_committed()
+
+    def write_aborted(self) -> None:
+        """A write transaction of the batch aborts: LMDB's transaction goes
+        with its changes; the next begin makes the earlier ones again."""
+        self._give_up_batch()
+
+    def _batch_committed(self) -> None:
+        self._records = []
+        if self.journal is not None:
+            self.journal.restart()
+
+    def flush(self) -> None:
+        """Commit the batch, if one is open or waits to be made again (not
+        in a read-only check, whose batch only shows the journal's changes)."""
+        while self._roll_back and (self._batch is not None or self._records):
+            if self._batch is None:
+                self._open_batch()
+            self.check_write()
+            batch, self._batch = self._batch, None
+            try:
+                batch.commit()
+            except lmdb.MapFullError:
+                self._resize()
+                continue
+            self._batch_committed()
+
+    def _check_generation(self) -> None:
+        """Refuse to write if a later lease holder has written the index;
+        record this holder's generation if it is the first to write. Once
+        a batch, in LMDB's transaction."""
+        txn = Txn(self, self._batch, shared=True)
         try:
             recorded = txn.get_meta(LEASE_GENERATION) or 0
             if recorded > self.generation:
@@ -446,8 +620,9 @@ class Index:
             if recorded < self.generation:
                 txn.put_meta(LEASE_GENERATION, self.generation)
         except BaseException:
-            txn.abort()
+            self._give_up_batch()
             raise
+        self._generation_checked = True
 
     def recorded_generation(self) -> int:
         """The lease generation of the index's last writer, 0 for none."""
@@ -475,7 +650,8 @@ class Index:
         least MAP_STEP) is left above the highest page in use, so that a
         transaction seldom finds it full and has to run again. A disk with
         no room for that is no error yet: the transaction that needs the room
-        will get ENOSPC. No transaction may be open.
+        will get ENOSPC. The batch is committed first: LMDB resizes its map
+        only with no transaction open. No write transaction may be in progress.
 
         Asking LMDB costs as much as a small request, so only every
         KEEP_ROOM_EVERY-th call looks: the room kept ahead (MAP_STEP at
@@ -487,6 +663,7 @@ class Index:
             return
         if self.map_size - self.file_bytes() < max(MAP_STEP, self.map_size // 4):
             try:
+                self.flush()
                 self.grow()
             except SwapfsError as exc:
                 log.debug("%s", exc)
@@ -495,18 +672,25 @@ class Index:
         """Make the map bigger, after a transaction found it full: allocate
         the new room on disk first (SwapfsError ENOSPC if the file system has
         none), then map it; refused (EROFS) when this process may not write
-        the state now. No transaction may be open."""
+        the state now. No write transaction may be in progress."""
         self.check_write()
+        self._resize()
+
+    def _resize(self) -> None:
         size = _map_steps(max(self.map_size + MAP_STEP, self.map_size * 5 // 4))
         try:
             preallocate(self._fd, self.map_size, size - self.map_size)
         except OSError as exc:
             raise SwapfsError(exc.errno or errno.EIO,
                               f"the index cannot grow to {size} bytes: {exc}") from exc
+        # LMDB resizes its map only with no transaction open: the batch's
+        # write transactions are made again in the next one.
+        self._give_up_batch()
         pinned = self._pin is not None
         if pinned:
-            self.checkpoint()  # the tree now: pinned again once the map is resized
-        self._unpin()  # LMDB resizes its map only with no transaction open
+            # The tree now: pinned again once the map is resized.
+            self._checkpoint_tree(cover=not self._records)
+        self._unpin()
         self.env.set_mapsize(size)
         log.info("the index grew to %d MiB", size >> 20)
         self.map_size = size
@@ -515,9 +699,16 @@ class Index:
 
     def checkpoint(self) -> None:
         """Make every commit durable and the tree it left the checkpoint:
-        the data files flushed, then the index's pages, then its meta pages
-        recorded (swapfs/engine/checkpoint.py), and that tree pinned by a read
-        transaction until the next checkpoint."""
+        the batch committed, the data files flushed, then the index's
+        pages, then its meta pages recorded (swapfs/engine/checkpoint.py),
+        and that tree pinned by a read transaction until the next checkpoint."""
+        self.flush()
+        self._checkpoint_tree(cover=True)
+
+    def _checkpoint_tree(self, cover: bool) -> None:
+        """Make LMDB's last commit the checkpoint. Unless *cover*, the slots
+        freed so far stay unusable: the batch's write transactions that
+        freed them are not in that tree."""
         self.flush_data()
         self.env.sync(True)
         self.checkpointed = checkpoint.taken(self.path, self._page_size, self.checkpointed)
@@ -526,9 +717,10 @@ class Index:
         pin, self._pin = self._pin, self.env.begin()
         if pin is not None:
             pin.abort()
-        self.commits = 0
+        self.commits = max(1, self.commits) if self._records else 0
         self._unprotected = False
-        self.checkpoint_taken()
+        if cover:
+            self.checkpoint_taken()
 
     def _unpin(self) -> None:
         if self._pin is not None:
@@ -536,25 +728,32 @@ class Index:
             self._pin = None
 
     def close(self) -> None:
-        """Flush and close; then mark the index clean (swapfs/engine/cleanmark.py).
-        An index that may not be written any more (fenced, or its lease
-        lapsed: another host may own it) is closed without either."""
+        """Commit the batch, flush and close; then mark the index clean
+        (swapfs/engine/cleanmark.py). An index that may not be written any
+        more (fenced, or its lease lapsed: another host may own it) is closed
+        without any of it."""
         if not self.writable():
-            self._unpin()
-            self.env.close()
-            os.close(self._fd)
+            self._give_up_batch()
+            self._close_files()
             return
         # A check that wrote nothing leaves an index a crash left as it found
         # it (no checkpoint, no mark), for the next open to roll back.
         synced = False
-        if self.commits or (self._roll_back and self.checkpointed is None):
+        if self._roll_back and (self.commits or self._records or self._batch is not None
+                                or self.checkpointed is None):
             self.checkpoint()
             synced = True
+        self._give_up_batch()  # a read-only check's
+        self._close_files()
+        if synced or self.clean_at_open:
+            cleanmark.mark_clean(self.path, self._page_size)
+
+    def _close_files(self) -> None:
         self._unpin()
         self.env.close()
         os.close(self._fd)
-        if synced or self.clean_at_open:
-            cleanmark.mark_clean(self.path, self._page_size)
+        if self.journal is not None:
+            self.journal.close()
 
     def file_bytes(self) -> int:
         """Bytes of the index's pages in use (the file itself is the whole map)."""
@@ -564,11 +763,16 @@ class Index:
 class Txn:
     """One LMDB transaction with typed, checksummed accessors for every database."""
 
-    __slots__ = ("index", "txn", "write", "_after", "lenient")
+    __slots__ = ("index", "txn", "write", "shared", "_after", "lenient")
 
-    def __init__(self, index: Index, txn: lmdb.Transaction, write: bool = False) -> None:
+    def __init__(self, index: Index, txn: Any, write: bool = False,
+                 shared: bool = False) -> None:
+        """*txn* is LMDB's transaction; a write transaction's is the batch's,
+        seen through its recorder; a *shared* read transaction reads through
+        the batch's, and leaves it open when it ends."""
         self.index = index
         self.write = write
+        self.shared = shared
         #: Set by fsck: iterators skip records that do not verify (it reports
         #: them itself) instead of raising CorruptIndex.
         self.lenient = False
@@ -607,17 +811,31 @@ class Txn:
         for callback in callbacks:
             callback(committed)
 
+    @property
+    def raw(self) -> lmdb.Transaction:
+        """LMDB's transaction itself, for what the accessors do not do
+        (opening a database by name). A write transaction that asks for it
+        is no longer journaled: its commit is LMDB's."""
+        if self.write:
+            self.txn.ops = None
+            return self.txn.raw
+        return self.txn
+
     def abort(self) -> None:
-        self.txn.abort()
+        if self.write:
+            self.index.write_aborted()
+        elif not self.shared:
+            self.txn.abort()
         self._ended(False)
 
     def commit(self) -> None:
-        """Commit, or raise SwapfsError with nothing changed (LMDB aborts the
-        txn); lmdb.MapFullError as it is, so that the caller can grow the
-        index and try again. A write transaction checks again, right before
-        its commit, that this process may still write the state (its puts
-        went into the index's mapped pages already, and the transaction may
-        have been long): refused (EROFS), it is aborted."""
+        """Commit, or raise SwapfsError with nothing changed; lmdb.MapFullError
+        as it is, so that the caller can grow the index and try again. A
+        write transaction checks again, right before its commit, that this
+        process may still write the state (its puts went into the index's
+        mapped pages already, and the transaction may have been long):
+        refused (EROFS), it is aborted. It then joins the journal, or LMDB
+        commits the batch with it (Index.write_committed)."""
         if self.write:
             try:
                 self.index.check_write()
@@ -625,7 +843,10 @@ class Txn:
                 self.abort()
                 raise
         try:
-            self.txn.commit()
+            if self.write:
+                self.index.write_committed(self.txn)
+            elif not self.shared:
+                self.txn.commit()
         except lmdb.MapFullError:
             self._ended(False)
             raise
@@ -698,7 +919,8 @@ class Txn:
         """The bytes each database's pages take, as this transaction sees
         them: every database the main one names, opened here if this format
         does not open it (a database of another format)."""
-        index, txn = self.index, self.txn
+        index = self.index
+        txn = self.txn.raw if self.write else self.txn
         with txn.cursor(db=index.main) as cur:
             names = list(cur.iternext(values=False))
         databases = {}

@@ -170,7 +170,7 @@ def _copy(old: Txn, target: Index, state_id: bytes, new: keys.MasterKey) -> None
         if name in (b"chains", b"slots"):
             continue
         handle = old.index.named.get(name) or old.index.env.open_db(
-            name, txn=old.txn, create=False)
+            name, txn=old.raw, create=False)
         records = _records(old, handle, skip=_NEW_META if name == b"meta" else ())
         while batch := [record for _, record in zip(range(_COPY_BATCH), records,
                                                       strict=False)]:
@@ -194,7 +194,7 @@ def _records(txn: Txn, handle: Any, skip: tuple[bytes, ...]) -> Iterator[tuple[b
 def _put_raw(txn: Txn, name: bytes, records: list[tuple[bytes, bytes]]) -> None:
     handle = txn.index.named.get(name)
     if handle is None:  # a database this format does not open by name
-        handle = txn.index.named[name] = txn.index.env.open_db(name, txn=txn.txn)
+        handle = txn.index.named[name] = txn.index.env.open_db(name, txn=txn.raw)
     for key, value in records:
         txn.txn.put(key, value, db=handle)
 

@@ -64,7 +64,7 @@ def _records(txn: Txn, db: Any) -> list[tuple[bytes, bytes]]:
 
 def _old_db(txn: Txn, name: bytes) -> Any | None:
     try:
-        return txn.index.env.open_db(name, txn=txn.txn, create=False)
+        return txn.index.env.open_db(name, txn=txn.raw, create=False)
     except lmdb.NotFoundError:
         return None
 

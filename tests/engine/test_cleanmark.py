@@ -28,6 +28,7 @@ def make(state: Path) -> bytes:
         chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
         file = vol.create(chain.ino, b"f", stat.S_IFREG | 0o600, 0, 0)
         vol.write(file.ino, 0, os.urandom(4 * BLOCK_SIZE))
+        vol.sync()  # its own LMDB commit, not in one batch with the next write
         vol.write(file.ino, 0, data)  # the older tree maps other bytes
     return data
 

@@ -155,6 +155,9 @@ def test_a_write_under_an_older_lease_generation_is_refused(tmp_path: Path) -> N
         volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
         with volume.index.begin() as txn:
             assert txn.get_meta(LEASE_GENERATION) == 1
+        # Its batch committed, as a daemon's is every second: the later holder,
+        # a process of this host here, would wait for LMDB's write lock.
+        volume.index.flush()
         subprocess.run([sys.executable, "-c", _LATER_HOLDER, str(state / "index.lmdb")],
                        check=True, timeout=60)
         assert _errno(volume.mkdir, ROOT_INO, b"d", 0o755, 0, 0) == errno.EROFS

@@ -1,0 +1,207 @@
+"""The journal (swapfs/engine/journal.py): write transactions share LMDB's
+transaction in batches, and each is appended to the journal before its
+caller hears of it. A killed process loses no acknowledged write; a batch
+given up (an abort, a full map) keeps the writes before it; a journal that
+is damaged, cut short or of another boot costs the records from the damage
+on, never wrong bytes or a state that does not open.
+
+The kills here are real: a child process writes, reports what it was told
+was written, and is killed with SIGKILL while its batch is open.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from swapfs.engine import checkpoint, fsck, journal
+from swapfs.engine.blocks import BLOCK_SIZE
+from swapfs.engine.errors import SwapfsError
+from swapfs.engine.index import ROOT_INO
+from swapfs.engine.volume import Volume
+
+BS = BLOCK_SIZE
+BLOCKS = 64
+ROOT = Path(__file__).resolve().parents[2]
+
+_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from swapfs.engine.volume import Volume
+state, blocks = Path(sys.argv[1]), int(sys.argv[2])
+vol = Volume(state)
+ino = vol.resolve("c/f").ino
+for block in range(blocks):
+    vol.write(ino, block * 4096, (block << 32 | 2).to_bytes(8, "little") * 512)
+print(len(vol.opened.index._records), flush=True)  # noqa: SLF001
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def version(block: int, number: int) -> bytes:
+    return (block << 32 | number).to_bytes(8, "little") * (BS // 8)
+
+
+def made(state: Path) -> None:
+    """A state whose file holds version 1 of every block, closed cleanly."""
+    with closing(Volume(state)) as vol:
+        chain = vol.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+        ino = vol.create(chain.ino, b"f", 0o100600, 0, 0).ino
+        vol.write(ino, 0, b"".join(version(n, 1) for n in range(BLOCKS)))
+
+
+def killed_while_writing(state: Path, blocks: int = BLOCKS) -> int:
+    """Write version 2 of the first *blocks* blocks, one request each, in a
+    process then killed; the write transactions its batch still held."""
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(state), str(blocks)],
+                           cwd=ROOT, capture_output=True, text=True, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    return int(child.stdout)
+
+
+def records_end(raw: bytes | bytearray) -> int:
+    """Where the records of the journal *raw* end, read by their headers
+    (magic, boot, base, sequence number, then the body's length)."""
+    at = 0
+    while raw[at:at + 4] == b"SWJR":
+        at += 40 + int.from_bytes(raw[at + 32:at + 36], "little")
+    return at
+
+
+def versions(state: Path) -> list[int]:
+    """The version each block of the file reads as (EIO fails the test)."""
+    with closing(Volume(state)) as vol:
+        data = vol.read(vol.resolve("c/f").ino, 0, BLOCKS * BS)
+    found = []
+    for block in range(BLOCKS):
+        chunk = data[block * BS:(block + 1) * BS]
+        number = next((n for n in (1, 2) if chunk == version(block, n)), None)
+        assert number is not None, f"block {block} reads bytes never written there"
+        found.append(number)
+    return found
+
+
+def test_a_killed_process_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    made(state)
+    held = killed_while_writing(state)
+    assert held > 0  # the kill found them in the journal only, not in LMDB
+    assert versions(state) == [2] * BLOCKS
+    assert fsck.check(state).clean
+
+
+def test_a_write_that_aborts_keeps_the_batch_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    made(state)
+    with closing(Volume(state)) as vol:
+        ino = vol.resolve("c/f").ino
+        for block in range(8):
+            vol.write(ino, block * BS, version(block, 2))
+        assert vol.opened.index._records  # noqa: SLF001  (in one batch)
+
+        def full(*_: object) -> None:
+            raise SwapfsError(errno.ENOSPC, "no room")
+
+        monkeypatch.setattr(type(vol.opened.store), "write_many", full)
+        with pytest.raises(SwapfsError) as refused:
+            vol.write(ino, 8 * BS, version(8, 2))
+        assert refused.value.errno == errno.ENOSPC
+        monkeypatch.undo()
+        # LMDB's transaction went with the abort; the eight before it are made again.
+        assert vol.read(ino, 0, 9 * BS) == b"".join(
+            [version(n, 2) for n in range(8)] + [version(8, 1)])
+        vol.write(ino, 9 * BS, version(9, 2))
+    assert versions(state) == [2] * 8 + [1, 2] + [1] * (BLOCKS - 10)
+    assert fsck.check(state).clean
+
+
+def test_a_batch_is_bounded_by_the_journal(tmp_path: Path) -> None:
+    """However many writes, LMDB commits before the journal is full: what
+    an open replays is bounded."""
+    state = tmp_path / "state"
+    made(state)
+    with closing(Volume(state)) as vol:
+        ino = vol.resolve("c/f").ino
+        index = vol.opened.index
+        first = index.env.info()["last_txnid"]
+        for round_ in range(3, 40):
+            for block in range(BLOCKS):
+                vol.write(ino, block * BS, version(block, round_))
+                assert index.journal is not None
+                assert index.journal.end <= journal.JOURNAL_BYTES
+        assert index.env.info()["last_txnid"] > first + 1
+        assert len(index._records) < BLOCKS * 37  # noqa: SLF001
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut short", "garbage"])
+def test_a_damaged_journal_costs_the_records_from_the_damage_on(
+        tmp_path: Path, damage: str) -> None:
+    state = tmp_path / "state"
+    made(state)
+    killed_while_writing(state)
+    path = state / "index.lmdb" / journal.NAME
+    raw = bytearray(path.read_bytes())
+    middle = records_end(raw) // 2
+    if damage == "flip":
+        raw[middle] ^= 0x10
+    elif damage == "cut short":
+        raw[middle:] = bytes(len(raw) - middle)
+    else:
+        raw[:] = os.urandom(len(raw))
+    path.write_bytes(bytes(raw))
+    found = versions(state)
+    # Each request wrote the next block: what is left is a prefix of them.
+    kept = found.count(2)
+    assert found == [2] * kept + [1] * (BLOCKS - kept)
+    assert kept < BLOCKS
+    assert fsck.check(state).clean
+
+
+def test_a_journal_of_another_boot_is_not_replayed(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a power cut the index is as at its checkpoint: a record of the
+    boot before, whatever of it reached the disk, is not made again."""
+    state = tmp_path / "state"
+    made(state)
+    held = killed_while_writing(state)
+    assert held > 0
+    monkeypatch.setattr(checkpoint, "boot_id", lambda: bytes(range(16)))
+    # The index is as at its last checkpoint: no write of the batch is there.
+    found = versions(state)
+    kept = found.count(2)
+    assert found == [2] * kept + [1] * (BLOCKS - kept)
+    assert kept <= BLOCKS - held
+    assert fsck.check(state).clean
+
+
+def test_a_read_only_check_sees_the_journal_and_leaves_it(tmp_path: Path) -> None:
+    """fsck without --repair checks the index as the next open will find it,
+    the journal's records made (in a transaction it does not commit), and
+    leaves the journal for that open."""
+    state = tmp_path / "state"
+    made(state)
+    vol = Volume(state)
+    chain = vol.mkdir(ROOT_INO, b"d", 0o755, 0, 0)  # a chain only the journal names
+    ino = vol.create(chain.ino, b"g", 0o100600, 0, 0).ino
+    vol.write(ino, 0, version(0, 3))
+    assert vol.opened.index._records  # noqa: SLF001
+    # Let go of the state as a killed process does: no commit, no close.
+    vol.opened.index._give_up_batch()  # noqa: SLF001
+    vol.opened.index._unpin()  # noqa: SLF001
+    vol.opened.index.env.close()
+    vol.opened.store.close()
+    os.close(vol.opened._lock_fd)  # noqa: SLF001
+    path = state / "index.lmdb" / journal.NAME
+    records = path.read_bytes()
+    report = fsck.check(state)
+    assert report.clean, [vars(problem) for problem in report.problems]
+    assert path.read_bytes() == records
+    with closing(Volume(state)) as vol:
+        assert vol.read(vol.resolve("d/g").ino, 0, BS) == version(0, 3)
+    assert fsck.check(state).clean
