@@ -28,6 +28,8 @@ def stats(state: State, caches: Iterable[tuple[str, ReadCache | None]]) -> dict[
     the index's bytes per database and per block; and the figures of each
     read cache in *caches* (name, cache or None), under its name."""
     chains: dict[str, Any] = {}
+    if state.index.writable():
+        state.index.flush()  # the index's figures are of pages LMDB committed
     with state.index.begin() as txn:
         for chain_name, chain_ino in txn.iter_dirents(ROOT_INO):
             chain_dir = inode_of(txn, chain_ino)
