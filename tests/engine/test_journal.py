@@ -17,9 +17,11 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from swapfs.engine import checkpoint, fsck, journal
+from swapfs.engine import index as index_module
 from swapfs.engine.blocks import BLOCK_SIZE
 from swapfs.engine.errors import SwapfsError
 from swapfs.engine.index import ROOT_INO
@@ -208,3 +210,35 @@ def test_a_read_only_check_sees_the_journal_and_leaves_it(tmp_path: Path) -> Non
         assert vol.read(vol.resolve("d/g").ino, 0, BS) == version(0, 3)
     assert fsck.check(state).clean
 
+
+
+def test_a_full_map_mid_batch_grows_it_and_keeps_the_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write transaction that finds the map full gives up LMDB's
+    transaction; the index grows, the batch's earlier write transactions
+    are made again, and the write runs again."""
+    state = tmp_path / "state"
+    made(state)
+    with closing(Volume(state)) as vol:
+        ino = vol.resolve("c/f").ino
+        for block in range(8):
+            vol.write(ino, block * BS, version(block, 2))
+        index = vol.opened.index
+        assert index._records  # noqa: SLF001  (some of them only in the journal)
+        size = index.map_size
+        put = index_module._Recorder.put  # noqa: SLF001
+        calls: list[int] = []
+
+        def full_once(self: object, *args: object, **kwargs: object) -> bool:
+            if not calls:
+                calls.append(1)
+                raise lmdb.MapFullError("full")
+            return put(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(index_module._Recorder, "put", full_once)  # noqa: SLF001
+        vol.write(ino, 8 * BS, version(8, 2))
+        monkeypatch.undo()
+        assert calls and index.map_size > size
+        assert vol.read(ino, 0, 9 * BS) == b"".join(version(n, 2) for n in range(9))
+    assert versions(state) == [2] * 9 + [1] * (BLOCKS - 9)
+    assert fsck.check(state).clean
