@@ -206,6 +206,6 @@ class ChainWrite:
             if self.freed:
                 self.pending.add(self.chain.id_, self.freed, time.monotonic())
             return
-        self.loaded.forget(self.chain.id_, self.maps)
         if self.taken:
             self.pending.add(self.chain.id_, self.taken, time.monotonic())
+        self.loaded.forget(self.chain.id_, self.maps)

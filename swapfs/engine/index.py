@@ -475,30 +475,52 @@ class Index:
         self._names = {id(handle): name for name, handle in self.named.items()
                        if journal.journaled(name)}
         self.journal: journal.Journal | None = None
+        #: Whether the records were taken up from the journal at the open:
+        #: LMDB commits them as soon as they are made again, so that records
+        #: past the first one that did not follow are dead for good.
+        self._taken_up = False
         self._open_journal()
 
     def _open_journal(self) -> None:
         """Open the journal; take up the batch a killed process of this boot
-        left in it (applied at the first transaction, once the state has
-        hooked its checkpoints). A read-only check applies it too, in a
+        left in it (made again at the first transaction, once the state has
+        hooked its checkpoints). A read-only check makes them too, in a
         transaction it never commits: it checks the index as the next open
         will find it."""
+        boot = checkpoint.boot_id()
         try:
-            self.journal = journal.Journal(self.path, checkpoint.boot_id(),
-                                           writable=self._roll_back)
+            self.journal = journal.Journal(self.path, boot, writable=self._roll_back)
         except FileNotFoundError:
             return  # read-only, and nothing ever wrote one
         except OSError as exc:
             log.warning("%s: no journal (%s): every write transaction commits in LMDB",
                         self.path, exc)
+            try:  # what a killed process left in it is still taken up
+                reader = journal.Journal(self.path, boot, writable=False)
+            except OSError:
+                return
+            try:
+                self._take_up(reader)
+            finally:
+                reader.close()
             return
+        self._take_up(self.journal)
+
+    def _take_up(self, source: journal.Journal) -> None:
         if self.clean_at_open or self.rolled_back:
             return  # a clean close committed the last batch; a rollback left it
         self._base = int(self.env.info()["last_txnid"])
-        self._records = list(self.journal.records(self._base))
-        if self._records:
-            log.info("%s: %d write transactions of the journal to apply", self.path,
-                     len(self._records))
+        self._records = list(source.records(self._base))
+        if not self._records:
+            return
+        log.info("%s: %d write transactions of the journal to make again", self.path,
+                 len(self._records))
+        self._taken_up = True
+        # The killed process's commits since its checkpoint may have freed
+        # pages of the checkpoint's tree, which making the records again
+        # could write over: a checkpoint of the tree as it is comes first,
+        # in a read-only check too.
+        self._unprotected = True
 
     def _open(self, name: bytes) -> Any:
         handle = self.named[name] = self.env.open_db(name)
@@ -555,6 +577,12 @@ class Index:
         self._batch = batch
         self._base = batch.id() - 1
         self._generation_checked = False
+        if self._taken_up:
+            self._taken_up = False
+            if self._roll_back and self.writable():
+                self.flush()
+                self._batch = self.env.begin(write=True)
+                self._base = self._batch.id() - 1
 
     def _give_up_batch(self) -> None:
         """Abort LMDB's transaction; the journal's records are kept, to be
@@ -625,8 +653,10 @@ class Index:
         self._generation_checked = True
 
     def recorded_generation(self) -> int:
-        """The lease generation of the index's last writer, 0 for none."""
-        with self.begin() as txn:
+        """The lease generation of the index's last writer, 0 for none: LMDB's
+        last commit says it (no journal record names one), read without
+        taking up the batch, which the state has not hooked yet."""
+        with Txn(self, self.env.begin()) as txn:
             return txn.get_meta(LEASE_GENERATION) or 0
 
     def fence(self, reason: str) -> None:
@@ -667,6 +697,8 @@ class Index:
                 self.grow()
             except SwapfsError as exc:
                 log.debug("%s", exc)
+            except lmdb.Error as exc:  # the batch's records wait to be made again
+                log.warning("%s: the batch did not commit: %s", self.path, exc)
 
     def grow(self) -> None:
         """Make the map bigger, after a transaction found it full: allocate

@@ -636,17 +636,24 @@ class State:
 
     def forget(self, chain_id: int, inos: Collection[int]) -> None:
         """Drop what a transaction that aborted changed in memory."""
+        for ino in inos:
+            self._drop_map(ino)
         table = self.tables.get(chain_id)
-        if table is not None:
+        if table is None:
+            return
+        try:
             with self.index.begin() as txn:
                 chain = txn.get_chain(chain_id)
                 damaged = list(txn.iter_damaged(chain_id))
-            if chain is None:
-                self.drop_table(chain_id)
-            else:
-                table.rollback(chain, damaged)
-        for ino in inos:
-            self._drop_map(ino)
+        except BaseException:
+            # The batch could not be made again (a full disk): the table is
+            # read anew once it can.
+            self.drop_table(chain_id)
+            raise
+        if chain is None:
+            self.drop_table(chain_id)
+        else:
+            table.rollback(chain, damaged)
 
 
 def _lock_state(path: Path) -> int:
