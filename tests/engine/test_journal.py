@@ -73,6 +73,16 @@ def killed_while_writing(state: Path, blocks: int = BLOCKS, commit_after: int = 
     return int(child.stdout)
 
 
+def written_in_a_batch(vol: Volume, blocks: int = 8) -> int:
+    """Write version 2 of the first *blocks* blocks, one request each, the
+    last of them at least in the journal only; the file's inode."""
+    ino = vol.resolve("c/f").ino
+    for block in range(blocks):
+        vol.write(ino, block * BS, version(block, 2))
+    assert vol.opened.index._records  # noqa: SLF001
+    return ino
+
+
 def records_end(raw: bytes | bytearray) -> int:
     """Where the records of the journal *raw* end, read by their headers
     (magic, boot, base, sequence number, then the body's length)."""
@@ -109,10 +119,7 @@ def test_a_write_that_aborts_keeps_the_batch_before_it(
     state = tmp_path / "state"
     made(state)
     with closing(Volume(state)) as vol:
-        ino = vol.resolve("c/f").ino
-        for block in range(8):
-            vol.write(ino, block * BS, version(block, 2))
-        assert vol.opened.index._records  # noqa: SLF001  (in one batch)
+        ino = written_in_a_batch(vol)
 
         def full(*_: object) -> None:
             raise SwapfsError(errno.ENOSPC, "no room")
@@ -218,7 +225,6 @@ def test_a_read_only_check_sees_the_journal_and_leaves_it(tmp_path: Path) -> Non
     assert fsck.check(state).clean
 
 
-
 def test_a_full_map_mid_batch_grows_it_and_keeps_the_batch(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write transaction that finds the map full gives up LMDB's
@@ -227,11 +233,8 @@ def test_a_full_map_mid_batch_grows_it_and_keeps_the_batch(
     state = tmp_path / "state"
     made(state)
     with closing(Volume(state)) as vol:
-        ino = vol.resolve("c/f").ino
-        for block in range(8):
-            vol.write(ino, block * BS, version(block, 2))
+        ino = written_in_a_batch(vol)
         index = vol.opened.index
-        assert index._records  # noqa: SLF001  (some of them only in the journal)
         size = index.map_size
         put = index_module._Recorder.put  # noqa: SLF001
         calls: list[int] = []
