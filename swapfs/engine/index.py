@@ -368,10 +368,11 @@ class Index:
         #: Raises (EROFS) when this process may not write the state now: the
         #: lease's check (swapfs/engine/lease.py), made at every write transaction.
         self.guard = guard
-        #: The generation of the lease this process holds, 0 for none. Every
-        #: write transaction records it in the meta database; one that finds
-        #: a higher generation there refuses (EROFS): a holder that took the
-        #: state over since has written it, so this write would be a late one.
+        #: The generation of the lease this process holds, 0 for none. The
+        #: first write transaction of each batch records it in the meta
+        #: database; one that finds a higher generation there refuses (EROFS):
+        #: a holder that took the state over since has written it, so this
+        #: write would be a late one.
         self.generation = generation
         data = path / "data.mdb"
         try:
