@@ -12,7 +12,7 @@ SHA-256 of each source it compiled in ``swapfs/engine/compiled.json``;
 still has that digest.
 """
 
-import hashlib
+import importlib.util
 import json
 import sysconfig
 import tomllib
@@ -39,8 +39,17 @@ if any(name.rpartition(".")[0] != PACKAGE for name in MODULES):
     raise SystemExit(f"pyproject.toml: only modules of {PACKAGE} are compiled")
 
 
-def source_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def _load_compiled() -> Any:
+    """swapfs/engine/compiled.py, which says how a source is digested, loaded
+    on its own: importing the package would import the engine."""
+    spec = importlib.util.spec_from_file_location("compiled", "swapfs/engine/compiled.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+source_digest = _load_compiled().source_digest
 
 
 class BuildCompiled(build_ext):
@@ -59,7 +68,7 @@ class BuildCompiled(build_ext):
         kept = []
         for ext in self.extensions:
             source = ext.sources[0]
-            digest = source_digest(source)
+            digest = source_digest(Path(source))
             try:
                 if cythonize is None:
                     raise RuntimeError("Cython is not installed")

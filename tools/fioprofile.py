@@ -69,19 +69,28 @@ FUSE_LOOP = "FUSE loop between handlers"
 
 #: Where a sample goes: the first category one of whose patterns is found in
 #: one of the sample's frames, else the last. A frame reads "function
-#: (file:line)" ("Txn.commit (swapfs/engine/index.py:195)", "writev (libc.so.6)");
-#: only the frames below trio's ``run`` count, so that the daemon's own
-#: start-up frames (mountd/main.py, ...) match nothing. Order matters: a
-#: commit inside a handler is the commit's, not the handler's.
+#: (file:line)" ("Journal.append (swapfs/engine/journal.py:150)", "writev
+#: (libc.so.6)"); a function of a compiled module shows without its class
+#: ("commit (swapfs/engine/index.py:880)"), a method declared in a ``.pxd``
+#: by its C name ("SlotTable_claim"). Only the frames below trio's ``run``
+#: count, so that the daemon's own start-up frames (mountd/main.py, ...)
+#: match nothing. Order matters: a commit inside a handler is the
+#: commit's, not the handler's.
+_ENGINE = r"\(swapfs/engine/"
 CATEGORIES = [
-    Category("hole punch (store.punch, fallocate)", "", (r"^BlockStore\.punch ", r"^punch_hole ")),
-    Category("LMDB commit (transaction end)", "", (r"^Txn\.commit ", r"^mdb_txn_commit")),
-    Category("digest, data read/write, map and hash-table gets/puts", "", (
-        r"^block_digest ", r"^is_zero ", r"^_verify ", r"blake3",
-        r"^BlockStore\.(write_many|_write_run|read_many) ",
-        r"^Txn\.(get|put|delete|iter)_(map|block) ", r"^Txn\.(pop|put|delete)_free ")),
+    Category("hole punch (store.punch, fallocate)", "", (r"^(BlockStore\.)?punch ",
+                                                         r"^punch_hole ")),
+    Category("commit: journal append, LMDB commit of a batch", "", (
+        r"^(Txn\.)?(commit|__exit__) " + _ENGINE + r"index\.py", r"^Journal\.",
+        r"^mdb_txn_commit")),
     Category("content and transient caches", "", (r"\(swapfs/cache/",)),
-    Category("other Python (inode and chain lookups, begin/finish, glue)", "",
+    Category("digest, seal and open, data read/write", "", (
+        r"^block_digest ", r"^is_zero ", r"^_verify ", r"blake3", r"^ChainKeys\.",
+        r"^(BlockStore\.)?(write_many|_write_run|read_many|write_seals|read_seals) ")),
+    Category("slot table, dedup table, file maps and their index puts", "", (
+        _ENGINE + r"(slottable|deduptable|filemap)\.py", r"^SlotTable_", r"^DedupTable_",
+        r"^(Txn\.)?(get|put|delete)_\w+ " + _ENGINE + r"index\.py", r"^(save|finish) ")),
+    Category("other Python (inode and chain lookups, begin, glue)", "",
              (r"\(swapfs/", r"\(mountd/operations\.py:", r"^MemFS\.")),
     Category("daemon tasks (control socket, cache manifest, lease)", "", (r"\(mountd/",)),
     Category(FUSE_LOOP, "reply: writev to /dev/fuse (and the kernel completing the I/O)",

@@ -13,8 +13,10 @@ before any other module of the engine is imported) puts a finder first on
 
 - for every module, when ``SWAPFS_PURE_PYTHON`` is set (to anything but
   ``0``): the pure-Python fallback, which the test suite runs too;
-- for a module whose source changed since it was compiled (with a
-  warning; ``make setup`` compiles it again), so that an edit is never
+- for a module whose source changed since it was compiled (its ``.py``,
+  or the ``.pxd`` beside it that gives the build C types), or that takes
+  the C types of a module run from source (``cimport`` in its ``.pxd``),
+  with a warning; ``make setup`` compiles it again: an edit is never
   hidden behind a stale build.
 
 A module the build could not compile simply has no extension: Python
@@ -27,6 +29,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -36,6 +39,8 @@ from types import ModuleType
 PURE_ENV = "SWAPFS_PURE_PYTHON"
 MANIFEST = "compiled.json"
 _PACKAGE = Path(__file__).parent
+_PACKAGE_NAME = __name__.rpartition(".")[0]
+_CIMPORT = re.compile(rf"^from {re.escape(_PACKAGE_NAME)}\.(\w+) cimport", re.MULTILINE)
 _SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
@@ -55,20 +60,47 @@ def built() -> dict[str, str | None]:
     return manifest
 
 
+def source_digest(source: Path) -> str:
+    """The SHA-256 of a module's source *source* (its ``.py``) and of the
+    ``.pxd`` beside it that gives the compiled build its C types, if any:
+    an edit of either makes the extension stale. setup.py lists these."""
+    digest = hashlib.sha256(source.read_bytes())
+    types = source.with_suffix(".pxd")
+    if types.exists():
+        digest.update(types.read_bytes())
+    return digest.hexdigest()
+
+
 def _source(name: str) -> Path:
     """The source of the engine module *name* (a dotted path)."""
     return _PACKAGE / f"{name.rpartition('.')[2]}.py"
 
 
+def _cimports(name: str) -> set[str]:
+    """The engine modules whose C types module *name*'s ``.pxd`` takes
+    (``from swapfs.engine.deduptable cimport DedupTable``), by dotted path."""
+    try:
+        types = _source(name).with_suffix(".pxd").read_text()
+    except OSError:
+        return set()
+    return {f"{_PACKAGE_NAME}.{match}" for match in _CIMPORT.findall(types)}
+
+
 def _fresh() -> set[str]:
-    """The modules whose extension was built from their source as it is now."""
+    """The modules whose extension was built from their source as it is now,
+    and whose extension types it takes from others run compiled too: an
+    extension that takes ``DedupTable``'s C layout cannot import beside a
+    pure-Python ``DedupTable``."""
     fresh = set()
     for name, digest in built().items():
         try:
-            if hashlib.sha256(_source(name).read_bytes()).hexdigest() == digest:
+            if source_digest(_source(name)) == digest:
                 fresh.add(name)
         except OSError:
             pass
+    needs = {name: _cimports(name) for name in fresh}
+    while dropped := {name for name in fresh if not needs[name] <= fresh}:
+        fresh -= dropped
     return fresh
 
 
@@ -102,8 +134,9 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         if not (_PACKAGE / f"{name}{_SUFFIX}").exists():
             return None
         if not self.pure:
-            warnings.warn(f"{fullname} changed since it was compiled: running its source "
-                          "(make setup compiles it again)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{fullname} or a module whose C types it takes changed since "
+                          "it was compiled: running its source (make setup compiles it "
+                          "again)", RuntimeWarning, stacklevel=2)
         return importlib.util.spec_from_file_location(fullname, _source(fullname))
 
 

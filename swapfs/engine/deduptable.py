@@ -2,10 +2,10 @@
 
 It is an open-addressing hash table over two arrays: ``slots``, the slot
 number plus one of each bucket (0 an empty bucket, 0xFFFFFFFF a removed
-entry), and ``tags``, 16 more bits of the digest. A lookup probes linearly
-from the bucket the digest's first eight bytes give (scaled to the table's
-size by a multiply and shift, so that a table need not be a power of two)
-and compares tags; only a bucket whose tag matches has its slot's digest
+entry), and ``tags``, 16 bits of the digest (its first two bytes). A
+lookup probes linearly from the bucket its bytes 4 to 7 give (scaled to the
+table's size by a multiply and shift, so that a table need not be a power
+of two) and compares tags; only a bucket whose tag matches has its slot's digest
 read and compared, from the slot table, which may have to read that slot's
 run from the index. Without the tags every bucket probed would cost such a
 read: the slot table is no longer held whole in memory. A bucket is 6
@@ -62,6 +62,13 @@ class DedupBudget:
 
     def give_back(self, fewer: int) -> None:
         self.used -= fewer
+
+
+def _bucket(word: int, size: int) -> int:
+    """The first bucket of a digest whose first eight bytes are *word*, in a
+    table of *size* buckets: its top 32 bits scaled to the size, so that the
+    product fits 64 bits in the compiled build. (Its low 16 bits are the tag.)"""
+    return (word >> 32) * size >> 32
 
 
 def buckets_for(entries: int) -> int:
@@ -137,16 +144,12 @@ class DedupTable:
         """Past GROW_LOAD: a successor should be built."""
         return self._filled > self.size * GROW_LOAD
 
-    def _home(self, digest: bytes) -> tuple[int, int]:
-        """The digest's first bucket and its tag."""
-        return ((int.from_bytes(digest[:8], "little") * self.size) >> 64,
-                int.from_bytes(digest[8:10], "little"))
-
     def find(self, digest: bytes) -> int | None:
         """The slot the table names for *digest*, or None."""
         slots, tags, size = self.slots, self.tags, self.size
-        at, tag = self._home(digest)
-        for _ in range(size):
+        word = int.from_bytes(digest[:8], "little")
+        at, tag = _bucket(word, size), word & 0xFFFF
+        for _probe in range(size):
             held = slots[at]
             if held == _EMPTY:
                 return None
@@ -164,7 +167,8 @@ class DedupTable:
             self.unindexed += 1
             return False
         slots, size = self.slots, self.size
-        at, tag = self._home(digest)
+        word = int.from_bytes(digest[:8], "little")
+        at, tag = _bucket(word, size), word & 0xFFFF
         while slots[at] != _EMPTY and slots[at] != _GONE:
             at += 1
             if at == size:
@@ -179,8 +183,8 @@ class DedupTable:
     def remove(self, digest: bytes, slot: int) -> None:
         """Forget *slot* for *digest*, if the table names it."""
         slots, size = self.slots, self.size
-        at, _ = self._home(digest)
-        for _ in range(size):
+        at = _bucket(int.from_bytes(digest[:8], "little"), size)
+        for _probe in range(size):
             held = slots[at]
             if held == _EMPTY:
                 return
@@ -195,8 +199,10 @@ class DedupTable:
     def release(self) -> None:
         """Give the table's bytes back to the budget: it is being dropped."""
         self._budget.give_back(self.size_bytes)
-        self.slots.release()
-        self.tags.release()
+        # The views go first (a map with a view on it cannot close): empty
+        # ones, as a released table holds nothing.
+        self.slots = memoryview(bytearray()).cast("I")
+        self.tags = memoryview(bytearray()).cast("H")
         for held in self._maps:
             held.close()
         self.size = 0

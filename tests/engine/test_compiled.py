@@ -65,4 +65,22 @@ def test_a_module_changed_since_its_build_runs_its_source(tmp_path: Path) -> Non
     child = _loaded_in_child(tmp_path, pure=False)
     assert child.stdout.strip().split(",") == [name.rpartition(".")[2] for name in LISTED
                                                if name != changed]
-    assert f"{changed} changed since it was compiled" in child.stderr
+    assert f"{changed} or a module whose C types it takes changed" in child.stderr
+
+
+@pytest.mark.parametrize("suffix", [".py", ".pxd"])
+def test_an_edit_of_a_module_with_c_types_makes_it_and_its_users_run_source(
+        tmp_path: Path, suffix: str) -> None:
+    """slottable's extension takes DedupTable's C layout (slottable.pxd): it
+    cannot import beside a DedupTable run from source, so an edit of either
+    of deduptable's files sends both to their source."""
+    if compiled.pure() or compiled.loaded() != SHOWN:
+        pytest.skip("needs the compiled build")
+    shutil.copytree(ROOT / "swapfs", tmp_path / "swapfs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(tmp_path / "swapfs" / "engine" / f"deduptable{suffix}", "a") as source:
+        source.write("# an edit after the build\n")
+    child = _loaded_in_child(tmp_path, pure=False)
+    assert child.stdout.strip().split(",") == [name for name in SHOWN
+                                               if name not in ("deduptable", "slottable")]
+    assert "swapfs.engine.slottable or a module whose C types" in child.stderr

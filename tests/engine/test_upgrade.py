@@ -141,16 +141,15 @@ def test_fsck_leaves_an_old_format_alone_unless_told(tmp_path: Path) -> None:
 #: dying on its Nth call (tests/killing.py).
 _CONVERT = """
 from pathlib import Path
-from swapfs.engine import filemap, index, slottable, upgrade, volume
-owner = {"map": filemap.FileMap, "table": slottable.SlotTable, "txn": index.Txn,
-         "upgrade": upgrade}[sys.argv[2]]
+from swapfs.engine import filemap, index, upgrade, volume
+owner = {"map": filemap.FileMap, "txn": index.Txn, "upgrade": upgrade}[sys.argv[2]]
 _die_at_call(owner, sys.argv[3], int(sys.argv[4]))
 volume.Volume(Path(sys.argv[1])).close()
 """
 
 
 @pytest.mark.parametrize(("target", "name", "nth", "converted"), [
-    ("table", "save", 1, False),  # before the slot tables are written
+    ("txn", "put_slot_run", 1, False),  # before the slot tables are written
     ("map", "save", 3, False),  # in the middle of the file maps
     ("txn", "commit", 1, False),  # everything written, not committed
     ("txn", "commit", 3, True),  # committed; killed at a later commit
@@ -166,7 +165,7 @@ def test_a_kill_during_the_conversion_leaves_one_format(
 
 
 @pytest.mark.parametrize(("target", "name", "nth"), [
-    ("table", "count_used", 2),  # counting the second chain's blocks
+    ("txn", "put_chain", 2),  # the second chain's blocks counted, not written
     ("upgrade", "add_map_dirs", 1),  # counted, the run directories not written
     ("txn", "commit", 1),  # everything written, not committed
 ])

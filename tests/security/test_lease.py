@@ -52,6 +52,7 @@ from swapfs.engine import (
     reseal,
 )
 from swapfs.engine import lease as lease_mod
+from swapfs.engine.state import State
 from tests.mounting import SWAPFS, wait_until
 from tests.security.test_fencing import snapshot
 
@@ -771,24 +772,27 @@ def two_chains(state: Path) -> Path:
 
 def test_the_lease_is_renewed_while_a_slow_state_opens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening a state reads every chain's slot table (about 0.25 s per GiB
-    stored): the daemon's lease must not lapse meanwhile. Each table here
-    takes longer to load than the whole lease lasts."""
+    """Opening a state without a daemon scans every chain's slot table (about
+    0.2 s per GiB stored): the lease must not lapse meanwhile. Each scan here
+    takes longer than the whole lease lasts."""
     state = two_chains(tmp_path / "state")
     seconds = 4.0  # the daemon's least lease_seconds
-    load = SlotTable.load.__func__  # type: ignore[attr-defined]
+    scan = State._scan
+    scanned: list[int] = []
 
-    def slow_load(cls: type, *args: Any, **kwargs: Any) -> SlotTable:
+    def slow_scan(self: State, table: SlotTable, *args: Any, **kwargs: Any) -> None:
         time.sleep(seconds)
-        return load(cls, *args, **kwargs)
+        scanned.append(table.chain_id)
+        scan(self, table, *args, **kwargs)
 
-    monkeypatch.setattr(SlotTable, "load", classmethod(slow_load))
+    monkeypatch.setattr(State, "_scan", slow_scan)
     link = Link(str(tmp_path / "m"), None, None, None)
     try:
         volume = Volume(state, claim=lambda: link.claim_lease(state, seconds))
     finally:
         link.opened()
     try:
+        assert len(scanned) == 2, "each chain's scan outlasted a lease"
         assert link.lease is not None and link.lease.valid_for() > 0
         volume.mkdir(ROOT_INO, b"c", 0o755, 0, 0)  # and it may write
     finally:
@@ -818,19 +822,19 @@ def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
     and the daemon sees the lease lost before it serves (mountd/daemon.py)."""
     state = two_chains(tmp_path / "state")
     seconds = 4.0  # the daemon's least lease_seconds
-    scan = SlotTable.scan_step
+    scan = State._scan
     taken: list[Any] = []  # the other host's holder id, then the state as it took it
 
-    def contended_scan(table: SlotTable, *args: Any, **kwargs: Any) -> list[int]:
+    def contended_scan(self: State, table: SlotTable, *args: Any, **kwargs: Any) -> None:
         if not taken:
             taken.append(take_by_force(state))
             taken.append(snapshot(state))
             # This host's next renewal, in its Renewer thread, finds it lost.
             assert wait_until(lambda: link.lease is not None and link.lease.valid_for() == 0,
                               timeout=30)
-        return scan(table, *args, **kwargs)
+        scan(self, table, *args, **kwargs)
 
-    monkeypatch.setattr(SlotTable, "scan_step", contended_scan)
+    monkeypatch.setattr(State, "_scan", contended_scan)
     link = Link(str(tmp_path / "m"), None, None, None)
     try:
         volume = Volume(state, claim=lambda: link.claim_lease(state, seconds),
