@@ -72,6 +72,10 @@ SCAN_INTERVAL = 0.01
 #: Seconds between two unlockings of the state's mapped files (a seal file
 #: mapped anew as it grows is locked until then).
 UNLOCK_INTERVAL = 5.0
+#: The resident bytes of mapped files (the state's, and the daemon's
+#: libraries, about 27 MiB) past which the state's are unmapped from its
+#: page tables: a takeover waits for a killed daemon's mappings to go.
+FILE_PAGES_KEPT = 64 << 20
 
 
 def control_socket_path(state: Path, shared: bool = False) -> str:
@@ -275,11 +279,15 @@ async def _scan_slot_tables(volume: Volume) -> None:
             await trio.sleep(0)
 
 
-async def _unlock_state_files(state: Path) -> None:
+async def _keep_state_files_out(state: Path, locked: bool) -> None:
     """Keep the pages of the state's own files that the daemon maps (the
-    index, the seal files) out of its locked memory (lifecycle.py)."""
+    index, the seal files) out of its locked memory, and, past
+    FILE_PAGES_KEPT of mapped files, out of its page tables (lifecycle.py)."""
     while True:
-        lifecycle.unlock_files_under(state)
+        if locked:
+            lifecycle.unlock_files_under(state)
+        if lifecycle.memory(0)["file_bytes"] > FILE_PAGES_KEPT:
+            lifecycle.unmap_file_pages_under(state)
         await trio.sleep(UNLOCK_INTERVAL)
 
 
@@ -311,8 +319,8 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
         nursery.start_soon(_watch_signals, ops)
         nursery.start_soon(_checkpoint_and_punch, control.volume)
         nursery.start_soon(_scan_slot_tables, control.volume)
-        if control.protections.get("memory_locked"):
-            nursery.start_soon(_unlock_state_files, control.volume.state)
+        nursery.start_soon(_keep_state_files_out, control.volume.state,
+                           bool(control.protections.get("memory_locked")))
         if link.keeper_pidfd is not None and link.keeper_pid is not None:
             nursery.start_soon(_watch_standby, control, link.keeper_pid, link.keeper_pidfd)
         if link.lease is not None:

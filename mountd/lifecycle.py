@@ -11,7 +11,10 @@ other. So the daemon
   those are the files' page cache, which the kernel may drop and read
   again from the state's disk, never from swap; locked, they grew with
   every page of the index the daemon ever touched, about 15 MiB per GiB
-  stored once its scan of the slot tables had read them all;
+  stored once its scan of the slot tables had read them all; and past a
+  bound it takes those pages out of its page tables
+  (:func:`unmap_file_pages_under`), since a killed daemon's mappings are
+  torn down before the standby can notice the death;
 * marks its threads as I/O flushers (``PR_SET_IO_FLUSHER``): their
   allocations never recurse into I/O and reclaim does not throttle them;
 * asks the OOM killer to spare it (``oom_score_adj`` -1000);
@@ -37,6 +40,7 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +105,7 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+_MADV_DONTNEED = 4
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -147,22 +152,50 @@ def trim_heap(locked: bool) -> None:
             log.error("cannot lock memory again after a trim: %s", _errno_text())
 
 
-def unlock_files_under(directory: Path, maps: str = "/proc/self/maps") -> int:
-    """Unlock this process's mappings of files under *directory*; the bytes
-    unlocked. ``mlockall(MCL_FUTURE)`` locks every new mapping, and a trim
-    (:func:`trim_heap`) locks every present one again, so the daemon calls
-    this after its open and then now and then."""
+def _mappings_under(directory: Path, maps: str) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, shared) of each of this process's mappings of a file
+    under *directory*, from /proc/self/maps."""
     prefix = str(directory).rstrip("/") + "/"
-    unlocked = 0
     with open(maps) as lines:
         for line in lines:
             fields = line.split(maxsplit=5)
             if len(fields) < 6 or not fields[5].rstrip("\n").startswith(prefix):
                 continue
             start, end = (int(part, 16) for part in fields[0].split("-"))
-            if _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start)) == 0:
-                unlocked += end - start
+            yield start, end, fields[1].endswith("s")
+
+
+def unlock_files_under(directory: Path, maps: str = "/proc/self/maps") -> int:
+    """Unlock this process's mappings of files under *directory*; the bytes
+    unlocked. ``mlockall(MCL_FUTURE)`` locks every new mapping, and a trim
+    (:func:`trim_heap`) locks every present one again, so the daemon calls
+    this after its open and then now and then."""
+    unlocked = 0
+    for start, end, _ in _mappings_under(directory, maps):
+        if _libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start)) == 0:
+            unlocked += end - start
     return unlocked
+
+
+def unmap_file_pages_under(directory: Path, maps: str = "/proc/self/maps") -> int:
+    """Take the pages of the shared mappings of files under *directory* out
+    of this process's page tables (``madvise(MADV_DONTNEED)``); the bytes
+    advised. The pages stay in the page cache, a dirty one still dirty and
+    written back as any: the next touch maps it again (a minor fault), and
+    no byte of the file changes. A private mapping is left alone: there the
+    advice would throw its own copies away.
+
+    Why: every page of the index the daemon touched (its scan of the slot
+    tables reads them all, about 7 MiB per GiB stored) stayed in its
+    mappings, counted in its resident memory, and had to be unmapped when
+    it died, before the kernel closed its descriptors and the standby could
+    notice: about 60 µs per MiB mapped, 15 ms of a takeover at 64 GiB."""
+    advised = 0
+    for start, end, shared in _mappings_under(directory, maps):
+        if shared and _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                    _MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised
 
 
 def memory(stored_bytes: int, status: str = "/proc/self/status") -> dict[str, Any]:
