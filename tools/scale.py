@@ -11,7 +11,10 @@ For each size, in turn:
    stamped with its number: nothing dedups), then closed;
 2. **mount** it with ``swapfs mount``, time ``swapfs umount`` followed by
    ``swapfs mount`` (the remount), and read the daemon's ``VmRSS``,
-   ``VmHWM`` and ``VmLck`` from ``/proc/PID/status``;
+   ``VmHWM`` and ``VmLck`` from ``/proc/PID/status``, again once its
+   background scan of the slot tables is done, and again a few seconds
+   later, once it has taken the index pages the scan read out of its page
+   tables (mountd/lifecycle.py);
 3. start ``swapfs standby`` and SIGKILL the daemon (by its pid) a few
    times, timing each kill until a probe's ``O_DIRECT`` read of the file
    is answered (tools/takeover.py: ``Probe``, ``kill_daemon``);
@@ -53,6 +56,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mountd.daemon import UNLOCK_INTERVAL  # noqa: E402
 from swapfs.control import protocol  # noqa: E402
 from swapfs.engine import BLOCK_SIZE, ROOT_INO, Volume, keys  # noqa: E402
 from tools.takeover import Probe, TakeoverError, alive, kill_daemon  # noqa: E402
@@ -314,10 +318,14 @@ def measure(root: Path, size: int, kills: int, gap: float, master: keys.MasterKe
     after_mount = memory(pid)
     scan_seconds = scanned(protocol.socket_of(str(mnt)))
     after_scan = memory(pid)
+    # The daemon takes the index pages the scan read out of its page tables.
+    time.sleep(UNLOCK_INTERVAL + 1)
+    settled = memory(pid)
     progress(f"remount {umount_seconds + mount_seconds:.2f} s "
              f"(umount {umount_seconds:.2f}, mount {mount_seconds:.2f}); "
              f"RSS {after_mount['VmRSS']:.0f} MiB; scanned in {scan_seconds:.1f} s more, "
-             f"RSS {after_scan['VmRSS']:.0f} MiB ({after_scan['RssAnon']:.0f} its own)")
+             f"RSS {after_scan['VmRSS']:.0f} MiB ({after_scan['RssAnon']:.0f} its own), "
+             f"{settled['VmRSS']:.0f} MiB {UNLOCK_INTERVAL + 1:g} s later")
     probe_seconds, pid = takeovers(mnt, state, pid, kills, gap, setup)
     after_takeover = memory(pid)
     umount(mnt, pid, setup)
@@ -345,20 +353,24 @@ def measure(root: Path, size: int, kills: int, gap: float, master: keys.MasterKe
         "file_scanned_mib": after_scan["RssFile"],
         "locked_scanned_mib": after_scan["VmLck"],
         "anon_scanned_mib_per_gib": after_scan["RssAnon"] / gib,
+        "rss_settled_mib": settled["VmRSS"],
+        "file_settled_mib": settled["RssFile"],
+        "rss_settled_mib_per_gib": settled["VmRSS"] / gib,
         "rss_after_takeover_mib": after_takeover["VmRSS"],
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["size GiB  build s  remount s  takeover median/worst ms  RSS MiB  "
-             "scan s  scanned: RSS MiB  own MiB  own MiB/GiB"]
+             "scan s  scanned: RSS MiB  own MiB  own MiB/GiB  settled RSS MiB"]
     for row in rows:
         lines.append(f"{row['size_gib']:>8g}  {row['build_seconds']:>7.1f}  "
                      f"{row['remount_seconds']:>9.2f}  "
                      f"{row['takeover_median_ms']:>12.0f} / {row['takeover_worst_ms']:<9.0f}  "
                      f"{row['rss_mib']:>7.0f}  {row['scan_seconds']:>6.1f}  "
                      f"{row['rss_scanned_mib']:>16.0f}  {row['anon_scanned_mib']:>7.0f}  "
-                     f"{row['anon_scanned_mib_per_gib']:>11.1f}")
+                     f"{row['anon_scanned_mib_per_gib']:>11.1f}  "
+                     f"{row['rss_settled_mib']:>15.0f}")
     return "\n".join(lines)
 
 

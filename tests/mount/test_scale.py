@@ -26,6 +26,7 @@ FIELDS = {
     "takeover_worst_ms", "rss_mib", "hwm_mib", "locked_mib", "rss_mib_per_gib",
     "scan_seconds", "rss_scanned_mib", "anon_scanned_mib", "file_scanned_mib",
     "locked_scanned_mib", "anon_scanned_mib_per_gib", "rss_after_takeover_mib",
+    "rss_settled_mib", "file_settled_mib", "rss_settled_mib_per_gib",
 }
 
 
@@ -61,6 +62,9 @@ def test_a_tiny_scale_run_reports_every_figure(tmp_path: Path) -> None:
         assert 0 < row["anon_scanned_mib"] <= row["rss_scanned_mib"]
         assert row["anon_scanned_mib_per_gib"] == pytest.approx(
             row["anon_scanned_mib"] / row["size_gib"])
+        assert 0 < row["file_settled_mib"] < row["rss_settled_mib"]
+        assert row["rss_settled_mib_per_gib"] == pytest.approx(
+            row["rss_settled_mib"] / row["size_gib"])
 
     # Nothing left: the states are gone, nothing is mounted under them, no
     # daemon of the run lives (the pids its status gave are in the log only,
