@@ -65,13 +65,13 @@ import errno
 import logging
 import os
 import struct
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
+from zlib_ng.zlib_ng import crc32
 
 from swapfs.engine import checkpoint, cleanmark, journal
 from swapfs.engine.errors import CorruptIndex, SwapfsError
@@ -100,14 +100,14 @@ CRC_SIZE = 4
 
 def checksummed(tag: int, key: bytes, payload: bytes) -> bytes:
     """*payload* followed by the CRC-32 of the database *tag*, *key* and itself."""
-    return payload + _U32.pack(zlib.crc32(payload, zlib.crc32(key, tag)))
+    return payload + _U32.pack(crc32(payload, crc32(key, tag)))
 
 
 def verified(tag: int, key: bytes, raw: bytes, what: str) -> bytes:
     """The payload of a checksummed value; CorruptIndex unless its checksum matches."""
     payload = raw[:-CRC_SIZE]
-    if len(raw) < CRC_SIZE or _U32.unpack_from(raw, len(payload))[0] != zlib.crc32(
-            payload, zlib.crc32(key, tag)):
+    if len(raw) < CRC_SIZE or _U32.unpack_from(raw, len(payload))[0] != crc32(
+            payload, crc32(key, tag)):
         raise CorruptIndex(f"the index record of {what} is corrupt")
     return payload
 

@@ -33,9 +33,10 @@ much the state holds.
 import logging
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from zlib_ng.zlib_ng import crc32
 
 from swapfs.engine.store import preallocate
 
@@ -141,7 +142,7 @@ class Journal:
                 break
             header = raw[at:at + _HEADER.size - 4]
             body = raw[at + _HEADER.size:end]
-            if zlib.crc32(body, zlib.crc32(header)) != crc:
+            if crc32(body, crc32(header)) != crc:
                 break
             try:
                 ops = decode(body)
@@ -173,7 +174,7 @@ class Journal:
         if end > JOURNAL_BYTES:
             return False
         header = _HEADER.pack(_MAGIC, self.boot, base, self.sequence, len(body), 0)[:-4]
-        crc = zlib.crc32(body, zlib.crc32(header))
+        crc = crc32(body, crc32(header))
         record = b"".join((header, crc.to_bytes(4, "little"), body))
         written = os.pwrite(self._fd, record, self.end)
         if written != len(record):

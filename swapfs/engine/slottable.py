@@ -41,8 +41,9 @@ entries that name it keep answering EIO. The mark goes when the slot is freed.
 import errno
 import heapq
 import struct
-import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
+
+from zlib_ng.zlib_ng import crc32
 
 from swapfs.engine.deduptable import DedupBudget, DedupTable
 from swapfs.engine.digest import DIGEST_SIZE
@@ -65,7 +66,7 @@ RunSource = Callable[[int], bytes | None]
 
 
 def entry_crc(chain_id: int, slot: int, digest: bytes, refcount: int) -> int:
-    return zlib.crc32(_COVERED.pack(chain_id, slot, digest, refcount))
+    return crc32(_COVERED.pack(chain_id, slot, digest, refcount))
 
 
 def _free_run(chain_id: int, run: int) -> bytearray:
@@ -184,7 +185,7 @@ class SlotTable:
         if raw is None or len(raw) != RUN_BYTES:
             self.bad.update(range(first, stop))
             return None
-        chain_id, covered, crc32 = self.chain_id, _COVERED.pack, zlib.crc32
+        chain_id, covered = self.chain_id, _COVERED.pack
         bad = self.bad
         for slot, (digest, refcount, crc) in enumerate(
                 ENTRY.iter_unpack(raw[:(stop - first) * ENTRY.size]), first):
