@@ -39,6 +39,7 @@ from swapfs.engine import (
     LeaseInfo,
     LeaseLost,
     SlotTable,
+    State,
     SwapfsError,
     Volume,
     acquire,
@@ -52,7 +53,6 @@ from swapfs.engine import (
     reseal,
 )
 from swapfs.engine import lease as lease_mod
-from swapfs.engine.state import State
 from tests.mounting import SWAPFS, wait_until
 from tests.security.test_fencing import snapshot
 
@@ -780,7 +780,7 @@ def test_the_lease_is_renewed_while_a_slow_state_opens(
     scan = State._scan
     scanned: list[int] = []
 
-    def slow_scan(self: State, table: SlotTable, *args: Any, **kwargs: Any) -> None:
+    def slow_scan(self: Any, table: SlotTable, *args: Any, **kwargs: Any) -> None:
         time.sleep(seconds)
         scanned.append(table.chain_id)
         scan(self, table, *args, **kwargs)
@@ -825,7 +825,7 @@ def test_a_lease_lost_while_the_state_opens_leaves_it_unwritten(
     scan = State._scan
     taken: list[Any] = []  # the other host's holder id, then the state as it took it
 
-    def contended_scan(self: State, table: SlotTable, *args: Any, **kwargs: Any) -> None:
+    def contended_scan(self: Any, table: SlotTable, *args: Any, **kwargs: Any) -> None:
         if not taken:
             taken.append(take_by_force(state))
             taken.append(snapshot(state))
