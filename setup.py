@@ -2,12 +2,14 @@
 
 The modules listed, by dotted path, under ``[tool.swapfs] compiled`` in
 pyproject.toml are ordinary Python, all in ``swapfs.engine``. Cython
-compiles each, unchanged, into an extension module of the same name that
-Python imports in place of the ``.py`` (docs/performance.md, "The compiled
-path"). Every extension is optional: where one does not build (no C
-compiler, no Python headers, no Cython, a construct Cython refuses) the
-install goes on and that module stays pure Python. The build lists the
-SHA-256 of each source it compiled in ``swapfs/engine/compiled.json``;
+compiles each, unchanged (with the C types of the ``.pxd`` beside it, where
+there is one), into an extension module of the same name that Python
+imports in place of the ``.py`` (docs/performance.md, "The compiled path").
+Every extension is optional: where one does not build (no C compiler, no
+Python headers, no Cython, a construct Cython refuses) the install goes on
+and that module stays pure Python. The build lists the
+SHA-256 of each source it compiled (``.py`` and ``.pxd``) in
+``swapfs/engine/compiled.json``;
 ``swapfs/engine/compiled.py`` imports an extension only while its source
 still has that digest.
 """

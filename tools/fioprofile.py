@@ -89,7 +89,8 @@ CATEGORIES = [
         r"^(BlockStore\.)?(write_many|_write_run|read_many|write_seals|read_seals) ")),
     Category("slot table, dedup table, file maps and their index puts", "", (
         _ENGINE + r"(slottable|deduptable|filemap)\.py", r"^SlotTable_", r"^DedupTable_",
-        r"^(Txn\.)?(get|put|delete)_\w+ " + _ENGINE + r"index\.py", r"^(save|finish) ")),
+        r"^(Txn\.)?(get|put|delete)_\w+ " + _ENGINE + r"index\.py",
+        r"^(save|finish) " + _ENGINE)),
     Category("other Python (inode and chain lookups, begin, glue)", "",
              (r"\(swapfs/", r"\(mountd/operations\.py:", r"^MemFS\.")),
     Category("daemon tasks (control socket, cache manifest, lease)", "", (r"\(mountd/",)),

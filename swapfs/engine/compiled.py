@@ -4,10 +4,11 @@ The engine is the one package the build compiles (setup.py): Cython turns
 each module listed, by dotted path, under ``[tool.swapfs] compiled`` in
 pyproject.toml into an extension module beside its source
 (``swapfs/engine/volume.cpython-311-x86_64-linux-gnu.so`` beside
-``swapfs/engine/volume.py``), unchanged, which Python imports in place of
-the ``.py``. The build writes in ``compiled.json`` each module it was to
-compile, with the SHA-256 of the source it compiled (null for one that did
-not compile). :func:`install` (called by ``swapfs/engine/__init__.py``,
+``swapfs/engine/volume.py``), unchanged (with the C types of the ``.pxd``
+beside it, where there is one), which Python imports in place of the
+``.py``. The build writes in ``compiled.json`` each module it was to
+compile, with the SHA-256 of the source it compiled (:func:`source_digest`;
+null for one that did not compile). :func:`install` (called by ``swapfs/engine/__init__.py``,
 before any other module of the engine is imported) puts a finder first on
 ``sys.meta_path`` that imports a module's ``.py`` instead of its extension
 
