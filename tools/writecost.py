@@ -5,9 +5,10 @@ earlier blocks (as fio's ``dedupe_percentage``), syncs, then overwrites
 it at random block offsets with new data of the same kind, ``--request-blocks``
 4 KiB blocks a request (1 by default; real swap-out writes 56 on average,
 docs/performance.md), timing each ``Volume.write`` and reporting the time
-per block; every second of it, as the daemon does, the slots freed
-before the last such second and not reused since are punched
-(``Volume.punch_pending``), timed apart. Then discards (``fallocate``
+per block; every second of it, as the daemon does, a checkpoint is taken
+(``Volume.sync``) and the slots freed before the last such second and not
+reused since are punched (``Volume.punch_pending``), both timed apart
+(reported together as the punches after it). Then discards (``fallocate``
 PUNCH_HOLE | KEEP_SIZE, what a loop device sends) 1 MiB ranges of its first
 half, and its second half (64 MiB with the default size) at once, timing
 each ``Volume.fallocate`` and the punch of the slots it freed.
@@ -94,8 +95,9 @@ def overwrite(volume: Volume, ino: int, blocks: int, writes: int, data: Blocks,
         volume.write(ino, offset, buffer)
         end = clock()
         times.append((end - start) / per_request)
-        if end >= next_round:  # the daemon's round of punches
+        if end >= next_round:  # the daemon's round of a checkpoint and punches
             cutoff, previous = previous, time.monotonic()
+            volume.sync()
             punched += volume.punch_pending(freed_before=cutoff)
             punching += clock() - end
             next_round = clock() + 1.0

@@ -60,6 +60,14 @@ def _decode(payload: bytes) -> array:
     return entries
 
 
+def _le(entries: array) -> bytes:
+    """Entries as they are stored, little-endian, none left out."""
+    if _SWAP:
+        entries = array("I", entries)
+        entries.byteswap()
+    return entries.tobytes()
+
+
 def _encode(entries: array) -> bytes:
     if _SWAP:
         entries = array("I", entries)
@@ -150,7 +158,10 @@ class FileMap:
         self.complete = True
         self._named = bytearray()  # the run directory
         self._named_changed = False  # to be saved
-        self._dirty: set[int] = set()  # runs changed since the last save
+        #: The runs changed since the last save: the bounds of the entries
+        #: changed in each, ``[lo, hi]``, or None for a run to be saved whole
+        #: (new, or changed by a range).
+        self._dirty: dict[int, list[int] | None] = {}
         self._pinned: set[int] = set()  # runs changed in the transaction in use
         self._cache = cache
         self._txn: Txn | None = None
@@ -269,10 +280,22 @@ class FileMap:
             raise self._unknown(block)
         return entries
 
-    def _change(self, run: int) -> None:
-        """A run is changed: saved at the next save, and in memory until then
-        and until the transaction in use has ended."""
-        self._dirty.add(run)
+    def _change(self, run: int, at: int = -1) -> None:
+        """A run is changed, at entry *at* alone or (-1) as a whole: saved
+        at the next save, and in memory until then and until the
+        transaction in use has ended."""
+        dirty = self._dirty
+        if run in dirty:
+            bounds = dirty[run]
+            if bounds is not None:
+                if at < 0:
+                    dirty[run] = None
+                elif at < bounds[0]:
+                    bounds[0] = at
+                elif at >= bounds[1]:
+                    bounds[1] = at + 1
+            return
+        dirty[run] = None if at < 0 else [at, at + 1]
         if self._cache is not None:
             self._cache.discard(self, run)
             self._pinned.add(run)
@@ -299,8 +322,8 @@ class FileMap:
                     return
                 entries = self.runs[run] = array("I", _EMPTY)
                 self._name(run, True)
-        if run not in self._dirty:
-            self._change(run)
+                self._change(run)  # a new run: saved whole
+        self._change(run, at)
         entries[at] = 0 if slot is None else slot + 1
 
     def _named_runs(self, first: int, stop: int | None) -> Iterator[int]:
@@ -397,7 +420,11 @@ class FileMap:
         for run in sorted(self._dirty):
             entries = self.runs.get(run)
             raw = b"" if entries is None else _encode(entries)
-            if raw:
+            bounds = self._dirty[run]
+            if entries is not None and raw and bounds is not None:
+                lo, hi = bounds
+                txn.patch_map_run(self.ino, run, raw, [(4 * lo, _le(entries[lo:hi]))])
+            elif raw:
                 txn.put_map_run(self.ino, run, raw)
             else:
                 self.runs.pop(run, None)

@@ -290,56 +290,187 @@ def _map_steps(size: int) -> int:
     return MAP_STEP * max(1, -(-size // MAP_STEP))
 
 
-class _Recorder:
-    """A write transaction's view of the batch's LMDB transaction that notes
-    its puts and deletes for the journal (swapfs/engine/journal.py). Any
-    other change, a database the journal does not name, or more than the
-    journal holds leaves it unjournaled (``ops`` None): its commit is LMDB's."""
+#: What the overlay holds for a key deleted there.
+_GONE = None
+#: A patch's value: the offset in the payload, then the bytes written there.
+_OFFSET = struct.Struct("<I")
+#: The bytes of values the overlay holds before LMDB commits the batch with
+#: them: what it costs in memory, and what a commit has to put at once.
+OVERLAY_BYTES = 8 << 20
+#: What the overlay reckons a value takes in the map beyond its own bytes:
+#: pages of the tree on its path, made anew when it is put.
+OVERLAY_PAGES_PER_VALUE = 3
+#: Room in the map the overlay's reckoning leaves alone: LMDB's own pages
+#: at a commit (its free list, the meta pages).
+OVERLAY_SLACK = 64 << 12
 
-    __slots__ = ("raw", "names", "ops", "bytes", "get", "cursor")
 
-    def __init__(self, raw: Any, names: dict[int, bytes]) -> None:
-        self.raw = raw
-        self.names = names
+class _BatchView:
+    """The batch as its write transactions left it: LMDB's transaction,
+    under the overlay of the values they put or deleted that are not in it
+    yet (Index.overlay). A write transaction changes only the overlay and
+    the journal: a value that a thousand writes of a batch change is put
+    in LMDB once, when the batch commits or the overlay is full."""
+
+    __slots__ = ("index", "raw", "overlay")
+
+    def __init__(self, index: "Index") -> None:
+        self.index = index
+        self.raw = index._batch
+        self.overlay = index.overlay
+
+    def get(self, key: bytes, db: Any = None) -> bytes | None:
+        held = self.overlay.get(id(db))
+        if held is not None and key in held:
+            return held[key]
+        return self.raw.get(key, db=db)
+
+    def pending(self, db: Any, prefix: bytes, start: bytes) -> list[tuple[bytes, bytes | None]]:
+        """The overlay's entries of *db* whose key starts with *prefix*, from
+        *start* on, in key order."""
+        held = self.overlay.get(id(db))
+        if not held:
+            return []
+        start = max(start, prefix)
+        return sorted(item for item in held.items()
+                      if item[0] >= start and item[0].startswith(prefix))
+
+    def cursor(self, db: Any = None) -> Any:
+        """LMDB's cursor, for a walk outside the accessors (an upgrade, a
+        reseal): the overlay's values of *db* go into LMDB first."""
+        if self.overlay.get(id(db)):
+            self.index.settle()
+        return self.raw.cursor(db=db)
+
+    def stat(self, db: Any) -> dict[str, int]:
+        return self.raw.stat(db)
+
+
+class _Recorder(_BatchView):
+    """A write transaction's view of the batch: its puts and deletes go to
+    the overlay, and are noted for the journal (swapfs/engine/journal.py),
+    a changed run of a map or a slot table as the entries that changed
+    (:meth:`patch`). Any other change, a database the journal does not
+    name, or more than the journal holds leaves it unjournaled (``ops``
+    None): the overlay goes into LMDB's transaction, and its commit is LMDB's."""
+
+    __slots__ = ("names", "ops", "bytes")
+
+    def __init__(self, index: "Index") -> None:
+        super().__init__(index)
+        self.names = index._names
         self.ops: list[journal.Op] | None = []
         self.bytes = 0
-        self.get = raw.get
-        self.cursor = raw.cursor
 
-    def _note(self, kind: int, db: Any, key: bytes, value: bytes) -> None:
+    def _journaled(self, db: Any, size: int) -> bytes | None:
+        """The name of *db* if a change of *size* bytes to it can be
+        journaled; None, the transaction unjournaled, if not."""
         if self.ops is None:
-            return
+            return None
         name = self.names.get(id(db))
-        self.bytes += len(key) + len(value)
+        self.bytes += size
         if name is None or self.bytes > journal.JOURNAL_BYTES:
+            self.unjournal()
+            return None
+        return name
+
+    def _hold(self, db: Any, key: bytes, value: bytes | None) -> None:
+        held = self.overlay.get(id(db))
+        if held is None:
+            held = self.overlay[id(db)] = {}
+        size = len(held)
+        held[key] = value
+        if len(held) != size:
+            # What it may take in the map when it is put: a bound, so that
+            # a batch acknowledged is a batch LMDB has room for.
+            self.index.overlay_bytes += self.index.value_room(key, value)
+
+    def unjournal(self) -> None:
+        """Make this transaction LMDB's to commit: the overlay goes into
+        LMDB's transaction, and every change after it too."""
+        if self.ops is not None:
             self.ops = None
-        else:
-            self.ops.append((kind, name, bytes(key), bytes(value)))
+            self.index.settle()
 
     def put(self, key: bytes, value: bytes, db: Any = None, **flags: Any) -> bool:
-        if flags:
-            self.ops = None
-        self._note(journal.PUT, db, key, value)
+        if not flags:
+            name = self._journaled(db, len(key) + len(value))
+            if name is not None:
+                key, value = bytes(key), bytes(value)
+                self.ops.append((journal.PUT, name, key, value))  # type: ignore[union-attr]
+                self._hold(db, key, value)
+                return True
+        self.unjournal()
         return bool(self.raw.put(key, value, db=db, **flags))
 
+    def patch(self, key: bytes, value: bytes, changes: list[tuple[int, bytes]],
+              db: Any = None) -> None:
+        """Put *value* in place of the one *key* has, which differs from it
+        only in the *changes* (offset in the payload, bytes there): what
+        the journal names."""
+        name = self._journaled(db, len(key) + sum(len(data) + 4 for _, data in changes))
+        if name is None:
+            self.raw.put(key, value, db=db)
+            return
+        ops = self.ops
+        for offset, data in changes:
+            ops.append((journal.PATCH, name, key,  # type: ignore[union-attr]
+                        _OFFSET.pack(offset) + data))
+        self._hold(db, key, bytes(value))
+
     def delete(self, key: bytes, value: bytes = b"", db: Any = None) -> bool:
-        if value:
-            self.ops = None
-        self._note(journal.DELETE, db, key, b"")
+        if not value:
+            name = self._journaled(db, len(key))
+            if name is not None:
+                key = bytes(key)
+                existed = self.get(key, db) is not None
+                self.ops.append((journal.DELETE, name, key, b""))  # type: ignore[union-attr]
+                self._hold(db, key, _GONE)
+                return existed
+        self.unjournal()
         return bool(self.raw.delete(key, value, db=db))
 
     def drop(self, db: Any, delete: bool = True) -> None:
-        self.ops = None
+        self.unjournal()
         self.raw.drop(db, delete=delete)
+
+
+def patched(name: bytes, key: bytes, old: bytes | None, change: bytes) -> bytes | None:
+    """The value *old* with a journal's patch *change* made to its payload
+    (its checksum made again), or None if *old* is missing or does not
+    verify: a patch never makes a damaged value look whole."""
+    if old is None or len(change) < _OFFSET.size:
+        return None
+    tag = _CHECKSUMMED.get(name)
+    payload = old
+    if tag is not None:
+        try:
+            payload = verified(tag, key, old, "")
+        except CorruptIndex:
+            return None
+    (offset,) = _OFFSET.unpack_from(change)
+    data = change[_OFFSET.size:]
+    if len(payload) < offset:
+        payload += bytes(offset - len(payload))
+    payload = payload[:offset] + data + payload[offset + len(data):]
+    return payload if tag is None else checksummed(tag, key, payload)
 
 
 def _apply(raw: Any, named: dict[bytes, Any], ops: list[journal.Op]) -> None:
     """Make a journal record's changes in LMDB transaction *raw*."""
     for kind, name, key, value in ops:
+        db = named[name]
         if kind == journal.PUT:
-            raw.put(key, value, db=named[name])
+            raw.put(key, value, db=db)
+        elif kind == journal.DELETE:
+            raw.delete(key, db=db)
         else:
-            raw.delete(key, db=named[name])
+            new = patched(name, key, raw.get(key, db=db), value)
+            if new is None:
+                log.warning("a journal record patches %s key %s, which is missing or "
+                            "damaged: that change is lost", name.decode(), key.hex())
+            else:
+                raw.put(key, new, db=db)
 
 
 class Index:
@@ -468,6 +599,13 @@ class Index:
         #: was checked in it.
         self._batch: Any = None
         self._base = 0
+        #: What the batch's write transactions put (a value) or deleted
+        #: (None) that is not in LMDB's transaction yet, by database (the
+        #: id of its handle) and key; and about how many bytes that is.
+        self.overlay: dict[int, dict[bytes, bytes | None]] = {}
+        self.overlay_bytes = 0
+        #: What the batch may put in the map, as LMDB said when it began.
+        self._room = 0
         self._generation_checked = False
         #: What each write transaction of the batch changed, in order. While
         #: LMDB's transaction is given up (an abort, a full map), these are
@@ -547,11 +685,11 @@ class Index:
         if write:
             if self.generation and not self._generation_checked:
                 self._check_generation()
-            txn = Txn(self, _Recorder(self._batch, self._names), write=True)
+            txn = Txn(self, _Recorder(self), write=True)
             self.writer = txn
             return txn
         if self._batch is not None:
-            return Txn(self, self._batch, shared=True)
+            return Txn(self, _BatchView(self), shared=True)
         return Txn(self, self.env.begin())
 
     def _open_batch(self) -> None:
@@ -578,16 +716,20 @@ class Index:
         self._batch = batch
         self._base = batch.id() - 1
         self._generation_checked = False
-        if self._taken_up:
-            self._taken_up = False
-            if self._roll_back and self.writable():
-                self.flush()
-                self._batch = self.env.begin(write=True)
-                self._base = self._batch.id() - 1
+        self._taken_up = False
+        if self._records and self._roll_back and self.writable():
+            # Committed at once: the room the map has left is then LMDB's
+            # to say, for the overlay's reckoning below.
+            self.flush()
+            self._batch = self.env.begin(write=True)
+            self._base = self._batch.id() - 1
+        self._room = self.map_size - self.file_bytes() - OVERLAY_SLACK
 
     def _give_up_batch(self) -> None:
-        """Abort LMDB's transaction; the journal's records are kept, to be
-        made again in the next one."""
+        """Abort LMDB's transaction and drop the overlay; the journal's
+        records are kept, to be made again in the next one."""
+        self.overlay.clear()
+        self.overlay_bytes = 0
         batch, self._batch = self._batch, None
         if batch is not None:
             batch.abort()
@@ -598,17 +740,43 @@ class Index:
         left, LMDB commits the batch with it. On an error, nothing of it
         happened (lmdb.MapFullError for the caller to grow the index and try
         again)."""
-        if recorder.ops is not None and self.journal is not None:
-            try:
-                if self.journal.append(self._base, recorder.ops):
-                    self._records.append(recorder.ops)
-                    return
-            except OSError as exc:
-                log.warning("%s: the journal failed (%s): the batch commits now",
-                            self.path, exc)
+        # A full overlay commits the batch, before this write is
+        # acknowledged: should the map have no room for it, this write is
+        # the one refused, and those before it were reckoned to fit.
+        if (recorder.ops is not None and self.journal is not None
+                and self.overlay_bytes <= min(OVERLAY_BYTES, self._room)
+                and self.journal.append(self._base, recorder.ops)):
+            self._records.append(recorder.ops)
+            return
+        self.settle()
         batch, self._batch = self._batch, None
         batch.commit()  # should it fail, LMDB aborts it: the records are made again
         self._batch_committed()
+
+    def value_room(self, key: bytes, value: bytes | None) -> int:
+        """The most a value put (or deleted) can take in the map."""
+        size = len(key) + (0 if value is None else len(value))
+        return size + OVERLAY_PAGES_PER_VALUE * self._page_size
+
+    def settle(self) -> None:
+        """Put the overlay's values into LMDB's transaction, in key order.
+        On an error (lmdb.MapFullError: the map has no room) the batch is
+        given up, its records to be made again in the next one."""
+        batch = self._batch
+        try:
+            for db_id, held in self.overlay.items():
+                db = self.named[self._names[db_id]]
+                for key in sorted(held):
+                    value = held[key]
+                    if value is None:
+                        batch.delete(key, db=db)
+                    else:
+                        batch.put(key, value, db=db)
+        except BaseException:
+            self._give_up_batch()
+            raise
+        self.overlay.clear()
+        self.overlay_bytes = 0
 
     def write_aborted(self) -> None:
         """A write transaction of the batch aborts: LMDB's transaction goes
@@ -627,6 +795,11 @@ class Index:
             if self._batch is None:
                 self._open_batch()
             self.check_write()
+            try:
+                self.settle()
+            except lmdb.MapFullError:
+                self._resize()
+                continue
             batch, self._batch = self._batch, None
             try:
                 batch.commit()
@@ -692,7 +865,8 @@ class Index:
         self._calls += 1
         if self._calls % KEEP_ROOM_EVERY:
             return
-        if self.map_size - self.file_bytes() < max(MAP_STEP, self.map_size // 4):
+        room = self.map_size - self.file_bytes() - self.overlay_bytes
+        if room < max(MAP_STEP, self.map_size // 4):
             try:
                 self.flush()
                 self.grow()
@@ -793,6 +967,31 @@ class Index:
         return int((self.env.info()["last_pgno"] + 1) * self._page_size)
 
 
+def _merged(stored: Iterator[tuple[bytes, bytes]], pending: list[tuple[bytes, bytes | None]]
+            ) -> Iterator[tuple[bytes, bytes]]:
+    """The entries of *stored* in key order with *pending*'s (in key order
+    too) in place: a pending value replaces the stored one of its key, and
+    a pending None deletes it."""
+    if not pending:
+        yield from stored
+        return
+    at = 0
+    for key, value in stored:
+        while at < len(pending) and pending[at][0] < key:
+            if pending[at][1] is not None:
+                yield pending[at]  # type: ignore[misc]
+            at += 1
+        if at < len(pending) and pending[at][0] == key:
+            if pending[at][1] is not None:
+                yield pending[at]  # type: ignore[misc]
+            at += 1
+            continue
+        yield key, value
+    for item in pending[at:]:
+        if item[1] is not None:
+            yield item  # type: ignore[misc]
+
+
 class Txn:
     """One LMDB transaction with typed, checksummed accessors for every database."""
 
@@ -848,9 +1047,12 @@ class Txn:
     def raw(self) -> lmdb.Transaction:
         """LMDB's transaction itself, for what the accessors do not do
         (opening a database by name). A write transaction that asks for it
-        is no longer journaled: its commit is LMDB's."""
+        is no longer journaled: its commit is LMDB's, and the batch's
+        overlay is in LMDB's transaction from then on."""
         if self.write:
-            self.txn.ops = None
+            self.txn.unjournal()
+            return self.txn.raw
+        if isinstance(self.txn, _BatchView):
             return self.txn.raw
         return self.txn
 
@@ -915,11 +1117,16 @@ class Txn:
     def _scan(self, db: Any, prefix: bytes, start: bytes = b""
               ) -> Iterator[tuple[bytes, bytes]]:
         """(key, raw value) of the entries whose key starts with *prefix*,
-        from *start* (default: the prefix) on, in key order."""
-        with self.txn.cursor(db=db) as cur:
-            if not cur.set_range(start or prefix):
-                return
-            for key, raw in cur:
+        from *start* (default: the prefix) on, in key order: LMDB's, and
+        in a batch the overlay's over them."""
+        txn = self.txn
+        if isinstance(txn, _BatchView):
+            pending, txn = txn.pending(db, prefix, start), txn.raw
+        else:
+            pending = []
+        with txn.cursor(db=db) as cur:
+            stored = cur if cur.set_range(start or prefix) else iter(())
+            for key, raw in _merged(stored, pending):
                 if not key.startswith(prefix):
                     return
                 self.index.values_read += 1
@@ -953,7 +1160,7 @@ class Txn:
         them: every database the main one names, opened here if this format
         does not open it (a database of another format)."""
         index = self.index
-        txn = self.txn.raw if self.write else self.txn
+        txn: Any = self.raw  # a batch's as LMDB holds it, the overlay's not counted
         with txn.cursor(db=index.main) as cur:
             names = list(cur.iternext(values=False))
         databases = {}
@@ -1063,6 +1270,12 @@ class Txn:
                      entries: bytes | bytearray | memoryview) -> None:
         self.txn.put(_CHAIN_RUN.pack(chain_id, run), entries, db=self.index.slots)
 
+    def patch_slot_run(self, chain_id: int, run: int, entries: bytes | bytearray,
+                       changes: list[tuple[int, bytes]]) -> None:
+        """Put a run whose entries differ from the stored run's only in
+        *changes* (offset, bytes): the journal names those alone."""
+        self.txn.patch(_CHAIN_RUN.pack(chain_id, run), entries, changes, db=self.index.slots)
+
     def get_slot_run(self, chain_id: int, run: int) -> bytes | None:
         """One run of the chain's slot table as it is stored, or None."""
         raw = self.txn.get(_CHAIN_RUN.pack(chain_id, run), db=self.index.slots)
@@ -1117,6 +1330,14 @@ class Txn:
 
     def put_map_run(self, ino: int, run: int, entries: bytes) -> None:
         self._put(self.index.filemaps, _FILEMAPS, _INO_RUN.pack(ino, run), entries)
+
+    def patch_map_run(self, ino: int, run: int, entries: bytes,
+                      changes: list[tuple[int, bytes]]) -> None:
+        """Put a run whose entries differ from the stored run's only in
+        *changes* (offset in the entries, bytes): the journal names those alone."""
+        key = _INO_RUN.pack(ino, run)
+        self.txn.patch(key, checksummed(_FILEMAPS, key, entries), changes,
+                       db=self.index.filemaps)
 
     def delete_map_run(self, ino: int, run: int) -> None:
         self.txn.delete(_INO_RUN.pack(ino, run), db=self.index.filemaps)

@@ -8,9 +8,16 @@ record, pages that the pinned checkpoint (``checkpoint.py``) keeps LMDB
 from reusing until the next one. So the write transactions of a batch
 share one LMDB transaction (``Index``), committed when the journal is
 full, at every checkpoint, and before any change the journal cannot name.
+Until then their values are not even put in it: they wait in the index's
+overlay (``index.py``), which a value enters once however often the batch
+changes it, and which goes into LMDB's transaction when the batch commits
+or it holds :data:`~swapfs.engine.index.OVERLAY_BYTES`.
 
 Each write transaction, as it commits, appends what it put and deleted
-here, in one ``pwrite``, before its caller hears of it. A daemon killed
+here before its caller hears of it, copied into the file's shared mapping
+(no system call; the page cache holds it once copied): a run of a map or
+a slot table that it changed as the entries that changed (a ``PATCH``, a
+few dozen bytes where the run is 4 KiB), a small value whole. A daemon killed
 with a batch open loses LMDB's transaction but not the journal, which the
 page cache holds: the next open in the same boot applies the records whose
 base is LMDB's last transaction. Each record carries the boot, the base
@@ -31,6 +38,7 @@ much the state holds.
 """
 
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -55,6 +63,9 @@ _HEADER = struct.Struct("<4s16sQIII")
 _OP = struct.Struct("<BBHI")
 PUT = 1
 DELETE = 2
+#: A change to part of a value: its value is the offset in the value's
+#: payload (u32) and the bytes written there (Index's ``patched``).
+PATCH = 3
 
 #: The databases a record may name, by their number in it.
 DATABASES = (b"meta", b"inodes", b"dirents", b"chains", b"slots", b"filemaps", b"orphans",
@@ -82,8 +93,10 @@ def decode(body: bytes) -> list[Op]:
     while at < len(body):
         kind, number, key_length, value_length = _OP.unpack_from(body, at)
         at += _OP.size
-        if kind not in (PUT, DELETE) or number >= len(DATABASES):
+        if kind not in (PUT, DELETE, PATCH) or number >= len(DATABASES):
             raise ValueError(f"op {kind} on database {number}")
+        if kind == PATCH and value_length < 4:
+            raise ValueError("a patch without its offset")
         key = body[at:at + key_length]
         value = body[at + key_length:at + key_length + value_length]
         at += key_length + value_length
@@ -107,12 +120,18 @@ class Journal:
         existing one is opened to be read (FileNotFoundError if none is)."""
         self.path = directory / NAME
         self.boot = boot
+        #: The file, shared, when it is written: a record copied there is
+        #: in the page cache.
+        self._map: mmap.mmap | None = None
         if not writable:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         else:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 preallocate(self._fd, 0, JOURNAL_BYTES)
+                if os.fstat(self._fd).st_size < JOURNAL_BYTES:
+                    os.ftruncate(self._fd, JOURNAL_BYTES)  # its space allocated above
+                self._map = mmap.mmap(self._fd, JOURNAL_BYTES)
             except BaseException:
                 os.close(self._fd)
                 raise
@@ -121,6 +140,8 @@ class Journal:
         self.sequence = 0
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
         os.close(self._fd)
 
     def records(self, base: int) -> Iterator[list[Op]]:
@@ -167,18 +188,18 @@ class Journal:
 
     def append(self, base: int, ops: list[Op]) -> bool:
         """Append a record of *ops* to the batch based on *base*: False,
-        with nothing written, if it would not fit (commit the batch then);
-        OSError if the write fails."""
+        with nothing written, if it would not fit or the journal is opened
+        to be read (commit the batch then). The record is copied into the
+        file's shared mapping: the page cache has it once the copy is done,
+        without a system call (the file is allocated in full, so a copy
+        never meets a full disk)."""
         body = encode(ops)
         end = self.end + _HEADER.size + len(body)
-        if end > JOURNAL_BYTES:
+        if end > JOURNAL_BYTES or self._map is None:
             return False
         header = _HEADER.pack(_MAGIC, self.boot, base, self.sequence, len(body), 0)[:-4]
         crc = crc32(body, crc32(header))
-        record = b"".join((header, crc.to_bytes(4, "little"), body))
-        written = os.pwrite(self._fd, record, self.end)
-        if written != len(record):
-            raise OSError(f"short write to {self.path}")
+        self._map[self.end:end] = b"".join((header, crc.to_bytes(4, "little"), body))
         self.end, self.sequence = end, self.sequence + 1
         return True
 
@@ -186,6 +207,6 @@ class Journal:
         """LMDB committed the batch: the next record starts a new one. The
         first record's magic is overwritten, so that no open reads the
         committed batch's records again, even if LMDB went back to its base."""
-        if self.end:
-            os.pwrite(self._fd, bytes(len(_MAGIC)), 0)
+        if self.end and self._map is not None:
+            self._map[:len(_MAGIC)] = bytes(len(_MAGIC))
         self.end = self.sequence = 0

@@ -25,7 +25,8 @@ cdef class SlotTable:
     cdef public DedupTable dedup
     cdef public set bad
     cdef public set damaged
-    cdef set _dirty
+    cdef dict _dirty
+    cdef set _lost
     cdef set _damaged_dirty
     cdef dict _free
     cdef list _free_runs
@@ -50,6 +51,8 @@ cdef class SlotTable:
 
     @cython.locals(run=Py_ssize_t, at=Py_ssize_t, raw=bytearray)
     cpdef void _set(self, Py_ssize_t slot, digest, Py_ssize_t refcount) except *
+
+    cdef void _changed(self, Py_ssize_t run, Py_ssize_t at) except *
 
     cpdef void _index(self, bytes digest, Py_ssize_t slot) except *
 

@@ -69,6 +69,21 @@ def entry_crc(chain_id: int, slot: int, digest: bytes, refcount: int) -> int:
     return crc32(_COVERED.pack(chain_id, slot, digest, refcount))
 
 
+def _spans(raw: bytearray, changed: Collection[int]) -> list[tuple[int, bytes]]:
+    """(offset, bytes) of the entries *changed* of run *raw*, those next to
+    each other in one span."""
+    size = ENTRY.size
+    spans = []
+    ordered = sorted(changed)
+    first = last = ordered[0]
+    for at in [*ordered[1:], -1]:
+        if at != last + 1:
+            spans.append((first * size, bytes(raw[first * size:(last + 1) * size])))
+            first = at
+        last = at
+    return spans
+
+
 def _free_run(chain_id: int, run: int) -> bytearray:
     """A run of free entries, each with its CRC."""
     raw = bytearray(RUN_BYTES)
@@ -83,7 +98,7 @@ class SlotTable:
     """One chain's slot table, dedup table and free slots."""
 
     __slots__ = ("chain", "chain_id", "runs", "next_slot", "stored", "dedup", "bad",
-                 "damaged", "runs_kept", "scanned", "runs_loaded", "_source", "_dirty",
+                 "damaged", "runs_kept", "scanned", "runs_loaded", "_source", "_dirty", "_lost",
                  "_damaged_dirty", "_saved", "_free", "_free_runs", "free_count",
                  "_scan_at", "_building", "_named_in_scan", "_unnamed")
 
@@ -118,7 +133,12 @@ class SlotTable:
         #: Used slots set aside as damaged: their data does not match their
         #: digest, so the dedup table does not name them.
         self.damaged: set[int] = set(damaged)
-        self._dirty: set[int] = set()
+        #: The runs changed since the last save: the entries changed in
+        #: each, or None for a run to be saved whole (a new one).
+        self._dirty: dict[int, set[int] | None] = {}
+        #: Runs the index lacks (read as entries that do not verify): saved
+        #: whole once changed, there being nothing to patch.
+        self._lost: set[int] = set()
         self._damaged_dirty: set[int] = set()  # slots whose mark changed
         #: Free slots whose disk space is punched: a bit mask per run, and the
         #: runs that have any (a heap, lowest first; stale entries skipped).
@@ -204,6 +224,7 @@ class SlotTable:
         held = self._read(run)
         if held is None:
             held = bytearray(RUN_BYTES)  # entries that do not verify, as it is lost
+            self._lost.add(run)
         if len(self.runs) >= self.runs_kept:
             self._trim()
         self.runs[run] = held
@@ -343,7 +364,17 @@ class SlotTable:
         raw = self._run(run)
         ENTRY.pack_into(raw, at * ENTRY.size, digest, refcount,
                         entry_crc(self.chain_id, slot, digest, refcount))
-        self._dirty.add(run)
+        self._changed(run, at)
+
+    def _changed(self, run: int, at: int) -> None:
+        """Entry *at* of run *run* is changed: saved at the next save."""
+        dirty = self._dirty
+        if run in dirty:
+            changed = dirty[run]
+            if changed is not None:
+                changed.add(at)
+        else:
+            dirty[run] = {at}
 
     def _index(self, digest: bytes, slot: int) -> None:
         self.dedup.add(digest, slot)
@@ -438,7 +469,7 @@ class SlotTable:
         run, at = divmod(slot, SLOT_RUN)
         ENTRY.pack_into(self._run(run), at * ENTRY.size, _FREE_DIGEST, 0,
                         entry_crc(self.chain_id, slot, _FREE_DIGEST, 0) ^ 0xFFFFFFFF)
-        self._dirty.add(run)
+        self._changed(run, at)
         self.bad.add(slot)
 
     def take_free(self) -> int | None:
@@ -489,7 +520,7 @@ class SlotTable:
             if len(self.runs) >= self.runs_kept:
                 self._trim()
             self.runs[run] = _free_run(self.chain_id, run)
-            self._dirty.add(run)
+            self._dirty[run] = None
         self.next_slot = self.chain.next_slot = slot + 1
         return slot
 
@@ -497,7 +528,12 @@ class SlotTable:
         """Write the runs changed since the last save, the damaged marks, and
         the chain's record if its counts changed."""
         for run in sorted(self._dirty):
-            txn.put_slot_run(self.chain_id, run, self.runs[run])
+            changed, raw = self._dirty[run], self.runs[run]
+            if changed is None or run in self._lost:
+                txn.put_slot_run(self.chain_id, run, raw)
+                self._lost.discard(run)
+            else:
+                txn.patch_slot_run(self.chain_id, run, raw, _spans(raw, changed))
         self._dirty.clear()
         if self._damaged_dirty:
             for slot in sorted(self._damaged_dirty):
@@ -526,6 +562,7 @@ class SlotTable:
         took out, of slots the transaction freed, are named again."""
         self.runs.clear()
         self._dirty.clear()
+        self._lost.clear()
         self._damaged_dirty.clear()
         self.next_slot = self.chain.next_slot = committed.next_slot
         self.stored = self.chain.stored = committed.stored
