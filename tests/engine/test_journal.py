@@ -161,6 +161,54 @@ def test_a_batch_is_bounded_by_the_journal(tmp_path: Path,
         assert len(index._records) < BLOCKS * 37  # noqa: SLF001
 
 
+def test_a_lone_overwrite_journals_the_entries_it_changed(tmp_path: Path) -> None:
+    """A 4 KiB overwrite changes an entry of its file's map and entries of
+    its chain's slot table: the journal names those, not the 4 KiB runs
+    that hold them, and the values wait in the overlay, where reads find
+    them, until LMDB commits the batch."""
+    state = tmp_path / "state"
+    made(state)
+    with closing(Volume(state)) as vol:
+        ino = vol.resolve("c/f").ino
+        index = vol.opened.index
+        assert index.journal is not None
+        vol.write(ino, 0, version(0, 2))  # the batch begun
+        start = index.journal.end
+        vol.write(ino, 5 * BS, version(5, 2))
+        assert index.journal.end - start < 1024
+        ops = index._records[-1]  # noqa: SLF001
+        patched = {name for kind, name, _, _ in ops if kind == journal.PATCH}
+        assert patched == {b"filemaps", b"slots"}
+        assert all(len(value) < 100 for kind, _, _, value in ops if kind == journal.PATCH)
+        assert index.overlay and vol.read(ino, 5 * BS, BS) == version(5, 2)
+    assert versions(state) == [2] + [1] * 4 + [2] + [1] * (BLOCKS - 6)
+    assert fsck.check(state).clean
+
+
+def test_a_patch_never_makes_a_damaged_value_whole() -> None:
+    """Made again from the journal, a patch changes the payload of the value
+    it names and checksums it again; a value missing or damaged since (it
+    does not verify) is left as it is, for reads to answer EIO."""
+    key = bytes(12)
+    tag = index_module._CHECKSUMMED[b"filemaps"]  # noqa: SLF001
+    old = index_module.checksummed(tag, key, bytes(range(1, 9)))
+
+    def patch(offset: int, data: bytes) -> bytes:
+        return offset.to_bytes(4, "little") + data
+
+    new = index_module.patched(b"filemaps", key, old, patch(4, b"\xff\xfe"))
+    assert new is not None
+    assert index_module.verified(tag, key, new, "") == bytes([1, 2, 3, 4, 0xFF, 0xFE, 7, 8])
+    longer = index_module.patched(b"filemaps", key, old, patch(12, b"\x09"))
+    assert longer is not None
+    assert index_module.verified(tag, key, longer, "") == bytes(range(1, 9)) + bytes(4) + b"\x09"
+    flipped = bytes([old[0] ^ 1]) + old[1:]
+    assert index_module.patched(b"filemaps", key, flipped, patch(0, b"\x00")) is None
+    assert index_module.patched(b"filemaps", key, None, patch(0, b"\x00")) is None
+    # A slot table's run has no checksum of its own: its entries carry theirs.
+    assert index_module.patched(b"slots", key, b"abcdef", patch(2, b"XY")) == b"abXYef"
+
+
 @pytest.mark.parametrize("damage", ["flip", "cut short", "garbage"])
 def test_a_damaged_journal_costs_the_records_from_the_damage_on(
         tmp_path: Path, damage: str) -> None:
