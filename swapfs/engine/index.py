@@ -435,42 +435,62 @@ class _Recorder(_BatchView):
         self.raw.drop(db, delete=delete)
 
 
-def patched(name: bytes, key: bytes, old: bytes | None, change: bytes) -> bytes | None:
-    """The value *old* with a journal's patch *change* made to its payload
-    (its checksum made again), or None if *old* is missing or does not
-    verify: a patch never makes a damaged value look whole."""
-    if old is None or len(change) < _OFFSET.size:
-        return None
-    tag = _CHECKSUMMED.get(name)
-    payload = old
-    if tag is not None:
-        try:
-            payload = verified(tag, key, old, "")
-        except CorruptIndex:
-            return None
-    (offset,) = _OFFSET.unpack_from(change)
-    data = change[_OFFSET.size:]
-    if len(payload) < offset:
-        payload += bytes(offset - len(payload))
-    payload = payload[:offset] + data + payload[offset + len(data):]
-    return payload if tag is None else checksummed(tag, key, payload)
-
-
-def _apply(raw: Any, named: dict[bytes, Any], ops: list[journal.Op]) -> None:
-    """Make a journal record's changes in LMDB transaction *raw*."""
-    for kind, name, key, value in ops:
-        db = named[name]
-        if kind == journal.PUT:
-            raw.put(key, value, db=db)
-        elif kind == journal.DELETE:
-            raw.delete(key, db=db)
-        else:
-            new = patched(name, key, raw.get(key, db=db), value)
-            if new is None:
+def _apply(raw: Any, named: dict[bytes, Any], records: list[list[journal.Op]]) -> None:
+    """Make the changes of a batch's journal records in LMDB transaction
+    *raw*: each record's in order, in memory, then every value changed put
+    once (a patch changes the payload in memory and is checksummed at the
+    end), so that taking up a full journal costs a put per value it
+    names, not one per change."""
+    values: dict[tuple[bytes, bytes], bytes | bytearray | None] = {}
+    lost: set[tuple[bytes, bytes]] = set()
+    for ops in records:
+        for kind, name, key, value in ops:
+            at = (name, key)
+            if kind != journal.PATCH:
+                values[at] = value if kind == journal.PUT else None
+                lost.discard(at)
+                continue
+            if at in lost:
+                continue
+            current = values[at] if at in values else raw.get(key, db=named[name])
+            payload = _payload(name, key, current)
+            if payload is None or len(value) < _OFFSET.size:
                 log.warning("a journal record patches %s key %s, which is missing or "
                             "damaged: that change is lost", name.decode(), key.hex())
-            else:
-                raw.put(key, new, db=db)
+                values.pop(at, None)
+                lost.add(at)
+                continue
+            (offset,) = _OFFSET.unpack_from(value)
+            data = value[_OFFSET.size:]
+            if len(payload) < offset + len(data):
+                payload.extend(bytes(offset + len(data) - len(payload)))
+            payload[offset:offset + len(data)] = data
+            values[at] = payload
+    for (name, key), made in sorted(values.items()):
+        db = named[name]
+        if made is None:
+            raw.delete(key, db=db)
+        elif isinstance(made, bytearray):
+            tag = _CHECKSUMMED.get(name)
+            raw.put(key, bytes(made) if tag is None else checksummed(tag, key, bytes(made)),
+                    db=db)
+        else:
+            raw.put(key, made, db=db)
+
+
+def _payload(name: bytes, key: bytes, value: bytes | bytearray | None) -> bytearray | None:
+    """A value's payload to patch in place: *value* itself if it is one
+    already (a bytearray), else the payload of the value as stored, None if
+    it is missing or does not verify."""
+    if value is None or isinstance(value, bytearray):
+        return value
+    tag = _CHECKSUMMED.get(name)
+    if tag is None:
+        return bytearray(value)
+    try:
+        return bytearray(verified(tag, key, value, ""))
+    except CorruptIndex:
+        return None
 
 
 class Index:
@@ -703,8 +723,7 @@ class Index:
         while True:
             batch = self.env.begin(write=True)
             try:
-                for ops in self._records:
-                    _apply(batch, self.named, ops)
+                _apply(batch, self.named, self._records)
             except lmdb.MapFullError:
                 batch.abort()
                 self._resize()

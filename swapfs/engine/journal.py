@@ -33,8 +33,9 @@ promises is the checkpoint's, which commits the batch first.
 The file is allocated in full (:data:`JOURNAL_BYTES`) when the index is
 opened for writing, so that an append never finds the disk full; a record
 that would not fit commits the batch instead. The records are bounded by
-the file: replaying them at an open costs at most that many puts, however
-much the state holds.
+the file, and the values they name by the index's overlay: an open makes
+the records again in memory and puts each value they changed once,
+however much the state holds.
 """
 
 import logging

@@ -185,28 +185,40 @@ def test_a_lone_overwrite_journals_the_entries_it_changed(tmp_path: Path) -> Non
     assert fsck.check(state).clean
 
 
-def test_a_patch_never_makes_a_damaged_value_whole() -> None:
+def test_a_patch_never_makes_a_damaged_value_whole(tmp_path: Path) -> None:
     """Made again from the journal, a patch changes the payload of the value
-    it names and checksums it again; a value missing or damaged since (it
-    does not verify) is left as it is, for reads to answer EIO."""
-    key = bytes(12)
+    it names, which is checksummed again; a value missing or damaged since
+    (it does not verify) is left as it is, for reads to answer EIO, and so
+    are the later patches of it."""
     tag = index_module._CHECKSUMMED[b"filemaps"]  # noqa: SLF001
-    old = index_module.checksummed(tag, key, bytes(range(1, 9)))
+    good, damaged, gone = b"good" + bytes(8), b"damaged" + bytes(5), b"gone" + bytes(8)
+    stored = index_module.checksummed(tag, damaged, b"12345678")
+    env = lmdb.open(str(tmp_path), max_dbs=4)
+    named = {b"filemaps": env.open_db(b"filemaps"), b"slots": env.open_db(b"slots")}
+    with env.begin(write=True) as txn:
+        txn.put(good, index_module.checksummed(tag, good, bytes(range(1, 9))),
+                db=named[b"filemaps"])
+        txn.put(damaged, bytes([stored[0] ^ 1]) + stored[1:], db=named[b"filemaps"])
+        txn.put(good, b"abcdef", db=named[b"slots"])
 
-    def patch(offset: int, data: bytes) -> bytes:
-        return offset.to_bytes(4, "little") + data
+    def patch(name: bytes, key: bytes, offset: int, data: bytes) -> journal.Op:
+        return journal.PATCH, name, key, offset.to_bytes(4, "little") + data
 
-    new = index_module.patched(b"filemaps", key, old, patch(4, b"\xff\xfe"))
-    assert new is not None
-    assert index_module.verified(tag, key, new, "") == bytes([1, 2, 3, 4, 0xFF, 0xFE, 7, 8])
-    longer = index_module.patched(b"filemaps", key, old, patch(12, b"\x09"))
-    assert longer is not None
-    assert index_module.verified(tag, key, longer, "") == bytes(range(1, 9)) + bytes(4) + b"\x09"
-    flipped = bytes([old[0] ^ 1]) + old[1:]
-    assert index_module.patched(b"filemaps", key, flipped, patch(0, b"\x00")) is None
-    assert index_module.patched(b"filemaps", key, None, patch(0, b"\x00")) is None
-    # A slot table's run has no checksum of its own: its entries carry theirs.
-    assert index_module.patched(b"slots", key, b"abcdef", patch(2, b"XY")) == b"abXYef"
+    records = [[patch(b"filemaps", good, 4, b"\xff\xfe"), patch(b"filemaps", damaged, 0, b"x"),
+                patch(b"filemaps", gone, 0, b"x")],
+               [patch(b"filemaps", good, 12, b"\x09"), patch(b"filemaps", damaged, 1, b"y"),
+                patch(b"slots", good, 2, b"XY")]]
+    with env.begin(write=True) as txn:
+        index_module._apply(txn, named, records)  # noqa: SLF001
+    with env.begin() as txn:
+        patched = txn.get(good, db=named[b"filemaps"])
+        assert patched is not None and index_module.verified(tag, good, patched, "") == (
+            bytes([1, 2, 3, 4, 0xFF, 0xFE, 7, 8]) + bytes(4) + b"\x09")
+        assert txn.get(damaged, db=named[b"filemaps"]) == bytes([stored[0] ^ 1]) + stored[1:]
+        assert txn.get(gone, db=named[b"filemaps"]) is None
+        # A slot table's run has no checksum of its own: its entries carry theirs.
+        assert txn.get(good, db=named[b"slots"]) == b"abXYef"
+    env.close()
 
 
 @pytest.mark.parametrize("damage", ["flip", "cut short", "garbage"])
