@@ -621,7 +621,8 @@ class Index:
         self._base = 0
         #: What the batch's write transactions put (a value) or deleted
         #: (None) that is not in LMDB's transaction yet, by database (the
-        #: id of its handle) and key; and about how many bytes that is.
+        #: id of its handle) and key; and the most that may take in the map
+        #: (Index.value_room of each).
         self.overlay: dict[int, dict[bytes, bytes | None]] = {}
         self.overlay_bytes = 0
         #: What the batch may put in the map, as LMDB said when it began.
