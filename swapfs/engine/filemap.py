@@ -69,10 +69,8 @@ def _le(entries: array) -> bytes:
 
 
 def _encode(entries: array) -> bytes:
-    if _SWAP:
-        entries = array("I", entries)
-        entries.byteswap()
-    raw = entries.tobytes()
+    """A run's value: its entries as stored, trailing holes left out."""
+    raw = _le(entries)
     if entries[-1]:  # nothing to trim: the common case of a run in use
         return raw
     raw = raw.rstrip(b"\0")

@@ -11,7 +11,8 @@ full, at every checkpoint, and before any change the journal cannot name.
 Until then their values are not even put in it: they wait in the index's
 overlay (``index.py``), which a value enters once however often the batch
 changes it, and which goes into LMDB's transaction when the batch commits
-or it holds :data:`~swapfs.engine.index.OVERLAY_BYTES`.
+(as it also does once the overlay holds
+:data:`~swapfs.engine.index.OVERLAY_BYTES`).
 
 Each write transaction, as it commits, appends what it put and deleted
 here before its caller hears of it, copied into the file's shared mapping
@@ -65,7 +66,7 @@ _OP = struct.Struct("<BBHI")
 PUT = 1
 DELETE = 2
 #: A change to part of a value: its value is the offset in the value's
-#: payload (u32) and the bytes written there (Index's ``patched``).
+#: payload (u32) and the bytes written there (made again by ``index._apply``).
 PATCH = 3
 
 #: The databases a record may name, by their number in it.
