@@ -31,6 +31,7 @@ The tables of all chains of a volume share a :class:`DedupBudget` of bytes
 (``dedup_table_bytes``).
 """
 
+import contextlib
 import mmap
 from collections.abc import Callable
 
@@ -38,6 +39,8 @@ _EMPTY = 0
 _GONE = 0xFFFFFFFF
 _MIN_BUCKETS = 1024
 BUCKET_BYTES = 6  # a slot number (4) and a tag (2)
+_PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # not shmem, which could swap
+_HUGE_PAGE = 2 << 20  # x86-64's PMD size
 #: The load a table is built for, asks for room at, and stops taking entries at.
 BUILD_LOAD = 0.75
 GROW_LOAD = 0.85
@@ -71,6 +74,27 @@ def _bucket(word: int, size: int) -> int:
     return (word >> 32) * size >> 32
 
 
+def _anonymous(length: int) -> mmap.mmap:
+    """Private anonymous memory for *length* bytes of buckets, zeros until
+    written; in transparent huge pages where it spans one or more.
+
+    A table is filled at random, so all of its pages are touched soon after
+    it is built, and at 64 GiB stored it is 134 MiB of them. A killed
+    daemon's memory is torn down before its descriptors close, and so
+    before a standby can see the death: in 4 KiB pages that took 9-12 ms
+    (14-20 ms locked) here, in huge pages 1-2.6 ms. The map is rounded up to
+    whole huge pages so that the kernel can align and fill it with them;
+    the pages past the table are never touched.
+    """
+    if length >= _HUGE_PAGE:
+        held = mmap.mmap(-1, -(-length // _HUGE_PAGE) * _HUGE_PAGE, flags=_PRIVATE)
+        # A kernel without transparent huge pages refuses: 4 KiB pages then.
+        with contextlib.suppress(OSError):
+            held.madvise(mmap.MADV_HUGEPAGE)
+        return held
+    return mmap.mmap(-1, length, flags=_PRIVATE)
+
+
 def buckets_for(entries: int) -> int:
     """The buckets of a table built to hold *entries* at BUILD_LOAD."""
     return max(_MIN_BUCKETS, int(entries / BUILD_LOAD) + 1)
@@ -98,11 +122,9 @@ class DedupTable:
         # is written, so a table sized at open for every block the chain
         # holds touches (and locks) only what the scan then fills; an array
         # wrote all its zeros first (137 MB before a 64 GiB state served).
-        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # not shmem, which could swap
-        self._maps = (mmap.mmap(-1, 4 * size, flags=private),
-                      mmap.mmap(-1, 2 * size, flags=private))
-        self.slots = memoryview(self._maps[0]).cast("I")
-        self.tags = memoryview(self._maps[1]).cast("H")
+        self._maps = (_anonymous(4 * size), _anonymous(2 * size))
+        self.slots = memoryview(self._maps[0])[:4 * size].cast("I")
+        self.tags = memoryview(self._maps[1])[:2 * size].cast("H")
         self.size = size
         self.entries = 0  # live entries
         self._filled = 0  # live and removed ones: what probing walks over

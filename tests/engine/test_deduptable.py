@@ -7,9 +7,12 @@ reads every byte back right when the table is full, only dedups less.
 
 import math
 import random
+import re
 import stat
 from contextlib import closing
 from pathlib import Path
+
+import pytest
 
 from swapfs.engine import fsck
 from swapfs.engine.blocks import BLOCK_SIZE
@@ -33,6 +36,36 @@ class Digests:
 
     def __call__(self, slot: int) -> bytes | None:
         return self.held.get(slot)
+
+
+def _huge_page_ready() -> dict[tuple[int, int], bool]:
+    """This process's mappings, by (start, end): may each hold transparent
+    huge pages (smaps' THPeligible)?"""
+    ready = {}
+    span = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        found = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if found:
+            span = (int(found[1], 16), int(found[2], 16))
+        elif line.startswith("THPeligible:") and span is not None:
+            ready[span] = line.split()[1] == "1"
+    return ready
+
+
+def test_a_large_table_asks_for_huge_pages() -> None:
+    """A table of 12 MiB is mapped where the kernel may use 2 MiB pages:
+    a killed daemon's table is then freed a few pages at a time, not 3,000,
+    before a standby can see the death (docs/performance.md, scale)."""
+    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    before = _huge_page_ready()
+    table = DedupTable(Digests(), DedupBudget(), (2 << 20) // BUCKET_BYTES * 6)
+    try:
+        ready = sum(end - start for (start, end), eligible in _huge_page_ready().items()
+                    if eligible and (start, end) not in before)
+        assert ready >= 6 * table.size
+    finally:
+        table.release()
 
 
 def test_the_table_agrees_with_a_model_through_removals() -> None:
