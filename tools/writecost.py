@@ -17,6 +17,14 @@ The state directory is made under ``--dir`` (default: the system's temporary
 directory), so the data files live on that file system and its mount
 options count (``docs/benchmarks.md`` compares ext4 with and without ``discard``).
 
+Each figure is also given against the *floor* measured in the same run:
+what a new block costs at least, whatever the metadata around it costs,
+timed on that run's own new blocks: its keyed digest, in an encrypted
+state its block key and AES-GCM seal (``ChainKeys.digest`` and ``seal``),
+and one 4 KiB ``pwritev`` of it to a random slot of a scratch file of the
+file's size beside the state (of the block as it is: sealed, it is the
+same size).
+
 Example (the figures of docs/performance.md)::
 
     PYTHONPATH=$PWD python tools/writecost.py --file-mib 128 --writes 20000
@@ -24,7 +32,9 @@ Example (the figures of docs/performance.md)::
 
 import argparse
 import json
+import os
 import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -40,6 +50,7 @@ from swapfs.engine import (
     Volume,
     keys,
 )
+from swapfs.engine.sealing import ChainKeys
 
 MIB = 1 << 20
 DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -109,6 +120,45 @@ def overwrite(volume: Volume, ino: int, blocks: int, writes: int, data: Blocks,
             "punch_us_per_write": punching * 1e6 / written}
 
 
+def floor(directory: Path, blocks: int, data: list[bytes], encrypt: bool) -> dict[str, float]:
+    """The primitives' cost per new block (see the module's docstring), in µs."""
+    secret = secrets.token_bytes(32)
+    chain = ChainKeys.from_secret(1, secret) if encrypt else ChainKeys(1, secret)
+    rng = random.Random(4)
+    clock = time.perf_counter
+    digests, sealing = [], 0.0
+    start = clock()
+    for block in data:
+        digests.append(chain.digest(block))
+    digesting = clock() - start
+    if encrypt:
+        seal = chain.seal
+        start = clock()
+        for digest, block in zip(digests, data, strict=True):
+            seal(digest, block)  # kept, the sealed blocks would cost page faults
+        sealing = clock() - start
+    path = directory / "floor.blocks"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # as the block store does
+        for first in range(0, blocks, 64):
+            os.pwrite(fd, secrets.token_bytes(BLOCK_SIZE) * min(64, blocks - first),
+                      first * BLOCK_SIZE)
+        os.fsync(fd)
+        offsets = [rng.randrange(blocks) * BLOCK_SIZE for _ in data]
+        start = clock()
+        for offset, block in zip(offsets, data, strict=True):
+            os.pwritev(fd, [block], offset)
+        writing = clock() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+    per_block = 1e6 / len(data)
+    return {"digest_us": digesting * per_block, "seal_us": sealing * per_block,
+            "pwritev_us": writing * per_block,
+            "floor_us": (digesting + sealing + writing) * per_block}
+
+
 def discards(volume: Volume, ino: int, ranges: list[tuple[int, int]]) -> dict[str, Any]:
     """Discard each (offset, length) range, then punch the slots it freed."""
     times = []
@@ -152,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             results[f"overwrite {args.request_blocks * 4}k"] = overwrite(
                 volume, target.ino, blocks, args.writes, data, seed=2,
                 per_request=args.request_blocks)
+            fresh = Blocks(0, seed=5)
+            results["floor"] = floor(Path(state), blocks,
+                                     [fresh.next() for _ in range(min(args.writes, 20000))],
+                                     args.encrypt)
             half = blocks * BLOCK_SIZE // 2
             ranges = random.Random(3).sample(range(half // MIB), min(args.discards, half // MIB))
             results["discard 1m"] = discards(volume, target.ino,
@@ -159,11 +213,18 @@ def main(argv: list[str] | None = None) -> int:
             results[f"discard {half // MIB}m"] = discards(volume, target.ino, [(half, half)])
         finally:
             volume.close()
+    least = results["floor"]
+    print(f"floor         {least['floor_us']:9.1f} µs a new block: digest {least['digest_us']:.1f},"
+          f" seal {least['seal_us']:.1f}, pwritev {least['pwritev_us']:.1f}", file=sys.stderr)
     for name, figure in results.items():
+        if name == "floor":
+            continue
+        ratio = (f"; {figure['median_us'] / least['floor_us']:.1f}x the floor"
+                 if name.startswith("overwrite") else "")
         punch = figure.get("punch_us_per_write", figure.get("punch_us_per_discard"))
         print(f"{name:13} mean {figure['mean_us']:9.1f} µs  median {figure['median_us']:9.1f}"
               f" µs  p99 {figure['p99_us']:9.1f} µs  ({figure['count']} timed);"
-              f" punches after it {punch:9.1f} µs", file=sys.stderr)
+              f" punches after it {punch:9.1f} µs{ratio}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
