@@ -606,6 +606,9 @@ class Index:
         #: the committed records plus the changes of the write transaction
         #: in progress, forgotten whole when one aborts (Txn.get_inode).
         self.inode_cache: dict[int, Inode] = {}
+        #: Inodes whose timestamps alone changed since they were last put,
+        #: by number (Txn.touch_inode): put when the batch next settles.
+        self.lazy_times: dict[int, Inode] = {}
         #: The write transaction in progress, if any: what is read on demand
         #: while it runs (a slot table's runs) must see its changes.
         self.writer: Txn | None = None
@@ -792,11 +795,16 @@ class Index:
                         batch.delete(key, db=db)
                     else:
                         batch.put(key, value, db=db)
+            for ino in sorted(self.lazy_times):
+                key = _U64.pack(ino)
+                batch.put(key, checksummed(_INODES, key, self.lazy_times[ino].pack()),
+                          db=self.inodes)
         except BaseException:
             self._give_up_batch()
             raise
         self.overlay.clear()
         self.overlay_bytes = 0
+        self.lazy_times.clear()
 
     def write_aborted(self) -> None:
         """A write transaction of the batch aborts: LMDB's transaction goes
@@ -1058,7 +1066,9 @@ class Txn:
             if committed:
                 self.index.commits += 1
             else:
-                self.index.inode_cache.clear()  # it may hold this transaction's changes
+                # Both may hold this transaction's changes.
+                self.index.inode_cache.clear()
+                self.index.lazy_times.clear()
         callbacks, self._after = self._after, []
         for callback in callbacks:
             callback(committed)
@@ -1235,14 +1245,28 @@ class Txn:
     def put_inode(self, inode: Inode) -> None:
         self._put(self.index.inodes, _INODES, _U64.pack(inode.ino), inode.pack())
         self.index.inode_cache[inode.ino] = inode
+        self.index.lazy_times.pop(inode.ino, None)
+
+    def touch_inode(self, inode: Inode) -> None:
+        """Keep a change of *inode*'s timestamps alone in memory, where
+        every reader through this index sees it, until the batch next
+        settles (Index.settle: at the latest its commit, at the next
+        checkpoint) rather than journal it with the write that made it.
+        Linux's ``lazytime`` does the same: a killed process loses the
+        times of its last second of writes, never a block or a size."""
+        self.index.inode_cache[inode.ino] = inode
+        self.index.lazy_times[inode.ino] = inode
 
     def delete_inode(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.inodes)
         self.index.inode_cache.pop(ino, None)
+        self.index.lazy_times.pop(ino, None)
 
     def iter_inodes(self) -> Iterator[Inode]:
+        lazy = self.index.lazy_times
         for key, raw in self._iter(self.index.inodes, _INODES):
-            yield Inode.unpack(_U64.unpack(key)[0], raw)
+            ino = _U64.unpack(key)[0]
+            yield lazy.get(ino) or Inode.unpack(ino, raw)
 
     def get_dirent(self, parent: int, name: bytes) -> int | None:
         raw = self._get(self.index.dirents, _DIRENTS, _U64.pack(parent) + name,

@@ -527,10 +527,14 @@ class Volume:
                     old = change.mapped_block(inode, piece.block)
                     chunk = old[:piece.start] + chunk + old[piece.end:]
                 blocks.append((piece.block, chunk))
+            mapped = inode.blocks
             change.set_blocks(inode, blocks)
-            inode.size = max(inode.size, end)
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
-            txn.put_inode(inode)
+            if end > inode.size or inode.blocks != mapped:
+                inode.size = max(inode.size, end)
+                txn.put_inode(inode)
+            else:  # a swap-out over pages it wrote before: only the times change
+                txn.touch_inode(inode)
             change.finish()
         return len(data)
 

@@ -185,6 +185,52 @@ def test_a_lone_overwrite_journals_the_entries_it_changed(tmp_path: Path) -> Non
     assert fsck.check(state).clean
 
 
+def test_an_overwrite_keeps_its_times_in_memory_until_the_batch_settles(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write over mapped blocks within the file's size changes only the
+    file's times: the journal does not name its inode, readers see the new
+    times at once, and the batch's commit stores them. A write that maps a
+    block or grows the file journals its inode, and an aborted write
+    transaction leaves no time of its own to be stored later."""
+    state = tmp_path / "state"
+    made(state)
+    with closing(Volume(state)) as vol:
+        ino = vol.resolve("c/f").ino
+        index = vol.opened.index
+        before = vol.getattr(ino).mtime_ns
+        vol.write(ino, 5 * BS, version(5, 2))
+        assert not any(name == b"inodes" for _, name, _, _ in index._records[-1])  # noqa: SLF001
+        touched = vol.getattr(ino)
+        assert touched.mtime_ns > before and touched.ctime_ns == touched.mtime_ns
+        assert ino in index.lazy_times
+        vol.write(ino, BLOCKS * BS, version(BLOCKS, 2))  # grows the file
+        size = vol.getattr(ino).size
+        assert size == (BLOCKS + 1) * BS
+        assert any(name == b"inodes" for _, name, _, _ in index._records[-1])  # noqa: SLF001
+        assert ino not in index.lazy_times
+        vol.write(ino, 7 * BS, bytes(BS))  # unmaps block 7
+        vol.write(ino, 6 * BS, version(6, 2))
+        last = vol.getattr(ino).mtime_ns
+        assert ino in index.lazy_times
+
+        def full(*_: object) -> None:
+            raise SwapfsError(errno.ENOSPC, "no room")
+
+        # Mapping block 7 again counts it in the inode before the data
+        # write fails: that count must not reach the index with the times.
+        monkeypatch.setattr(type(vol.opened.store), "write_many", full)
+        with pytest.raises(SwapfsError):
+            vol.write(ino, 7 * BS, version(7, 2))
+        monkeypatch.undo()
+        assert not index.lazy_times
+        vol.sync()
+    with closing(Volume(state)) as vol:
+        stored = vol.getattr(ino)
+        assert (stored.size, stored.blocks) == (size, BLOCKS)
+        assert before < stored.mtime_ns <= last
+    assert fsck.check(state).clean
+
+
 def test_a_patch_never_makes_a_damaged_value_whole(tmp_path: Path) -> None:
     """Made again from the journal, a patch changes the payload of the value
     it names, which is checksummed again; a value missing or damaged since
@@ -300,16 +346,18 @@ def test_a_full_map_mid_batch_grows_it_and_keeps_the_batch(
         ino = written_in_a_batch(vol)
         index = vol.opened.index
         size = index.map_size
-        put = index_module._Recorder.put  # noqa: SLF001
+        # An overwrite puts nothing whole: its map and slot table entries
+        # are patches (its inode's times wait in memory).
+        patch = index_module._Recorder.patch  # noqa: SLF001
         calls: list[int] = []
 
-        def full_once(self: object, *args: object, **kwargs: object) -> bool:
+        def full_once(self: object, *args: object, **kwargs: object) -> None:
             if not calls:
                 calls.append(1)
                 raise lmdb.MapFullError("full")
-            return put(self, *args, **kwargs)  # type: ignore[arg-type]
+            patch(self, *args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(index_module._Recorder, "put", full_once)  # noqa: SLF001
+        monkeypatch.setattr(index_module._Recorder, "patch", full_once)  # noqa: SLF001
         vol.write(ino, 8 * BS, version(8, 2))
         monkeypatch.undo()
         assert calls and index.map_size > size
