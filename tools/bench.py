@@ -101,6 +101,7 @@ from tools.benchtargets import (  # noqa: E402
     SWAP_TARGETS,
     Device,
     Unavailable,
+    cpu_seconds,
     loop_device,
     swapfs_kept_file,
     swapfs_plain_file,
@@ -110,6 +111,7 @@ from tools.scale import run as run_scale  # noqa: E402
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
 
 FIO_DIR = Path(__file__).resolve().parent / "fio"
+GIB = 1 << 30
 JOBS = ["randwrite-4k", "randread-4k", "seqwrite-1m", "seqread-1m"]
 DATA = {"dedupe-0": (0, 0), "dedupe-50": (50, 0), "dedupe-90": (90, 0), "zeros": (0, 1)}
 #: Each ceiling and the key of a row's IOPS as a ratio of it.
@@ -316,16 +318,24 @@ def e2e_rows(plan: Plan, state_fs: dict[str, str]) -> list[dict[str, Any]]:
                     nonlocal stored
                     stored = max(stored, swap.stored_bytes())
 
+                cpu = None if swap.pid is None else cpu_seconds(swap.pid)
                 with MemoryCgroup("bench", plan.e2e_limit_mib * MIB) as cgroup:
                     result = run_workload(cgroup, plan.e2e_workers, plan.e2e_table_mib,
                                           swap.name, progress=sample)
-                rows.append({
+                row = {
                     "target": target, "swap_out_mbps": result.swap_out_mbps,
                     "swap_in_mbps": result.swap_in_mbps,
                     "swapped_out_bytes": result.swapped_out_bytes,
                     "peak_swap_used_bytes": result.peak_swap_used_bytes,
                     "stored_bytes": stored,
-                })
+                }
+                if cpu is not None and swap.pid is not None:
+                    # Its own threads, the background ones included (the
+                    # checkpoints, the scan): what swapping costs the host.
+                    swapped = result.swapped_out_bytes + result.swapped_in_bytes
+                    row["daemon_cpu_s_per_gib"] = (cpu_seconds(swap.pid) - cpu) / (
+                        swapped / GIB)
+                rows.append(row)
                 progress(f"  swap-out {result.swap_out_mbps:.0f} MB/s, swap-in "
                          f"{result.swap_in_mbps:.0f} MB/s, stored {stored / MIB:.0f} MiB")
         except Unavailable as exc:
@@ -685,12 +695,15 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{plan['e2e_table_mib']} MiB table under a {plan['e2e_limit_mib']} MiB "
                   "memory cgroup, then verify it:", "",
                   "| swap target | swap-out MB/s | swap-in MB/s | vs root disk (out / in) "
-                  "| peak swap used MiB | stored MiB |", "|---|---:|---:|---:|---:|---:|"]
-        lines += _rows(results["e2e"], 6, lambda row: (
+                  "| peak swap used MiB | stored MiB | daemon CPU s per GiB swapped |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += _rows(results["e2e"], 7, lambda row: (
                 f"| {row['target']} | {row['swap_out_mbps']:.0f} | {row['swap_in_mbps']:.0f} "
                 f"| {_ratio(row.get('out_vs_root_disk'))} / "
                 f"{_ratio(row.get('in_vs_root_disk'))} | "
-                f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} |"),
+                f"{row['peak_swap_used_bytes'] / MIB:.0f} | {row['stored_bytes'] / MIB:.0f} | "
+                + (f"{row['daemon_cpu_s_per_gib']:.1f} |" if "daemon_cpu_s_per_gib" in row
+                   else "- |")),
             named=("target",))
     if results.get("pool"):
         lines += ["", f"Transient cache: zipf 1.2 4 KiB random read of a "

@@ -381,6 +381,15 @@ class SwapTarget:
     stored_bytes: Callable[[], int]
     mount: Path | None = None  # the swapfs mount that holds it, if any
     state_mount: str | None = None  # swapfs: the file system of its state directory
+    pid: int | None = None  # swapfs: the daemon that serves it
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process *pid* (all its threads) has used, user and system."""
+    # The fields after the command's closing parenthesis; utime and stime
+    # are the 14th and 15th of the whole line.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _swap_used(name: str) -> int:
@@ -400,7 +409,7 @@ def swapfs_swap(size: int, *flags: str, nodiscard: bool = False) -> Iterator[Swa
         device = _run(*SWAPFS, "swapon", str(path), "--priority", "32767").strip()
         try:
             yield SwapTarget(device, lambda: int(swapfs_stats(mnt, "bench")["stored_bytes"]),
-                             mnt, state_mount)
+                             mnt, state_mount, daemon_pid(mnt))
         finally:
             subprocess.run([*SWAPFS, "swapoff", str(path)], capture_output=True)
 

@@ -86,6 +86,10 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
     for target in swapfs_targets:
         assert e2e[target]["swapped_out_bytes"] > 0
         assert e2e[target]["stored_bytes"] < e2e["root-disk"]["stored_bytes"]
+        # Its daemon served every page swapped: it spent CPU time on them.
+        assert e2e[target]["daemon_cpu_s_per_gib"] > 0
+        assert f"| {e2e[target]['daemon_cpu_s_per_gib']:.1f} |" in table
+    assert "daemon_cpu_s_per_gib" not in e2e["root-disk"]
 
     goals = {row["key"]: row for row in results["goals"]}
     assert list(goals) == [*jobs, "out_vs_root_disk", "in_vs_root_disk"]
