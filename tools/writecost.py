@@ -50,7 +50,6 @@ from swapfs.engine import (
     Volume,
     keys,
 )
-from swapfs.engine.sealing import ChainKeys
 
 MIB = 1 << 20
 DISCARD = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -120,10 +119,15 @@ def overwrite(volume: Volume, ino: int, blocks: int, writes: int, data: Blocks,
             "punch_us_per_write": punching * 1e6 / written}
 
 
-def floor(directory: Path, blocks: int, data: list[bytes], encrypt: bool) -> dict[str, float]:
-    """The primitives' cost per new block (see the module's docstring), in µs."""
-    secret = secrets.token_bytes(32)
-    chain = ChainKeys.from_secret(1, secret) if encrypt else ChainKeys(1, secret)
+def floor(volume: Volume, ino: int, directory: Path, blocks: int, data: list[bytes]
+          ) -> dict[str, float]:
+    """The primitives' cost per new block (see the module's docstring), in
+    µs, with the keys of the chain of file *ino*."""
+    opened = volume.opened
+    with opened.index.begin() as txn:
+        record = txn.get_chain(volume.getattr(ino).chain)
+    assert record is not None
+    chain = opened.chain_keys(record)
     rng = random.Random(4)
     clock = time.perf_counter
     digests, sealing = [], 0.0
@@ -131,7 +135,7 @@ def floor(directory: Path, blocks: int, data: list[bytes], encrypt: bool) -> dic
     for block in data:
         digests.append(chain.digest(block))
     digesting = clock() - start
-    if encrypt:
+    if chain.sealed:
         seal = chain.seal
         start = clock()
         for digest, block in zip(digests, data, strict=True):
@@ -203,9 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 volume, target.ino, blocks, args.writes, data, seed=2,
                 per_request=args.request_blocks)
             fresh = Blocks(0, seed=5)
-            results["floor"] = floor(Path(state), blocks,
-                                     [fresh.next() for _ in range(min(args.writes, 20000))],
-                                     args.encrypt)
+            results["floor"] = floor(volume, target.ino, Path(state), blocks,
+                                     [fresh.next() for _ in range(min(args.writes, 20000))])
             half = blocks * BLOCK_SIZE // 2
             ranges = random.Random(3).sample(range(half // MIB), min(args.discards, half // MIB))
             results["discard 1m"] = discards(volume, target.ino,
