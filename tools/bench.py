@@ -19,10 +19,11 @@ root disk) close the table, met or not.
 
     swapfs bench --quick            # a few minutes: the core rows
     swapfs bench --out results/     # the full matrix
-    swapfs bench --quick --no-fio --no-e2e --no-pool --no-content   # the takeover rows
+    swapfs bench --quick --no-fio --no-e2e --no-guests --no-pool --no-content   # the takeover rows
     swapfs bench --quick --targets swapfs --data dedupe-0,dedupe-50,dedupe-90 --fill-only \
-        --no-e2e --no-pool --no-content --no-takeover               # the space and index rows
-    swapfs bench --quick --no-fio --no-e2e --no-pool --no-content --no-takeover --scale 1,4,16
+        --no-e2e --no-guests --no-pool --no-content --no-takeover   # the space and index rows
+    swapfs bench --quick --no-fio --no-e2e --no-guests --no-pool --no-content --no-takeover \
+        --scale 1,4,16
 
 fio jobs (tools/fio/*.fio, usable by hand): 4 KiB random write and read,
 1 MiB sequential write and read; queue depth 16, libaio, direct I/O, on a
@@ -33,7 +34,10 @@ index's bytes by LMDB database and per logical and per stored block (what
 ``swapfs stats`` reports). End to end: the
 demo's workload (workers building the same table in a memory cgroup) with
 real kernel swap on swapfs (both state directories), zram and a swap file
-on the root disk.
+on the root disk. Guests (``--no-guests`` skips them): QEMU guests that
+swap at once to files of one chain on swapfs, then to plain files on the
+root disk, each checking every page it paged out (tools/vmswap.py): MB/s
+inside the guests, and what the chain stores against the ideal.
 Transient cache: a skewed (zipf 1.2) 4 KiB random read on swapfs with the
 pool off and on; the pool's size comes from a synthetic driver report (a
 real host's code pages rarely give more than a few hundred KiB), and the
@@ -95,6 +99,7 @@ import blake3  # noqa: E402
 from swapfs.control import protocol  # noqa: E402
 from swapfs.engine import FORMAT_VERSION  # noqa: E402
 from swapfs.guest import scan  # noqa: E402
+from tools import vmswap  # noqa: E402
 from tools.benchtargets import (  # noqa: E402
     FIO_TARGETS,
     MIB,
@@ -102,10 +107,12 @@ from tools.benchtargets import (  # noqa: E402
     Device,
     Unavailable,
     cpu_seconds,
+    guest_disks,
     loop_device,
     swapfs_kept_file,
     swapfs_plain_file,
 )
+from tools.guest import missing as guest_lacks  # noqa: E402
 from tools.scale import Refused, sizes  # noqa: E402
 from tools.scale import run as run_scale  # noqa: E402
 from tools.swapload import MemoryCgroup, run_workload  # noqa: E402
@@ -155,12 +162,17 @@ class Plan:
     takeover: bool = True  # the warm against cold takeover rows
     takeover_window: int = 10  # seconds read after each takeover
     scale: list[int] = field(default_factory=list)  # bytes stored per scale row; none: off
+    guests: int = 2  # QEMU guests swapping at once (tools/vmswap.py); 0: off
+    guest_shared_mib: int = 64  # pages every guest builds alike
+    guest_own_mib: int = 32  # pages of each guest's own
+    guest_memory_mib: int = 160  # each guest's RAM
 
 
 QUICK = Plan(list(FIO_TARGETS), ["dedupe-50"], list(JOBS), runtime=5, repeats=1, region=256 * MIB,
              e2e_workers=4, e2e_table_mib=64, e2e_limit_mib=96)
 FULL = Plan(list(FIO_TARGETS), list(DATA), list(JOBS), runtime=5, repeats=3, region=256 * MIB,
-            e2e_workers=6, e2e_table_mib=128, e2e_limit_mib=256)
+            e2e_workers=6, e2e_table_mib=128, e2e_limit_mib=256, guests=3,
+            guest_shared_mib=160, guest_own_mib=96, guest_memory_mib=256)
 
 
 def progress(message: str) -> None:
@@ -345,6 +357,42 @@ def e2e_rows(plan: Plan, state_fs: dict[str, str]) -> list[dict[str, Any]]:
                  "swap_out_mbps" in row), None)
     for row in rows:
         if base and "swap_out_mbps" in row:
+            row["out_vs_root_disk"] = row["swap_out_mbps"] / base["swap_out_mbps"]
+            row["in_vs_root_disk"] = row["swap_in_mbps"] / base["swap_in_mbps"]
+    return rows
+
+
+# -- guests ------------------------------------------------------------------------
+
+GUEST_TARGETS = ("swapfs", "root-disk")
+
+
+def guest_rows(plan: Plan) -> list[dict[str, Any]]:
+    """tools/vmswap.py's guests on swapfs (files of one chain) and on plain
+    files on the root disk: MB/s inside the guests, and what swapfs stores."""
+    if not plan.guests:
+        return []
+    lacks = guest_lacks()
+    if lacks:
+        return [{"target": target, "unavailable": f"a QEMU guest needs: {'; '.join(lacks)}"}
+                for target in GUEST_TARGETS]
+    rows: list[dict[str, Any]] = []
+    size = vmswap.disk_bytes(plan.guest_shared_mib, plan.guest_own_mib)
+    for target in GUEST_TARGETS:
+        progress(f"guests: {plan.guests} on {target}, {plan.guest_shared_mib} MiB shared and "
+                 f"{plan.guest_own_mib} MiB own each, {plan.guest_memory_mib} MiB of RAM")
+        with guest_disks(target, plan.guests, size) as (disks, stored):
+            reports = vmswap.run_guests(disks, plan.guest_shared_mib, plan.guest_own_mib,
+                                        plan.guest_memory_mib)
+            figures = vmswap.summary(reports, plan.guest_shared_mib, plan.guest_own_mib,
+                                     stored() if stored is not None else None)
+        rows.append({"target": target, **figures,
+                     "errors": [report.error for report in reports if report.error]})
+        progress(f"  swap-out {figures['swap_out_mbps']:.1f} MB/s, swap-in "
+                 f"{figures['swap_in_mbps']:.1f} MB/s inside them, {figures['failed']} failed")
+    base = rows[-1]
+    for row in rows:
+        if base["swap_out_mbps"] and base["swap_in_mbps"]:
             row["out_vs_root_disk"] = row["swap_out_mbps"] / base["swap_out_mbps"]
             row["in_vs_root_disk"] = row["swap_in_mbps"] / base["swap_in_mbps"]
     return rows
@@ -705,6 +753,24 @@ def markdown(results: dict[str, Any]) -> str:
                 + (f"{row['daemon_cpu_s_per_gib']:.1f} |" if "daemon_cpu_s_per_gib" in row
                    else "- |")),
             named=("target",))
+    if results.get("guests"):
+        plan = results["plan"]
+        lines += ["", f"Guests: {plan['guests']} QEMU guests (TCG, "
+                  f"{plan['guest_memory_mib']} MiB of RAM each) swap at once to a disk each, "
+                  f"each building {plan['guest_shared_mib']} MiB of pages they share and "
+                  f"{plan['guest_own_mib']} MiB of its own, paging all of it out and "
+                  "checking every page (tools/vmswap.py); MB/s inside the guests, summed:", "",
+                  "| disks | failed | swap-out MB/s | swap-in MB/s | vs root disk (out / in) "
+                  "| swapped out MiB | stored MiB | ideal MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += _rows(results["guests"], 8, lambda row: (
+                f"| {row['target']} | {row['failed']} | {row['swap_out_mbps']:.1f} | "
+                f"{row['swap_in_mbps']:.1f} | {_ratio(row.get('out_vs_root_disk'))} / "
+                f"{_ratio(row.get('in_vs_root_disk'))} | "
+                f"{row['swapped_out_bytes'] / MIB:.0f} | "
+                + ("-" if row["stored_bytes"] is None else f"{row['stored_bytes'] / MIB:.0f}")
+                + f" | {row['ideal_bytes'] / MIB:.0f} |"),
+            named=("target",))
     if results.get("pool"):
         lines += ["", f"Transient cache: zipf 1.2 4 KiB random read of a "
                   f"{POOL_REGION // MIB} MiB swapfs file, the pool off and on. The pool's "
@@ -906,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the takeover rows (warm cache against cold)")
     parser.add_argument("--takeover-window", type=int,
                         help="seconds read after each takeover (default 10)")
+    parser.add_argument("--no-guests", action="store_true",
+                        help="skip the guests' rows (QEMU guests swapping to a chain)")
     parser.add_argument("--no-fio", action="store_true",
                         help="skip the fio matrix (the targets against the ceilings)")
     parser.add_argument("--scale", metavar="GIB",
@@ -936,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.content = False
     if args.no_fio:
         plan.targets = []
+    if args.no_guests:
+        plan.guests = 0
     if args.no_takeover:
         plan.takeover = False
     if args.takeover_window:
@@ -949,6 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     state_fs: dict[str, str] = {}
     fio_rows, space = fio_matrix(plan, state_fs)
     e2e = e2e_rows(plan, state_fs)
+    guests = guest_rows(plan)
     pool = pool_rows(plan)
     content = content_rows(plan)
     takeover = takeover_rows(plan)
@@ -956,7 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": machine(), "started": started, "plan": asdict(plan),
                "index_format": FORMAT_VERSION,
                "state_fs": state_fs, "fio": fio_rows, "space": space, "e2e": e2e,
-               "pool": pool, "content": content, "takeover": takeover, "scale": scale,
+               "guests": guests, "pool": pool, "content": content, "takeover": takeover,
+               "scale": scale,
                "goals": goal_rows(fio_rows, e2e), "encryption": encryption_rows(fio_rows, e2e)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

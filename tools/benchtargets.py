@@ -22,6 +22,7 @@ from typing import Any
 
 from swapfs.control import protocol
 from swapfs.engine import keys
+from tools import vmswap
 
 MIB = 1 << 20
 TOOLS = Path(__file__).resolve().parent
@@ -457,3 +458,23 @@ SWAP_TARGETS = {
     "zram": zram_swap,
     "root-disk": root_disk_swap,
 }
+
+
+@contextlib.contextmanager
+def guest_disks(target: str, guests: int, size: int
+                ) -> Iterator[tuple[list[Path], Callable[[], int] | None]]:
+    """The swap disks of *guests* guests of tools/vmswap.py, with what they
+    store if that is known: on "swapfs" files of one chain on a fresh mount
+    (the parent's swap file and clones of it), on "root-disk" plain files
+    on the root disk, allocated in full."""
+    _require_root()
+    if target == "swapfs":
+        with _workdir() as workdir, swapfs_mount(workdir) as mnt:
+            yield (vmswap.chain_disks(mnt, "vms", guests, size),
+                   lambda: vmswap.stored_bytes(mnt, "vms"))
+        return
+    directory = Path(tempfile.mkdtemp(prefix="swapfs-bench-guests-", dir="/var/tmp"))
+    try:
+        yield vmswap.plain_disks(directory, guests, size), None
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -91,6 +91,24 @@ def test_quick_bench_writes_its_table(tmp_path: Path) -> None:
         assert f"| {e2e[target]['daemon_cpu_s_per_gib']:.1f} |" in table
     assert "daemon_cpu_s_per_gib" not in e2e["root-disk"]
 
+    guests = {row["target"]: row for row in results["guests"]}
+    assert set(guests) == {"swapfs", "root-disk"}
+    plan = results["plan"]
+    shared, own = plan["guest_shared_mib"] * 2**20, plan["guest_own_mib"] * 2**20
+    for row in guests.values():
+        # Every guest read every page back as written, having paged it all out.
+        assert (row["guests"], row["failed"], row["wrong_pages"]) == (plan["guests"], 0, 0)
+        assert row["swapped_out_bytes"] >= (shared + own) * plan["guests"]
+    # The chain stored what the guests share once: the ideal, plus at most
+    # each other page they swapped out and the parent's swap header.
+    chain = guests["swapfs"]
+    assert chain["ideal_bytes"] == shared + own * plan["guests"]
+    assert chain["ideal_bytes"] <= chain["stored_bytes"] \
+        <= chain["ideal_bytes"] + chain["other_swapped_out_bytes"] + 2**20, chain
+    assert guests["root-disk"]["stored_bytes"] is None
+    assert guests["root-disk"]["out_vs_root_disk"] == 1.0
+    assert f"| swapfs | 0 | {guests['swapfs']['swap_out_mbps']:.1f} |" in table
+
     goals = {row["key"]: row for row in results["goals"]}
     assert list(goals) == [*jobs, "out_vs_root_disk", "in_vs_root_disk"]
     for key, goal in goals.items():
