@@ -15,7 +15,12 @@
    swap out and twice while they swap in: each time the standby starts a
    new daemon on the same connection, the workers carry on and verify
    every byte, and the demo prints how long each takeover took.
-4. It runs the same workload against a plain swap file on the root disk,
+4. Three QEMU guests (tools/vmswap.py: Debian's kernel under TCG) swap at
+   once to virtio disks that are a parent's swap file on the mount and two
+   clones of it; each builds pages the three share and pages of its own,
+   more than its RAM, pages all of it out and checks every page it reads
+   back; the chain stores the shared pages once.
+5. It runs the same workload against a plain swap file on the root disk,
    and prints both side by side.
 
 Everything it sets up (swap areas, loop devices, the mount, the cgroup) is
@@ -41,6 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from swapfs.control import protocol  # noqa: E402
+from tools import vmswap  # noqa: E402
+from tools.guest import missing as guest_lacks  # noqa: E402
 from tools.swapload import (  # noqa: E402
     MIB,
     MemoryCgroup,
@@ -267,6 +274,8 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                 step(f"every byte verified through {len(takeovers)} takeovers: "
                      f"{summary(takeovers)}")
                 figures["takeovers"] = takeovers
+        if not args.no_guests:
+            guests(mnt)
     if not args.no_baseline:
         step("the same workload on a plain swap file on the root disk")
         with plain_swap_file(Path("/var/tmp") / f"swapfs-demo-{os.getpid()}.swap",
@@ -279,6 +288,27 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     if fsck.returncode != 0:
         raise RuntimeError("fsck found problems")
     return figures
+
+
+def guests(mnt: Path, count: int = 3, shared_mib: int = 160, own_mib: int = 96) -> None:
+    """Guests swapping to a parent's swap file and clones of it (tools/vmswap.py)."""
+    lacks = guest_lacks()
+    if lacks:
+        step(f"no guests: a QEMU guest needs {'; '.join(lacks)} (tools/setup.sh installs it)")
+        return
+    disks = vmswap.chain_disks(mnt, "vms", count, vmswap.disk_bytes(shared_mib, own_mib))
+    step(f"{count} QEMU guests of 256 MiB swap at once to {disks[0].name} and "
+         f"{count - 1} clones of it, each building {shared_mib} MiB of pages they share "
+         f"and {own_mib} MiB of its own")
+    reports = vmswap.run_guests(disks, shared_mib, own_mib)
+    failed = [report for report in reports if not report.ok]
+    if failed:
+        raise RuntimeError(f"guest vm{failed[0].vm} failed: {failed[0].error or failed[0].report}")
+    figures = vmswap.summary(reports, shared_mib, own_mib, vmswap.stored_bytes(mnt, "vms"))
+    step(f"every page of every guest read back as written; they swapped out "
+         f"{figures['swapped_out_bytes'] / MIB:.0f} MiB and the chain stores "
+         f"{figures['stored_bytes'] / MIB:.0f} MiB: the pages they share once "
+         f"(ideal {figures['ideal_bytes'] / MIB:.0f} MiB, the rest other pages of their memory)")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -296,6 +326,8 @@ def main() -> int:
                         help="skip the plain swap file on the root disk")
     parser.add_argument("--no-takeover", action="store_true",
                         help="skip the daemon kills with a standby")
+    parser.add_argument("--no-guests", action="store_true",
+                        help="skip the QEMU guests swapping to a chain")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("the demo mounts file systems and turns on swap: run it as root",
