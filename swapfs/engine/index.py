@@ -625,7 +625,7 @@ class Index:
         #: What the batch's write transactions put (a value) or deleted
         #: (None) that is not in LMDB's transaction yet, by database (the
         #: id of its handle) and key; and the most that may take in the map
-        #: (Index.value_room of each).
+        #: (Index.value_room of each, and of each inode in lazy_times).
         self.overlay: dict[int, dict[bytes, bytes | None]] = {}
         self.overlay_bytes = 0
         #: What the batch may put in the map, as LMDB said when it began.
@@ -1254,8 +1254,12 @@ class Txn:
         checkpoint) rather than journal it with the write that made it.
         Linux's ``lazytime`` does the same: a killed process loses the
         times of its last second of writes, never a block or a size."""
-        self.index.inode_cache[inode.ino] = inode
-        self.index.lazy_times[inode.ino] = inode
+        index = self.index
+        index.inode_cache[inode.ino] = inode
+        if inode.ino not in index.lazy_times:
+            # Put when the batch settles: room the overlay's reckoning keeps.
+            index.overlay_bytes += index.value_room(_U64.pack(inode.ino), inode.pack())
+        index.lazy_times[inode.ino] = inode
 
     def delete_inode(self, ino: int) -> None:
         self.txn.delete(_U64.pack(ino), db=self.index.inodes)

@@ -203,6 +203,12 @@ def test_an_overwrite_keeps_its_times_in_memory_until_the_batch_settles(
         touched = vol.getattr(ino)
         assert touched.mtime_ns > before and touched.ctime_ns == touched.mtime_ns
         assert ino in index.lazy_times
+        # Its put waits for the batch's commit, and the map's room for it is
+        # reckoned with the overlay's values.
+        held = sum(index.value_room(key, value) for values in index.overlay.values()
+                   for key, value in values.items())
+        key = index_module._U64.pack(ino)  # noqa: SLF001
+        assert index.overlay_bytes == held + index.value_room(key, touched.pack())
         vol.write(ino, BLOCKS * BS, version(BLOCKS, 2))  # grows the file
         size = vol.getattr(ino).size
         assert size == (BLOCKS + 1) * BS
