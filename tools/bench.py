@@ -330,7 +330,7 @@ def e2e_rows(plan: Plan, state_fs: dict[str, str]) -> list[dict[str, Any]]:
                     nonlocal stored
                     stored = max(stored, swap.stored_bytes())
 
-                cpu = None if swap.pid is None else cpu_seconds(swap.pid)
+                cpu = 0.0 if swap.pid is None else cpu_seconds(swap.pid)
                 with MemoryCgroup("bench", plan.e2e_limit_mib * MIB) as cgroup:
                     result = run_workload(cgroup, plan.e2e_workers, plan.e2e_table_mib,
                                           swap.name, progress=sample)
@@ -341,7 +341,7 @@ def e2e_rows(plan: Plan, state_fs: dict[str, str]) -> list[dict[str, Any]]:
                     "peak_swap_used_bytes": result.peak_swap_used_bytes,
                     "stored_bytes": stored,
                 }
-                if cpu is not None and swap.pid is not None:
+                if swap.pid is not None:
                     # Its own threads, the background ones included (the
                     # checkpoints, the scan): what swapping costs the host.
                     swapped = result.swapped_out_bytes + result.swapped_in_bytes

@@ -385,11 +385,13 @@ class SwapTarget:
     pid: int | None = None  # swapfs: the daemon that serves it
 
 
-def cpu_seconds(pid: int) -> float:
-    """The CPU time process *pid* (all its threads) has used, user and system."""
+def cpu_seconds(pid: int, main_thread: bool = False) -> float:
+    """The CPU time, user and system, that process *pid* has used: all its
+    threads, or with *main_thread* its main thread alone."""
+    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
     # The fields after the command's closing parenthesis; utime and stime
     # are the 14th and 15th of the whole line.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

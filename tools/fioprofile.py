@@ -40,7 +40,6 @@ Needs root, fio and py-spy (the ``bench`` extra). Hold the bench lock
 import argparse
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.bench import DATA, FIO_DIR, QUICK, Plan, fio_report, fio_side  # noqa: E402
-from tools.benchtargets import FIO_TARGETS, MIB  # noqa: E402
+from tools.benchtargets import FIO_TARGETS, MIB, cpu_seconds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,6 @@ _PATTERNS = [(category, [re.compile(pattern) for pattern in category.patterns])
 LOOP_ROOT = "run (trio/_core/_run.py:"  # trio.run: the frames below it are the loop's
 
 WARMUP = 1  # seconds of each fio run before py-spy starts, and after it stops
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # py-spy from the bench extra, next to this interpreter, else from PATH.
 _BESIDE = Path(sys.executable).parent / "py-spy"
 PY_SPY = str(_BESIDE) if _BESIDE.exists() else "py-spy"
@@ -135,13 +133,6 @@ def tally(raw: str, tid: int) -> tuple[Counter[Category], dict[Category, Counter
             counts[category] += int(count)
             leaves[category][frames[-1]] += int(count)
     return counts, leaves
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of the main thread of *pid* so far."""
-    stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def sample(pid: int, seconds: int, rate: int, idle: bool, out: Path) -> None:
@@ -180,9 +171,9 @@ def sampled_fio(job: str, device: str, plan: Plan, data: str, pid: int, rate: in
 def profile_job(job: str, device: str, pid: int, plan: Plan, data: str, rate: int,
                 raw_dir: Path) -> dict[str, Any]:
     """The three runs of *job* and what they give per request."""
-    cpu_before = cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid, main_thread=True)
     report = fio_report(job, device, plan, data)
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(pid, main_thread=True) - cpu_before
     figures = fio_side(job, report)
     iodepth = int(report["global options"]["iodepth"])
     requests = figures["total_ios"]
