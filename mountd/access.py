@@ -4,7 +4,9 @@ A connection's peer (:mod:`mountd.peercred`) is of one or more *kinds*:
 
 - ``ROOT``: uid 0 on the host's Unix socket (a standby is root too);
 - ``GROUP``: a member of ``control_group`` on the Unix socket, not root;
-- ``GUEST``: a vsock peer whose CID is in ``vsock_cids``;
+- ``GUEST``: a vsock peer whose CID is in ``vsock_cids``, or the guest on
+  a channel the daemon dialed (``[drivers.NAME] channel``,
+  :mod:`mountd.channels`);
 - ``DRIVER``: any of those once its connection registered a driver.
 
 A peer of no kind is refused at the connection. Every request then names
@@ -19,7 +21,7 @@ action, and the connection is closed after it.
 
 Which peer may register which driver name is :func:`name_refusal`'s: a name
 may be bound in the configuration (``[drivers.NAME]``) to one guest (its
-CID) or one Unix user (its uid).
+CID, or the channel of its virtual machine) or one Unix user (its uid).
 """
 
 import enum
@@ -54,6 +56,7 @@ PERMISSIONS: dict[str, frozenset[Kind]] = {
     "driver.register": frozenset({Kind.ROOT, Kind.GROUP, Kind.GUEST}),
     "driver.update": _DRIVER,
     "driver.heartbeat": _DRIVER,
+    "driver.stop": _DRIVER,
     "driver.secret.put": _DRIVER,
     "driver.secret.get": _DRIVER,
     "driver.secret.rm": _DRIVER,
@@ -70,7 +73,9 @@ def action_of(message: dict[str, Any]) -> str | None:
 
 def kinds_of(peer: Peer, vsock_cids: frozenset[int], group: int | None) -> frozenset[Kind]:
     """What *peer* is when it connects (DRIVER comes with a registration)."""
-    if peer.is_vsock:
+    if peer.channel is not None:
+        return frozenset({Kind.GUEST})  # the daemon dialed it: its binding admits it
+    if peer.is_guest:
         return frozenset({Kind.GUEST}) if peer.cid in vsock_cids else frozenset()
     if peer.is_root:
         return _ROOT
@@ -83,7 +88,7 @@ def connection_refusal(peer: Peer, kinds: frozenset[Kind], group: int | None) ->
     """Why *peer*, of *kinds*, may not use the control socket at all; None if it may."""
     if kinds:
         return None
-    if peer.is_vsock:
+    if peer.is_guest:
         return "its CID is not in vsock_cids"
     return "only root is served" + ("" if group is None else f" and group {group}")
 
@@ -95,18 +100,29 @@ def allowed(action: str, kinds: frozenset[Kind]) -> bool:
 
 @dataclass(frozen=True)
 class Binding:
-    """The one peer a driver name belongs to: a guest's CID or a Unix uid."""
+    """The one peer a driver name belongs to: a guest's CID, the channel of a
+    guest's virtual machine (the host end of a virtio-serial port, or a
+    Firecracker or cloud-hypervisor vsock socket with the guest's
+    *vsock_port*), or a Unix uid."""
 
     cid: int | None = None
     uid: int | None = None
+    channel: str | None = None
+    vsock_port: int | None = None
 
     def __str__(self) -> str:
-        return f"vsock CID {self.cid}" if self.cid is not None else f"uid {self.uid}"
+        if self.cid is not None:
+            return f"vsock CID {self.cid}"
+        if self.channel is not None:
+            return f"channel {self.channel}"
+        return f"uid {self.uid}"
 
     def matches(self, peer: Peer) -> bool:
         if self.cid is not None:
             return peer.cid == self.cid
-        return not peer.is_vsock and peer.uid == self.uid
+        if self.channel is not None:
+            return peer.channel == self.channel
+        return not peer.is_guest and peer.uid == self.uid
 
 
 def name_refusal(name: str, peer: Peer, bindings: dict[str, Binding]) -> str | None:

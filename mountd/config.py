@@ -11,6 +11,7 @@ never silently ignored.
 """
 
 import copy
+import os
 import tomllib
 import types
 import typing
@@ -149,9 +150,13 @@ class Config:
         names bound to its CID (`[drivers.NAME]`)""")
     drivers: dict[str, Binding] = setting({}, """
         binds the driver name `NAME` to the one peer that may register it:
-        `cid = N` (a guest, which must be in `vsock_cids`) or `uid = N` (a
-        Unix user: root, or a `control_group` member). See
-        [driver names](#driver-names)""", example="[drivers.vm1]\ncid = 5")
+        `cid = N` (a guest, which must be in `vsock_cids`), `uid = N` (a
+        Unix user: root, or a `control_group` member) or `channel = PATH` (the
+        guest behind that virtual machine's channel, which the daemon dials:
+        a QEMU virtio-serial socket, or with `vsock_port = N` a Firecracker or
+        cloud-hypervisor vsock socket). See [driver names](#driver-names)""",
+        example="[drivers.vm1]\ncid = 5\n\n[drivers.vm2]\n"
+                "channel = \"/run/vms/vm2.swapfs.sock\"")
     failover_strategies: list[str] = setting(list(STRATEGIES), """
         the fail-over planner's strategies ([failover.md](failover.md)), tried
         in this order when the cache of a failed daemon is rebuilt; each name
@@ -257,6 +262,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         raise ConfigError("vsock_cids must list guest context ids, each within 3..4294967294")
     config.drivers = {name: _binding(name, value, config.vsock_cids)
                       for name, value in values.get("drivers", {}).items()}
+    channels = [binding.channel for binding in config.drivers.values() if binding.channel]
+    if len(set(channels)) != len(channels):
+        raise ConfigError("drivers: two names are bound to one channel (one VM has one)")
     for name in config.failover_strategies:
         if name not in STRATEGIES:
             raise ConfigError(f"failover_strategies: unknown strategy {name!r}; "
@@ -272,12 +280,17 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
 
 def _binding(name: str, value: Any, vsock_cids: list[int]) -> Binding:
     """A ``[drivers.NAME]`` table: exactly one of ``cid`` (a guest in
-    vsock_cids) or ``uid``."""
+    vsock_cids), ``uid`` or ``channel`` (an absolute path; with
+    ``vsock_port`` for a Firecracker or cloud-hypervisor vsock socket)."""
     if not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"drivers.{name}: a driver name is 1..64 letters, digits or "
                           "._:@- (starting with a letter or digit)")
-    if not isinstance(value, dict) or len(value) != 1 or set(value) - {"cid", "uid"}:
-        raise ConfigError(f"drivers.{name} must set exactly one of cid or uid")
+    if not isinstance(value, dict):
+        raise ConfigError(f"drivers.{name} must be a table")
+    if "channel" in value:
+        return _channel(name, value)
+    if len(value) != 1 or set(value) - {"cid", "uid"}:
+        raise ConfigError(f"drivers.{name} must set exactly one of cid, uid or channel")
     ((key, number),) = value.items()
     if not isinstance(number, int) or isinstance(number, bool):
         raise ConfigError(f"drivers.{name}.{key} must be an int, not {number!r}")
@@ -288,3 +301,21 @@ def _binding(name: str, value: Any, vsock_cids: list[int]) -> Binding:
     if not 0 <= number <= 0xFFFFFFFE:
         raise ConfigError(f"drivers.{name}.uid must be within 0..4294967294")
     return Binding(uid=number)
+
+
+def _channel(name: str, value: dict[str, Any]) -> Binding:
+    """``channel = PATH`` and, for a vsock socket, ``vsock_port = N``."""
+    if set(value) - {"channel", "vsock_port"}:
+        raise ConfigError(f"drivers.{name}: a channel takes only vsock_port besides it, "
+                          "never cid or uid")
+    path = value["channel"]
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ConfigError(f"drivers.{name}.channel must be an absolute path, not {path!r}")
+    if len(os.fsencode(path)) > 107:
+        raise ConfigError(f"drivers.{name}.channel: a Unix socket's path is at most "
+                          "107 bytes")
+    port = value.get("vsock_port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                             or not 1 <= port <= 0xFFFFFFFE):
+        raise ConfigError(f"drivers.{name}.vsock_port must be within 1..4294967294")
+    return Binding(channel=path, vsock_port=port)

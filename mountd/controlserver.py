@@ -230,6 +230,11 @@ class ControlServer:
             log.warning("control connection closed: its peer is unknown (%s)", exc)
             await stream.aclose()
             return
+        await self.serve_peer(stream, peer)
+
+    async def serve_peer(self, stream: trio.SocketStream, peer: peercred.Peer) -> None:
+        """Serve one connection of *peer*, whose identity the caller
+        established (the kernel's credentials, or the channel it dialed)."""
         kinds = access.kinds_of(peer, self.vsock_cids, self.group)
         refused = access.connection_refusal(peer, kinds, self.group)
         if refused is not None:
@@ -289,6 +294,8 @@ class ControlServer:
                 buffer += data
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
+                    if not line.strip():
+                        continue  # a driver ending what a predecessor half-wrote
                     if not await self._request(stream, session, line):
                         return
                 if len(buffer) > MAX_LINE:

@@ -31,7 +31,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from mountd import lifecycle, peercred
+from mountd import channels, lifecycle, peercred
 from mountd.cachekeeper import CacheKeeper
 from mountd.config import Config
 from mountd.controlserver import ControlServer, vsock_available
@@ -316,6 +316,9 @@ async def _serve(control: ControlServer, ops: Operations, link: Link, socket_pat
                 log.info("drivers may connect on vsock port %d", vsock_port)
             except OSError as exc:
                 log.warning("vsock port %d: %s", vsock_port, exc)
+        if control.drivers is not None:
+            await nursery.start(channels.dial_all, control.drivers.bindings,
+                                control.serve_peer)
         nursery.start_soon(_watch_signals, ops)
         nursery.start_soon(_checkpoint_and_punch, control.volume)
         nursery.start_soon(_scan_slot_tables, control.volume)

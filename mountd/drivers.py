@@ -11,6 +11,11 @@ long as it runs. The session belongs to that connection:
 - ``{"op": "driver.update", "driver": NAME, "token": T, "extents": [...]}``
   replaces the report (processes started or exited) and answers the same;
 - ``{"op": "driver.heartbeat", "driver": NAME, "token": T}`` says it is alive;
+- ``{"op": "driver.stop", "driver": NAME, "token": T}`` says it stops: it
+  is revoked, as if its connection closed, before it is answered. On a
+  channel that outlives the driver (a virtio-serial port,
+  :mod:`mountd.channels`) this is how a driver leaves; one that dies there
+  is revoked when it has been silent past the timeout;
 - ``driver.secret.put`` (``name``, ``sealed``), ``driver.secret.get`` and
   ``driver.secret.rm`` (``name``) keep, return and delete the driver's
   sealed records (:mod:`swapfs.control.records`), on its own connection only.
@@ -107,6 +112,9 @@ class DriverManager:
                 raise DriverError(errno.EACCES, f"bad token for driver {name!r}")
         if op.startswith("driver.secret."):
             return self._record(op, name, checked.record, checked.sealed)
+        if op == "driver.stop":
+            self.close(session, "stopped")
+            return {}
         if extents is None:
             return {}
         pids = {extent.pid for extent in extents}

@@ -30,11 +30,13 @@ class ConnectionLimits:
         self.per_cid = per_cid
         self.open = 0
         self._others = 0  # connections of every peer but root
-        self._by_peer: Counter[tuple[str, int | None]] = Counter()
+        self._by_peer: Counter[tuple[str, int | str | None]] = Counter()
 
     @staticmethod
-    def _key(peer: Peer) -> tuple[str, int | None]:
-        return ("cid", peer.cid) if peer.is_vsock else ("uid", peer.uid)
+    def _key(peer: Peer) -> tuple[str, int | str | None]:
+        if peer.channel is not None:
+            return ("channel", peer.channel)
+        return ("cid", peer.cid) if peer.cid is not None else ("uid", peer.uid)
 
     def refusal(self, peer: Peer) -> str | None:
         """Why *peer* may not open one more connection now; None if it may."""
@@ -46,7 +48,7 @@ class ConnectionLimits:
             return (f"{self._others} connections of peers other than root open already "
                     f"({self.root_reserve} are kept for root)")
         key = self._key(peer)
-        bound = self.per_cid if peer.is_vsock else self.per_uid
+        bound = self.per_cid if peer.is_guest else self.per_uid
         if self._by_peer[key] >= bound:
             return f"{peer} holds {bound} control connections already"
         return None

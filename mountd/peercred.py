@@ -7,7 +7,10 @@ Reading the groups from the socket rather than from ``/proc/PID/status``
 matters: a peer that exits at once frees its pid, and a process of another
 user that reuses it would be judged in its place. ``/proc`` is read only on
 a kernel without ``SO_PEERGROUPS``. A guest's driver reaches the daemon over
-vsock, where the peer is a context id (CID).
+vsock, where the peer is a context id (CID), or over its virtual machine's
+*channel* (:mod:`mountd.channels`), a Unix socket of the VMM's that the
+daemon dials: there the peer is whatever is inside that machine, named by
+the channel's path.
 
 What each kind of peer may ask is :mod:`mountd.access`'s business.
 """
@@ -30,7 +33,9 @@ _GID = struct.Struct("I")
 
 @dataclass(frozen=True)
 class Peer:
-    """A Unix peer (pid, uid, gid and supplementary groups) or a vsock peer (cid).
+    """A Unix peer (pid, uid, gid and supplementary groups), a vsock peer
+    (cid) or the inside of a virtual machine reached over its channel (the
+    channel's path).
 
     *groups* is None when the kernel could not say (no ``SO_PEERGROUPS``);
     :func:`in_group` then reads them from ``/proc``."""
@@ -40,20 +45,24 @@ class Peer:
     cid: int | None = None
     gid: int | None = None
     groups: frozenset[int] | None = None
+    channel: str | None = None
 
     def __str__(self) -> str:
         if self.cid is not None:
             return f"vsock CID {self.cid}"
+        if self.channel is not None:
+            return f"the guest on channel {self.channel}"
         return f"pid {self.pid} uid {self.uid}"
 
     @property
-    def is_vsock(self) -> bool:
-        return self.cid is not None
+    def is_guest(self) -> bool:
+        """Inside a virtual machine: over vsock or its channel."""
+        return self.cid is not None or self.channel is not None
 
     @property
     def is_root(self) -> bool:
         """Root on the host's Unix socket (uid 0 in a guest is not)."""
-        return self.cid is None and self.uid == 0
+        return not self.is_guest and self.uid == 0
 
 
 class ConnectedSocket(Protocol):
@@ -121,7 +130,7 @@ def group_id(name: str) -> int:
 def in_group(peer: Peer, gid: int) -> bool:
     """Is Unix *peer* a member of group *gid*, by its primary group or one of
     its supplementary groups? Exact: group 42420 is not a member of 4242."""
-    if peer.is_vsock:
+    if peer.is_guest:
         return False
     if peer.gid == gid:
         return True
@@ -139,7 +148,7 @@ def foreign_process(peer: Peer, pids: set[int]) -> int | None:
     """A pid among *pids* whose process *peer*, a Unix peer that is not root,
     could not inspect (another user's); None if there is none. A process
     gone already claims nothing."""
-    if peer.is_vsock or peer.uid == 0:
+    if peer.is_guest or peer.uid == 0:
         return None  # a guest's pids are its own kernel's; root inspects all
     for pid in sorted(pids):
         try:

@@ -54,7 +54,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -67,9 +67,10 @@ BUSYBOX = Path("/bin/busybox")
 #: The Debian packages this module needs (tools/setup.sh installs them).
 PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static")
 #: Kernel modules the guest loads, with what they depend on: the virtio PCI
-#: transport and disk, 9p over virtio (the host's root), ext4 (state disks)
-#: and FUSE (swapfs in the guest).
-MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "ext4", "fuse")
+#: transport and disk, 9p over virtio (the host's root), ext4 (state disks),
+#: FUSE (swapfs in the guest) and virtio-serial (a driver's channel).
+MODULES = ("virtio_pci", "virtio_blk", "9pnet_virtio", "9p", "ext4", "fuse",
+           "virtio_console")
 #: Host paths that the guest's own file systems hide: a script there would
 #: not be seen.
 HIDDEN = ("/tmp", "/run", "/dev", "/proc", "/sys")
@@ -390,7 +391,8 @@ def _keep(checkout: Path) -> str:
 class Guest:
     """One boot of a guest that runs *script* (shell, run by the host's
     /bin/sh as root in the chroot of the host's root) with *disks* attached
-    as /dev/vda, /dev/vdb, ... in that order.
+    as /dev/vda, /dev/vdb, ... in that order, and a virtio-serial port for
+    each of *channels* (port name -> the Unix socket QEMU listens on).
 
     *workdir* holds the script, the transcript and QEMU's own messages; it
     must be on a host file system the guest sees (not under /tmp or /run:
@@ -399,10 +401,12 @@ class Guest:
     """
 
     def __init__(self, script: str, disks: Sequence[Path] = (), memory_mib: int = 1024,
-                 cpus: int = 2, workdir: Path | None = None, kernel: Kernel | None = None
-                 ) -> None:
+                 cpus: int = 2, workdir: Path | None = None, kernel: Kernel | None = None,
+                 channels: Mapping[str, Path] | None = None) -> None:
         self.script = script
         self.disks = [Path(disk).resolve() for disk in disks]
+        #: virtio-serial port name -> the Unix socket QEMU listens on for its host end.
+        self.channels = dict(channels or {})
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.kernel = kernel if kernel is not None else find_kernel()
@@ -439,6 +443,13 @@ class Guest:
                 "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
         for disk in self.disks:
             line += ["-drive", f"file={disk},if=virtio,format=raw,cache=none,aio=threads"]
+        if self.channels:
+            line += ["-device", "virtio-serial-pci,id=channels"]
+        for number, (name, path) in enumerate(sorted(self.channels.items())):
+            # QEMU listens; the daemon dials (mountd/channels.py).
+            line += ["-chardev", f"socket,id=channel{number},path={path},server=on,wait=off",
+                     "-device", f"virtserialport,bus=channels.0,chardev=channel{number},"
+                                f"name={name}"]
         return line
 
     def start(self) -> "Guest":

@@ -3,7 +3,10 @@
 A client connects to the daemon's Unix socket and sends one JSON object per
 line; the daemon answers each with one JSON object per line:
 ``{"ok": true, ...}`` or ``{"ok": false, "errno": N, "error": "..."}``.
-A malformed request gets an error reply and the connection is closed.
+A malformed request gets an error reply and the connection is closed. A
+blank line is no request and gets no reply: a driver on a stream that
+outlives it (a virtio-serial port) writes one first, so that a line a
+predecessor left half-written ends there instead of spoiling its own.
 
 The mount names its socket in its source (``swapfs:/path/to/control.sock``,
 the first column of /proc/mounts), so a client needs only a path on the
@@ -22,7 +25,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 from swapfs.control.records import MAX_SEALED, PUBLIC_KEY_SIZE
 
@@ -142,22 +145,46 @@ def request(socket_path: str, message: dict[str, Any], timeout: float = 60.0) ->
         pause = min(2 * pause, 0.25)
 
 
+class Stream(Protocol):
+    """What a connection sends on: a connected stream socket, or a guest's
+    virtio-serial port (:mod:`swapfs.guest.transport`)."""
+
+    def sendall(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Connection:
     """One control connection, kept open: requests and their replies, in turn
     (a driver's connection is its registration). ControlError for a refusal
-    (with the daemon's errno) or a lost connection."""
+    (with the daemon's errno) or a lost connection.
+
+    Made with the daemon's Unix socket path, or :meth:`over` any other
+    transport."""
 
     def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
-        self.socket_path = socket_path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
-            self.sock.connect(socket_path)
+            sock.connect(socket_path)
         except OSError as exc:
-            self.sock.close()
+            sock.close()
             raise ConnectionLost(exc.errno or errno.EIO,
                                  f"cannot connect to swapfs at {socket_path}: {exc}") from exc
-        self.reader = self.sock.makefile("rb")
+        self._attach(sock, sock.makefile("rb"), socket_path)
+
+    @classmethod
+    def over(cls, stream: Stream, reader: BinaryIO, where: str) -> "Connection":
+        """A connection that sends on *stream*, connected already, and reads
+        its replies from *reader*; *where* names it in errors."""
+        connection = cls.__new__(cls)
+        connection._attach(stream, reader, where)
+        return connection
+
+    def _attach(self, stream: Stream, reader: BinaryIO, where: str) -> None:
+        self.socket_path = where
+        self.sock = stream
+        self.reader = reader
 
     def __enter__(self) -> "Connection":
         return self
@@ -239,6 +266,8 @@ _MESSAGE_KEYS = {
     "driver.register": frozenset(("op", "driver", "extents")),
     "driver.update": frozenset(("op", "driver", "token", "extents")),
     "driver.heartbeat": frozenset(("op", "driver", "token")),
+    # The driver stops: its share leaves the pool before it lets its pages go.
+    "driver.stop": frozenset(("op", "driver", "token")),
     # Sealed records (swapfs/control/records.py): "sealed" is base64.
     "driver.secret.put": frozenset(("op", "driver", "token", "name", "sealed")),
     "driver.secret.get": frozenset(("op", "driver", "token", "name")),

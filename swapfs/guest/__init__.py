@@ -5,7 +5,10 @@ the code pages of its host or virtual machine (:func:`scan`,
 ``codescan.py``, reading ELF program headers with
 :func:`read_program_headers`, ``elf.py``), reports them to the daemon,
 which pools them into the transient cache; ``swapfs-driver secret`` keeps
-sealed records in the driver's share of it.
+sealed records in the driver's share of it. It reaches the daemon over one
+of the transports of ``transport.py`` (:class:`Transport`): the host's
+Unix socket, or from inside a virtual machine vsock or the VM's
+virtio-serial port (:data:`PORT_NAME`).
 
 This package imports only :mod:`swapfs.control`, so a guest carries
 nothing of the engine, LMDB or FUSE (``tests/test_layers.py`` checks); and
@@ -23,10 +26,13 @@ from swapfs.guest.elf import (
     TruncatedElf,
     read_program_headers,
 )
+from swapfs.guest.transport import PORT_NAME, Transport
 
 __all__ = [
-    # The driver.
+    # The driver, and how it reaches the daemon.
     "main",
+    "Transport",
+    "PORT_NAME",
     # Finding the unused bytes of code pages.
     "scan",
     "Mapping",

@@ -4,12 +4,16 @@
 daemon: the figures it prints are the capacity a transient cache could get
 from this host.
 
-``swapfs-driver run`` registers with a daemon on its control socket and keeps
-its report current: it rescans every interval and sends the new extents when
-they changed (a process started or exited), a heartbeat otherwise. Its
-connection is its registration: when it exits, however it exits, the daemon
-revokes its share at once. Protocol: :mod:`swapfs.control.protocol` (the messages)
-and :mod:`mountd.drivers` (what the daemon does with them).
+``swapfs-driver run`` registers with a daemon and keeps its report current:
+it rescans every interval and sends the new extents when they changed (a
+process started or exited), a heartbeat otherwise. It reaches the daemon on
+its host's control socket, or from inside a virtual machine over vsock or
+the VM's channel (:mod:`swapfs.guest.transport`). Its connection is its
+registration: when it stops it says so, and when it dies the daemon revokes
+its share as soon as the connection closes (on a virtio-serial port, which
+outlives it, once it was silent past the daemon's timeout). Protocol:
+:mod:`swapfs.control.protocol` (the messages) and :mod:`mountd.drivers`
+(what the daemon does with them).
 
 While it runs, its *agent socket* (``/run/swapfs-driver/NAME.sock``, its
 owner's alone) takes ``swapfs-driver secret put|get|rm NAME``: small records
@@ -49,6 +53,7 @@ from swapfs.control import (
     protocol,
 )
 from swapfs.guest.codescan import SKIP_REASONS, Scan, scan
+from swapfs.guest.transport import PORT_NAME, Transport
 
 log = logging.getLogger("swapfs-driver")
 
@@ -57,6 +62,7 @@ examples:
   swapfs-driver scan                      # every process on this host
   swapfs-driver scan --json --pid 1 812   # only these processes, as JSON
   swapfs-driver run --mount /mnt/swapfs   # register with that mount's daemon
+  swapfs-driver run --name vm1 --port org.swapfs.driver   # in a QEMU guest
   swapfs-driver secret put db-password < file   # a record, while run runs
   swapfs-driver secret get db-password
 """
@@ -91,33 +97,43 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 class DriverFailed(Exception):
-    """The daemon refused the driver or went away (*errno* says how)."""
+    """The daemon refused the driver or went away (*errno* says how; *lost*
+    if it went away, or was never reached)."""
 
-    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+    def __init__(self, message: str, errno_: int = errno.EIO, lost: bool = False) -> None:
         super().__init__(message)
         self.errno = errno_
+        self.lost = lost
+
+
+#: A registration's requests refused with these: it is gone (not the driver refused).
+_LOST = (errno.EACCES, errno.ETIMEDOUT)
 
 
 class _Connection:
     """The driver's control connection: its registration while it is open.
     The report loop and the agent socket share it, one request at a time."""
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, transport: Transport, timeout: float, stop: threading.Event) -> None:
         self._lock = threading.Lock()
         try:
-            self.connection = protocol.Connection(path, timeout)
+            self.connection = transport.open(timeout, stop)
         except protocol.ControlError as exc:
-            raise DriverFailed(str(exc), exc.errno) from exc
+            raise DriverFailed(str(exc), exc.errno, lost=True) from exc
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
             with self._lock:
                 return self.connection.request(message)
         except protocol.ConnectionLost as exc:
-            raise DriverFailed(f"lost the daemon: {exc}", exc.errno) from exc
+            raise DriverFailed(f"lost the daemon: {exc}", exc.errno, lost=True) from exc
         except protocol.ControlError as exc:
+            # Refused anything but a registration because the daemon no longer
+            # knows it (a new daemon after a takeover, or revoked for its
+            # silence): its registration is lost, not refused.
+            lost = message["op"] != "driver.register" and exc.errno in _LOST
             raise DriverFailed(f"the daemon refused {message['op']}: {exc} "
-                               f"(errno {exc.errno})", exc.errno) from exc
+                               f"(errno {exc.errno})", exc.errno, lost=lost) from exc
 
     def close(self) -> None:
         self.connection.close()
@@ -234,9 +250,23 @@ def _failure(code: int, error: str) -> dict[str, Any]:
     return {"ok": False, "errno": code, "error": error}
 
 
+#: Pause before a driver whose transport outlives the daemon registers again.
+REDIAL_SECONDS = 1.0
+
+
+def _transport(args: argparse.Namespace) -> Transport:
+    if args.port:
+        return Transport(port_device=args.port)
+    if args.vsock is not None:
+        return Transport(vsock_port=args.vsock)
+    if args.vsock_listen is not None:
+        return Transport(listen_port=args.vsock_listen)
+    return Transport(socket_path=args.socket or protocol.socket_of(args.mount))
+
+
 def _run(args: argparse.Namespace) -> int:
     nodump.forbid_core_dumps()  # it holds the key it agrees with the daemon
-    path = args.socket or protocol.socket_of(args.mount)
+    transport = _transport(args)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -245,7 +275,24 @@ def _run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    connection = _Connection(path, timeout=max(30.0, 2 * args.interval))
+    while True:
+        try:
+            _registration(args, transport, stop)
+            return 0
+        except DriverFailed as exc:
+            if not (transport.redials and exc.lost):
+                raise
+            log.warning("%s; registering again in %g s", exc, REDIAL_SECONDS)
+        if stop.wait(REDIAL_SECONDS):
+            return 0
+
+
+def _registration(args: argparse.Namespace, transport: Transport, stop: threading.Event
+                  ) -> None:
+    """One registration: register, keep the report current until *stop* is
+    set, then say the driver stops (so the daemon drops its share before
+    the driver lets its pages go)."""
+    connection = _Connection(transport, max(30.0, 2 * args.interval), stop)
     agent = None
     try:
         extents = report_extents(scan(args.pid))
@@ -270,11 +317,11 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 connection.request({"op": "driver.heartbeat", "driver": args.name,
                                     "token": token})
+        connection.request({"op": "driver.stop", "driver": args.name, "token": token})
     finally:
         if agent is not None:
             agent.close()
         connection.close()
-    return 0
 
 
 def _secret(args: argparse.Namespace) -> int:
@@ -337,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     where = run_parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket", help="the daemon's control socket")
     where.add_argument("--mount", help="a path on the daemon's mount")
+    where.add_argument("--vsock", type=int, metavar="PORT",
+                       help="in a guest: vsock to the host, where the daemon listens on PORT")
+    where.add_argument("--port", metavar="NAME",
+                       help="in a QEMU guest: the virtio-serial port of this name (or "
+                            "device), whose host end the daemon dials "
+                            f"(usually {PORT_NAME})")
+    where.add_argument("--vsock-listen", type=int, metavar="PORT",
+                       help="in a Firecracker or cloud-hypervisor guest: listen on vsock "
+                            "PORT for the daemon, which connects through the VMM")
     run_parser.add_argument("--name", default=_DEFAULT_NAME,
                             help="this driver's name (default: the host name)")
     run_parser.add_argument("--interval", type=_interval, default=5.0,

@@ -65,9 +65,22 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\ncid = 5\n',
      "drivers.vm1.cid: CID 5 is not in vsock_cids"),
     ('state = "/s"\nmountpoint = "/m"\nvsock_cids = [5]\n[drivers.vm1]\ncid = 5\nuid = 0\n',
-     "drivers.vm1 must set exactly one of cid or uid"),
+     "drivers.vm1 must set exactly one of cid, uid or channel"),
     ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nsocket = "/run/x"\n',
-     "drivers.vm1 must set exactly one of cid or uid"),
+     "drivers.vm1 must set exactly one of cid, uid or channel"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nvsock_port = 5\n',
+     "drivers.vm1 must set exactly one of cid, uid or channel"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nchannel = "/run/x"\nuid = 0\n',
+     "a channel takes only vsock_port besides it"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nchannel = "run/x"\n',
+     "drivers.vm1.channel must be an absolute path"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nchannel = "/' + "x" * 107 + '"\n',
+     "at most 107 bytes"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nchannel = "/x"\nvsock_port = 0\n',
+     "drivers.vm1.vsock_port must be within 1..4294967294"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers.a]\nchannel = "/x"\n[drivers.b]\n'
+     'channel = "/x"\n', "two names are bound to one channel"),
+    ('state = "/s"\nmountpoint = "/m"\n[drivers]\nvm1 = 5\n', "drivers.vm1 must be a table"),
     ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nuid = -1\n',
      "drivers.vm1.uid must be within 0..4294967294"),
     ('state = "/s"\nmountpoint = "/m"\n[drivers.vm1]\nuid = "0"\n',
@@ -94,11 +107,16 @@ def test_bad_configuration_is_named(tmp_path: Path, text: str, message: str) -> 
         load(path, {})
 
 
-def test_driver_names_are_bound_to_a_cid_or_a_uid(tmp_path: Path) -> None:
+def test_driver_names_are_bound_to_a_cid_a_uid_or_a_channel(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text('state = "/s"\nmountpoint = "/m"\nvsock_cids = [5]\n'
-                    '[drivers.vm1]\ncid = 5\n[drivers.backup]\nuid = 1001\n')
-    assert load(path, {}).drivers == {"vm1": Binding(cid=5), "backup": Binding(uid=1001)}
+                    '[drivers.vm1]\ncid = 5\n[drivers.backup]\nuid = 1001\n'
+                    '[drivers.vm2]\nchannel = "/run/vms/vm2.sock"\n'
+                    '[drivers.vm3]\nchannel = "/run/vms/vm3.vsock"\nvsock_port = 5253\n')
+    assert load(path, {}).drivers == {
+        "vm1": Binding(cid=5), "backup": Binding(uid=1001),
+        "vm2": Binding(channel="/run/vms/vm2.sock"),
+        "vm3": Binding(channel="/run/vms/vm3.vsock", vsock_port=5253)}
     assert Config().drivers == {}
 
 

@@ -175,10 +175,25 @@ def test_who_may_connect() -> None:
             (GUEST, None, {Kind.GUEST}, None),
             (Peer(cid=6), 4242, set(), "its CID is not in vsock_cids"),
             # uid 0 inside a guest is not the host's root
-            (Peer(cid=6, uid=0), None, set(), "its CID is not in vsock_cids")):
+            (Peer(cid=6, uid=0), None, set(), "its CID is not in vsock_cids"),
+            # the daemon dialed its channel: a guest, never root
+            (Peer(channel="/run/vm1.sock"), None, {Kind.GUEST}, None),
+            (Peer(channel="/run/vm1.sock", uid=0), 4242, {Kind.GUEST}, None)):
         assert access.kinds_of(peer, cids, group) == kinds, peer
         assert access.connection_refusal(peer, frozenset(kinds), group) == why, peer
     assert str(Peer(cid=6)) == "vsock CID 6" and str(Peer(pid=7, uid=8)) == "pid 7 uid 8"
+    assert str(Peer(channel="/run/vm1.sock")) == "the guest on channel /run/vm1.sock"
+    assert not Peer(channel="/run/vm1.sock", uid=0).is_root
+
+
+def test_a_channel_name_is_registered_from_its_channel_alone() -> None:
+    bindings = {"vm1": Binding(channel="/run/vm1.sock"), "vm2": Binding(channel="/run/vm2.sock")}
+    assert access.name_refusal("vm1", Peer(channel="/run/vm1.sock"), bindings) is None
+    for peer in (Peer(channel="/run/vm2.sock"), ROOT, GUEST, MEMBER):
+        assert access.name_refusal("vm1", peer, bindings) == \
+            "driver 'vm1' is bound to channel /run/vm1.sock", peer
+    # A channel's guest registers no unbound name, as any guest.
+    assert access.name_refusal("free", Peer(channel="/run/vm1.sock"), bindings) is not None
 
 
 #: Who may ask what, written out here so that a change to mountd/access.py's
@@ -196,6 +211,7 @@ EXPECTED = {
     "driver.register": {"root", "group", "guest"},
     "driver.update": {"driver"},
     "driver.heartbeat": {"driver"},
+    "driver.stop": {"driver"},
     "driver.secret.put": {"driver"},
     "driver.secret.get": {"driver"},
     "driver.secret.rm": {"driver"},
@@ -214,6 +230,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "driver.update": {"op": "driver.update", "driver": "its-own", "token": "TOKEN",
                       "extents": []},
     "driver.heartbeat": {"op": "driver.heartbeat", "driver": "its-own", "token": "TOKEN"},
+    "driver.stop": {"op": "driver.stop", "driver": "its-own", "token": "TOKEN"},
     "driver.secret.put": {"op": "driver.secret.put", "driver": "its-own", "token": "TOKEN",
                           "name": "note", "sealed": protocol.encode_bytes(bytes(60))},
     "driver.secret.get": {"op": "driver.secret.get", "driver": "its-own", "token": "TOKEN",
@@ -555,7 +572,7 @@ def test_every_action_as_every_kind_of_peer_on_the_socket(group_mount: Mount) ->
     with protocol.Connection(socket_path) as connection:
         token = connection.request({**REQUESTS["driver.register"], "driver": "roots"})["token"]
         for action in ("driver.update", "driver.heartbeat", "driver.secret.put",
-                       "driver.secret.get", "driver.secret.rm"):
+                       "driver.secret.get", "driver.secret.rm", "driver.stop"):
             request = {**REQUESTS[action], "driver": "roots", "token": token}
             try:
                 connection.request(request)

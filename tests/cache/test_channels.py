@@ -1,0 +1,198 @@
+"""Channels: the daemon dials a VM's socket, and a name bound to it is that VM's.
+
+The real daemon on a real mount dials Unix sockets that this test listens
+on, standing in for the VMM's end of the channel: QEMU's virtio-serial
+chardev (``server=on``) and the vsock socket of Firecracker and
+cloud-hypervisor, which answer ``CONNECT N`` with ``OK PORT``. A stand-in,
+because neither a Firecracker nor a cloud-hypervisor runs without KVM,
+which this test's hosts lack; QEMU's own socket and a real guest's driver
+are in tests/guest/test_channel.py. Behind the stand-in, the test speaks
+as the guest's driver would.
+"""
+
+import contextlib
+import errno
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swapfs.control import protocol
+from tests.cache.test_drivers import extent, pool
+from tests.mounting import (
+    daemon_log_tail,
+    mounted,
+    remove_tree,
+    requires_mount,
+    short_tempdir,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.mount, requires_mount]
+
+
+class VmmEnd:
+    """The VMM's end of one channel: a listening Unix socket that takes the
+    daemon's connections, one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.listener.settimeout(15)
+
+    def accept(self) -> "Guest":
+        """The daemon's next connection (it dials every second)."""
+        sock, _ = self.listener.accept()
+        sock.settimeout(10)
+        return Guest(sock)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class Guest:
+    """The guest's side of one connection: what its driver sends and reads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def line(self) -> bytes:
+        return self.reader.readline()
+
+    def send(self, payload: bytes) -> None:
+        self.sock.sendall(payload)
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.send(json.dumps(message).encode() + b"\n")
+        line = self.line()
+        assert line, "the daemon hung up"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def hung_up(self) -> bool:
+        try:
+            return self.reader.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def register(guest: Guest, name: str, inode: int) -> dict[str, Any]:
+    return guest.request({"op": "driver.register", "driver": name,
+                          "extents": [extent(inode)]})
+
+
+def test_a_virtio_serial_channel_is_its_vms_alone() -> None:
+    """The daemon dials the channel; the name bound to it registers there
+    and nowhere else, another name not there; a stop, the VM's exit and a
+    driver's silence each revoke it, and the daemon dials again."""
+    root = short_tempdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            vms = root / "vms-early"
+            vms.mkdir()
+            # vm1's socket exists before the daemon starts; vm2's after.
+            vm1 = VmmEnd(vms / "vm1.sock")
+            stack.callback(vm1.close)
+            config = root / "swapfs.toml"
+            config.write_text(f'driver_timeout = 5.0\n[drivers.vm1]\nchannel = "{vm1.path}"\n'
+                              f'[drivers.vm2]\nchannel = "{vms}/vm2.sock"\n')
+            mount = stack.enter_context(mounted(root, config=config))
+            guest = vm1.accept()
+            # A half line a killed predecessor left, then a blank line ends it:
+            # the daemon takes the blank line as no request.
+            guest.send(b"\n")
+            reply = register(guest, "vm1", 1)
+            assert reply["ok"] and reply["capacity_bytes"] == 4096, reply
+            assert set(pool(mount)["drivers"]) == {"vm1"}
+            # The host's own socket cannot register vm1 (bound to the channel) ...
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+                host.settimeout(10)
+                host.connect(protocol.socket_of(str(mount.mnt)))
+                host.sendall(json.dumps({"op": "driver.register", "driver": "vm1",
+                                         "extents": []}).encode() + b"\n")
+                answer = json.loads(host.makefile("rb").readline())
+            assert answer["errno"] == errno.EACCES and "channel" in answer["error"]
+            # ... nor can vm2's channel, once that VM is up.
+            vm2 = VmmEnd(vms / "vm2.sock")
+            stack.callback(vm2.close)
+            other = vm2.accept()
+            refused = register(other, "vm1", 2)
+            assert refused["errno"] == errno.EACCES, refused
+            assert other.hung_up()  # refused, so closed; and dialed again:
+            other = vm2.accept()
+            other_token = register(other, "vm2", 2)["token"]
+            token = reply["token"]
+            assert guest.request({"op": "driver.heartbeat", "driver": "vm1",
+                                  "token": token})["ok"]
+            assert set(pool(mount)["drivers"]) == {"vm1", "vm2"}
+            # vm1's driver stops: its share leaves at once; the channel stays.
+            assert guest.request({"op": "driver.stop", "driver": "vm1",
+                                  "token": token})["ok"]
+            assert set(pool(mount)["drivers"]) == {"vm2"}
+            # A driver started again registers on the same connection ...
+            again = register(guest, "vm1", 1)
+            assert again["ok"] and again["token"] != token
+            assert set(pool(mount)["drivers"]) == {"vm1", "vm2"}
+            # ... and one that dies is revoked when silent past the timeout
+            # (vm2's keeps talking).
+            for _ in range(8):
+                assert other.request({"op": "driver.heartbeat", "driver": "vm2",
+                                      "token": other_token})["ok"]
+                if set(pool(mount)["drivers"]) == {"vm2"}:
+                    break
+                time.sleep(1)
+            assert set(pool(mount)["drivers"]) == {"vm2"}
+            assert "silent past the timeout" in daemon_log_tail(mount, 200)
+            # vm2 exits: its connection closes, and its driver is revoked at once.
+            other.close()
+            assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
+            # The daemon dials vm2's socket again (a VM restarted on it).
+            other = vm2.accept()
+            assert register(other, "vm2", 3)["ok"]
+            other.close()
+    finally:
+        remove_tree(root)
+
+
+def test_a_vsock_socket_is_asked_for_the_drivers_port_first() -> None:
+    """Firecracker's and cloud-hypervisor's form: ``CONNECT N``, then ``OK
+    PORT`` from the VMM, then the driver's requests. An answer that is not
+    ``OK PORT`` (the guest listens on no such port) is a failed dial: logged
+    once, and tried again, never served."""
+    root = short_tempdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            vms = root / "vms"
+            vms.mkdir()
+            vm = VmmEnd(vms / "vm3.vsock")
+            stack.callback(vm.close)
+            config = root / "swapfs.toml"
+            config.write_text(f'[drivers.vm3]\nchannel = "{vm.path}"\nvsock_port = 5253\n')
+            mount = stack.enter_context(mounted(root, config=config))
+            for answer in (b"NOPE\n", b"OK\n", b"OK 12 34\n"):
+                guest = vm.accept()
+                assert guest.line() == b"CONNECT 5253\n"
+                guest.send(answer)
+                assert guest.hung_up(), answer
+                guest.close()
+            guest = vm.accept()
+            assert guest.line() == b"CONNECT 5253\n"
+            guest.send(b"OK 1073741824\n")
+            assert register(guest, "vm3", 7)["ok"]
+            assert set(pool(mount)["drivers"]) == {"vm3"}
+            log = daemon_log_tail(mount, 200)
+            assert "CONNECT 5253 answered b'NOPE\\n'" in log, log
+            guest.close()
+            assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
+    finally:
+        remove_tree(root)
