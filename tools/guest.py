@@ -391,8 +391,9 @@ def _keep(checkout: Path) -> str:
 class Guest:
     """One boot of a guest that runs *script* (shell, run by the host's
     /bin/sh as root in the chroot of the host's root) with *disks* attached
-    as /dev/vda, /dev/vdb, ... in that order, and a virtio-serial port for
-    each of *channels* (port name -> the Unix socket QEMU listens on).
+    as /dev/vda, /dev/vdb, ... in that order, a virtio-serial port for
+    each of *channels* (port name -> the Unix socket QEMU listens on), and
+    its RAM in *memory_file* (shared with the host) if given.
 
     *workdir* holds the script, the transcript and QEMU's own messages; it
     must be on a host file system the guest sees (not under /tmp or /run:
@@ -402,11 +403,15 @@ class Guest:
 
     def __init__(self, script: str, disks: Sequence[Path] = (), memory_mib: int = 1024,
                  cpus: int = 2, workdir: Path | None = None, kernel: Kernel | None = None,
-                 channels: Mapping[str, Path] | None = None) -> None:
+                 channels: Mapping[str, Path] | None = None,
+                 memory_file: Path | None = None) -> None:
         self.script = script
         self.disks = [Path(disk).resolve() for disk in disks]
         #: virtio-serial port name -> the Unix socket QEMU listens on for its host end.
         self.channels = dict(channels or {})
+        #: A file that is the guest's RAM, shared with the host (guest physical
+        #: address = offset while RAM stays below the PCI hole, 3.5 GiB on "pc").
+        self.memory_file = memory_file
         self.memory_mib = memory_mib
         self.cpus = cpus
         self.kernel = kernel if kernel is not None else find_kernel()
@@ -443,6 +448,10 @@ class Guest:
                 "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
         for disk in self.disks:
             line += ["-drive", f"file={disk},if=virtio,format=raw,cache=none,aio=threads"]
+        if self.memory_file is not None:
+            line += ["-object", f"memory-backend-file,id=ram,size={self.memory_mib}M,"
+                                f"mem-path={self.memory_file},share=on",
+                     "-machine", "memory-backend=ram"]
         if self.channels:
             line += ["-device", "virtio-serial-pci,id=channels"]
         for number, (name, path) in enumerate(sorted(self.channels.items())):

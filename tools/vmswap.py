@@ -103,12 +103,74 @@ def workload(vm: int, shared_mib: int, own_mib: int) -> dict[str, Any]:
             "swapped_out_checking_bytes": (after["pswpout"] - middle["pswpout"]) * PAGE}
 
 
-def guest_main(vm: int, device: str, shared_mib: int, own_mib: int) -> int:
-    """The guest's script: swap on *device*, run the workload, report."""
+def elf_slack(count_self: bool = True) -> dict[str, int]:
+    """The unused bytes of the code pages mapped in this machine now (by
+    every process, this one only if *count_self*), counted from ``readelf
+    -lW`` and ``/proc/*/maps`` alone (no code of the driver's):
+    for each executable file mapping, the bytes of its segment's pages before
+    and after the segment's file range. Per process, and physical (each file
+    segment once)."""
+    mappings = []
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        if not count_self and maps.parent.name == str(os.getpid()):
+            continue
+        with contextlib.suppress(OSError):
+            for line in maps.read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and "x" in fields[1] and fields[5].startswith("/"):
+                    mappings.append((int(fields[2], 16), fields[3], int(fields[4]), fields[5]))
+    loads: dict[str, list[tuple[int, int]]] = {}
+    per_process, physical = 0, {}
+    for offset, device, inode, path in mappings:
+        if path not in loads:
+            result = subprocess.run(["readelf", "-lW", path], capture_output=True, text=True)
+            loads[path] = [(int(words[1], 16), int(words[4], 16))
+                           for words in (line.split() for line in result.stdout.splitlines())
+                           if words[:1] == ["LOAD"] and "E" in words[6:-1]]
+        for file_offset, file_size in loads[path]:
+            if file_offset // PAGE * PAGE == offset:
+                unused = file_offset % PAGE + -(file_offset + file_size) % PAGE
+                per_process += unused
+                physical[(device, inode, file_offset)] = unused
+    return {"per_process_bytes": per_process, "physical_bytes": sum(physical.values())}
+
+
+def start_driver(vm: int, port: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``swapfs-driver run`` on this guest's virtio-serial port *port*, as
+    driver vm<N>; once it registered, it and the share the daemon granted it."""
+    command = [str(Path(sys.executable).parent / "swapfs-driver"), "run", "--name", f"vm{vm}",
+               "--port", port, "--agent", "/tmp/agent.sock"]
+    driver = subprocess.Popen(command, stderr=subprocess.PIPE)
+    assert driver.stderr is not None
+    for raw in driver.stderr:
+        line = raw.decode(errors="replace")
+        if " registered " in line:
+            return driver, int(line.split(" share ")[1].split()[0])
+    raise RuntimeError(f"the driver exited ({driver.wait()}) before it registered")
+
+
+def guest_main(vm: int, device: str, shared_mib: int, own_mib: int, port: str | None) -> int:
+    """The guest's script: swap on *device*, run the workload, report; with
+    a driver *port*, under a driver that registers this guest's unused
+    code-page bytes with the host's daemon, reported against an independent
+    count."""
     subprocess.run(["swapon", device], check=True)
+    running = None
+    if port is not None:
+        running, share = start_driver(vm, port)
+        counted = elf_slack()
     report = workload(vm, shared_mib, own_mib)
+    if running is not None:
+        # Fields 12, 14 and 15 of /proc/PID/stat: major faults, user and system ticks.
+        fields = Path(f"/proc/{running.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        running.terminate()
+        tick = os.sysconf("SC_CLK_TCK")
+        report.update(driver_share_bytes=share, elf_slack=counted,
+                      driver_user_seconds=int(fields[11]) / tick,
+                      driver_system_seconds=int(fields[12]) / tick,
+                      driver_major_faults=int(fields[9]), driver_exit=running.wait())
     print(f"{PREFIX} {json.dumps(report, separators=(',', ':'))}", flush=True)
-    return 1 if report["wrong_pages"] else 0
+    return 1 if report["wrong_pages"] or report.get("driver_exit") else 0
 
 
 # -- the host's side -----------------------------------------------------------------
@@ -178,22 +240,41 @@ def plain_disks(directory: Path, guests: int, size: int) -> list[Path]:
     return disks
 
 
-def _script(vm: int, shared_mib: int, own_mib: int) -> str:
+def _script(vm: int, shared_mib: int, own_mib: int, port: str | None) -> str:
     # -S: the workload needs only the standard library, and the site's
-    # start-up is slow under TCG.
+    # start-up is slow under TCG (the driver, a program of its own, has it).
     return (f"cd {ROOT} && exec {sys.executable} -S {Path(__file__).resolve()} --in-guest "
-            f"--vm {vm} --shared-mib {shared_mib} --own-mib {own_mib}")
+            f"--vm {vm} --shared-mib {shared_mib} --own-mib {own_mib}"
+            + (f" --driver-port {port}" if port is not None else ""))
+
+
+def channel_paths(directory: Path, guests: int) -> list[Path]:
+    """Where guest vm<N>'s driver channel is (QEMU listens there)."""
+    return [directory / f"vm{vm}.sock" for vm in range(guests)]
+
+
+def channel_config(directory: Path, guests: int) -> str:
+    """The daemon's configuration lines that bind driver vm<N> to guest N's channel."""
+    return "".join(f'[drivers.vm{vm}]\nchannel = "{path}"\n'
+                   for vm, path in enumerate(channel_paths(directory, guests)))
 
 
 def run_guests(disks: Sequence[Path], shared_mib: int, own_mib: int, memory_mib: int = 256,
-               timeout: float = 1200.0) -> list[GuestReport]:
-    """Boot one guest per disk, all at once, each running the workload; their reports."""
+               timeout: float = 1200.0, channels: Path | None = None) -> list[GuestReport]:
+    """Boot one guest per disk, all at once, each running the workload; their
+    reports. With *channels* (a directory), each guest runs a driver too, on a
+    virtio-serial port whose host end is ``channels/vm<N>.sock``, which the
+    mount's daemon must have bound to driver vm<N> (:func:`channel_config`)."""
+    from swapfs.guest import PORT_NAME
     from tools.guest import Guest
 
     reports = [GuestReport(vm, str(disk)) for vm, disk in enumerate(disks)]
+    paths = channel_paths(channels, len(disks)) if channels is not None else None
     with contextlib.ExitStack() as stack:
-        guests = [stack.enter_context(Guest(_script(vm, shared_mib, own_mib), [disk],
-                                            memory_mib=memory_mib, cpus=1))
+        guests = [stack.enter_context(Guest(
+            _script(vm, shared_mib, own_mib, PORT_NAME if paths is not None else None), [disk],
+            memory_mib=memory_mib,
+            cpus=1, channels={PORT_NAME: paths[vm]} if paths is not None else None))
                   for vm, disk in enumerate(disks)]
         deadline = time.monotonic() + timeout
         for guest, report in zip(guests, reports, strict=True):
@@ -236,7 +317,21 @@ def summary(reports: Sequence[GuestReport], shared_mib: int, own_mib: int,
                             for report in done),
         "ideal_bytes": ideal, "stored_bytes": stored_bytes,
         "stored_vs_ideal": None if stored_bytes is None else stored_bytes / ideal,
+        # With drivers in the guests: each one's share of the pool (the
+        # daemon's figure) and the same guest's slack counted by readelf.
+        "driver_share_bytes": [report.get("driver_share_bytes") for report in done],
+        "elf_slack_bytes": [report.get("elf_slack", {}).get("physical_bytes")
+                            for report in done],
+        "driver_user_seconds": [report.get("driver_user_seconds") for report in done],
+        "driver_system_seconds": [report.get("driver_system_seconds") for report in done],
+        "driver_major_faults": [report.get("driver_major_faults") for report in done],
     }
+
+
+def pool_figures(mnt: Path) -> dict[str, int]:
+    """The transient pool's counters (``swapfs stats``): hits, misses, admissions."""
+    pool = json.loads(_swapfs("stats", "--json", str(mnt)))["transient_cache"]
+    return {key: int(pool[key]) for key in ("hits", "misses", "admissions", "capacity_bytes")}
 
 
 def stored_bytes(mnt: Path, chain: str) -> int:
@@ -267,12 +362,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--own-mib", type=int, default=96, help="pages of each guest's own")
     parser.add_argument("--memory-mib", type=int, default=256, help="each guest's RAM")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--channels", type=Path, metavar="DIR",
+                        help="run a driver in each guest, on a virtio-serial port whose host "
+                             "end is DIR/vm<N>.sock; the mount's daemon must bind driver "
+                             "vm<N> to it ([drivers.vmN] channel = ...)")
+    parser.add_argument("--elf-slack", action="store_true",
+                        help="print the unused code-page bytes of this machine's other "
+                             "processes, counted with readelf (what a driver here should "
+                             "report), as JSON, and exit")
     parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--driver-port", help=argparse.SUPPRESS)
     parser.add_argument("--vm", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="/dev/vda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.elf_slack:
+        print(json.dumps(elf_slack(count_self=False)))
+        return 0
     if args.in_guest:
-        return guest_main(args.vm, args.device, args.shared_mib, args.own_mib)
+        return guest_main(args.vm, args.device, args.shared_mib, args.own_mib,
+                          args.driver_port)
     if (args.mount is None) == (args.plain is None):
         parser.error("give a swapfs mount or --plain DIR")
     size = disk_bytes(args.shared_mib, args.own_mib)
@@ -281,9 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             disks = chain_disks(args.mount, args.chain, args.guests, size)
         else:
             disks = plain_disks(args.plain, args.guests, size)
-        reports = run_guests(disks, args.shared_mib, args.own_mib, args.memory_mib)
+        reports = run_guests(disks, args.shared_mib, args.own_mib, args.memory_mib,
+                             channels=args.channels)
     stored = stored_bytes(args.mount, args.chain) if args.mount is not None else None
     figures = summary(reports, args.shared_mib, args.own_mib, stored)
+    if args.mount is not None:
+        figures["pool"] = pool_figures(args.mount)
     if args.json:
         print(json.dumps({"summary": figures, "guests": [asdict(report) for report in reports]},
                          indent=2))
@@ -302,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{figures['ideal_bytes'] / MIB:.0f} MiB ({figures['stored_vs_ideal']:.2f}x)")
         else:
             print()
+        if args.channels is not None:
+            print(f"drivers' shares {figures['driver_share_bytes']} bytes, counted by "
+                  f"readelf {figures['elf_slack_bytes']}; pool {figures.get('pool')}")
     return 0 if figures["failed"] == 0 else 1
 
 

@@ -26,13 +26,14 @@ from swapfs.guest.elf import (
     TruncatedElf,
     read_program_headers,
 )
-from swapfs.guest.transport import PORT_NAME, Transport
+from swapfs.guest.transport import PORT_NAME, Transport, port_device
 
 __all__ = [
     # The driver, and how it reaches the daemon.
     "main",
     "Transport",
     "PORT_NAME",
+    "port_device",
     # Finding the unused bytes of code pages.
     "scan",
     "Mapping",

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from swapfs.control import protocol
+from swapfs.guest import PORT_NAME, port_device
 from tests.cache.test_drivers import extent, pool
 from tests.mounting import (
     daemon_log_tail,
@@ -196,3 +197,16 @@ def test_a_vsock_socket_is_asked_for_the_drivers_port_first() -> None:
             assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
     finally:
         remove_tree(root)
+
+
+def test_a_port_is_found_by_its_name(tmp_path: Path) -> None:
+    """A small guest has no udev to make /dev/virtio-ports/NAME: the driver
+    looks the name up in sysfs itself; a path is taken as it is."""
+    for port, name in (("vport0p1", "org.qemu.guest_agent.0"), ("vport1p2", PORT_NAME)):
+        (tmp_path / port).mkdir()
+        (tmp_path / port / "name").write_text(name + "\n")
+    (tmp_path / "vport2p1").mkdir()  # a port whose name cannot be read
+    assert port_device(PORT_NAME, tmp_path) == "/dev/vport1p2"
+    assert port_device("/dev/hvc1", tmp_path) == "/dev/hvc1"
+    with pytest.raises(FileNotFoundError):
+        port_device("org.other", tmp_path)

@@ -6,8 +6,9 @@ binds driver name vm1 to it, and a port of the test's own, on which the
 test tells the guest's script what to do next. The guest runs the real
 ``swapfs-driver run --port org.swapfs.driver``. Asserted:
 
-- the driver registers from inside the guest, and the pool takes its
-  report: the guest's own processes (the driver's pid is the guest's);
+- the driver registers from inside the guest, and its share of the pool
+  is the guest's unused code-page bytes as ``readelf`` counts them there
+  (``tools/vmswap.py --elf-slack``);
 - a driver that stops (SIGTERM) is revoked at once, before it exits;
 - a driver started again registers on the same channel;
 - the daemon is killed under a standby: the new daemon dials the channel
@@ -20,7 +21,7 @@ guest is missing (tools/setup.sh installs them).
 """
 
 import contextlib
-import os
+import json
 import socket
 import sys
 import time
@@ -30,8 +31,9 @@ from typing import Any
 import pytest
 
 from swapfs.guest import PORT_NAME
+from tests.guest import guest_marks
 from tests.mounting import Mount, daemon_log_tail, mounted, remove_tree, short_tempdir
-from tools.guest import ROOT, Guest, missing
+from tools.guest import ROOT, Guest
 
 DRIVER = Path(sys.executable).parent / "swapfs-driver"
 #: The test's own port: one command a line, which the guest's script reads.
@@ -40,15 +42,7 @@ CONTROL_PORT = "org.swapfs.test"
 TIMEOUT = 3.0
 
 
-def _lacks() -> list[str]:
-    return ["root"] if os.geteuid() != 0 else missing()
-
-
-LACKS = _lacks()
-pytestmark = [
-    pytest.mark.slow, pytest.mark.mount,
-    pytest.mark.skipif(bool(LACKS), reason=f"a QEMU guest needs: {'; '.join(LACKS)}"),
-]
+pytestmark = [*guest_marks(), pytest.mark.mount]
 
 #: The guest's script: each command from the test's port, done and told on
 #: the console ("guest: done COMMAND").
@@ -72,6 +66,7 @@ while read -r command <&3; do
         stop) kill -TERM $driver; wait $driver; echo "guest: driver exit $?" ;;
         kill) kill -KILL $driver; wait $driver ;;
         log) cat /tmp/driver.log ;;
+        count) echo "guest: slack $({sys.executable} -S tools/vmswap.py --elf-slack)" ;;
         off) break ;;
     esac
     echo "guest: done $command"
@@ -145,6 +140,13 @@ def test_a_guests_driver_registers_over_its_virtio_serial_port() -> None:
             wait_for(registered, 120, "the guest's driver registers")
             entry = pool(mount)["drivers"]["vm1"]
             assert entry["bytes"] > 0 and entry["processes"] >= 2, entry
+            # Its share is the guest's unused code-page bytes as readelf counts
+            # them there (once the driver's rescan no longer sees the count).
+            control.sendall(b"count\n")
+            counted = json.loads(console.expect("guest: slack ").split(" ", 2)[2])
+            console.expect("guest: done count")
+            wait_for(lambda: pool(mount)["drivers"]["vm1"]["bytes"] == counted["physical_bytes"],
+                     30, f"the share is {counted['physical_bytes']} bytes")
             console.do("stop")
             assert not registered()  # revoked before the driver exited
             console.do("start")

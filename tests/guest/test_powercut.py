@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.guest import missing
+from tests.guest import guest_marks
 
 ROOT = Path(__file__).resolve().parents[2]
 CUTS = 20
@@ -37,20 +37,8 @@ CUTS = 20
 SEED = 20261206
 
 
-def _lacks() -> list[str]:
-    if os.geteuid() != 0:
-        return ["root"]
-    lacks = missing()
-    if shutil.which("mkfs.ext4") is None:
-        lacks.append("mkfs.ext4 (Debian package e2fsprogs)")
-    return lacks
-
-
-LACKS = _lacks()
-pytestmark = [
-    pytest.mark.slow, pytest.mark.mount,
-    pytest.mark.skipif(bool(LACKS), reason=f"a QEMU guest needs: {'; '.join(LACKS)}"),
-]
+pytestmark = [*guest_marks(*([] if shutil.which("mkfs.ext4") else
+                             ["mkfs.ext4 (Debian package e2fsprogs)"])), pytest.mark.mount]
 
 
 def test_every_fsync_survives_twenty_power_cuts(tmp_path: Path) -> None:

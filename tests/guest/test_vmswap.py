@@ -17,15 +17,14 @@ Marked ``slow`` and ``mount``, skipped only where a prerequisite of the
 guests is missing (tools/setup.sh installs them).
 """
 
-import os
 import threading
 import time
 
 import pytest
 
+from tests.guest import guest_marks
 from tests.mounting import Mount, mounted
 from tools import vmswap
-from tools.guest import missing
 
 MIB = 1 << 20
 GUESTS = 2
@@ -36,15 +35,7 @@ MEMORY_MIB = 192
 KILLS = 2
 
 
-def _lacks() -> list[str]:
-    return ["root"] if os.geteuid() != 0 else missing()
-
-
-LACKS = _lacks()
-pytestmark = [
-    pytest.mark.slow, pytest.mark.mount,
-    pytest.mark.skipif(bool(LACKS), reason=f"a QEMU guest needs: {'; '.join(LACKS)}"),
-]
+pytestmark = [*guest_marks(), pytest.mark.mount]
 
 
 class Killer(threading.Thread):
