@@ -7,7 +7,9 @@ the kernel names the guest by its CID. Where the host has no vsock (no
 The daemon dials it, so a connection on it comes from that guest and no
 other, and a driver name bound to the channel (``[drivers.NAME] channel``)
 is registered only from there: the driver is bound to its VM by the
-transport it came in on.
+transport it came in on. So the channel's directory must be writable by
+its owner alone (root's, or the VMM's user's): the daemon does not dial a
+channel in a directory others may write, such as ``/tmp``, and logs why.
 
 Two kinds, by the binding:
 
@@ -33,6 +35,8 @@ VM that is not running yet costs a failed ``connect`` a second.
 import errno
 import logging
 import math
+import os
+import stat
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -59,9 +63,23 @@ class ChannelError(Exception):
         self.errno = errno_
 
 
+def check_directory(path: str) -> None:
+    """ChannelError (EPERM) unless only its owner may make or replace a
+    socket where channel *path* is: a binding trusts whatever listens
+    there as its VM, so a directory that others may write (``/tmp``) would
+    let any local user stand in for the guest."""
+    parent = os.path.dirname(path) or "."
+    mode = os.stat(parent).st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ChannelError(errno.EPERM, f"{parent} is writable by others (mode "
+                                        f"{stat.S_IMODE(mode):o}): anyone could listen "
+                                        f"there as the VM")
+
+
 async def connect(path: str, vsock_port: int | None) -> trio.SocketStream:
     """A connection to the guest behind channel *path* (through the VMM's
     ``CONNECT`` handshake if *vsock_port* is set)."""
+    check_directory(path)
     stream = await trio.open_unix_socket(path)
     if vsock_port is None:
         return stream

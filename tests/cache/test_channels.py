@@ -210,3 +210,59 @@ def test_a_port_is_found_by_its_name(tmp_path: Path) -> None:
     assert port_device("/dev/hvc1", tmp_path) == "/dev/hvc1"
     with pytest.raises(FileNotFoundError):
         port_device("org.other", tmp_path)
+
+
+def test_a_channel_where_anyone_may_listen_is_not_dialed() -> None:
+    """A socket in a directory others may write could be anyone's: the
+    daemon does not dial it, says why in its log, and dials once the
+    directory is its owner's alone."""
+    root = short_tempdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            vms = root / "vms"
+            vms.mkdir()
+            vms.chmod(0o1777)
+            vm = VmmEnd(vms / "vm4.sock")
+            stack.callback(vm.close)
+            config = root / "swapfs.toml"
+            config.write_text(f'[drivers.vm4]\nchannel = "{vm.path}"\n')
+            mount = stack.enter_context(mounted(root, config=config))
+            vm.listener.settimeout(2.5)
+            with pytest.raises(TimeoutError):
+                vm.accept()
+            assert "is writable by others (mode 1777)" in daemon_log_tail(mount, 100)
+            vms.chmod(0o755)
+            vm.listener.settimeout(15)
+            guest = vm.accept()
+            assert register(guest, "vm4", 9)["ok"]
+            guest.close()
+    finally:
+        remove_tree(root)
+
+
+def test_a_guest_that_vanishes_mid_request_is_revoked() -> None:
+    """The VM exits with a request half sent: the daemon drops the half
+    line and the driver with it, and dials again; nothing else changes."""
+    root = short_tempdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            vms = root / "vms"
+            vms.mkdir()
+            vm = VmmEnd(vms / "vm5.sock")
+            stack.callback(vm.close)
+            config = root / "swapfs.toml"
+            config.write_text(f'[drivers.vm5]\nchannel = "{vm.path}"\n')
+            mount = stack.enter_context(mounted(root, config=config))
+            guest = vm.accept()
+            token = register(guest, "vm5", 11)["token"]
+            guest.send(json.dumps({"op": "driver.update", "driver": "vm5", "token": token,
+                                   "extents": [extent(12)]}).encode()[:40])
+            guest.close()
+            assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
+            guest = vm.accept()
+            reply = register(guest, "vm5", 13)
+            assert reply["ok"] and reply["capacity_bytes"] == 4096
+            assert mount.status()["pid"] == mount.pid
+            guest.close()
+    finally:
+        remove_tree(root)
