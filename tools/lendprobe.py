@@ -82,12 +82,36 @@ def _memory(address: int, length: int) -> bytes:
         return memory.read(length)
 
 
+def _cached_frame(path: str, offset: int) -> int:
+    """The frame of the file's cached page at *offset* now: a fresh shared
+    mapping of that page, read once, points at the page cache's page."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    with open(path, "rb") as file:
+        address = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(),
+                            offset // PAGE * PAGE)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path}")
+        try:
+            ctypes.string_at(address, 1)
+            return _physical(address) // PAGE
+        finally:
+            libc.munmap(ctypes.c_void_p(address), ctypes.c_size_t(PAGE))
+
+
 def _state(path: str, offset: int, address: int, length: int) -> dict[str, Any]:
     with open(path, "rb") as file:
         file.seek(offset)
         in_file = file.read(length)
     return {"sha256": _sha256(path), "file_bytes": in_file.hex(),
-            "mapped_bytes": _memory(address, length).hex()}
+            "mapped_bytes": _memory(address, length).hex(),
+            "mapped_frame": _physical(address) // PAGE,
+            "file_frame": _cached_frame(path, offset)}
 
 
 def guest_main() -> int:
@@ -153,8 +177,9 @@ def probe(timeout: float = 300.0) -> dict[str, Any]:
                 time.sleep(0.1)
             connection.sendall(b"written\n")
         guest.wait(60)
-    if len(reports) != 2:
-        raise RuntimeError(f"the guest reported {len(reports)} of 2 steps")
+        if len(reports) != 2:
+            tail = "\n".join(guest.transcript.read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"the guest reported {len(reports)} of 2 steps:\n{tail}")
     result = {**reports[0], **reports[1]}
     result["file_changed"] = result["before"]["sha256"] != result["after"]["sha256"]
     result["read_returns_host_bytes"] = result["after"]["file_bytes"] == result["host_wrote"]
