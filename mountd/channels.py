@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Pause between attempts to dial a channel.
 REDIAL_SECONDS = 1.0
-#: How long the VMM may take to answer ``CONNECT``, and the longest answer.
+#: How long the VMM may take to take a connection and answer ``CONNECT``;
+#: the longest answer.
 CONNECT_SECONDS = 5.0
 _MAX_ANSWER = 64
 
@@ -78,22 +79,30 @@ def check_directory(path: str) -> None:
 
 async def connect(path: str, vsock_port: int | None) -> trio.SocketStream:
     """A connection to the guest behind channel *path* (through the VMM's
-    ``CONNECT`` handshake if *vsock_port* is set)."""
+    ``CONNECT`` handshake if *vsock_port* is set), within CONNECT_SECONDS:
+    a VMM that neither takes the connection nor answers costs one attempt."""
     check_directory(path)
+    try:
+        with trio.fail_after(CONNECT_SECONDS):
+            return await _connect(path, vsock_port)
+    except trio.TooSlowError:
+        raise ChannelError(errno.ETIMEDOUT, f"no connection within {CONNECT_SECONDS:g} s"
+                           + (f" (CONNECT {vsock_port})" if vsock_port is not None
+                              else "")) from None
+
+
+async def _connect(path: str, vsock_port: int | None) -> trio.SocketStream:
     stream = await trio.open_unix_socket(path)
     if vsock_port is None:
         return stream
     try:
         await stream.send_all(f"CONNECT {vsock_port}\n".encode())
         answer = b""
-        with trio.move_on_after(CONNECT_SECONDS) as scope:
-            while not answer.endswith(b"\n") and len(answer) < _MAX_ANSWER:
-                data = await stream.receive_some(1)  # nothing past the line is ours
-                if not data:
-                    break
-                answer += data
-        if scope.cancelled_caught:
-            raise ChannelError(errno.ETIMEDOUT, f"no answer to CONNECT {vsock_port}")
+        while not answer.endswith(b"\n") and len(answer) < _MAX_ANSWER:
+            data = await stream.receive_some(1)  # nothing past the line is ours
+            if not data:
+                break
+            answer += data
         words = answer.decode("ascii", "replace").split()
         if len(words) != 2 or words[0] != "OK" or not words[1].isdigit():
             raise ChannelError(errno.ECONNREFUSED,

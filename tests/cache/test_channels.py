@@ -168,8 +168,8 @@ def test_a_virtio_serial_channel_is_its_vms_alone() -> None:
 def test_a_vsock_socket_is_asked_for_the_drivers_port_first() -> None:
     """Firecracker's and cloud-hypervisor's form: ``CONNECT N``, then ``OK
     PORT`` from the VMM, then the driver's requests. An answer that is not
-    ``OK PORT`` (the guest listens on no such port) is a failed dial: logged
-    once, and tried again, never served."""
+    ``OK PORT`` (the guest listens on no such port), or none within 5 s, is
+    a failed dial: logged once, and tried again, never served."""
     root = short_tempdir()
     try:
         with contextlib.ExitStack() as stack:
@@ -180,6 +180,10 @@ def test_a_vsock_socket_is_asked_for_the_drivers_port_first() -> None:
             config = root / "swapfs.toml"
             config.write_text(f'[drivers.vm3]\nchannel = "{vm.path}"\nvsock_port = 5253\n')
             mount = stack.enter_context(mounted(root, config=config))
+            silent = vm.accept()  # a VMM that never answers: given up after 5 s
+            assert silent.line() == b"CONNECT 5253\n"
+            assert silent.hung_up()
+            silent.close()
             for answer in (b"NOPE\n", b"OK\n", b"OK 12 34\n"):
                 guest = vm.accept()
                 assert guest.line() == b"CONNECT 5253\n"
