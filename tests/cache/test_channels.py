@@ -15,6 +15,7 @@ import errno
 import json
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ import pytest
 
 from swapfs.control import protocol
 from swapfs.guest import PORT_NAME, port_device
-from tests.cache.test_drivers import extent, pool
+from tests.cache.test_drivers import Client, extent, pool
 from tests.mounting import (
+    Mount,
     daemon_log_tail,
     mounted,
     remove_tree,
@@ -56,8 +58,9 @@ class VmmEnd:
         self.listener.close()
 
 
-class Guest:
-    """The guest's side of one connection: what its driver sends and reads."""
+class Guest(Client):
+    """The guest's side of one connection: what its driver sends and reads
+    (a driver's connection, as test_drivers.py's Client, but accepted)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -66,25 +69,33 @@ class Guest:
     def line(self) -> bytes:
         return self.reader.readline()
 
-    def send(self, payload: bytes) -> None:
+    def write(self, payload: bytes) -> None:
+        """Send *payload*, waiting for no answer."""
         self.sock.sendall(payload)
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.send(json.dumps(message).encode() + b"\n")
-        line = self.line()
-        assert line, "the daemon hung up"
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
     def hung_up(self) -> bool:
-        try:
-            return self.reader.read(1) == b""
-        except ConnectionResetError:
-            return True
+        return self.closed_by_daemon(timeout=10)
 
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
+
+@contextlib.contextmanager
+def one_vm(socket_name: str, binding: str = "", mode: int = 0o755
+           ) -> Iterator[tuple[Mount, VmmEnd]]:
+    """A mount whose configuration binds driver vmN (the socket's stem) to
+    the channel root/vms/*socket_name* (more of the table in *binding*),
+    and the VMM's end of it, listening there; the directory has *mode*."""
+    root = short_tempdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            vms = root / "vms"
+            vms.mkdir()
+            vms.chmod(mode)
+            vm = VmmEnd(vms / socket_name)
+            stack.callback(vm.close)
+            config = root / "swapfs.toml"
+            config.write_text(f'[drivers.{vm.path.stem}]\nchannel = "{vm.path}"\n{binding}')
+            yield stack.enter_context(mounted(root, config=config)), vm
+    finally:
+        remove_tree(root)
 
 
 def register(guest: Guest, name: str, inode: int) -> dict[str, Any]:
@@ -111,7 +122,7 @@ def test_a_virtio_serial_channel_is_its_vms_alone() -> None:
             guest = vm1.accept()
             # A half line a killed predecessor left, then a blank line ends it:
             # the daemon takes the blank line as no request.
-            guest.send(b"\n")
+            guest.write(b"\n")
             reply = register(guest, "vm1", 1)
             assert reply["ok"] and reply["capacity_bytes"] == 4096, reply
             assert set(pool(mount)["drivers"]) == {"vm1"}
@@ -170,37 +181,26 @@ def test_a_vsock_socket_is_asked_for_the_drivers_port_first() -> None:
     PORT`` from the VMM, then the driver's requests. An answer that is not
     ``OK PORT`` (the guest listens on no such port), or none within 5 s, is
     a failed dial: logged once, and tried again, never served."""
-    root = short_tempdir()
-    try:
-        with contextlib.ExitStack() as stack:
-            vms = root / "vms"
-            vms.mkdir()
-            vm = VmmEnd(vms / "vm3.vsock")
-            stack.callback(vm.close)
-            config = root / "swapfs.toml"
-            config.write_text(f'[drivers.vm3]\nchannel = "{vm.path}"\nvsock_port = 5253\n')
-            mount = stack.enter_context(mounted(root, config=config))
-            silent = vm.accept()  # a VMM that never answers: given up after 5 s
-            assert silent.line() == b"CONNECT 5253\n"
-            assert silent.hung_up()
-            silent.close()
-            for answer in (b"NOPE\n", b"OK\n", b"OK 12 34\n"):
-                guest = vm.accept()
-                assert guest.line() == b"CONNECT 5253\n"
-                guest.send(answer)
-                assert guest.hung_up(), answer
-                guest.close()
+    with one_vm("vm3.vsock", "vsock_port = 5253\n") as (mount, vm):
+        silent = vm.accept()  # a VMM that never answers: given up after 5 s
+        assert silent.line() == b"CONNECT 5253\n"
+        assert silent.hung_up()
+        silent.close()
+        for answer in (b"NOPE\n", b"OK\n", b"OK 12 34\n"):
             guest = vm.accept()
             assert guest.line() == b"CONNECT 5253\n"
-            guest.send(b"OK 1073741824\n")
-            assert register(guest, "vm3", 7)["ok"]
-            assert set(pool(mount)["drivers"]) == {"vm3"}
-            log = daemon_log_tail(mount, 200)
-            assert "CONNECT 5253 answered b'NOPE\\n'" in log, log
+            guest.write(answer)
+            assert guest.hung_up(), answer
             guest.close()
-            assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
-    finally:
-        remove_tree(root)
+        guest = vm.accept()
+        assert guest.line() == b"CONNECT 5253\n"
+        guest.write(b"OK 1073741824\n")
+        assert register(guest, "vm3", 7)["ok"]
+        assert set(pool(mount)["drivers"]) == {"vm3"}
+        log = daemon_log_tail(mount, 200)
+        assert "CONNECT 5253 answered b'NOPE\\n'" in log, log
+        guest.close()
+        assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
 
 
 def test_a_port_is_found_by_its_name(tmp_path: Path) -> None:
@@ -220,53 +220,30 @@ def test_a_channel_where_anyone_may_listen_is_not_dialed() -> None:
     """A socket in a directory others may write could be anyone's: the
     daemon does not dial it, says why in its log, and dials once the
     directory is its owner's alone."""
-    root = short_tempdir()
-    try:
-        with contextlib.ExitStack() as stack:
-            vms = root / "vms"
-            vms.mkdir()
-            vms.chmod(0o1777)
-            vm = VmmEnd(vms / "vm4.sock")
-            stack.callback(vm.close)
-            config = root / "swapfs.toml"
-            config.write_text(f'[drivers.vm4]\nchannel = "{vm.path}"\n')
-            mount = stack.enter_context(mounted(root, config=config))
-            vm.listener.settimeout(2.5)
-            with pytest.raises(TimeoutError):
-                vm.accept()
-            assert "is writable by others (mode 1777)" in daemon_log_tail(mount, 100)
-            vms.chmod(0o755)
-            vm.listener.settimeout(15)
-            guest = vm.accept()
-            assert register(guest, "vm4", 9)["ok"]
-            guest.close()
-    finally:
-        remove_tree(root)
+    with one_vm("vm4.sock", mode=0o1777) as (mount, vm):
+        vm.listener.settimeout(2.5)
+        with pytest.raises(TimeoutError):
+            vm.accept()
+        assert "is writable by others (mode 1777)" in daemon_log_tail(mount, 100)
+        vm.path.parent.chmod(0o755)
+        vm.listener.settimeout(15)
+        guest = vm.accept()
+        assert register(guest, "vm4", 9)["ok"]
+        guest.close()
 
 
 def test_a_guest_that_vanishes_mid_request_is_revoked() -> None:
     """The VM exits with a request half sent: the daemon drops the half
     line and the driver with it, and dials again; nothing else changes."""
-    root = short_tempdir()
-    try:
-        with contextlib.ExitStack() as stack:
-            vms = root / "vms"
-            vms.mkdir()
-            vm = VmmEnd(vms / "vm5.sock")
-            stack.callback(vm.close)
-            config = root / "swapfs.toml"
-            config.write_text(f'[drivers.vm5]\nchannel = "{vm.path}"\n')
-            mount = stack.enter_context(mounted(root, config=config))
-            guest = vm.accept()
-            token = register(guest, "vm5", 11)["token"]
-            guest.send(json.dumps({"op": "driver.update", "driver": "vm5", "token": token,
-                                   "extents": [extent(12)]}).encode()[:40])
-            guest.close()
-            assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
-            guest = vm.accept()
-            reply = register(guest, "vm5", 13)
-            assert reply["ok"] and reply["capacity_bytes"] == 4096
-            assert mount.status()["pid"] == mount.pid
-            guest.close()
-    finally:
-        remove_tree(root)
+    with one_vm("vm5.sock") as (mount, vm):
+        guest = vm.accept()
+        token = register(guest, "vm5", 11)["token"]
+        guest.write(json.dumps({"op": "driver.update", "driver": "vm5", "token": token,
+                               "extents": [extent(12)]}).encode()[:40])
+        guest.close()
+        assert wait_until(lambda: pool(mount)["drivers"] == {}, 5)
+        guest = vm.accept()
+        reply = register(guest, "vm5", 13)
+        assert reply["ok"] and reply["capacity_bytes"] == 4096
+        assert mount.status()["pid"] == mount.pid
+        guest.close()
