@@ -101,17 +101,14 @@ class PortStream:
             except BlockingIOError:
                 self._wait(select.POLLOUT)
 
-    def read(self, size: int) -> bytes:
+    def readinto(self, buffer: memoryview) -> int:
+        """Read what has come into *buffer*, waiting for some; 0 at EOF (no
+        host end connected)."""
         while True:
             try:
-                return os.read(self.fd, size)
+                return os.readv(self.fd, [buffer])
             except BlockingIOError:
                 self._wait(select.POLLIN)
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def reader(self) -> BinaryIO:
         return io.BufferedReader(_Raw(self))
@@ -134,9 +131,6 @@ class _Raw(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         return self.port.readinto(buffer)
-
-    def close(self) -> None:  # the port closes it, with the connection
-        super().close()
 
 
 @dataclass(frozen=True)
